@@ -1,0 +1,1 @@
+"""The SUR-adapter: model, feature caches, training, evaluation, inference. Not built yet."""

@@ -1,0 +1,67 @@
+"""The stage contract. Read this before writing a stage.
+
+A stage turns work items into rows of one stage table. It has two parts:
+
+``plan(workspace) -> pa.Table``
+    Thin input I/O, run once on the driver. Lists every work item the stage *could* process, one
+    row per item, with at least ``sample_id`` (see ``surd_builder.ids.make_sample_id``),
+    ``source`` and ``source_item_id``, plus whatever else ``process`` needs (keep values simple:
+    strings, numbers, or JSON text). The runner, not the stage, removes the items already done.
+
+``process(batch: pa.Table) -> pa.Table``
+    The work, as a function of the batch alone: no workspace access, no global state, no writes.
+    Because it is pure and its input and output are Arrow tables, the same method runs in-process,
+    in a process pool, or as a Ray Data ``map_batches`` function, unchanged. Load models or HTTP
+    sessions lazily on first use and keep them on ``self`` (once per worker, not per batch); keep
+    the constructor cheap and the object picklable.
+
+    It returns one row per input item, with the columns of ``output_table`` (any subset that
+    includes ``sample_id``) and, optionally:
+
+    - ``image_bytes`` (binary): the image, for stages that collect images (``stores_images``).
+      The runner stores it once in the content-addressed image store before writing the row.
+    - ``failure_reason`` (string) and ``failure_detail`` (string): a non-null reason marks the item
+      as failed. Failed items are written to the workspace's failures table, not to the output
+      table, and are retried by the next run. A per-item problem is never an exception.
+
+The runner (``pipelines/runner.py``) owns everything else: skipping items already in the output
+table (unless ``force``), batching, workers, progress, atomic writes, counts, and the manifest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from surd_builder.workspace import Workspace
+
+# Extra columns a stage's output may carry besides its table's columns.
+IMAGE_BYTES = "image_bytes"
+FAILURE_REASON = "failure_reason"
+FAILURE_DETAIL = "failure_detail"
+
+
+class Stage(ABC):
+    """Base class of build stages; see the module docstring for the contract."""
+
+    #: name in the manifest, the failures table and the stage lock, e.g. ``"ingest"``
+    name: ClassVar[str]
+    #: the stage table (``surd_builder.schema.STAGE_TABLES``) its rows go to
+    output_table: ClassVar[str]
+    #: whether output rows carry ``image_bytes`` to store
+    stores_images: ClassVar[bool] = False
+
+    @abstractmethod
+    def plan(self, workspace: Workspace) -> pa.Table:
+        """All work items this stage could process (done ones included)."""
+
+    @abstractmethod
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Pure function: work items in, output rows (or failures) out, one per item."""
+
+    def params(self) -> dict[str, Any]:
+        """What this run was asked to do, recorded in the manifest (never secrets)."""
+        return {}

@@ -1,0 +1,189 @@
+"""Runs a stage over a workspace: the only module that knows about batching, workers and writes.
+
+The local engine is the default (in-process, or a process pool with ``workers > 1``). A
+distributed engine (Ray Data) plugs in at :func:`_map_batches`: it needs only ``stage.process``
+and the same write calls.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
+from surd_builder.errors import Interrupted
+from surd_builder.progress import progress_bar
+from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, table_spec
+from surd_builder.workspace import Workspace, utc_now
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a stage (what to run is the stage's own parameters)."""
+
+    batch_size: int = 256
+    workers: int = 1
+    force: bool = False
+    limit: int | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class RunReport:
+    """Counts of one stage run; also what the manifest records."""
+
+    stage: str
+    run_id: str
+    status: str = "running"
+    planned: int = 0
+    already_done: int = 0
+    processed: int = 0
+    written: int = 0
+    failed: int = 0
+    new_images: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def counts(self) -> dict:
+        data = asdict(self)
+        for key in ("stage", "run_id", "status"):
+            data.pop(key)
+        return data
+
+
+def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[pa.Table, ...]:
+    """Split a stage's output batch into (table rows, images to store, failure rows). Pure."""
+    spec = table_spec(output_table)
+    names = output.column_names
+    if "sample_id" not in names:
+        raise ValueError(f"stage {stage_name!r} returned rows without sample_id")
+    if FAILURE_REASON in names:
+        failed_mask = pc.is_valid(output[FAILURE_REASON])
+    else:
+        failed_mask = pa.array([False] * output.num_rows)
+    good = output.filter(pc.invert(failed_mask))
+    bad = output.filter(failed_mask)
+
+    images = IMAGES_SCHEMA.empty_table()
+    if IMAGE_BYTES in names:
+        images = pa.table(
+            {"image_sha256": good["image_sha256"], "image_bytes": good[IMAGE_BYTES]},
+            schema=IMAGES_SCHEMA,
+        )
+    records = good.select([c for c in names if c in spec.columns])
+
+    now = pa.array([utc_now()] * bad.num_rows, FAILURES_SCHEMA.field("failed_at").type)
+    failure_columns = {
+        "stage": pa.array([stage_name] * bad.num_rows, pa.string()),
+        "sample_id": bad["sample_id"],
+        "source": bad["source"] if "source" in names else pa.nulls(bad.num_rows, pa.string()),
+        "source_item_id": (
+            bad["source_item_id"]
+            if "source_item_id" in names
+            else pa.nulls(bad.num_rows, pa.string())
+        ),
+        "reason": bad[FAILURE_REASON] if bad.num_rows else pa.array([], pa.string()),
+        "detail": bad[FAILURE_DETAIL]
+        if FAILURE_DETAIL in names
+        else pa.nulls(bad.num_rows, pa.string()),
+        "failed_at": now,
+    }
+    failures = pa.table(failure_columns).cast(FAILURES_SCHEMA)
+    return records, images, failures
+
+
+def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    for offset in range(0, items.num_rows, batch_size):
+        yield items.slice(offset, batch_size)
+
+
+def _map_batches(
+    stage: Stage, items: pa.Table, options: RunOptions
+) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (input size, output) per batch; order is not guaranteed with several workers."""
+    if options.workers <= 1:
+        for batch in _batches(items, options.batch_size):
+            yield batch.num_rows, stage.process(batch)
+        return
+    # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=options.workers, mp_context=context) as pool:
+        pending: dict[Future, int] = {}
+        batches = _batches(items, options.batch_size)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < 2 * options.workers:
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                pending[pool.submit(stage.process, batch)] = batch.num_rows
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
+
+
+def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = None) -> RunReport:
+    """Run ``stage`` on every planned item not yet in its output table; return the counts.
+
+    Each batch is written as soon as it is processed (images, then rows, then failures), so an
+    interrupted run keeps everything finished before the interruption and a re-run skips it.
+    """
+    options = options or RunOptions()
+    if options.batch_size < 1 or options.workers < 1:
+        raise ValueError("batch size and workers must be at least 1")
+    with workspace.stage_lock(stage.name):
+        started = time.perf_counter()
+        items = stage.plan(workspace)
+        planned = items.num_rows
+        if not options.force and planned:
+            done = pa.array(sorted(workspace.sample_ids(stage.output_table)), pa.string())
+            items = items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=done)))
+        already_done = planned - items.num_rows
+        if options.limit is not None:
+            items = items.slice(0, options.limit)
+
+        params = {**stage.params(), **asdict(options)}
+        params.pop("show_progress")
+        run = workspace.start_run(stage.name, params)
+        report = RunReport(stage.name, run["run_id"], planned=planned, already_done=already_done)
+        reasons: Counter[str] = Counter()
+        try:
+            with progress_bar(f"{stage.name}", items.num_rows, options.show_progress) as advance:
+                for size, output in _map_batches(stage, items, options):
+                    records, images, failures = split_output(stage.name, output, stage.output_table)
+                    report.new_images += workspace.write_images(images)
+                    workspace.write_table_part(stage.output_table, records)
+                    workspace.write_failures(failures)
+                    report.processed += size
+                    report.written += records.num_rows
+                    report.failed += failures.num_rows
+                    reasons.update(failures["reason"].to_pylist())
+                    report.failures_by_reason = dict(sorted(reasons.items()))
+                    advance(size, failed=report.failed)
+        except KeyboardInterrupt:
+            report.status = "interrupted"
+            report.seconds = time.perf_counter() - started
+            workspace.finish_run(run, report.status, report.counts())
+            raise Interrupted(
+                f"interrupted: {report.written} samples written by this run are kept; "
+                "run the same command again to continue"
+            ) from None
+        except BaseException:
+            report.status = "failed"
+            report.seconds = time.perf_counter() - started
+            workspace.finish_run(run, report.status, report.counts())
+            raise
+        report.status = "completed"
+        report.seconds = time.perf_counter() - started
+        workspace.finish_run(run, report.status, report.counts())
+        return report

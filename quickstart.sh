@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: create .venv, install surd with its test tools, then run the main
+# job on the embedded demo data (generate -> ingest -> export). Extra arguments go to
+# `surd quickstart` (see `surd quickstart --help`).
+set -euo pipefail
+cd "$(dirname "$0")"
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+.venv/bin/surd quickstart "$@"

@@ -1,0 +1,88 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the whole new one, never half.
+
+Every file surd writes goes through here: the content is written to a hidden temporary file in the
+same directory (``.tmp-<pid>-<name>``), flushed and fsynced, then renamed over the final name, and
+the directory is fsynced so the rename itself survives a power cut. A process killed with SIGKILL
+leaves at most a hidden temporary file, which readers never match and
+:func:`remove_stale_temp_files` deletes once its writer is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success it is fsynced and renamed to ``final``.
+
+    On any exception the temporary file is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+    try:
+        yield temp
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_parquet_atomic(table: pa.Table, final: Path, row_group_size: int | None = None) -> Path:
+    """Write ``table`` to ``final`` as Parquet (zstd), atomically."""
+    with atomic_path(final) as temp:
+        pq.write_table(table, temp, compression="zstd", row_group_size=row_group_size)
+    return Path(final)
+
+
+def write_json_atomic(data: Any, final: Path) -> Path:
+    """Write ``data`` as indented JSON to ``final``, atomically."""
+    with atomic_path(final) as temp:
+        temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(final)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete temporary files under ``root`` whose writing process no longer runs."""
+    removed = 0
+    for temp in Path(root).rglob(f"{TEMP_PREFIX}*"):
+        pid_text = temp.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)) and temp.is_file():
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,217 @@
+"""``surd build ...``: the dataset build stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surd_builder.config import ExportSettings, IngestSettings, load_config, resolve
+
+build_app = typer.Typer(
+    help="Collect, rewrite, screen, dedupe and export samples in a workspace.",
+    no_args_is_help=True,
+)
+console = Console()
+
+WorkspaceOption = Annotated[
+    Path,
+    typer.Option(
+        "--workspace", "-w", envvar="SURD_WORKSPACE", help="Workspace folder (see `surd init`)."
+    ),
+]
+ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
+
+
+def print_run_report(report) -> None:
+    console.print(f"[bold]{report.stage}[/bold]: {report.status} in {report.seconds:.1f} s")
+    table = Table()
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for key in ("planned", "already_done", "processed", "written", "failed", "new_images"):
+        table.add_row(key.replace("_", " "), f"{getattr(report, key):,}")
+    for reason, number in report.failures_by_reason.items():
+        table.add_row(f"  failed: {reason}", f"{number:,}")
+    console.print(table)
+
+
+def print_export_report(report) -> None:
+    console.print(f"[bold]export[/bold]: {report.exported:,} samples -> {report.out}")
+    table = Table()
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    table.add_row("in workspace", f"{report.in_workspace:,}")
+    for split, number in report.by_split.items():
+        table.add_row(f"split {split}", f"{number:,}")
+    for reason, number in report.skipped.items():
+        table.add_row(f"left out: {reason}", f"{number:,}")
+    table.add_row("files", f"{len(report.files):,}")
+    table.add_row("MiB written", f"{report.bytes_written / 2**20:,.1f}")
+    console.print(table)
+
+
+def _given_on_command_line(ctx: typer.Context) -> set[str]:
+    """Options the user set explicitly (flag or environment variable): these beat surd.toml."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            given.add(name)
+    return given
+
+
+@build_app.command()
+def ingest(
+    ctx: typer.Context,
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of images with sidecar .txt prompts and/or metadata.jsonl/csv."
+        ),
+    ],
+    workspace: WorkspaceOption = Path("."),
+    source: Annotated[
+        str | None,
+        typer.Option(help="Source name for these samples [default: the folder's name]."),
+    ] = None,
+    prompt_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Metadata column with the keyword prompt "
+            "[default: first of complex_prompt, prompt, text, caption]."
+        ),
+    ] = None,
+    narrative_column: Annotated[
+        str, typer.Option(help="Metadata column with a narrative prompt, if any.")
+    ] = "narrative_prompt",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Items per batch (one Parquet part each).")
+    ] = IngestSettings.batch_size,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes decoding images.")
+    ] = IngestSettings.workers,
+    force: Annotated[bool, typer.Option(help="Redo items already ingested.")] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Process at most this many new items.")
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Ingest a local folder of images with prompts into the workspace (resumable)."""
+    from pipelines.ingest import IngestStage
+    from pipelines.runner import RunOptions, run_stage
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    settings = resolve(
+        load_config(ws.root).ingest,
+        {"batch_size": batch_size, "workers": workers},
+        _given_on_command_line(ctx),
+    )
+    stage = IngestStage(
+        folder, source=source, prompt_column=prompt_column, narrative_column=narrative_column
+    )
+    options = RunOptions(
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        force=force,
+        limit=limit,
+        show_progress=progress,
+    )
+    print_run_report(run_stage(stage, ws, options))
+
+
+@build_app.command()
+def export(
+    ctx: typer.Context,
+    out: Annotated[
+        Path, typer.Argument(help="Folder to write the Parquet dataset to (must not exist).")
+    ],
+    workspace: WorkspaceOption = Path("."),
+    status: Annotated[
+        list[str], typer.Option(help="Review statuses to include (repeat the option).")
+    ] = list(ExportSettings.status),  # noqa: B006, B008 (typer copies it, never mutates it)
+    keep_duplicates: Annotated[
+        bool, typer.Option(help="Keep samples marked as near-duplicates.")
+    ] = ExportSettings.keep_duplicates,
+    test_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Share of samples in the test split.")
+    ] = ExportSettings.test_fraction,
+    validation_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.99, help="Share in the validation split.")
+    ] = ExportSettings.validation_fraction,
+    max_shard_mb: Annotated[
+        int, typer.Option(min=1, help="Upper bound of image data per Parquet file, MiB.")
+    ] = ExportSettings.max_shard_mb,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Export the dataset as Parquet that `datasets.load_dataset("parquet", ...)` loads as-is."""
+    from pipelines.export import ExportOptions, export_dataset
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    given = {
+        "status": tuple(status),
+        "keep_duplicates": keep_duplicates,
+        "test_fraction": test_fraction,
+        "validation_fraction": validation_fraction,
+        "max_shard_mb": max_shard_mb,
+    }
+    settings = resolve(load_config(ws.root).export, given, _given_on_command_line(ctx))
+    options = ExportOptions(
+        statuses=settings.status,
+        drop_duplicates=not settings.keep_duplicates,
+        test_fraction=settings.test_fraction,
+        validation_fraction=settings.validation_fraction,
+        max_shard_bytes=settings.max_shard_mb * 2**20,
+        overwrite=overwrite,
+        show_progress=progress,
+    )
+    print_export_report(export_dataset(ws, out, options))
+
+
+@build_app.command("status")
+def status_command(workspace: WorkspaceOption = Path(".")) -> None:
+    """Counts per stage table, stored images, outstanding failures, last run of each stage."""
+    from surd_builder.status import workspace_status
+    from surd_builder.workspace import Workspace
+
+    report = workspace_status(Workspace.open(workspace))
+    tables = Table(title=f"workspace {workspace}", title_justify="left")
+    tables.add_column("table")
+    tables.add_column("samples", justify="right")
+    for name, rows in report.tables.items():
+        tables.add_row(name, f"{rows:,}")
+    tables.add_row("images stored", f"{report.images:,} ({report.image_bytes / 2**20:,.1f} MiB)")
+    for review, number in report.review_status.items():
+        tables.add_row(f"review: {review}", f"{number:,}")
+    console.print(tables)
+
+    if report.failures:
+        failures = Table(
+            title="outstanding failures (retried by the next run)", title_justify="left"
+        )
+        failures.add_column("stage")
+        failures.add_column("reason")
+        failures.add_column("items", justify="right")
+        for (stage, reason), number in report.failures.items():
+            failures.add_row(stage, reason, f"{number:,}")
+        console.print(failures)
+
+    if report.last_runs:
+        runs = Table(title="last run of each stage", title_justify="left")
+        for column in ("stage", "status", "started", "written", "failed"):
+            runs.add_column(column)
+        for stage, run in report.last_runs.items():
+            counts = run.get("counts", {})
+            runs.add_row(
+                stage,
+                run["status"],
+                run["started_at"][:19].replace("T", " "),
+                f"{counts.get('written', '')}",
+                f"{counts.get('failed', '')}",
+            )
+        console.print(runs)

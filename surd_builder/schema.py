@@ -1,0 +1,288 @@
+"""The one sample schema, and the stage tables cut from it.
+
+Every table in a workspace and every exported file uses the fields defined here and nowhere else.
+A *stage table* (``samples``, ``narratives``, ``reviews``...) owns a subset of the sample fields,
+always including ``sample_id``; "the current dataset" is the join of all stage tables on
+``sample_id`` (see :meth:`surd_builder.workspace.Workspace.dataset`). To add a column, add a field
+to :data:`SAMPLE_SCHEMA` and name it in the table of the stage that produces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+# Values of ``review_status``. "pending" means no human has decided yet.
+REVIEW_STATUSES = ("pending", "accepted", "corrected", "rejected")
+# Values of ``split`` in exports.
+SPLITS = ("train", "validation", "test")
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        # identity and provenance
+        _field("sample_id", pa.string(), "stable id: hash of source + source_item_id", False),
+        _field(
+            "source", pa.string(), "source name, e.g. 'civitai' or a local folder's name", False
+        ),
+        _field("source_item_id", pa.string(), "the source's own id of the item", False),
+        _field("source_url", pa.string(), "URL the image was fetched from"),
+        _field("page_url", pa.string(), "human-facing page of the item at its source"),
+        _field("creator", pa.string(), "creator or username at the source"),
+        _field("license", pa.string(), "licence of the image as the source states it"),
+        # the image (bytes live once in the image store, addressed by image_sha256)
+        _field("image_sha256", pa.string(), "sha256 of the stored image bytes"),
+        _field("width", pa.int32(), "image width in pixels"),
+        _field("height", pa.int32(), "image height in pixels"),
+        _field("image_format", pa.string(), "PIL format name: JPEG, PNG, WEBP..."),
+        # prompts
+        _field("complex_prompt", pa.string(), "the long keyword prompt the image was made with"),
+        _field("negative_prompt", pa.string(), "negative prompt used at generation"),
+        _field("narrative_prompt", pa.string(), "short plain-sentence description of the image"),
+        _field(
+            "narrative_origin",
+            pa.string(),
+            "who wrote narrative_prompt: 'source', 'human', or '<rewriter>:<model>'",
+        ),
+        # generation metadata
+        _field("model_name", pa.string(), "diffusion model / checkpoint that made the image"),
+        _field("sampler", pa.string(), "sampler name"),
+        _field("steps", pa.int32(), "sampling steps"),
+        _field("cfg_scale", pa.float32(), "classifier-free guidance scale"),
+        _field("seed", pa.int64(), "generation seed"),
+        _field("nsfw", pa.bool_(), "source or screening marks the image not safe for work"),
+        # screening and dedupe
+        _field("clip_score", pa.float32(), "image <-> narrative_prompt similarity (CLIP)"),
+        _field("text_similarity", pa.float32(), "narrative <-> keyword prompt text similarity"),
+        _field("phash", pa.string(), "perceptual hash of the image, hex"),
+        _field("duplicate_of", pa.string(), "sample_id kept in this sample's duplicate cluster"),
+        # human review
+        _field("review_status", pa.string(), "pending / accepted / corrected / rejected"),
+        _field("review_tags", pa.list_(pa.string()), "problems an annotator tagged"),
+        _field("reviewer", pa.string(), "annotator id of the deciding review"),
+        _field("reviewed_at", TIMESTAMP, "time of the deciding review"),
+        # bookkeeping
+        _field("split", pa.string(), "train / validation / test (set at export)"),
+        _field("collected_at", TIMESTAMP, "when surd first stored the sample"),
+        _field("updated_at", TIMESTAMP, "when a stage last wrote this row"),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A stage table: its name, the sample fields it owns, and a one-line purpose."""
+
+    name: str
+    columns: tuple[str, ...]
+    doc: str
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([SAMPLE_SCHEMA.field(c) for c in self.columns])
+
+
+# Order matters: in the joined dataset a later table's non-null value wins over an earlier one's
+# (a rewritten narrative over the source's, a human's over the rewriter's).
+STAGE_TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (
+        TableSpec(
+            "samples",
+            (
+                "sample_id",
+                "source",
+                "source_item_id",
+                "source_url",
+                "page_url",
+                "creator",
+                "license",
+                "image_sha256",
+                "width",
+                "height",
+                "image_format",
+                "complex_prompt",
+                "negative_prompt",
+                "narrative_prompt",
+                "narrative_origin",
+                "model_name",
+                "sampler",
+                "steps",
+                "cfg_scale",
+                "seed",
+                "nsfw",
+                "collected_at",
+                "updated_at",
+            ),
+            "collected samples (ingest, scrape): provenance, image metadata, prompts",
+        ),
+        TableSpec(
+            "narratives",
+            ("sample_id", "narrative_prompt", "narrative_origin", "updated_at"),
+            "narrative prompts written by a rewriter or captioner",
+        ),
+        TableSpec(
+            "screening",
+            ("sample_id", "clip_score", "text_similarity", "nsfw", "updated_at"),
+            "automatic screening scores",
+        ),
+        TableSpec(
+            "hashes",
+            ("sample_id", "phash", "duplicate_of", "updated_at"),
+            "perceptual hashes and near-duplicate decisions",
+        ),
+        TableSpec(
+            "reviews",
+            (
+                "sample_id",
+                "narrative_prompt",
+                "narrative_origin",
+                "review_status",
+                "review_tags",
+                "reviewer",
+                "reviewed_at",
+                "updated_at",
+            ),
+            "human review decisions from Label Studio",
+        ),
+    )
+}
+
+# Per-item failures of any stage: one row per (stage, sample_id) attempt that produced no sample.
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("source_item_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("failed_at", TIMESTAMP),
+    ]
+)
+
+# The content-addressed image store: each image's bytes exactly once.
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("image_bytes", pa.binary(), nullable=False),
+    ]
+)
+
+
+def table_spec(name: str) -> TableSpec:
+    try:
+        return STAGE_TABLES[name]
+    except KeyError:
+        known = ", ".join(STAGE_TABLES)
+        raise ValueError(f"unknown stage table {name!r} (known: {known})") from None
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Return ``table`` with exactly ``schema``'s columns, order and types.
+
+    Missing nullable columns are added as nulls; extra columns, missing required columns, nulls in
+    required columns and values that cannot be cast are errors, so a stage with a bug fails at the
+    point of writing instead of writing a table that breaks every later reader.
+    """
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the schema: {sorted(extra)}")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            if column.type != field.type:
+                column = column.cast(field.type)
+            if not field.nullable and column.null_count:
+                raise ValueError(f"column {field.name!r} must not contain nulls")
+        elif field.nullable:
+            column = pa.nulls(table.num_rows, field.type)
+        else:
+            raise ValueError(f"required column {field.name!r} is missing")
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def records_to_table(records: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    """Build a conforming table from dicts (missing keys become nulls)."""
+    rows = list(records)
+    return conform(pa.Table.from_pylist(rows, schema=schema), schema)
+
+
+def hf_features(schema: pa.Schema, image_column: str | None = "image"):
+    """Hugging Face ``datasets.Features`` for an export schema.
+
+    Derived from the Arrow schema so there is one source of truth; the image column (stored as
+    ``struct<bytes: binary, path: string>``) becomes ``datasets.Image()`` so that
+    ``load_dataset("parquet", ...)`` decodes it without glue code.
+    """
+    import datasets
+
+    plain = pa.schema([f for f in schema if f.name != image_column])
+    features = datasets.Features.from_arrow_schema(plain)
+    ordered = {}
+    for field in schema:
+        ordered[field.name] = (
+            datasets.Image() if field.name == image_column else features[field.name]
+        )
+    return datasets.Features(ordered)
+
+
+# ----------------------------------------------------------------------------- export
+# The image as Hugging Face ``datasets`` stores it: the encoded bytes plus a file name.
+IMAGE_FIELD = pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+
+# Columns of exported Parquet, in order; all but ``image`` are sample fields.
+EXPORT_COLUMNS = (
+    "sample_id",
+    "narrative_prompt",
+    "complex_prompt",
+    "negative_prompt",
+    "image",
+    "width",
+    "height",
+    "image_format",
+    "source",
+    "source_item_id",
+    "source_url",
+    "page_url",
+    "creator",
+    "license",
+    "model_name",
+    "sampler",
+    "steps",
+    "cfg_scale",
+    "seed",
+    "nsfw",
+    "narrative_origin",
+    "review_status",
+    "review_tags",
+    "clip_score",
+    "text_similarity",
+    "phash",
+    "image_sha256",
+    "split",
+    "collected_at",
+)
+
+
+def export_schema() -> pa.Schema:
+    """Arrow schema of exported shards, with the ``huggingface`` metadata that makes
+    ``datasets.load_dataset("parquet", ...)`` decode ``image`` and type every column."""
+    import json
+
+    fields = [IMAGE_FIELD if c == "image" else SAMPLE_SCHEMA.field(c) for c in EXPORT_COLUMNS]
+    schema = pa.schema(fields)
+    features = hf_features(schema)
+    return schema.with_metadata(
+        {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
+    )

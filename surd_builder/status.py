@@ -1,0 +1,61 @@
+"""What a workspace holds: rows per stage table, stored images, outstanding failures, last runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from surd_builder.schema import STAGE_TABLES
+from surd_builder.workspace import Workspace
+
+# Which stage table a stage's successes land in, to tell outstanding failures from retried ones.
+_STAGE_OUTPUT = {"ingest": "samples", "scrape": "samples"}
+
+
+@dataclass
+class WorkspaceStatus:
+    tables: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    image_bytes: int = 0
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    last_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    review_status: dict[str, int] = field(default_factory=dict)
+
+
+def _run_alive(run: dict[str, Any]) -> bool:
+    if run.get("host") != socket.gethostname():
+        return True  # cannot tell from here
+    try:
+        os.kill(int(run["pid"]), 0)
+    except (ProcessLookupError, ValueError, TypeError, KeyError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def workspace_status(workspace: Workspace) -> WorkspaceStatus:
+    status = WorkspaceStatus()
+    for name in STAGE_TABLES:
+        if workspace.table_parts(name):
+            status.tables[name] = len(workspace.sample_ids(name))
+    status.images, status.image_bytes = workspace.image_stats()
+    failures = workspace.read_failures()
+    if failures.num_rows:
+        stages = set(failures["stage"].to_pylist())
+        counter: Counter[tuple[str, str]] = Counter()
+        for stage in sorted(stages):
+            outstanding = workspace.read_failures(stage, outstanding_in=_STAGE_OUTPUT.get(stage))
+            counter.update((stage, reason) for reason in outstanding["reason"].to_pylist())
+        status.failures = dict(sorted(counter.items()))
+    for run in workspace.runs():
+        if run["status"] == "running" and not _run_alive(run):
+            run = {**run, "status": "killed"}
+        status.last_runs[run["stage"]] = run
+    if "samples" in status.tables:
+        counts = Counter(workspace.dataset()["review_status"].to_pylist())
+        status.review_status = dict(sorted(counts.items()))
+    return status

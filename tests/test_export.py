@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import io
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.export import ExportOptions, export_dataset
+from pipelines.ingest import IngestStage
+from pipelines.runner import RunOptions, run_stage
+from surd_builder.demo import make_demo_folder
+from surd_builder.errors import InputError, OutputExistsError
+from surd_builder.ids import split_for
+from surd_builder.schema import EXPORT_COLUMNS, STAGE_TABLES, records_to_table
+
+QUIET = ExportOptions(show_progress=False)
+
+
+@pytest.fixture
+def demo_workspace(tmp_path, workspace):
+    make_demo_folder(tmp_path / "demo", count=40, seed=3, size=32)
+    run_stage(
+        IngestStage(tmp_path / "demo", source="demo"), workspace, RunOptions(show_progress=False)
+    )
+    return workspace
+
+
+def load(out):
+    files = {
+        s: str(out / "data" / f"{s}-*.parquet")
+        for s in ("train", "test")
+        if list((out / "data").glob(f"{s}-*"))
+    }
+    return datasets.load_dataset("parquet", data_files=files)
+
+
+def test_export_loads_in_datasets_with_decoded_images(tmp_path, demo_workspace):
+    out = tmp_path / "export"
+    report = export_dataset(
+        demo_workspace, out, ExportOptions(test_fraction=0.25, show_progress=False)
+    )
+    assert report.exported == 40 and sum(report.by_split.values()) == 40
+    loaded = load(out)
+    assert set(loaded) == set(report.by_split) == {"train", "test"}
+    train = loaded["train"]
+    assert list(train.features) == list(EXPORT_COLUMNS)
+    assert isinstance(train.features["image"], datasets.Image)
+    assert train.features["complex_prompt"] == datasets.Value("string")
+
+    workspace_rows = {r["sample_id"]: r for r in demo_workspace.dataset().to_pylist()}
+    for split, part in loaded.items():
+        for row in part:
+            source = workspace_rows[row["sample_id"]]
+            assert isinstance(row["image"], Image.Image)
+            assert row["image"].size == (32, 32) == (row["width"], row["height"])
+            assert row["narrative_prompt"] == source["narrative_prompt"]
+            assert row["complex_prompt"] == source["complex_prompt"]
+            assert row["split"] == split == split_for(row["sample_id"], 0.25)
+            assert row["review_status"] == "pending"
+    # embedded bytes, not paths: the original file's bytes come back
+    first = train[0]
+    original = demo_workspace.read_images([workspace_rows[first["sample_id"]]["image_sha256"]])
+    buffer = io.BytesIO()
+    first["image"].save(buffer, format="PNG")
+    assert (
+        Image.open(io.BytesIO(next(iter(original.values())))).tobytes() == first["image"].tobytes()
+    )
+
+
+def test_shards_are_bounded_and_named_for_splits(tmp_path, demo_workspace):
+    out = tmp_path / "export"
+    bound = 1_000
+    options = ExportOptions(test_fraction=0.0, max_shard_bytes=bound, show_progress=False)
+    report = export_dataset(demo_workspace, out, options)
+    names = sorted(p.name for p in (out / "data").iterdir())
+    total = len(names)
+    assert total > 2 and names == [f"train-{i:05d}-of-{total:05d}.parquet" for i in range(total)]
+    for name in names:
+        images = pq.read_table(out / "data" / name, columns=["image"])["image"].to_pylist()
+        payload = sum(len(image["bytes"]) for image in images)
+        assert payload <= bound or len(images) == 1
+    assert sum(pq.ParquetFile(out / "data" / n).metadata.num_rows for n in names) == 40
+    assert report.files == [out / "data" / n for n in names]
+    assert len(load(out)["train"]) == 40
+
+
+def test_review_status_and_duplicates_filter(tmp_path, demo_workspace):
+    ids = sorted(demo_workspace.sample_ids("samples"))
+    reviews = [
+        {"sample_id": ids[0], "review_status": "rejected"},
+        {"sample_id": ids[1], "review_status": "accepted"},
+        {"sample_id": ids[2], "review_status": "corrected", "narrative_prompt": "fixed by a human"},
+    ]
+    demo_workspace.write_table_part(
+        "reviews", records_to_table(reviews, STAGE_TABLES["reviews"].schema)
+    )
+    hashes = [
+        {"sample_id": ids[3], "duplicate_of": ids[4]},
+        {"sample_id": ids[4], "duplicate_of": ids[4]},
+    ]
+    demo_workspace.write_table_part(
+        "hashes", records_to_table(hashes, STAGE_TABLES["hashes"].schema)
+    )
+
+    report = export_dataset(demo_workspace, tmp_path / "all", QUIET)
+    assert report.exported == 38
+    assert report.skipped == {"review-status": 1, "duplicate": 1}
+    rows = {r["sample_id"]: r for split in load(tmp_path / "all").values() for r in split}
+    assert ids[0] not in rows and ids[3] not in rows and ids[4] in rows
+    assert rows[ids[2]]["narrative_prompt"] == "fixed by a human"
+
+    reviewed = export_dataset(
+        demo_workspace,
+        tmp_path / "reviewed",
+        ExportOptions(statuses=("accepted", "corrected"), show_progress=False),
+    )
+    assert reviewed.exported == 2
+
+
+def test_existing_target_and_bad_options(tmp_path, demo_workspace):
+    out = tmp_path / "export"
+    export_dataset(demo_workspace, out, QUIET)
+    before = sorted(p.name for p in (out / "data").iterdir())
+    with pytest.raises(OutputExistsError, match="already exists"):
+        export_dataset(demo_workspace, out, QUIET)
+    assert sorted(p.name for p in (out / "data").iterdir()) == before  # untouched
+    (out / "data" / "stray.txt").write_text("from an older export")
+    export_dataset(demo_workspace, out, ExportOptions(overwrite=True, show_progress=False))
+    assert not (out / "data" / "stray.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(InputError, match="unknown review status"):
+        ExportOptions(statuses=("approved",))
+    with pytest.raises(InputError, match="split fractions"):
+        ExportOptions(test_fraction=0.7, validation_fraction=0.4)
+
+
+def test_empty_workspace_is_a_clear_error(tmp_path, workspace):
+    with pytest.raises(InputError, match="no samples yet"):
+        export_dataset(workspace, tmp_path / "out", QUIET)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,247 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pipelines.ingest import IngestStage
+from pipelines.runner import RunOptions, run_stage
+from surd_builder.errors import InputError
+from surd_builder.ids import make_sample_id, sha256_hex
+from surd_builder.status import workspace_status
+from tests.conftest import image_bytes, sidecar_folder, write_image
+
+QUIET = RunOptions(batch_size=4, show_progress=False)
+
+
+def test_sidecar_prompts_and_image_store(tmp_path, workspace):
+    folder = tmp_path / "in"
+    prompts = sidecar_folder(folder, 6)
+    write_image(folder / "nested" / "photo.jpg", size=(40, 30), fmt="JPEG")
+    (folder / "nested" / "photo.caption").write_text("  a photo,\n\nbokeh  ")
+    report = run_stage(IngestStage(folder), workspace, QUIET)
+    assert (report.planned, report.written, report.failed, report.new_images) == (7, 7, 0, 7)
+
+    rows = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
+    assert set(rows) == {*prompts, "nested/photo.jpg"}
+    for name, prompt in prompts.items():
+        assert rows[name]["complex_prompt"] == prompt
+        assert rows[name]["sample_id"] == make_sample_id("in", name)
+        assert (rows[name]["width"], rows[name]["height"], rows[name]["image_format"]) == (
+            24,
+            16,
+            "PNG",
+        )
+    photo = rows["nested/photo.jpg"]
+    assert photo["complex_prompt"] == "a photo, bokeh"
+    assert (photo["width"], photo["height"], photo["image_format"]) == (40, 30, "JPEG")
+    # bytes are stored unchanged and addressed by their sha256
+    original = (folder / "nested" / "photo.jpg").read_bytes()
+    assert photo["image_sha256"] == sha256_hex(original)
+    assert workspace.read_images([photo["image_sha256"]])[photo["image_sha256"]] == original
+
+
+def test_metadata_jsonl_and_csv(tmp_path, workspace):
+    jsonl = tmp_path / "jsonl"
+    write_image(jsonl / "a.png")
+    write_image(jsonl / "b.png", color=(1, 2, 3))
+    (jsonl / "b.txt").write_text("sidecar loses to metadata")
+    lines = [
+        {
+            "file_name": "a.png",
+            "prompt": "cat, 8k",
+            "narrative_prompt": "a cat",
+            "seed": 7,
+            "steps": "20",
+            "cfg_scale": 6.5,
+            "nsfw": "false",
+        },
+        {
+            "file_name": "b.png",
+            "prompt": "dog, 8k",
+            "negative_prompt": "blurry",
+            "model_name": "sd15",
+        },
+    ]
+    (jsonl / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    run_stage(IngestStage(jsonl), workspace, QUIET)
+
+    csv_folder = tmp_path / "csv"
+    write_image(csv_folder / "c.png")
+    (csv_folder / "metadata.csv").write_text(
+        'file_name,text,narrative\nc.png,"bird, flying",a bird\n'
+    )
+    run_stage(IngestStage(csv_folder, narrative_column="narrative"), workspace, QUIET)
+
+    rows = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
+    assert rows["a.png"]["complex_prompt"] == "cat, 8k"
+    assert (rows["a.png"]["narrative_prompt"], rows["a.png"]["narrative_origin"]) == (
+        "a cat",
+        "source",
+    )
+    assert (rows["a.png"]["seed"], rows["a.png"]["steps"], rows["a.png"]["nsfw"]) == (7, 20, False)
+    assert rows["a.png"]["cfg_scale"] == pytest.approx(6.5)
+    assert rows["b.png"]["complex_prompt"] == "dog, 8k"
+    assert rows["b.png"]["narrative_origin"] is None
+    assert (rows["b.png"]["negative_prompt"], rows["b.png"]["model_name"]) == ("blurry", "sd15")
+    assert (rows["c.png"]["complex_prompt"], rows["c.png"]["narrative_prompt"]) == (
+        "bird, flying",
+        "a bird",
+    )
+    assert rows["c.png"]["source"] == "csv"
+
+
+def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeypatch):
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 2)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "corrupt.txt").write_text("corrupt")
+    truncated = image_bytes(size=(64, 64), fmt="JPEG")
+    (folder / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    (folder / "truncated.txt").write_text("truncated")
+    write_image(folder / "latin1.png")
+    (folder / "latin1.txt").write_bytes("caf\xe9, 8k".encode("latin-1"))
+    write_image(folder / "noprompt.png")
+    write_image(folder / "badseed.png")
+    (folder / "big.png").write_bytes(image_bytes(size=(80, 80)))
+    (folder / "big.txt").write_text("big")
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "gone.png", "prompt": "x"})
+        + "\n"
+        + json.dumps({"file_name": "badseed.png", "prompt": "x", "seed": "abc"})
+        + "\n"
+        + json.dumps({"file_name": "../escape.png", "prompt": "x"})
+        + "\n"
+    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80x80 > 2x the limit: a "bomb"
+
+    report = run_stage(IngestStage(folder), workspace, QUIET)
+    assert report.written == 2
+    assert report.failures_by_reason == {
+        "bad-file-name": 1,
+        "bad-metadata": 1,
+        "missing-file": 1,
+        "no-prompt": 1,
+        "not-an-image": 2,
+        "prompt-not-utf8": 1,
+        "too-large": 1,
+    }
+    failures = {r["source_item_id"]: r for r in workspace.read_failures("ingest").to_pylist()}
+    assert failures["latin1.png"]["detail"] == "latin1.txt: byte 3"
+    assert failures["badseed.png"]["reason"] == "bad-metadata"
+    assert workspace_status(workspace).failures[("ingest", "not-an-image")] == 2
+
+    # fix one item: the re-run retries only failures, and the fixed one stops being outstanding
+    (folder / "latin1.txt").write_text("café, 8k")
+    again = run_stage(IngestStage(folder), workspace, QUIET)
+    assert (again.already_done, again.processed, again.written) == (2, 8, 1)
+    outstanding = workspace.read_failures("ingest", outstanding_in="samples")
+    assert "latin1.png" not in outstanding["source_item_id"].to_pylist()
+    assert outstanding.num_rows == 7
+
+
+def test_rerun_skips_done_and_force_redoes_without_duplicates(tmp_path, workspace):
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 5)
+    first = run_stage(IngestStage(folder), workspace, QUIET)
+    second = run_stage(IngestStage(folder), workspace, QUIET)
+    assert (first.written, second.already_done, second.processed) == (5, 5, 0)
+    (folder / "img-000.txt").write_text("edited prompt")
+    forced = run_stage(IngestStage(folder), workspace, RunOptions(force=True, show_progress=False))
+    assert (forced.processed, forced.new_images) == (5, 0)
+    dataset = workspace.dataset()
+    assert dataset.num_rows == 5
+    assert "edited prompt" in dataset["complex_prompt"].to_pylist()
+    assert [r["status"] for r in workspace.runs()] == ["completed"] * 3
+
+
+def test_worker_processes_give_the_same_samples(tmp_path):
+    from surd_builder.workspace import Workspace
+
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 12)
+    single = Workspace.create(tmp_path / "one")
+    pooled = Workspace.create(tmp_path / "two")
+    run_stage(IngestStage(folder), single, QUIET)
+    run_stage(IngestStage(folder), pooled, RunOptions(batch_size=3, workers=2, show_progress=False))
+    columns = ["sample_id", "complex_prompt", "image_sha256", "width"]
+    one = single.read_table("samples").select(columns).sort_by("sample_id")
+    two = pooled.read_table("samples").select(columns).sort_by("sample_id")
+    assert one.equals(two) and one.num_rows == 12
+
+
+def test_input_errors(tmp_path, workspace):
+    with pytest.raises(InputError, match="does not exist"):
+        run_stage(IngestStage(tmp_path / "nope"), workspace, QUIET)
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 1)
+    (folder / "metadata.jsonl").write_text('{"file_name": "img-000.png"}\n{broken\n')
+    with pytest.raises(InputError, match=r"metadata.jsonl:2: not valid JSON"):
+        run_stage(IngestStage(folder), workspace, QUIET)
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "caf\xe9.png"}\n')
+    with pytest.raises(InputError, match="not UTF-8"):
+        run_stage(IngestStage(folder), workspace, QUIET)
+    (folder / "metadata.jsonl").unlink()
+    run_stage(IngestStage(folder, source="shared"), workspace, QUIET)
+    other = tmp_path / "other"
+    sidecar_folder(other, 1)
+    with pytest.raises(InputError, match="was ingested from"):
+        run_stage(IngestStage(other, source="shared"), workspace, QUIET)
+    with pytest.raises(InputError, match="may only use"):
+        IngestStage(other, source="bad name!")
+
+
+def test_ingest_killed_part_way_then_resumed_has_every_sample_once(tmp_path, workspace):
+    """SIGKILL a real `surd build ingest` while it is stuck on one item, then run it again."""
+    folder = tmp_path / "in"
+    prompts = sidecar_folder(folder, 23)
+    # Reading a FIFO blocks until someone writes: the run stops deterministically at this item,
+    # after the batches before it (sorted first) have been written.
+    fifo = folder / "zzz-blocking.png"
+    os.mkfifo(fifo)
+    (folder / "zzz-blocking.txt").write_text("the last one")
+    command = [
+        sys.executable,
+        "-m",
+        "surd_builder",
+        "build",
+        "ingest",
+        str(folder),
+        "-w",
+        str(workspace.root),
+        "--batch-size",
+        "5",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fd = os.open(fifo, os.O_WRONLY)  # returns once the ingest has opened the FIFO to read it
+        # the child is now blocked on the FIFO, after writing every batch before this item's
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        os.close(fd)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+    partial = workspace.read_table("samples")
+    assert partial.num_rows == 20  # four whole batches of 5; the fifth died with its batch
+    assert workspace.runs()[-1]["status"] == "running"  # the kill left no chance to finish
+
+    fifo.unlink()
+    write_image(fifo)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    final = workspace.read_table("samples")
+    items = final["source_item_id"].to_pylist()
+    assert sorted(items) == sorted([*prompts, "zzz-blocking.png"])  # each exactly once
+    assert workspace.runs()[-1]["counts"]["already_done"] == 20
+    stored, _ = workspace.image_stats()
+    assert stored == len(set(final["image_sha256"].to_pylist()))
