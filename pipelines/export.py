@@ -108,6 +108,17 @@ def select_samples(dataset: pa.Table, options: ExportOptions) -> tuple[pa.Table,
     return dataset, Counter({k: v for k, v in skipped.items() if v})
 
 
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every column but the encoded image bytes, which do not compress."""
+    paths = []
+    for field_ in schema:
+        if pa.types.is_struct(field_.type):
+            paths += [f"{field_.name}.{child.name}" for child in field_.type]
+        else:
+            paths.append(field_.name)
+    return {path: "none" if path == "image.bytes" else "zstd" for path in paths}
+
+
 class _ShardWriter:
     """Writes rows of one split into numbered files of at most ``max_bytes`` of image data."""
 
@@ -127,7 +138,9 @@ class _ShardWriter:
             if self._writer is None:
                 path = self.folder / f"{self.split}-{len(self.paths):05d}.parquet"
                 self.paths.append(path)
-                self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+                self._writer = pq.ParquetWriter(
+                    path, self.schema, compression=_compression(self.schema)
+                )
                 self._bytes = 0
             end = start
             while end < table.num_rows and (

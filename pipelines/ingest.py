@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
+from surd_builder.config import IngestSettings
 from surd_builder.errors import InputError
 from surd_builder.ids import make_sample_id, sha256_hex
 from surd_builder.schema import STAGE_TABLES
@@ -53,6 +54,8 @@ METADATA_FIELDS: dict[str, type] = {
     "source_url": str,
     "page_url": str,
 }
+# Files larger than this are skipped as "too-large" before being read into memory.
+DEFAULT_MAX_IMAGE_BYTES = int(IngestSettings.max_image_mb * 2**20)
 _SOURCE_NAME = re.compile(r"[^A-Za-z0-9._:-]+")
 
 _OUTPUT_SCHEMA = pa.schema(
@@ -172,8 +175,10 @@ class IngestStage(Stage):
         source: str | None = None,
         prompt_column: str | None = None,
         narrative_column: str = "narrative_prompt",
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ):
         self.folder = Path(folder).resolve()
+        self.max_image_bytes = max_image_bytes
         self.source = source or default_source_name(self.folder)
         if _SOURCE_NAME.search(self.source):
             raise InputError(
@@ -189,6 +194,7 @@ class IngestStage(Stage):
             "source": self.source,
             "prompt_column": self._prompt_key,
             "narrative_column": self.narrative_column,
+            "max_image_bytes": self.max_image_bytes,
         }
 
     # ----------------------------------------------------------------- plan (driver)
@@ -258,6 +264,9 @@ class IngestStage(Stage):
         path = self.folder / relative
         metadata = json.loads(item["metadata_json"])
         try:
+            size = path.stat().st_size
+            if size > self.max_image_bytes:
+                return failed("too-large", f"{relative}: {size:,} bytes > {self.max_image_bytes:,}")
             data = path.read_bytes()
         except FileNotFoundError:
             return failed("missing-file", f"{relative} does not exist")
@@ -266,9 +275,12 @@ class IngestStage(Stage):
 
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image.load()
                 width, height = image.size
                 image_format = image.format
+                # Decode everything to catch truncated or corrupt data, but let JPEG decode at
+                # 1/8 scale (DCT scaling still reads every entropy-coded block): ~3x faster.
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                image.load()
         except Image.DecompressionBombError as error:
             return failed("too-large", str(error))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

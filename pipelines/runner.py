@@ -8,6 +8,7 @@ and the same write calls.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -114,7 +115,10 @@ def _map_batches(
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=options.workers, mp_context=context, initializer=_ignore_sigint
+    )
+    try:
         pending: dict[Future, int] = {}
         batches = _batches(items, options.batch_size)
         exhausted = False
@@ -130,6 +134,13 @@ def _map_batches(
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 yield pending.pop(future), future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which records the interruption and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = None) -> RunReport:
@@ -154,11 +165,12 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
 
         params = {**stage.params(), **asdict(options)}
         params.pop("show_progress")
-        run = workspace.start_run(stage.name, params)
+        run = workspace.start_run(stage.name, params, output_table=stage.output_table)
         report = RunReport(stage.name, run["run_id"], planned=planned, already_done=already_done)
         reasons: Counter[str] = Counter()
         try:
-            with progress_bar(f"{stage.name}", items.num_rows, options.show_progress) as advance:
+            bar = progress_bar(stage.name, items.num_rows, options.show_progress, show_failed=True)
+            with bar as advance:
                 for size, output in _map_batches(stage, items, options):
                     records, images, failures = split_output(stage.name, output, stage.output_table)
                     report.new_images += workspace.write_images(images)

@@ -53,10 +53,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
             temp.unlink()
 
 
-def write_parquet_atomic(table: pa.Table, final: Path, row_group_size: int | None = None) -> Path:
-    """Write ``table`` to ``final`` as Parquet (zstd), atomically."""
+def write_parquet_atomic(
+    table: pa.Table,
+    final: Path,
+    row_group_size: int | None = None,
+    compression: str | dict[str, str] = "zstd",
+) -> Path:
+    """Write ``table`` to ``final`` as Parquet (zstd unless told otherwise), atomically."""
     with atomic_path(final) as temp:
-        pq.write_table(table, temp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(table, temp, compression=compression, row_group_size=row_group_size)
     return Path(final)
 
 

@@ -93,6 +93,9 @@ def ingest(
     workers: Annotated[
         int, typer.Option(min=1, help="Worker processes decoding images.")
     ] = IngestSettings.workers,
+    max_image_mb: Annotated[
+        float, typer.Option(min=0.001, help="Skip image files larger than this, MiB.")
+    ] = IngestSettings.max_image_mb,
     force: Annotated[bool, typer.Option(help="Redo items already ingested.")] = False,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Process at most this many new items.")
@@ -107,11 +110,15 @@ def ingest(
     ws = Workspace.open(workspace)
     settings = resolve(
         load_config(ws.root).ingest,
-        {"batch_size": batch_size, "workers": workers},
+        {"batch_size": batch_size, "workers": workers, "max_image_mb": max_image_mb},
         _given_on_command_line(ctx),
     )
     stage = IngestStage(
-        folder, source=source, prompt_column=prompt_column, narrative_column=narrative_column
+        folder,
+        source=source,
+        prompt_column=prompt_column,
+        narrative_column=narrative_column,
+        max_image_bytes=int(settings.max_image_mb * 2**20),
     )
     options = RunOptions(
         batch_size=settings.batch_size,

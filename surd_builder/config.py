@@ -27,6 +27,7 @@ CONFIG_FILE = "surd.toml"
 class IngestSettings:
     batch_size: int = 256
     workers: int = min(4, os.cpu_count() or 1)
+    max_image_mb: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ TEMPLATE = """\
 [ingest]
 # batch_size = 256   # items per batch (one Parquet part each)
 # workers = 4        # worker processes decoding images
+# max_image_mb = 64  # image files larger than this are skipped as too-large
 
 [export]
 # status = ["pending", "accepted", "corrected"]   # review statuses exported

@@ -20,24 +20,23 @@ stderr_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def progress_bar(
-    description: str, total: int, enabled: bool = True
+    description: str, total: int, enabled: bool = True, show_failed: bool = False
 ) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n, **fields)``: moves the bar by ``n`` items and updates shown counters
-    (e.g. ``failed=3``). With ``enabled=False`` nothing is drawn."""
+    (``failed=3`` with ``show_failed``). With ``enabled=False`` nothing is drawn."""
     if not enabled:
         yield lambda n, **fields: None
         return
-    progress = Progress(
+    columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
-        TextColumn("failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr_console,
-        transient=False,
-    )
+    ]
+    if show_failed:
+        columns.append(TextColumn("failed {task.fields[failed]}"))
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, console=stderr_console, transient=False)
     with progress:
         task = progress.add_task(description, total=total, failed=0, rate="")
 

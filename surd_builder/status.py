@@ -11,9 +11,6 @@ from typing import Any
 from surd_builder.schema import STAGE_TABLES
 from surd_builder.workspace import Workspace
 
-# Which stage table a stage's successes land in, to tell outstanding failures from retried ones.
-_STAGE_OUTPUT = {"ingest": "samples", "scrape": "samples"}
-
 
 @dataclass
 class WorkspaceStatus:
@@ -43,18 +40,19 @@ def workspace_status(workspace: Workspace) -> WorkspaceStatus:
         if workspace.table_parts(name):
             status.tables[name] = len(workspace.sample_ids(name))
     status.images, status.image_bytes = workspace.image_stats()
-    failures = workspace.read_failures()
-    if failures.num_rows:
-        stages = set(failures["stage"].to_pylist())
-        counter: Counter[tuple[str, str]] = Counter()
-        for stage in sorted(stages):
-            outstanding = workspace.read_failures(stage, outstanding_in=_STAGE_OUTPUT.get(stage))
-            counter.update((stage, reason) for reason in outstanding["reason"].to_pylist())
-        status.failures = dict(sorted(counter.items()))
     for run in workspace.runs():
         if run["status"] == "running" and not _run_alive(run):
             run = {**run, "status": "killed"}
         status.last_runs[run["stage"]] = run
+    failures = workspace.read_failures()
+    if failures.num_rows:
+        counter: Counter[tuple[str, str]] = Counter()
+        for stage in sorted(set(failures["stage"].to_pylist())):
+            # a failure is outstanding until a later attempt lands in the stage's output table
+            output_table = status.last_runs.get(stage, {}).get("output_table")
+            outstanding = workspace.read_failures(stage, outstanding_in=output_table)
+            counter.update((stage, reason) for reason in outstanding["reason"].to_pylist())
+        status.failures = dict(sorted(counter.items()))
     if "samples" in status.tables:
         counts = Counter(workspace.dataset()["review_status"].to_pylist())
         status.review_status = dict(sorted(counts.items()))

@@ -270,7 +270,11 @@ class Workspace:
             return 0
         images = images.sort_by("image_sha256")
         shard = write_parquet_atomic(
-            images, self.root / "images" / _part_name("shard"), row_group_size=IMAGE_ROW_GROUP
+            images,
+            self.root / "images" / _part_name("shard"),
+            row_group_size=IMAGE_ROW_GROUP,
+            # encoded images do not compress: zstd over them costs CPU and saves nothing
+            compression={"image_sha256": "zstd", "image_bytes": "none"},
         )
         for sha in images["image_sha256"].to_pylist():
             index[sha] = shard
@@ -348,11 +352,14 @@ class Workspace:
             runs.sort(key=lambda r: r["started_at"])
             write_json_atomic(runs, self.root / "manifest.json")
 
-    def start_run(self, stage: str, params: dict[str, Any]) -> dict[str, Any]:
+    def start_run(
+        self, stage: str, params: dict[str, Any], output_table: str | None = None
+    ) -> dict[str, Any]:
         started = utc_now()
         run = {
             "run_id": f"{stage}-{started.strftime('%Y%m%dT%H%M%S%fZ')}-{os.getpid()}",
             "stage": stage,
+            "output_table": output_table,
             "status": "running",
             "started_at": started.isoformat(),
             "finished_at": None,

@@ -110,6 +110,8 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
     write_image(folder / "badseed.png")
     (folder / "big.png").write_bytes(image_bytes(size=(80, 80)))
     (folder / "big.txt").write_text("big")
+    (folder / "heavy.png").write_bytes(image_bytes(size=(30, 30)) + b"\0" * 5000)
+    (folder / "heavy.txt").write_text("heavy file")
     (folder / "metadata.jsonl").write_text(
         json.dumps({"file_name": "gone.png", "prompt": "x"})
         + "\n"
@@ -120,7 +122,7 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
     )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80x80 > 2x the limit: a "bomb"
 
-    report = run_stage(IngestStage(folder), workspace, QUIET)
+    report = run_stage(IngestStage(folder, max_image_bytes=4096), workspace, QUIET)
     assert report.written == 2
     assert report.failures_by_reason == {
         "bad-file-name": 1,
@@ -129,7 +131,7 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
         "no-prompt": 1,
         "not-an-image": 2,
         "prompt-not-utf8": 1,
-        "too-large": 1,
+        "too-large": 2,
     }
     failures = {r["source_item_id"]: r for r in workspace.read_failures("ingest").to_pylist()}
     assert failures["latin1.png"]["detail"] == "latin1.txt: byte 3"
@@ -138,11 +140,12 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
 
     # fix one item: the re-run retries only failures, and the fixed one stops being outstanding
     (folder / "latin1.txt").write_text("café, 8k")
-    again = run_stage(IngestStage(folder), workspace, QUIET)
-    assert (again.already_done, again.processed, again.written) == (2, 8, 1)
+    again = run_stage(IngestStage(folder, max_image_bytes=4096), workspace, QUIET)
+    assert (again.already_done, again.processed, again.written) == (2, 9, 1)
     outstanding = workspace.read_failures("ingest", outstanding_in="samples")
     assert "latin1.png" not in outstanding["source_item_id"].to_pylist()
-    assert outstanding.num_rows == 7
+    assert outstanding.num_rows == 8
+    assert "heavy.png" in outstanding["source_item_id"].to_pylist()
 
 
 def test_rerun_skips_done_and_force_redoes_without_duplicates(tmp_path, workspace):
@@ -196,8 +199,12 @@ def test_input_errors(tmp_path, workspace):
         IngestStage(other, source="bad name!")
 
 
-def test_ingest_killed_part_way_then_resumed_has_every_sample_once(tmp_path, workspace):
-    """SIGKILL a real `surd build ingest` while it is stuck on one item, then run it again."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
+def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
+    tmp_path, workspace, stop_signal
+):
+    """Stop a real `surd build ingest` while it is stuck on one item (kill -9, or Ctrl-C),
+    then run it again."""
     folder = tmp_path / "in"
     prompts = sidecar_folder(folder, 23)
     # Reading a FIFO blocks until someone writes: the run stops deterministically at this item,
@@ -220,20 +227,31 @@ def test_ingest_killed_part_way_then_resumed_has_every_sample_once(tmp_path, wor
         "1",
         "--no-progress",
     ]
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         fd = os.open(fifo, os.O_WRONLY)  # returns once the ingest has opened the FIFO to read it
         # the child is now blocked on the FIFO, after writing every batch before this item's
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
+        child.send_signal(stop_signal)
+        _, stderr = child.communicate(timeout=60)
         os.close(fd)
     finally:
         if child.poll() is None:
             child.kill()
 
     partial = workspace.read_table("samples")
-    assert partial.num_rows == 20  # four whole batches of 5; the fifth died with its batch
-    assert workspace.runs()[-1]["status"] == "running"  # the kill left no chance to finish
+    assert partial.num_rows == 20  # four whole batches of 5; the fifth stopped with its batch
+    if stop_signal == signal.SIGKILL:
+        assert child.returncode == -signal.SIGKILL
+        assert workspace.runs()[-1]["status"] == "running"  # no chance to finish
+        assert workspace_status(workspace).last_runs["ingest"]["status"] == "killed"
+    else:
+        assert child.returncode == 130
+        assert stderr.strip().splitlines() == [
+            "error: interrupted: 20 samples written by this run are kept; "
+            "run the same command again to continue"
+        ]
+        assert workspace.runs()[-1]["status"] == "interrupted"
+        assert workspace.runs()[-1]["counts"]["written"] == 20
 
     fifo.unlink()
     write_image(fifo)
