@@ -18,8 +18,9 @@ A stage turns work items into rows of one stage table. It has two parts:
     It returns one row per input item, with the columns of ``output_table`` (any subset that
     includes ``sample_id``) and, optionally:
 
-    - ``image_bytes`` (binary): the image, for stages that collect images (``stores_images``).
-      The runner stores it once in the content-addressed image store before writing the row.
+    - ``image_bytes`` (binary): the image, for stages that collect images, next to its
+      ``image_sha256`` (``surd_builder.ids.sha256_hex``). The runner stores the bytes once in the
+      content-addressed image store before writing the row, which keeps only the sha256.
     - ``failure_reason`` (string) and ``failure_detail`` (string): a non-null reason marks the item
       as failed. Failed items are written to the workspace's failures table, not to the output
       table, and are retried by the next run. A per-item problem is never an exception.
@@ -51,8 +52,6 @@ class Stage(ABC):
     name: ClassVar[str]
     #: the stage table (``surd_builder.schema.STAGE_TABLES``) its rows go to
     output_table: ClassVar[str]
-    #: whether output rows carry ``image_bytes`` to store
-    stores_images: ClassVar[bool] = False
 
     @abstractmethod
     def plan(self, workspace: Workspace) -> pa.Table:

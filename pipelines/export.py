@@ -9,8 +9,9 @@ Layout of ``OUT`` (the naming ``datasets`` infers splits from)::
 Each shard carries the ``huggingface`` schema metadata (see ``schema.export_schema``), so
 ``load_dataset("parquet", data_files=...)`` returns ``image`` as a decoded ``Image`` with no glue.
 Images are embedded as bytes, never as local paths, so the files work on any machine.
-The whole folder is built under a temporary name and renamed into place: ``OUT`` is either the old
-export or the complete new one.
+``OUT/surd-export.json`` records the counts and options. The whole folder is built under a
+temporary name and renamed into place, so ``OUT`` never holds a partial export; ``--overwrite``
+replaces only a folder that holds a previous surd export.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from surd_builder.atomic import TEMP_PREFIX
-from surd_builder.errors import InputError, OutputExistsError
+from surd_builder import __version__
+from surd_builder.atomic import TEMP_PREFIX, is_stale_temp, write_json_atomic
+from surd_builder.errors import InputError, OutputError, OutputExistsError
 from surd_builder.ids import split_for
 from surd_builder.progress import progress_bar
 from surd_builder.schema import EXPORT_COLUMNS, REVIEW_STATUSES, SPLITS, export_schema
-from surd_builder.workspace import Workspace
+from surd_builder.workspace import Workspace, utc_now
 
 # Hugging Face's guidance for image datasets: ~100 rows per row group keeps random access cheap.
 ROW_GROUP_ROWS = 100
 READ_CHUNK_ROWS = 256
+EXPORT_MARKER = "surd-export.json"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def select_samples(dataset: pa.Table, options: ExportOptions) -> tuple[pa.Table,
     def keep(mask: pa.ChunkedArray | pa.Array, reason: str) -> None:
         nonlocal dataset
         mask = pc.fill_null(mask, False)
-        skipped[reason] += dataset.num_rows - pc.sum(mask.cast(pa.int64())).as_py()
+        skipped[reason] += dataset.num_rows - pc.sum(mask.cast(pa.int64()), min_count=0).as_py()
         dataset = dataset.filter(mask)
 
     keep(pc.is_valid(dataset["image_sha256"]), "no-image")
@@ -163,10 +166,7 @@ def export_dataset(
     """Write the workspace's current dataset to ``out``; see the module docstring."""
     options = options or ExportOptions()
     out = Path(out)
-    if out.exists() and not options.overwrite:
-        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
+    _check_target(workspace, out, options.overwrite)
 
     dataset = workspace.dataset()
     report = ExportReport(out=out, in_workspace=dataset.num_rows)
@@ -177,39 +177,93 @@ def export_dataset(
     if selected.num_rows == 0:
         raise InputError(f"no sample passes the export filters (left out: {dict(skipped)})")
 
-    schema = export_schema()
-    index = workspace.image_index()
-    shard_rank = {path: rank for rank, path in enumerate(workspace.image_shards())}
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f"{TEMP_PREFIX}{os.getpid()}-{out.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    data_dir = staging / "data"
-    data_dir.mkdir(parents=True)
     try:
-        with progress_bar("export", selected.num_rows, options.show_progress) as advance:
-            for split in SPLITS:
-                rows = selected.filter(pc.equal(selected["split"], split))
-                if rows.num_rows == 0:
-                    continue
-                # Visit rows in image-shard order so each shard is read about once per split.
-                ranks = [shard_rank[index[sha]] for sha in rows["image_sha256"].to_pylist()]
-                rows = rows.take(pc.sort_indices(pa.array(ranks)))
-                writer = _ShardWriter(data_dir, split, schema, options.max_shard_bytes)
-                for offset in range(0, rows.num_rows, READ_CHUNK_ROWS):
-                    chunk = rows.slice(offset, READ_CHUNK_ROWS)
-                    table, row_bytes = _export_chunk(workspace, chunk, schema)
-                    writer.write(table, row_bytes)
-                    advance(chunk.num_rows)
-                writer.close()
-                report.by_split[split] = rows.num_rows
-                report.files.extend(_number_shards(writer.paths))
-        report.exported = selected.num_rows
-        report.bytes_written = sum(p.stat().st_size for p in report.files)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "data").mkdir(parents=True)
+        _write_splits(workspace, selected, staging / "data", options, report)
+        write_json_atomic(_marker(report, options), staging / EXPORT_MARKER)
         _swap_into_place(staging, out)
+    except OSError as error:
+        raise OutputError(f"cannot write the export to {out}: {error.strerror or error}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.files = [out / "data" / p.name for p in report.files]
     return report
+
+
+def _check_target(workspace: Workspace, out: Path, overwrite: bool) -> None:
+    """Refuse targets whose replacement would destroy something that is not an old export."""
+    target, root = out.resolve(), workspace.root.resolve()
+    if target == root or root.is_relative_to(target) or target.is_relative_to(root):
+        raise OutputExistsError(
+            f"{out} is (or holds, or is inside) the workspace: export elsewhere"
+        )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder")
+    if not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise OutputExistsError(
+            f"{out} is not a surd export (no {EXPORT_MARKER}): "
+            "not replacing it, even with --overwrite"
+        )
+
+
+def _write_splits(
+    workspace: Workspace,
+    selected: pa.Table,
+    data_dir: Path,
+    options: ExportOptions,
+    report: ExportReport,
+) -> None:
+    schema = export_schema()
+    index = workspace.image_index()
+    shard_rank = {path: rank for rank, path in enumerate(workspace.image_shards())}
+    with progress_bar("export", selected.num_rows, options.show_progress) as advance:
+        for split in SPLITS:
+            rows = selected.filter(pc.equal(selected["split"], split))
+            if rows.num_rows == 0:
+                continue
+            # Visit rows in image-shard order so each shard is read about once per split.
+            ranks = [shard_rank[index[sha]] for sha in rows["image_sha256"].to_pylist()]
+            rows = rows.take(pc.sort_indices(pa.array(ranks)))
+            writer = _ShardWriter(data_dir, split, schema, options.max_shard_bytes)
+            for offset in range(0, rows.num_rows, READ_CHUNK_ROWS):
+                chunk = rows.slice(offset, READ_CHUNK_ROWS)
+                table, row_bytes = _export_chunk(workspace, chunk, schema)
+                writer.write(table, row_bytes)
+                advance(chunk.num_rows)
+            writer.close()
+            report.by_split[split] = rows.num_rows
+            report.files.extend(_number_shards(writer.paths))
+    report.exported = selected.num_rows
+    report.bytes_written = sum(p.stat().st_size for p in report.files)
+
+
+def _marker(report: ExportReport, options: ExportOptions) -> dict:
+    """What ``surd-export.json`` records: enough to tell how the export was made (no local paths,
+    no secrets: the folder may be published as it is)."""
+    return {
+        "format": "surd-export",
+        "surd_version": __version__,
+        "created_at": utc_now().isoformat(),
+        "samples": report.exported,
+        "splits": report.by_split,
+        "left_out": report.skipped,
+        "options": {
+            "statuses": list(options.statuses),
+            "drop_duplicates": options.drop_duplicates,
+            "test_fraction": options.test_fraction,
+            "validation_fraction": options.validation_fraction,
+            "max_shard_bytes": options.max_shard_bytes,
+        },
+        "files": [p.name for p in report.files],
+    }
 
 
 def _export_chunk(
@@ -245,7 +299,16 @@ def _number_shards(paths: list[Path]) -> list[Path]:
     return renamed
 
 
+def _remove_stale_staging(out: Path) -> None:
+    """Remove staging folders of earlier exports to ``out`` whose process died (kill -9)."""
+    for leftover in out.parent.glob(f"{TEMP_PREFIX}*-{out.name}"):
+        if leftover.is_dir() and is_stale_temp(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished export to ``out``. Replacing an old export takes two renames; if the
+    process dies between them, the old export is in ``.tmp-<pid>-old-<name>`` next to ``out``."""
     if out.exists():
         retired = out.parent / f"{TEMP_PREFIX}{os.getpid()}-old-{out.name}"
         out.rename(retired)

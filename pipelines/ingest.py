@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -56,7 +57,7 @@ METADATA_FIELDS: dict[str, type] = {
 }
 # Files larger than this are skipped as "too-large" before being read into memory.
 DEFAULT_MAX_IMAGE_BYTES = int(IngestSettings.max_image_mb * 2**20)
-_SOURCE_NAME = re.compile(r"[^A-Za-z0-9._:-]+")
+_SOURCE_NAME = re.compile(r"[^\w.:-]+")  # \w: letters and digits of any script, and _
 
 _OUTPUT_SCHEMA = pa.schema(
     [
@@ -74,9 +75,16 @@ def default_source_name(folder: Path) -> str:
 
 
 def discover_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively, hidden entries skipped), as sorted posix paths."""
+    """Image files under ``folder`` (recursively, hidden entries skipped, symlinked folders
+    followed once each), as sorted posix paths relative to ``folder``."""
     found = []
-    for directory, subdirs, files in os.walk(folder):
+    visited: set[str] = set()
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:  # a symlink loop, or a second link to a folder already walked
+            subdirs[:] = []
+            continue
+        visited.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
@@ -120,6 +128,7 @@ def read_metadata(folder: Path) -> tuple[Path | None, list[dict[str, Any]]]:
         name = row.get("file_name")
         if not isinstance(name, str) or not name:
             raise InputError(f"{path}: row {number} has no file_name")
+        name = row["file_name"] = normalise_file_name(name) or name
         if name in seen:
             raise InputError(
                 f"{path}: file_name {name!r} appears twice (rows {seen[name]}, {number})"
@@ -141,10 +150,17 @@ def _coerce(value: Any, kind: type) -> Any:
             return False
         raise ValueError(f"not a boolean: {value!r}")
     if kind is int:
-        number = float(value)
-        if not number.is_integer():
+        if isinstance(value, bool):
             raise ValueError(f"not an integer: {value!r}")
-        return int(number)
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())  # exact, also past 2**53 (seeds)
+        except ValueError:
+            number = float(value)  # "20.0"
+            if not number.is_integer():
+                raise ValueError(f"not an integer: {value!r}") from None
+            return int(number)
     return kind(value)
 
 
@@ -155,9 +171,11 @@ def _clean_prompt(text: Any) -> str | None:
     return cleaned or None
 
 
-def _safe_relative(name: str) -> str | None:
+def normalise_file_name(name: str) -> str | None:
+    """``./a.png``, ``sub\\a.png`` -> ``a.png``, ``sub/a.png``: one spelling per file, so the
+    metadata row and the file found on disk are one item. ``None`` for paths outside the folder."""
     path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts:
+    if path.is_absolute() or ".." in path.parts or not path.parts:
         return None
     return path.as_posix()
 
@@ -167,7 +185,6 @@ class IngestStage(Stage):
 
     name = "ingest"
     output_table = "samples"
-    stores_images = True
 
     def __init__(
         self,
@@ -203,19 +220,25 @@ class IngestStage(Stage):
             raise InputError(f"input folder {self.folder} does not exist")
         if not self.folder.is_dir():
             raise InputError(f"{self.folder} is not a folder")
-        self._claim_source(workspace)
         metadata_path, rows = read_metadata(self.folder)
         columns = set().union(*(row.keys() for row in rows)) if rows else set()
         if self.prompt_column is not None:
-            if rows and self.prompt_column not in columns:
+            if metadata_path is None:
+                raise InputError(
+                    f"{self.folder} has no metadata.jsonl or metadata.csv for --prompt-column"
+                )
+            if self.prompt_column not in columns:
                 raise InputError(f"{metadata_path} has no column {self.prompt_column!r}")
             self._prompt_key = self.prompt_column
         else:
             self._prompt_key = next((c for c in PROMPT_COLUMN_CANDIDATES if c in columns), None)
 
-        metadata = {row["file_name"]: row for row in rows}
         items: dict[str, dict[str, Any]] = {name: {} for name in discover_images(self.folder)}
-        items.update(metadata)
+        items.update({row["file_name"]: row for row in rows})
+        if not items:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise InputError(f"no images in {self.folder} (looked for {extensions})")
+        self._claim_source(workspace)
         relpaths = sorted(items)
         return pa.table(
             {
@@ -258,7 +281,7 @@ class IngestStage(Stage):
         def failed(reason: str, detail: str | None = None) -> dict[str, Any]:
             return {**row, FAILURE_REASON: reason, FAILURE_DETAIL: detail}
 
-        relative = _safe_relative(item["source_item_id"])
+        relative = normalise_file_name(item["source_item_id"])
         if relative is None:
             return failed("bad-file-name", "file_name must be a relative path inside the folder")
         path = self.folder / relative
@@ -274,16 +297,21 @@ class IngestStage(Stage):
             return failed("unreadable", f"{relative}: {error.strerror or error}")
 
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                image_format = image.format
-                # Decode everything to catch truncated or corrupt data, but let JPEG decode at
-                # 1/8 scale (DCT scaling still reads every entropy-coded block): ~3x faster.
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                image.load()
-        except Image.DecompressionBombError as error:
-            return failed("too-large", str(error))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            with warnings.catch_warnings():
+                # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS: skip those as well
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height = image.size
+                    image_format = image.format
+                    # Decode everything to catch truncated or corrupt data, but let JPEG decode
+                    # at 1/8 scale (DCT scaling still reads every entropy-coded block).
+                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            return failed("too-large", f"{relative}: {error}")
+        except UnidentifiedImageError:
+            return failed("not-an-image", f"{relative}: not a recognised image format")
+        except (OSError, SyntaxError, ValueError) as error:
             return failed("not-an-image", f"{relative}: {error}")
 
         prompt = _clean_prompt(metadata.get(self._prompt_key)) if self._prompt_key else None

@@ -7,8 +7,10 @@ and the same write calls.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
-from surd_builder.errors import Interrupted
+from surd_builder.errors import InputError, Interrupted
 from surd_builder.progress import progress_bar
 from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, table_spec
 from surd_builder.workspace import Workspace, utc_now
@@ -115,32 +117,42 @@ def _map_batches(
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        max_workers=options.workers, mp_context=context, initializer=_ignore_sigint
-    )
+    pool = ProcessPoolExecutor(max_workers=options.workers, mp_context=context)
+    pending: dict[Future, int] = {}
+    batches = _batches(items, options.batch_size)
+
+    def top_up() -> None:
+        while len(pending) < 2 * options.workers:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            pending[pool.submit(stage.process, batch)] = batch.num_rows
+
     try:
-        pending: dict[Future, int] = {}
-        batches = _batches(items, options.batch_size)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < 2 * options.workers:
-                batch = next(batches, None)
-                if batch is None:
-                    exhausted = True
-                    break
-                pending[pool.submit(stage.process, batch)] = batch.num_rows
-            if not pending:
-                break
+        # Workers start during the first submits. Started while Ctrl-C is ignored, they inherit
+        # that: Ctrl-C reaches the parent only, which records the interruption and stops them
+        # (no worker tracebacks on the terminal).
+        with _sigint_ignored():
+            top_up()
+        while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 yield pending.pop(future), future.result()
+            top_up()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which records the interruption and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers; it owns Ctrl-C anyway
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = None) -> RunReport:
@@ -151,7 +163,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
     """
     options = options or RunOptions()
     if options.batch_size < 1 or options.workers < 1:
-        raise ValueError("batch size and workers must be at least 1")
+        raise InputError("batch size and workers must be at least 1")
     with workspace.stage_lock(stage.name):
         started = time.perf_counter()
         items = stage.plan(workspace)

@@ -4,7 +4,7 @@ Every file surd writes goes through here: the content is written to a hidden tem
 same directory (``.tmp-<pid>-<name>``), flushed and fsynced, then renamed over the final name, and
 the directory is fsynced so the rename itself survives a power cut. A process killed with SIGKILL
 leaves at most a hidden temporary file, which readers never match and
-:func:`remove_stale_temp_files` deletes once its writer is gone.
+:func:`remove_stale_temp_files` deletes once its writer is gone and the file untouched a while.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(root: Path) -> int:
-    """Delete temporary files under ``root`` whose writing process no longer runs."""
+# A temporary file is abandoned only if its writer's pid is gone AND nobody has written to it for
+# this long: a writer on another host or in another pid namespace (a shared or network
+# workspace) has a pid we cannot see, but keeps touching its file.
+STALE_AFTER_SECONDS = 15 * 60
+
+
+def is_stale_temp(path: Path, min_age_seconds: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether ``path`` is a temporary file or folder left behind by a dead writer."""
+    if not path.name.startswith(TEMP_PREFIX):
+        return False
+    pid_text = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        return False
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age >= min_age_seconds
+
+
+def remove_stale_temp_files(root: Path, min_age_seconds: float = STALE_AFTER_SECONDS) -> int:
+    """Delete temporary files under ``root`` left behind by writers that died."""
     removed = 0
     for temp in Path(root).rglob(f"{TEMP_PREFIX}*"):
-        pid_text = temp.name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)) and temp.is_file():
+        if temp.is_file() and is_stale_temp(temp, min_age_seconds):
             temp.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -122,7 +122,7 @@ def quickstart(
     from pipelines.ingest import IngestStage
     from pipelines.runner import RunOptions, run_stage
     from surd_builder.cli_build import print_export_report, print_run_report
-    from surd_builder.demo import make_demo_folder
+    from surd_builder.demo import make_demo_folder, read_demo_params
     from surd_builder.workspace import MARKER_FILE, Workspace
 
     images, workspace_dir, out = (
@@ -136,11 +136,14 @@ def quickstart(
                 f"{directory} does not look like a quickstart folder; not deleting it"
             )
         shutil.rmtree(directory)
-    if not (images / "metadata.jsonl").is_file():
+    made = read_demo_params(images)
+    if not made:
         make_demo_folder(images, count=count, seed=seed, overwrite=True)
         typer.echo(f"1/3 demo: wrote {count} images to {images}")
     else:
-        typer.echo(f"1/3 demo: reusing {images}")
+        typer.echo(f"1/3 demo: reusing {made['count']} images (seed {made['seed']}) in {images}")
+        if (made["count"], made["seed"]) != (count, seed):
+            typer.echo(f"    pass --fresh to regenerate with --count {count} --seed {seed}")
     workspace = Workspace.create(workspace_dir)
     typer.echo("2/3 ingest:")
     report = run_stage(
@@ -150,10 +153,12 @@ def quickstart(
     typer.echo("3/3 export:")
     export = export_dataset(workspace, out, ExportOptions(overwrite=True, show_progress=progress))
     print_export_report(export)
-    data = out / "data"
+    data_files = ", ".join(
+        f"'{split}': '{out}/data/{split}-*.parquet'" for split in export.by_split
+    )
     typer.echo(
-        "\nLoad it with:\n  import datasets\n  ds = datasets.load_dataset('parquet', data_files={"
-        f"'train': '{data}/train-*.parquet', 'test': '{data}/test-*.parquet'}})"
+        "\nLoad it with:\n  import datasets\n"
+        f"  ds = datasets.load_dataset('parquet', data_files={{{data_files}}})"
     )
 
 

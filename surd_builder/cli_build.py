@@ -9,7 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surd_builder.config import ExportSettings, IngestSettings, load_config, resolve
+from surd_builder.config import (
+    MAX_BATCH_SIZE,
+    MAX_WORKERS,
+    ExportSettings,
+    IngestSettings,
+    load_config,
+    resolve,
+)
 
 build_app = typer.Typer(
     help="Collect, rewrite, screen, dedupe and export samples in a workspace.",
@@ -75,23 +82,24 @@ def ingest(
     workspace: WorkspaceOption = Path("."),
     source: Annotated[
         str | None,
-        typer.Option(help="Source name for these samples [default: the folder's name]."),
+        typer.Option(help="Source name for these samples (default: the folder's name)."),
     ] = None,
     prompt_column: Annotated[
         str | None,
         typer.Option(
             help="Metadata column with the keyword prompt "
-            "[default: first of complex_prompt, prompt, text, caption]."
+            "(default: the first of complex_prompt, prompt, text, caption)."
         ),
     ] = None,
     narrative_column: Annotated[
         str, typer.Option(help="Metadata column with a narrative prompt, if any.")
     ] = "narrative_prompt",
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Items per batch (one Parquet part each).")
+        int,
+        typer.Option(min=1, max=MAX_BATCH_SIZE, help="Items per batch (one Parquet part each)."),
     ] = IngestSettings.batch_size,
     workers: Annotated[
-        int, typer.Option(min=1, help="Worker processes decoding images.")
+        int, typer.Option(min=1, max=MAX_WORKERS, help="Worker processes decoding images.")
     ] = IngestSettings.workers,
     max_image_mb: Annotated[
         float, typer.Option(min=0.001, help="Skip image files larger than this, MiB.")

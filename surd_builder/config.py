@@ -23,11 +23,25 @@ from surd_builder.errors import ConfigError
 CONFIG_FILE = "surd.toml"
 
 
+MAX_BATCH_SIZE = 100_000
+MAX_WORKERS = 256
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     batch_size: int = 256
     workers: int = min(4, os.cpu_count() or 1)
     max_image_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
+        _require(1 <= self.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS}")
+        _require(self.max_image_mb > 0, "max_image_mb must be positive")
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,15 @@ class ExportSettings:
     test_fraction: float = 0.05
     validation_fraction: float = 0.0
     max_shard_mb: int = 256
+
+    def __post_init__(self) -> None:
+        _require(
+            self.test_fraction >= 0
+            and self.validation_fraction >= 0
+            and self.test_fraction + self.validation_fraction < 1,
+            "test_fraction and validation_fraction must be >= 0 and sum to less than 1",
+        )
+        _require(self.max_shard_mb >= 1, "max_shard_mb must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -100,7 +123,10 @@ def parse_config(data: dict[str, Any], origin: str) -> SurdConfig:
                 choices = ", ".join(sorted(known))
                 raise ConfigError(f"{origin}: unknown key {section_name}.{key} (known: {choices})")
             checked = _check_type(value, hints[key], f"{origin}: {section_name}.{key}")
-            current = replace(current, **{key: checked})
+            try:
+                current = replace(current, **{key: checked})
+            except ConfigError as error:
+                raise ConfigError(f"{origin}: [{section_name}] {error}") from None
         config = replace(config, **{section_name: current})
     return config
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from surd_builder.atomic import atomic_path
 from surd_builder.errors import OutputExistsError
 
+PARAMS_FILE = "surd-demo.json"
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -112,6 +113,9 @@ def make_demo_folder(
     if count < 1 or size < 16:
         raise ValueError("count must be >= 1 and size >= 16")
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier, larger demo must not leave images behind that the new metadata does not list
+    for stale in [*out.glob("shape-*.png"), out / "metadata.jsonl", out / PARAMS_FILE]:
+        stale.unlink(missing_ok=True)
     rng = random.Random(seed)
     scenes = []
     lines = []
@@ -134,4 +138,14 @@ def make_demo_folder(
         scenes.append(scene)
     with atomic_path(out / "metadata.jsonl") as temp:
         temp.write_text("\n".join(lines) + "\n")
+    with atomic_path(out / PARAMS_FILE) as temp:  # last: marks a complete demo folder
+        temp.write_text(json.dumps({"count": count, "seed": seed, "size": size}) + "\n")
     return scenes
+
+
+def read_demo_params(folder: Path | str) -> dict:
+    """``{count, seed, size}`` of a complete demo folder; ``{}`` if there is none."""
+    try:
+        return json.loads((Path(folder) / PARAMS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -38,6 +38,12 @@ class OutputExistsError(SurdError):
     exit_code = 5
 
 
+class OutputError(SurdError):
+    """The output could not be written (read-only folder, disk full...)."""
+
+    exit_code = 6
+
+
 class Interrupted(SurdError):
     """The user pressed Ctrl-C; what was written stays, and a re-run continues from there."""
 

@@ -71,7 +71,7 @@ SAMPLE_SCHEMA = pa.schema(
         _field("reviewed_at", TIMESTAMP, "time of the deciding review"),
         # bookkeeping
         _field("split", pa.string(), "train / validation / test (set at export)"),
-        _field("collected_at", TIMESTAMP, "when surd first stored the sample"),
+        _field("collected_at", TIMESTAMP, "when surd collected the sample (last, with --force)"),
         _field("updated_at", TIMESTAMP, "when a stage last wrote this row"),
     ]
 )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -67,13 +68,19 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_part_counter = itertools.count()
+
+
 def _part_name(prefix: str) -> str:
     # Names sort in write order (nanosecond clock), and pid + counter keep concurrent writers apart.
-    _part_name.counter += 1  # type: ignore[attr-defined]
-    return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{_part_name.counter:06d}.parquet"  # type: ignore[attr-defined]
+    return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{next(_part_counter):06d}.parquet"
 
 
-_part_name.counter = 0  # type: ignore[attr-defined]
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise WorkspaceError(f"{path} is damaged or unreadable ({error})") from None
 
 
 def _latest_by_key(table: pa.Table, keys: list[str]) -> pa.Table:
@@ -138,10 +145,7 @@ class Workspace:
             raise WorkspaceError(
                 f"{root} is not a surd workspace (no {MARKER_FILE}); run: surd init DIR"
             )
-        try:
-            marker = json.loads(marker_path.read_text())
-        except (OSError, ValueError) as error:
-            raise WorkspaceError(f"{marker_path} is unreadable: {error}") from None
+        marker = _read_json(marker_path)
         if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
             raise WorkspaceError(f"{marker_path} is not a surd workspace marker")
         if marker.get("format_version") != FORMAT_VERSION:
@@ -308,7 +312,7 @@ class Workspace:
         path = self.root / "state" / f"{stage}.json"
         if not path.exists():
             return {}
-        return json.loads(path.read_text())
+        return _read_json(path)
 
     def write_state(self, stage: str, state: dict[str, Any]) -> None:
         write_json_atomic(state, self.root / "state" / f"{stage}.json")
@@ -342,7 +346,7 @@ class Workspace:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every recorded stage run, oldest first."""
-        return json.loads((self.root / "manifest.json").read_text())
+        return _read_json(self.root / "manifest.json")
 
     def record_run(self, run: dict[str, Any]) -> None:
         """Insert or update (by ``run_id``) one run in the manifest."""

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,7 +63,12 @@ def test_writer_killed_mid_write_leaves_only_whole_files(tmp_path):
     assert [p.name for p in final.parent.glob("part-*.parquet")] == ["part-1.parquet"]
     with pytest.raises(pa.ArrowInvalid):
         pq.read_table(temps[0])
-    # opening the workspace sweeps the dead writer's leftovers
+    # opening the workspace sweeps the dead writer's leftovers, once they are old enough that no
+    # writer on another host (whose pid we cannot see) could still be using them
+    Workspace.open(workspace.root)
+    assert temps[0].exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(temps[0], (an_hour_ago, an_hour_ago))
     Workspace.open(workspace.root)
     assert not temps[0].exists()
 
@@ -76,12 +83,15 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
     assert list(tmp_path.iterdir()) == [final]
 
 
-def test_temp_files_of_live_writers_are_kept(tmp_path):
-    import os
-
-    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-part.parquet"
-    mine.write_bytes(b"in progress")
-    dead = tmp_path / f"{TEMP_PREFIX}999999999-part.parquet"
-    dead.write_bytes(b"abandoned")
+def test_only_old_temp_files_of_dead_writers_are_removed(tmp_path):
+    an_hour_ago = time.time() - 3600
+    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-part.parquet"  # live writer, old file
+    dead_recent = tmp_path / f"{TEMP_PREFIX}999999999-recent.parquet"  # maybe another host's
+    dead_old = tmp_path / "sub" / f"{TEMP_PREFIX}999999999-part.parquet"
+    dead_old.parent.mkdir()
+    for path in (mine, dead_recent, dead_old):
+        path.write_bytes(b"data")
+    for path in (mine, dead_old):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     assert remove_stale_temp_files(tmp_path) == 1
-    assert mine.exists() and not dead.exists()
+    assert mine.exists() and dead_recent.exists() and not dead_old.exists()

@@ -24,6 +24,10 @@ def test_values_are_typed_and_unknown_keys_rejected():
         parse_config({"ingest": {"workers": "2"}}, "x.toml")
     with pytest.raises(ConfigError, match="keep_duplicates must be bool"):
         parse_config({"export": {"keep_duplicates": 1}}, "x.toml")
+    with pytest.raises(ConfigError, match=r"x.toml: \[ingest\] batch_size must be 1..100000"):
+        parse_config({"ingest": {"batch_size": 0}}, "x.toml")
+    with pytest.raises(ConfigError, match="sum to less than 1"):
+        parse_config({"export": {"test_fraction": 0.6, "validation_fraction": 0.5}}, "x.toml")
     with pytest.raises(ConfigError, match="status must be a list of strings"):
         parse_config({"export": {"status": "accepted"}}, "x.toml")
 

@@ -8,7 +8,13 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from surd_builder.demo import COLORS, COUNT_WORDS, ShapeScene, make_demo_folder
+from surd_builder.demo import (
+    COLORS,
+    COUNT_WORDS,
+    ShapeScene,
+    make_demo_folder,
+    read_demo_params,
+)
 from surd_builder.errors import OutputExistsError
 
 
@@ -17,7 +23,7 @@ def test_demo_is_deterministic(tmp_path):
     make_demo_folder(tmp_path / "b", count=5, seed=11, size=48)
     make_demo_folder(tmp_path / "c", count=5, seed=12, size=48)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["metadata.jsonl", *(f"shape-{i:05d}.png" for i in range(5))]
+    assert files == ["metadata.jsonl", *(f"shape-{i:05d}.png" for i in range(5)), "surd-demo.json"]
     assert all(
         (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files
     )
@@ -26,6 +32,9 @@ def test_demo_is_deterministic(tmp_path):
     ).read_text()
     with pytest.raises(OutputExistsError):
         make_demo_folder(tmp_path / "a", count=1)
+    make_demo_folder(tmp_path / "a", count=2, seed=1, overwrite=True)  # smaller: no leftovers
+    assert len(list((tmp_path / "a").glob("*.png"))) == 2
+    assert read_demo_params(tmp_path / "a") == {"count": 2, "seed": 1, "size": 128}
 
 
 def test_images_show_what_the_prompts_say(tmp_path):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import datasets
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from pipelines.export import ExportOptions, export_dataset
 from pipelines.ingest import IngestStage
 from pipelines.runner import RunOptions, run_stage
 from surd_builder.demo import make_demo_folder
-from surd_builder.errors import InputError, OutputExistsError
+from surd_builder.errors import InputError, OutputError, OutputExistsError
 from surd_builder.ids import split_for
 from surd_builder.schema import EXPORT_COLUMNS, STAGE_TABLES, records_to_table
 
@@ -140,3 +141,35 @@ def test_empty_workspace_is_a_clear_error(tmp_path, workspace):
     with pytest.raises(InputError, match="no samples yet"):
         export_dataset(workspace, tmp_path / "out", QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_export(tmp_path, demo_workspace):
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("irreplaceable")
+    overwrite = ExportOptions(overwrite=True, show_progress=False)
+    with pytest.raises(OutputExistsError, match="not a surd export"):
+        export_dataset(demo_workspace, mine, overwrite)
+    assert (mine / "thesis.tex").read_text() == "irreplaceable"
+    for target in (demo_workspace.root, demo_workspace.root / "out", demo_workspace.root.parent):
+        with pytest.raises(OutputExistsError, match="the workspace"):
+            export_dataset(demo_workspace, target, overwrite)
+    assert demo_workspace.read_table("samples").num_rows == 40
+
+    out = tmp_path / "export"
+    export_dataset(demo_workspace, out, QUIET)
+    marker = json.loads((out / "surd-export.json").read_text())
+    assert marker["format"] == "surd-export" and marker["samples"] == 40
+    assert sum(marker["splits"].values()) == 40
+    assert sorted(marker["files"]) == sorted(p.name for p in (out / "data").iterdir())
+    assert str(tmp_path) not in json.dumps(marker)  # no local paths in published files
+    export_dataset(demo_workspace, out, overwrite)  # an earlier export may be replaced
+
+
+def test_no_match_and_unwritable_targets_are_clear_errors(tmp_path, demo_workspace):
+    only_rejected = ExportOptions(statuses=("rejected",), show_progress=False)
+    with pytest.raises(InputError, match="no sample passes the export filters"):
+        export_dataset(demo_workspace, tmp_path / "none", only_rejected)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write the export to .*a-file/out"):
+        export_dataset(demo_workspace, tmp_path / "a-file" / "out", QUIET)

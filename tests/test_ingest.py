@@ -263,3 +263,40 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     assert workspace.runs()[-1]["counts"]["already_done"] == 20
     stored, _ = workspace.image_stats()
     assert stored == len(set(final["image_sha256"].to_pylist()))
+
+
+def test_file_names_seeds_symlinks_and_unicode_names(tmp_path, workspace):
+    folder = tmp_path / "Bilder ünï"
+    write_image(folder / "a.png")
+    write_image(folder / "sub" / "c.png", color=(9, 9, 9))
+    rows = [
+        {"file_name": "./a.png", "prompt": "a", "seed": 12345678901234567},
+        {"file_name": "sub\\c.png", "prompt": "c", "seed": "98765432109876543", "steps": "20.0"},
+    ]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    elsewhere = tmp_path / "elsewhere"
+    write_image(elsewhere / "linked.png", color=(5, 5, 5))
+    (elsewhere / "linked.txt").write_text("through a symlink")
+    (folder / "link").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(folder, target_is_directory=True)  # must not recurse forever
+
+    report = run_stage(IngestStage(folder), workspace, QUIET)
+    assert (report.written, report.failed) == (3, 0)
+    samples = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
+    assert set(samples) == {"a.png", "sub/c.png", "link/linked.png"}
+    assert samples["a.png"]["seed"] == 12345678901234567  # exact past 2**53
+    assert (samples["sub/c.png"]["seed"], samples["sub/c.png"]["steps"]) == (98765432109876543, 20)
+    assert samples["a.png"]["source"] == "Bilder-ünï"
+
+
+def test_nothing_to_ingest_is_an_error(tmp_path, workspace):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no images in"):
+        run_stage(IngestStage(empty), workspace, QUIET)
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 1)
+    with pytest.raises(InputError, match="no metadata.jsonl or metadata.csv for --prompt-column"):
+        run_stage(IngestStage(folder, prompt_column="caption"), workspace, QUIET)
+    assert workspace.read_state("ingest") == {}  # a failed start claims no source name

@@ -49,7 +49,7 @@ def test_create_and_open_errors(tmp_path):
     with pytest.raises(WorkspaceError, match="format 99 is not supported"):
         Workspace.open(ws.root)
     marker.write_text("{not json")
-    with pytest.raises(WorkspaceError, match="unreadable"):
+    with pytest.raises(WorkspaceError, match="damaged or unreadable"):
         Workspace.open(ws.root)
 
 
