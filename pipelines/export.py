@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 
 from surd_builder import __version__
 from surd_builder.atomic import TEMP_PREFIX, is_stale_temp, write_json_atomic
+from surd_builder.config import ExportSettings
 from surd_builder.errors import InputError, OutputError, OutputExistsError
-from surd_builder.ids import split_for
+from surd_builder.ids import check_split_fractions, split_for
 from surd_builder.progress import progress_bar
 from surd_builder.schema import EXPORT_COLUMNS, REVIEW_STATUSES, SPLITS, export_schema
 from surd_builder.workspace import Workspace, utc_now
@@ -44,11 +45,11 @@ EXPORT_MARKER = "surd-export.json"
 class ExportOptions:
     """Which samples to export and how to cut the files."""
 
-    statuses: tuple[str, ...] = ("pending", "accepted", "corrected")
-    drop_duplicates: bool = True
-    test_fraction: float = 0.05
-    validation_fraction: float = 0.0
-    max_shard_bytes: int = 256 * 2**20
+    statuses: tuple[str, ...] = ExportSettings.status
+    drop_duplicates: bool = not ExportSettings.keep_duplicates
+    test_fraction: float = ExportSettings.test_fraction
+    validation_fraction: float = ExportSettings.validation_fraction
+    max_shard_bytes: int = ExportSettings.max_shard_mb * 2**20
     overwrite: bool = False
     show_progress: bool = True
 
@@ -61,12 +62,10 @@ class ExportOptions:
             )
         if not self.statuses:
             raise InputError("choose at least one review status to export")
-        if (
-            self.test_fraction < 0
-            or self.validation_fraction < 0
-            or self.test_fraction + self.validation_fraction >= 1
-        ):
-            raise InputError("split fractions must be >= 0 and sum to less than 1")
+        try:
+            check_split_fractions(self.test_fraction, self.validation_fraction)
+        except ValueError as error:
+            raise InputError(str(error)) from None
         if self.max_shard_bytes < 1:
             raise InputError("the shard size limit must be positive")
 

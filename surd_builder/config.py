@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surd_builder.errors import ConfigError
+from surd_builder.ids import check_split_fractions
 
 CONFIG_FILE = "surd.toml"
 
@@ -53,12 +54,10 @@ class ExportSettings:
     max_shard_mb: int = 256
 
     def __post_init__(self) -> None:
-        _require(
-            self.test_fraction >= 0
-            and self.validation_fraction >= 0
-            and self.test_fraction + self.validation_fraction < 1,
-            "test_fraction and validation_fraction must be >= 0 and sum to less than 1",
-        )
+        try:
+            check_split_fractions(self.test_fraction, self.validation_fraction)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         _require(self.max_shard_mb >= 1, "max_shard_mb must be at least 1")
 
 

@@ -26,14 +26,19 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_split_fractions(test_fraction: float, validation_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions are >= 0 and leave room for a train split."""
+    if test_fraction < 0 or validation_fraction < 0 or test_fraction + validation_fraction >= 1:
+        raise ValueError("test and validation fractions must be >= 0 and sum to less than 1")
+
+
 def split_for(sample_id: str, test_fraction: float, validation_fraction: float = 0.0) -> str:
     """Deterministic split of a sample from a hash of its id.
 
     The assignment depends only on the id and the fractions, so a sample keeps its split when the
     dataset grows; near-duplicates are removed before export so they cannot straddle splits.
     """
-    if test_fraction < 0 or validation_fraction < 0 or test_fraction + validation_fraction >= 1:
-        raise ValueError("split fractions must be >= 0 and sum to less than 1")
+    check_split_fractions(test_fraction, validation_fraction)
     bucket = int(hashlib.sha256(f"split\x1f{sample_id}".encode()).hexdigest()[:15], 16) / 16**15
     if bucket < test_fraction:
         return "test"

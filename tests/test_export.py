@@ -133,7 +133,7 @@ def test_existing_target_and_bad_options(tmp_path, demo_workspace):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     with pytest.raises(InputError, match="unknown review status"):
         ExportOptions(statuses=("approved",))
-    with pytest.raises(InputError, match="split fractions"):
+    with pytest.raises(InputError, match="fractions must be >= 0 and sum to less than 1"):
         ExportOptions(test_fraction=0.7, validation_fraction=0.4)
 
 
