@@ -82,23 +82,22 @@ def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[
         )
     records = good.select([c for c in names if c in spec.columns])
 
-    now = pa.array([utc_now()] * bad.num_rows, FAILURES_SCHEMA.field("failed_at").type)
-    failure_columns = {
-        "stage": pa.array([stage_name] * bad.num_rows, pa.string()),
-        "sample_id": bad["sample_id"],
-        "source": bad["source"] if "source" in names else pa.nulls(bad.num_rows, pa.string()),
-        "source_item_id": (
-            bad["source_item_id"]
-            if "source_item_id" in names
-            else pa.nulls(bad.num_rows, pa.string())
-        ),
-        "reason": bad[FAILURE_REASON] if bad.num_rows else pa.array([], pa.string()),
-        "detail": bad[FAILURE_DETAIL]
-        if FAILURE_DETAIL in names
-        else pa.nulls(bad.num_rows, pa.string()),
-        "failed_at": now,
-    }
-    failures = pa.table(failure_columns).cast(FAILURES_SCHEMA)
+    def column(name: str) -> pa.ChunkedArray | pa.Array:
+        return bad[name] if name in names else pa.nulls(bad.num_rows, pa.string())
+
+    failures = pa.table(
+        {
+            "stage": pa.array([stage_name] * bad.num_rows, pa.string()),
+            "sample_id": bad["sample_id"],
+            "source": column("source"),
+            "source_item_id": column("source_item_id"),
+            "reason": column(FAILURE_REASON),
+            "detail": column(FAILURE_DETAIL),
+            "failed_at": pa.array(
+                [utc_now()] * bad.num_rows, FAILURES_SCHEMA.field("failed_at").type
+            ),
+        }
+    ).cast(FAILURES_SCHEMA)
     return records, images, failures
 
 
@@ -180,6 +179,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         run = workspace.start_run(stage.name, params, output_table=stage.output_table)
         report = RunReport(stage.name, run["run_id"], planned=planned, already_done=already_done)
         reasons: Counter[str] = Counter()
+        report.status = "failed"  # until the loop completes or is interrupted
         try:
             bar = progress_bar(stage.name, items.num_rows, options.show_progress, show_failed=True)
             with bar as advance:
@@ -194,20 +194,14 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
                     reasons.update(failures["reason"].to_pylist())
                     report.failures_by_reason = dict(sorted(reasons.items()))
                     advance(size, failed=report.failed)
+            report.status = "completed"
         except KeyboardInterrupt:
             report.status = "interrupted"
-            report.seconds = time.perf_counter() - started
-            workspace.finish_run(run, report.status, report.counts())
             raise Interrupted(
                 f"interrupted: {report.written} samples written by this run are kept; "
                 "run the same command again to continue"
             ) from None
-        except BaseException:
-            report.status = "failed"
+        finally:
             report.seconds = time.perf_counter() - started
             workspace.finish_run(run, report.status, report.counts())
-            raise
-        report.status = "completed"
-        report.seconds = time.perf_counter() - started
-        workspace.finish_run(run, report.status, report.counts())
         return report

@@ -201,6 +201,8 @@ def status_command(workspace: WorkspaceOption = Path(".")) -> None:
     for name, rows in report.tables.items():
         tables.add_row(name, f"{rows:,}")
     tables.add_row("images stored", f"{report.images:,} ({report.image_bytes / 2**20:,.1f} MiB)")
+    for source, number in report.sources.items():
+        tables.add_row(f"source: {source}", f"{number:,}")
     for review, number in report.review_status.items():
         tables.add_row(f"review: {review}", f"{number:,}")
     console.print(tables)

@@ -20,6 +20,7 @@ class WorkspaceStatus:
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
     last_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     review_status: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
 
 
 def _run_alive(run: dict[str, Any]) -> bool:
@@ -54,6 +55,7 @@ def workspace_status(workspace: Workspace) -> WorkspaceStatus:
             counter.update((stage, reason) for reason in outstanding["reason"].to_pylist())
         status.failures = dict(sorted(counter.items()))
     if "samples" in status.tables:
-        counts = Counter(workspace.dataset()["review_status"].to_pylist())
-        status.review_status = dict(sorted(counts.items()))
+        dataset = workspace.dataset()
+        status.review_status = dict(sorted(Counter(dataset["review_status"].to_pylist()).items()))
+        status.sources = dict(sorted(Counter(dataset["source"].to_pylist()).items()))
     return status

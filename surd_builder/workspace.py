@@ -96,8 +96,14 @@ def _read_parts(paths: list[Path], schema: pa.Schema, columns: list[str] | None)
     wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
     if not paths:
         return wanted.empty_table()
-    tables = [pq.read_table(p, columns=wanted.names) for p in paths]
-    return pa.concat_tables([conform(t, wanted) for t in tables])
+    tables = []
+    for path in paths:
+        # Parts written before a column was added to the schema lack it: read what the file has
+        # and let `conform` fill the rest with nulls, so old workspaces keep working.
+        present = set(pq.read_schema(path).names)
+        table = pq.read_table(path, columns=[n for n in wanted.names if n in present])
+        tables.append(conform(table, wanted))
+    return pa.concat_tables(tables)
 
 
 class Workspace:

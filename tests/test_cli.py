@@ -104,6 +104,7 @@ def test_user_mistakes_give_one_line_errors(tmp_path):
         and "not-an-image" in status.stdout
         and "completed" in status.stdout
     )
+    assert "source: in" in status.stdout and "review: pending" in status.stdout
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

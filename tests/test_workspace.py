@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from surd_builder.errors import WorkspaceError
@@ -66,6 +67,18 @@ def test_table_parts_union_and_latest_write_wins(workspace):
     assert by_item["b"]["narrative_prompt"] == "redone"
     assert workspace.sample_ids("samples") == {make_sample_id("src", x) for x in "abc"}
     assert workspace.read_table("samples", columns=["width"]).column_names == ["sample_id", "width"]
+
+
+def test_parts_written_before_a_column_existed_still_read(workspace):
+    old_part = samples("a").drop_columns(["creator", "license", "page_url"])  # an older layout
+    workspace.table_dir("samples").mkdir(parents=True)
+    pq.write_table(
+        old_part, workspace.table_dir("samples") / "part-00000000000000000001-1-0.parquet"
+    )
+    workspace.write_table_part("samples", samples("b"))
+    table = workspace.read_table("samples")
+    assert table.schema.equals(STAGE_TABLES["samples"].schema, check_metadata=False)
+    assert table.num_rows == 2 and table["creator"].null_count == 2
 
 
 def test_dataset_joins_stage_tables_later_non_null_wins(workspace):
