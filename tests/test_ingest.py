@@ -199,7 +199,7 @@ def test_input_errors(tmp_path, workspace):
         IngestStage(other, source="bad name!")
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     tmp_path, workspace, stop_signal
 ):
