@@ -25,8 +25,13 @@ A stage turns work items into rows of one stage table. It has two parts:
       as failed. Failed items are written to the workspace's failures table, not to the output
       table, and are retried by the next run. A per-item problem is never an exception.
 
-The runner (``pipelines/runner.py``) owns everything else: skipping items already in the output
-table (unless ``force``), batching, workers, progress, atomic writes, counts, and the manifest.
+The runner (``pipelines/runner.py``) owns everything else: skipping items already done (see
+``done_ids``; ``force`` redoes them), batching, workers, progress, atomic writes (its
+``commit_batch`` can run wherever the batch was processed), ``updated_at`` when a stage leaves it
+unset, counts, and the manifest.
+
+A sample's row in a table is replaced whole by a newer one, so a stage writes every column of its
+output table (see ``surd_builder/schema.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ class Stage(ABC):
     @abstractmethod
     def process(self, batch: pa.Table) -> pa.Table:
         """Pure function: work items in, output rows (or failures) out, one per item."""
+
+    def done_ids(self, workspace: Workspace) -> set[str]:
+        """Ids a run skips (unless ``force``): by default every sample already in the output
+        table. Override when "done" depends on more, e.g. a rewriter redoing samples whose
+        narrative came from another model."""
+        return workspace.sample_ids(self.output_table)
 
     def params(self) -> dict[str, Any]:
         """What this run was asked to do, recorded in the manifest (never secrets)."""

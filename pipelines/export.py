@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,13 @@ class ExportReport:
     bytes_written: int = 0
 
 
-def select_samples(dataset: pa.Table, options: ExportOptions) -> tuple[pa.Table, Counter[str]]:
-    """The samples to export, with their ``split``, and counts of those left out by reason. Pure."""
+def select_samples(
+    dataset: pa.Table, options: ExportOptions, stored_images: Iterable[str] | None = None
+) -> tuple[pa.Table, Counter[str]]:
+    """The samples to export, with their ``split``, and counts of those left out by reason. Pure.
+
+    With ``stored_images`` (the sha256s in the image store), rows whose image is not stored are
+    left out as ``image-missing`` instead of failing the export."""
     skipped: Counter[str] = Counter()
 
     def keep(mask: pa.ChunkedArray | pa.Array, reason: str) -> None:
@@ -92,6 +98,9 @@ def select_samples(dataset: pa.Table, options: ExportOptions) -> tuple[pa.Table,
         dataset = dataset.filter(mask)
 
     keep(pc.is_valid(dataset["image_sha256"]), "no-image")
+    if stored_images is not None:
+        stored = pa.array(list(stored_images), pa.string())
+        keep(pc.is_in(dataset["image_sha256"], value_set=stored), "image-missing")
     status_ok = pc.is_in(dataset["review_status"], value_set=pa.array(options.statuses))
     keep(status_ok, "review-status")
     if options.drop_duplicates:
@@ -171,7 +180,7 @@ def export_dataset(
     report = ExportReport(out=out, in_workspace=dataset.num_rows)
     if dataset.num_rows == 0:
         raise InputError("the workspace has no samples yet: run `surd build ingest` first")
-    selected, skipped = select_samples(dataset, options)
+    selected, skipped = select_samples(dataset, options, workspace.image_index())
     report.skipped = dict(skipped)
     if selected.num_rows == 0:
         raise InputError(f"no sample passes the export filters (left out: {dict(skipped)})")

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
 from surd_builder.errors import InputError, Interrupted
 from surd_builder.progress import progress_bar
-from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, table_spec
+from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, table_spec
 from surd_builder.workspace import Workspace, utc_now
 
 
@@ -81,6 +81,15 @@ def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[
             schema=IMAGES_SCHEMA,
         )
     records = good.select([c for c in names if c in spec.columns])
+    if "updated_at" in spec.columns:
+        stamp = pa.array([utc_now()] * records.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
+        if "updated_at" in records.column_names:
+            stamped = pc.coalesce(records["updated_at"], stamp)
+            records = records.set_column(
+                records.column_names.index("updated_at"), "updated_at", stamped
+            )
+        else:
+            records = records.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
 
     def column(name: str) -> pa.ChunkedArray | pa.Array:
         return bad[name] if name in names else pa.nulls(bad.num_rows, pa.string())
@@ -99,6 +108,29 @@ def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[
         }
     ).cast(FAILURES_SCHEMA)
     return records, images, failures
+
+
+@dataclass
+class BatchCounts:
+    written: int
+    failed: int
+    new_images: int
+    failure_reasons: list[str]
+
+
+def commit_batch(
+    workspace: Workspace, stage_name: str, output_table: str, output: pa.Table
+) -> BatchCounts:
+    """Write one processed batch: images first, then the rows that reference them, then the
+    failures. Each write is atomic and part names are unique per process, so batches can be
+    committed from several processes (e.g. Ray workers) into one workspace."""
+    records, images, failures = split_output(stage_name, output, output_table)
+    new_images = workspace.write_images(images)
+    workspace.write_table_part(output_table, records)
+    workspace.write_failures(failures)
+    return BatchCounts(
+        records.num_rows, failures.num_rows, new_images, failures["reason"].to_pylist()
+    )
 
 
 def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
@@ -168,7 +200,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         items = stage.plan(workspace)
         planned = items.num_rows
         if not options.force and planned:
-            done = pa.array(sorted(workspace.sample_ids(stage.output_table)), pa.string())
+            done = pa.array(sorted(stage.done_ids(workspace)), pa.string())
             items = items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=done)))
         already_done = planned - items.num_rows
         if options.limit is not None:
@@ -184,14 +216,12 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
             bar = progress_bar(stage.name, items.num_rows, options.show_progress, show_failed=True)
             with bar as advance:
                 for size, output in _map_batches(stage, items, options):
-                    records, images, failures = split_output(stage.name, output, stage.output_table)
-                    report.new_images += workspace.write_images(images)
-                    workspace.write_table_part(stage.output_table, records)
-                    workspace.write_failures(failures)
+                    counts = commit_batch(workspace, stage.name, stage.output_table, output)
                     report.processed += size
-                    report.written += records.num_rows
-                    report.failed += failures.num_rows
-                    reasons.update(failures["reason"].to_pylist())
+                    report.written += counts.written
+                    report.failed += counts.failed
+                    report.new_images += counts.new_images
+                    reasons.update(counts.failure_reasons)
                     report.failures_by_reason = dict(sorted(reasons.items()))
                     advance(size, failed=report.failed)
             report.status = "completed"

@@ -5,6 +5,10 @@ A *stage table* (``samples``, ``narratives``, ``reviews``...) owns a subset of t
 always including ``sample_id``; "the current dataset" is the join of all stage tables on
 ``sample_id`` (see :meth:`surd_builder.workspace.Workspace.dataset`). To add a column, add a field
 to :data:`SAMPLE_SCHEMA` and name it in the table of the stage that produces it.
+
+Within a table, a newer row of a sample replaces the older one *whole*: a stage that writes a table
+writes all of its columns. Two stages that compute different things get two tables (``hashes``
+and ``duplicates``), never a shared one.
 """
 
 from __future__ import annotations
@@ -79,11 +83,18 @@ SAMPLE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A stage table: its name, the sample fields it owns, and a one-line purpose."""
+    """A stage table: its name, the sample fields it owns, and a one-line purpose.
+
+    ``order_by`` names a timestamp column that decides which of a sample's rows is current (the
+    newest by that time, then the last written); without it the last written row is current. A
+    review pulled late must not beat a newer one pulled earlier, so ``reviews`` orders by
+    ``reviewed_at``.
+    """
 
     name: str
     columns: tuple[str, ...]
     doc: str
+    order_by: str | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -134,10 +145,11 @@ STAGE_TABLES: dict[str, TableSpec] = {
             ("sample_id", "clip_score", "text_similarity", "nsfw", "updated_at"),
             "automatic screening scores",
         ),
+        TableSpec("hashes", ("sample_id", "phash", "updated_at"), "perceptual hashes"),
         TableSpec(
-            "hashes",
-            ("sample_id", "phash", "duplicate_of", "updated_at"),
-            "perceptual hashes and near-duplicate decisions",
+            "duplicates",
+            ("sample_id", "duplicate_of", "updated_at"),
+            "near-duplicate decisions: the sample kept in each cluster",
         ),
         TableSpec(
             "reviews",
@@ -152,6 +164,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
                 "updated_at",
             ),
             "human review decisions from Label Studio",
+            order_by="reviewed_at",
         ),
     )
 }
@@ -176,6 +189,11 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("image_bytes", pa.binary(), nullable=False),
     ]
 )
+
+
+# Columns that only make sense together: in the join, the table that sets the first column of a
+# group sets all of them (a rewritten narrative never keeps the source's origin).
+COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (("narrative_prompt", "narrative_origin"),)
 
 
 def table_spec(name: str) -> TableSpec:

@@ -37,9 +37,10 @@ def _run_alive(run: dict[str, Any]) -> bool:
 
 def workspace_status(workspace: Workspace) -> WorkspaceStatus:
     status = WorkspaceStatus()
+    samples = workspace.sample_ids("samples")
     for name in STAGE_TABLES:
-        if workspace.table_parts(name):
-            status.tables[name] = len(workspace.sample_ids(name))
+        if workspace.table_parts(name):  # rows of ids that are not samples do not count
+            status.tables[name] = len(workspace.sample_ids(name) & samples)
     status.images, status.image_bytes = workspace.image_stats()
     for run in workspace.runs():
         if run["status"] == "running" and not _run_alive(run):

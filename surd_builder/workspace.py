@@ -48,6 +48,7 @@ from surd_builder.config import CONFIG_FILE
 from surd_builder.config import TEMPLATE as CONFIG_TEMPLATE
 from surd_builder.errors import WorkspaceError
 from surd_builder.schema import (
+    COLUMN_GROUPS,
     FAILURES_SCHEMA,
     IMAGES_SCHEMA,
     SAMPLE_SCHEMA,
@@ -83,13 +84,18 @@ def _read_json(path: Path) -> Any:
         raise WorkspaceError(f"{path} is damaged or unreadable ({error})") from None
 
 
-def _latest_by_key(table: pa.Table, keys: list[str]) -> pa.Table:
-    """Keep the last row of each key (rows are in write order)."""
+def _latest_by_key(table: pa.Table, keys: list[str], order_by: str | None = None) -> pa.Table:
+    """Keep the current row of each key: the last in write order, or, with ``order_by``, the
+    one with the newest ``order_by`` value (nulls oldest; ties go to the last written)."""
     if table.num_rows == 0:
         return table
+    if order_by is not None:
+        oldest_first = pc.fill_null(table[order_by].cast(pa.int64()), -(2**63))  # null: oldest
+        ranked = pa.table({"t": oldest_first, "row": pa.array(range(table.num_rows))})
+        table = table.take(ranked.sort_by([("t", "ascending"), ("row", "ascending")])["row"])
     indexed = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
     last = indexed.group_by(keys).aggregate([("__row", "max")])["__row_max"]
-    return table.take(last.take(pc.sort_indices(last)))  # the kept rows, in write order
+    return table.take(last.take(pc.sort_indices(last)))  # the kept rows, in (re)ordered order
 
 
 def _read_parts(paths: list[Path], schema: pa.Schema, columns: list[str] | None) -> pa.Table:
@@ -183,8 +189,11 @@ class Workspace:
         spec = table_spec(name)
         if columns is not None and "sample_id" not in columns:
             columns = ["sample_id", *columns]
+        if columns is not None and spec.order_by and spec.order_by not in columns:
+            table = _read_parts(self.table_parts(name), spec.schema, [*columns, spec.order_by])
+            return _latest_by_key(table, ["sample_id"], spec.order_by).select(columns)
         table = _read_parts(self.table_parts(name), spec.schema, columns)
-        return _latest_by_key(table, ["sample_id"])
+        return _latest_by_key(table, ["sample_id"], spec.order_by)
 
     def sample_ids(self, name: str) -> set[str]:
         """Ids of the samples stage table ``name`` holds: what a re-run skips."""
@@ -197,29 +206,34 @@ class Workspace:
         """The current dataset: every stage table joined onto ``samples`` by ``sample_id``.
 
         Tables are applied in :data:`schema.STAGE_TABLES` order and a later table's non-null value
-        replaces an earlier one's; ``updated_at`` is the latest of all. Columns no table has
-        written yet are null, except ``review_status``, which is ``pending`` until a human decides.
+        replaces an earlier one's, except that the columns of a :data:`schema.COLUMN_GROUPS` group
+        all come from the table that set the group's first column; ``updated_at`` is the latest of
+        all. Columns no table has written yet are null, except ``review_status``, which is
+        ``pending`` until a human decides.
         """
+        group_of = {column: group for group in COLUMN_GROUPS for column in group}
         merged = self.read_table("samples")
         for name, spec in list(STAGE_TABLES.items())[1:]:
             if not self.table_parts(name):
                 continue
             other = self.read_table(name)
             positions = pc.index_in(merged["sample_id"], value_set=other["sample_id"])
-            for column in spec.columns[1:]:
-                aligned = other[column].take(positions)
-                if column in merged.column_names:
-                    current = merged[column]
-                    if column == "updated_at":
-                        # no timestamp kernel for max_element_wise: compare as int64 microseconds
-                        value = pc.max_element_wise(
-                            aligned.cast(pa.int64()), current.cast(pa.int64()), skip_nulls=True
-                        ).cast(current.type)
-                    else:
-                        value = pc.coalesce(aligned, current)
-                    merged = merged.set_column(merged.schema.get_field_index(column), column, value)
+            aligned = {column: other[column].take(positions) for column in spec.columns[1:]}
+            for column, values in aligned.items():
+                if column not in merged.column_names:
+                    merged = merged.append_column(SAMPLE_SCHEMA.field(column), values)
+                    continue
+                current = merged[column]
+                if column == "updated_at":
+                    # no timestamp kernel for max_element_wise: compare as int64 microseconds
+                    value = pc.max_element_wise(
+                        values.cast(pa.int64()), current.cast(pa.int64()), skip_nulls=True
+                    ).cast(current.type)
+                elif column in group_of and group_of[column][0] in aligned:
+                    value = pc.if_else(pc.is_valid(aligned[group_of[column][0]]), values, current)
                 else:
-                    merged = merged.append_column(SAMPLE_SCHEMA.field(column), aligned)
+                    value = pc.coalesce(values, current)
+                merged = merged.set_column(merged.schema.get_field_index(column), column, value)
         merged = conform(merged, SAMPLE_SCHEMA)
         status_index = SAMPLE_SCHEMA.get_field_index("review_status")
         status = pc.fill_null(merged["review_status"], "pending")

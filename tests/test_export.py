@@ -97,12 +97,12 @@ def test_review_status_and_duplicates_filter(tmp_path, demo_workspace):
     demo_workspace.write_table_part(
         "reviews", records_to_table(reviews, STAGE_TABLES["reviews"].schema)
     )
-    hashes = [
+    duplicates = [
         {"sample_id": ids[3], "duplicate_of": ids[4]},
         {"sample_id": ids[4], "duplicate_of": ids[4]},
     ]
     demo_workspace.write_table_part(
-        "hashes", records_to_table(hashes, STAGE_TABLES["hashes"].schema)
+        "duplicates", records_to_table(duplicates, STAGE_TABLES["duplicates"].schema)
     )
 
     report = export_dataset(demo_workspace, tmp_path / "all", QUIET)
@@ -173,3 +173,12 @@ def test_no_match_and_unwritable_targets_are_clear_errors(tmp_path, demo_workspa
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(OutputError, match="cannot write the export to .*a-file/out"):
         export_dataset(demo_workspace, tmp_path / "a-file" / "out", QUIET)
+
+
+def test_rows_whose_image_is_not_stored_are_left_out(tmp_path, demo_workspace):
+    orphan = {"sample_id": "0" * 32, "source": "x", "source_item_id": "1", "image_sha256": "f" * 64}
+    demo_workspace.write_table_part(
+        "samples", records_to_table([orphan], STAGE_TABLES["samples"].schema)
+    )
+    report = export_dataset(demo_workspace, tmp_path / "out", QUIET)
+    assert (report.exported, report.skipped) == (40, {"image-missing": 1})

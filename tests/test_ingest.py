@@ -6,14 +6,17 @@ import signal
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipelines.base import Stage
 from pipelines.ingest import IngestStage
 from pipelines.runner import RunOptions, run_stage
-from surd_builder.errors import InputError
+from surd_builder.errors import InputError, WorkspaceError
 from surd_builder.ids import make_sample_id, sha256_hex
 from surd_builder.status import workspace_status
+from surd_builder.workspace import Workspace
 from tests.conftest import image_bytes, sidecar_folder, write_image
 
 QUIET = RunOptions(batch_size=4, show_progress=False)
@@ -144,6 +147,7 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
     assert (again.already_done, again.processed, again.written) == (2, 9, 1)
     outstanding = workspace.read_failures("ingest", outstanding_in="samples")
     assert "latin1.png" not in outstanding["source_item_id"].to_pylist()
+    assert ("ingest", "prompt-not-utf8") not in workspace_status(workspace).failures
     assert outstanding.num_rows == 8
     assert "heavy.png" in outstanding["source_item_id"].to_pylist()
 
@@ -164,7 +168,6 @@ def test_rerun_skips_done_and_force_redoes_without_duplicates(tmp_path, workspac
 
 
 def test_worker_processes_give_the_same_samples(tmp_path):
-    from surd_builder.workspace import Workspace
 
     folder = tmp_path / "in"
     sidecar_folder(folder, 12)
@@ -300,3 +303,82 @@ def test_nothing_to_ingest_is_an_error(tmp_path, workspace):
     with pytest.raises(InputError, match="no metadata.jsonl or metadata.csv for --prompt-column"):
         run_stage(IngestStage(folder, prompt_column="caption"), workspace, QUIET)
     assert workspace.read_state("ingest") == {}  # a failed start claims no source name
+
+
+def test_limit_makes_progress_across_runs(tmp_path, workspace):
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 7)
+    limited = RunOptions(limit=3, show_progress=False)
+    counts = [run_stage(IngestStage(folder), workspace, limited).written for _ in range(4)]
+    assert counts == [3, 3, 1, 0]
+    assert workspace.read_table("samples").num_rows == 7
+
+
+def test_a_stage_runs_under_its_lock(tmp_path, workspace):
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 1)
+    with workspace.stage_lock("ingest"), pytest.raises(WorkspaceError, match="already running"):
+        run_stage(IngestStage(folder), workspace, QUIET)
+    assert workspace.runs() == []
+
+
+def test_rows_are_written_only_after_their_images(tmp_path, workspace, monkeypatch):
+    """A crash while storing a batch's images must not leave rows that point at no image."""
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 10)
+    real_write_images = Workspace.write_images
+    calls = []
+
+    def failing_second_time(self, images):
+        calls.append(images.num_rows)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write_images(self, images)
+
+    monkeypatch.setattr(Workspace, "write_images", failing_second_time)
+    with pytest.raises(OSError):
+        run_stage(IngestStage(folder), workspace, QUIET)
+    rows = workspace.read_table("samples")
+    assert rows.num_rows == 4  # the first batch only
+    stored = Workspace.open(workspace.root).image_index()
+    assert set(rows["image_sha256"].to_pylist()) <= set(stored)
+    assert workspace.runs()[-1]["status"] == "failed"
+
+
+class UppercaseNarratives(Stage):
+    """A second stage, written the way later stages will be: reads samples, writes narratives."""
+
+    name = "uppercase"
+    output_table = "narratives"
+
+    def plan(self, workspace):
+        return workspace.read_table(
+            "samples", columns=["source", "source_item_id", "complex_prompt"]
+        )
+
+    def process(self, batch):
+        upper = [p.upper() for p in batch["complex_prompt"].to_pylist()]
+        return pa.table(
+            {
+                "sample_id": batch["sample_id"],
+                "narrative_prompt": upper,
+                "narrative_origin": ["test:upper"] * batch.num_rows,
+                "failure_reason": [None if "13" not in p else "unlucky" for p in upper],
+            }
+        )
+
+
+def test_a_second_stage_follows_the_same_contract(tmp_path, workspace):
+    folder = tmp_path / "in"
+    sidecar_folder(folder, 15)
+    run_stage(IngestStage(folder), workspace, QUIET)
+    report = run_stage(UppercaseNarratives(), workspace, QUIET)
+    assert (report.written, report.failed, report.failures_by_reason) == (14, 1, {"unlucky": 1})
+    narratives = workspace.read_table("narratives")
+    assert narratives["updated_at"].null_count == 0  # stamped by the runner
+    rows = {r["source_item_id"]: r for r in workspace.dataset().to_pylist()}
+    assert rows["img-002.png"]["narrative_prompt"] == "2 RED FOXES, SNOWY FOREST, 8K, ARTSTATION"
+    assert rows["img-002.png"]["narrative_origin"] == "test:upper"
+    assert rows["img-013.png"]["narrative_origin"] is None  # failed: keeps the sample's own
+    again = run_stage(UppercaseNarratives(), workspace, QUIET)
+    assert (again.already_done, again.processed) == (14, 1)  # only the failure is retried

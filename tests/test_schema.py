@@ -127,3 +127,12 @@ def test_splits_are_deterministic_and_match_fractions():
     assert all(w == "test" for s, w in zip(splits, wider, strict=True) if s == "test")
     with pytest.raises(ValueError):
         split_for(ids[0], 0.6, 0.5)
+
+
+def test_ids_and_splits_are_pinned():
+    """Changing how ids or splits are derived would silently move every existing sample to a new
+    id or split: these values are a compatibility promise, not an implementation detail."""
+    assert make_sample_id("demo", "0") == "794fdc1a43f9d71cc65a5834a1fde26d"
+    splits = [split_for(make_sample_id("demo", str(n)), 0.2, 0.2) for n in range(8)]
+    expected = ["test", "train", "train", "test", "validation", "train", "test", "train"]
+    assert splits == expected

@@ -181,3 +181,48 @@ def test_manifest_and_stage_lock(workspace):
     workspace.write_state("scrape", {"cursor": "abc"})
     assert workspace.read_state("scrape") == {"cursor": "abc"}
     assert workspace.read_state("never-ran") == {}
+
+
+def test_grouped_columns_come_from_one_table(workspace):
+    workspace.write_table_part("samples", samples("a", "b", narrative="from the source"))
+    a, b = (make_sample_id("src", x) for x in "ab")
+    narratives = [
+        {"sample_id": a, "narrative_prompt": "rewritten, origin unknown"},
+        {"sample_id": b, "narrative_origin": "rules"},  # an origin without a text changes nothing
+    ]
+    workspace.write_table_part(
+        "narratives", records_to_table(narratives, STAGE_TABLES["narratives"].schema)
+    )
+    rows = {r["sample_id"]: r for r in workspace.dataset().to_pylist()}
+    assert (rows[a]["narrative_prompt"], rows[a]["narrative_origin"]) == (
+        "rewritten, origin unknown",
+        None,
+    )
+    assert (rows[b]["narrative_prompt"], rows[b]["narrative_origin"]) == (
+        "from the source",
+        "source",
+    )
+
+
+def test_newest_review_wins_whatever_order_it_was_pulled_in(workspace):
+    workspace.write_table_part("samples", samples("a", "b"))
+    a, b = (make_sample_id("src", x) for x in "ab")
+    schema = STAGE_TABLES["reviews"].schema
+    newer = [
+        {"sample_id": a, "review_status": "rejected", "reviewed_at": T0 + timedelta(2)},
+        {"sample_id": b, "review_status": "accepted", "reviewed_at": T0 + timedelta(1)},
+    ]
+    older_pulled_later = [
+        {"sample_id": a, "review_status": "accepted", "reviewed_at": T0 + timedelta(1)},
+        {"sample_id": b, "review_status": "corrected", "reviewed_at": T0 + timedelta(1)},  # tie
+    ]
+    workspace.write_table_part("reviews", records_to_table(newer, schema))
+    workspace.write_table_part("reviews", records_to_table(older_pulled_later, schema))
+    current = workspace.read_table("reviews", columns=["review_status"])
+    assert current.column_names == ["sample_id", "review_status"]
+    assert {r["sample_id"]: r["review_status"] for r in current.to_pylist()} == {
+        a: "rejected",
+        b: "corrected",
+    }
+    rows = {r["sample_id"]: r["review_status"] for r in workspace.dataset().to_pylist()}
+    assert rows == {a: "rejected", b: "corrected"}
