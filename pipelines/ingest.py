@@ -21,18 +21,23 @@ import io
 import json
 import os
 import re
-import warnings
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 
-from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
+from pipelines.base import Stage
+from pipelines.records import (
+    COLLECT_OUTPUT_SCHEMA,
+    ItemRejected,
+    clean_prompt,
+    collected_row,
+    failed_row,
+    sample_fields,
+)
 from surd_builder.config import IngestSettings
 from surd_builder.errors import InputError
-from surd_builder.ids import make_sample_id, sha256_hex
-from surd_builder.schema import STAGE_TABLES
+from surd_builder.ids import make_sample_id
 from surd_builder.workspace import Workspace
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -41,32 +46,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # Tried in order when --prompt-column is not given.
 PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
 # Metadata columns copied into the sample as they are, with the type each is coerced to.
-METADATA_FIELDS: dict[str, type] = {
-    "negative_prompt": str,
-    "narrative_prompt": str,
-    "model_name": str,
-    "sampler": str,
-    "steps": int,
-    "cfg_scale": float,
-    "seed": int,
-    "nsfw": bool,
-    "license": str,
-    "creator": str,
-    "source_url": str,
-    "page_url": str,
-}
 # Files larger than this are skipped as "too-large" before being read into memory.
 DEFAULT_MAX_IMAGE_BYTES = int(IngestSettings.max_image_mb * 2**20)
 _SOURCE_NAME = re.compile(r"[^\w.:-]+")  # \w: letters and digits of any script, and _
-
-_OUTPUT_SCHEMA = pa.schema(
-    [
-        *STAGE_TABLES["samples"].schema,
-        pa.field(IMAGE_BYTES, pa.binary()),
-        pa.field(FAILURE_REASON, pa.string()),
-        pa.field(FAILURE_DETAIL, pa.string()),
-    ]
-)
 
 
 def default_source_name(folder: Path) -> str:
@@ -135,40 +117,6 @@ def read_metadata(folder: Path) -> tuple[Path | None, list[dict[str, Any]]]:
             )
         seen[name] = number
     return path, rows
-
-
-def _coerce(value: Any, kind: type) -> Any:
-    if value is None or value == "":
-        return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no"):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ValueError(f"not an integer: {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value).strip())  # exact, also past 2**53 (seeds)
-        except ValueError:
-            number = float(value)  # "20.0"
-            if not number.is_integer():
-                raise ValueError(f"not an integer: {value!r}") from None
-            return int(number)
-    return kind(value)
-
-
-def _clean_prompt(text: Any) -> str | None:
-    if text is None:
-        return None
-    cleaned = " ".join(str(text).replace("\ufeff", "").split())
-    return cleaned or None
 
 
 def normalise_file_name(name: str) -> str | None:
@@ -267,89 +215,56 @@ class IngestStage(Stage):
     # ----------------------------------------------------------------- process (pure)
     def process(self, batch: pa.Table) -> pa.Table:
         rows = [self._ingest_one(item) for item in batch.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=_OUTPUT_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=COLLECT_OUTPUT_SCHEMA)
 
     def _ingest_one(self, item: dict[str, Any]) -> dict[str, Any]:
-        from PIL import Image, UnidentifiedImageError
+        identity = {k: item[k] for k in ("sample_id", "source", "source_item_id")}
+        try:
+            return self._collect(item, identity)
+        except ItemRejected as rejected:
+            return failed_row(identity, rejected)
 
-        row: dict[str, Any] = {
-            "sample_id": item["sample_id"],
-            "source": item["source"],
-            "source_item_id": item["source_item_id"],
-        }
-
-        def failed(reason: str, detail: str | None = None) -> dict[str, Any]:
-            return {**row, FAILURE_REASON: reason, FAILURE_DETAIL: detail}
-
+    def _collect(self, item: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
         relative = normalise_file_name(item["source_item_id"])
         if relative is None:
-            return failed("bad-file-name", "file_name must be a relative path inside the folder")
+            raise ItemRejected("bad-file-name", "file_name must be a relative path in the folder")
         path = self.folder / relative
-        metadata = json.loads(item["metadata_json"])
         try:
             size = path.stat().st_size
             if size > self.max_image_bytes:
-                return failed("too-large", f"{relative}: {size:,} bytes > {self.max_image_bytes:,}")
+                raise ItemRejected(
+                    "too-large", f"{relative}: {size:,} bytes > {self.max_image_bytes:,}"
+                )
             data = path.read_bytes()
         except FileNotFoundError:
-            return failed("missing-file", f"{relative} does not exist")
+            raise ItemRejected("missing-file", f"{relative} does not exist") from None
         except OSError as error:
-            return failed("unreadable", f"{relative}: {error.strerror or error}")
-
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS: skip those as well
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-                    image_format = image.format
-                    # Decode everything to catch truncated or corrupt data, but let JPEG decode
-                    # at 1/8 scale (DCT scaling still reads every entropy-coded block).
-                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                    image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            return failed("too-large", f"{relative}: {error}")
-        except UnidentifiedImageError:
-            return failed("not-an-image", f"{relative}: not a recognised image format")
-        except (OSError, SyntaxError, ValueError) as error:
-            return failed("not-an-image", f"{relative}: {error}")
-
-        prompt = _clean_prompt(metadata.get(self._prompt_key)) if self._prompt_key else None
+            raise ItemRejected("unreadable", f"{relative}: {error.strerror or error}") from None
+        metadata = json.loads(item["metadata_json"])
+        fields = sample_fields(metadata, self.narrative_column)
+        prompt = clean_prompt(metadata.get(self._prompt_key)) if self._prompt_key else None
         if prompt is None:
-            for extension in SIDECAR_EXTENSIONS:
-                sidecar = path.with_suffix(extension)
-                if not sidecar.is_file():
-                    continue
-                try:
-                    prompt = _clean_prompt(sidecar.read_bytes().decode("utf-8"))
-                except UnicodeDecodeError as error:
-                    return failed("prompt-not-utf8", f"{sidecar.name}: byte {error.start}")
-                except OSError as error:
-                    return failed("unreadable", f"{sidecar.name}: {error.strerror or error}")
-                break
+            prompt = self._sidecar_prompt(path)
         if prompt is None:
-            return failed("no-prompt", f"no prompt for {relative} in metadata or a sidecar file")
+            raise ItemRejected(
+                "no-prompt", f"no prompt for {relative} in metadata or a sidecar file"
+            )
+        return collected_row(identity, fields, prompt, data, relative)
 
-        for key, kind in METADATA_FIELDS.items():
-            source_key = self.narrative_column if key == "narrative_prompt" else key
+    @staticmethod
+    def _sidecar_prompt(path: Path) -> str | None:
+        for extension in SIDECAR_EXTENSIONS:
+            sidecar = path.with_suffix(extension)
+            if not sidecar.is_file():
+                continue
             try:
-                value = _coerce(metadata.get(source_key), kind)
-            except (TypeError, ValueError) as error:
-                return failed("bad-metadata", f"{source_key}: {error}")
-            row[key] = _clean_prompt(value) if key.endswith("_prompt") else value
-        for key, bits in (("steps", 32), ("seed", 64)):
-            if row.get(key) is not None and not -(2 ** (bits - 1)) <= row[key] < 2 ** (bits - 1):
-                return failed("bad-metadata", f"{key}: {row[key]} is out of the int{bits} range")
-        now = datetime.now(UTC)
-        row.update(
-            complex_prompt=prompt,
-            narrative_origin="source" if row.get("narrative_prompt") else None,
-            image_sha256=sha256_hex(data),
-            width=width,
-            height=height,
-            image_format=image_format,
-            collected_at=now,
-            updated_at=now,
-            **{IMAGE_BYTES: data},
-        )
-        return row
+                return clean_prompt(sidecar.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ItemRejected(
+                    "prompt-not-utf8", f"{sidecar.name}: byte {error.start}"
+                ) from None
+            except OSError as error:
+                raise ItemRejected(
+                    "unreadable", f"{sidecar.name}: {error.strerror or error}"
+                ) from None
+        return None
