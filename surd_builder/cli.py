@@ -29,6 +29,8 @@ class SurdGroup(TyperGroup):
                 raise
             typer.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
+        except BrokenPipeError:  # output piped into `head` and closed: not an error to report
+            ctx.exit(141)
         except OSError as error:  # disk full, permission denied...: the user's machine, not a bug
             if ctx.meta.get("surd_debug"):
                 raise
@@ -164,7 +166,9 @@ def quickstart(
 
 def _register_groups() -> None:
     from surd_builder.cli_build import build_app
+    from surd_builder.cli_scrape import scrape_app
 
+    build_app.add_typer(scrape_app, name="scrape")
     app.add_typer(build_app, name="build")
 
 

@@ -1,0 +1,227 @@
+"""HTTP for the scrapers: polite, bounded and safe, one ``requests`` session per thread.
+
+- Retries with exponential backoff on connection errors, timeouts, truncated bodies, 429 and 5xx,
+  honouring ``Retry-After`` (capped); other 4xx answers fail at once.
+- Connect and read timeouts; a byte cap checked against ``Content-Length`` and while streaming.
+- Redirects are followed by hand so every hop is checked: only ``http``/``https``, and, unless
+  ``allow_private``, no host that resolves to a private, loopback, link-local or reserved address
+  (URLs from a remote API must not make surd probe the local network).
+- A per-host request rate shared by all threads of the process.
+- Every request carries surd's user agent. Headers given to the fetcher (API tokens) are sent but
+  never appear in errors or failure details.
+
+Failures raise :class:`FetchError` with a short ``reason`` (``http-404``, ``timeout``,
+``too-large``, ``private-address``...) that becomes the failure row's reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from surd_builder import __version__
+
+DEFAULT_USER_AGENT = f"surd/{__version__} (+https://github.com/surd-dataset/surd)"
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    max_bytes: int = 64 * 2**20
+    retries: int = 3
+    backoff_seconds: float = 1.0
+    max_wait_seconds: float = 120.0
+    max_redirects: int = 5
+    allow_private: bool = False
+    per_host_rate: float = 0.0  # requests per second per host; 0: no limit
+    user_agent: str = DEFAULT_USER_AGENT
+
+
+class FetchError(Exception):
+    """A request that failed for good; ``reason`` is the failure reason recorded for the item."""
+
+    def __init__(self, reason: str, detail: str | None = None, retry_after: float | None = None):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail, self.retry_after = reason, detail, retry_after
+
+
+class _Retryable(FetchError):
+    """A failure worth another attempt (after ``retry_after`` seconds if the server said so)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    url: str  # after redirects
+    content_type: str  # media type, lower case, without parameters
+
+
+class HostRateLimiter:
+    """At most ``rate`` requests per second to each host, across threads."""
+
+    def __init__(self, rate: float, sleep: Callable[[float], None] = time.sleep):
+        self.rate, self._sleep = rate, sleep
+        self._next: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, host: str) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next.get(host, now))
+            self._next[host] = slot + 1.0 / self.rate
+        if slot > now:
+            self._sleep(slot - now)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def check_url(url: str, allow_private: bool) -> str:
+    """Return the host of ``url`` or raise: only http(s), and no private address unless allowed."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise FetchError(
+            "bad-url", f"only http and https URLs are fetched, not {parts.scheme or '?'}:"
+        )
+    if not parts.hostname:
+        raise FetchError("bad-url", "URL without a host")
+    if not allow_private:
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, None)}
+        except OSError as error:
+            raise FetchError("dns-error", f"{parts.hostname}: {error.strerror or error}") from None
+        for address in addresses:
+            if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
+                raise FetchError(
+                    "private-address",
+                    f"{parts.hostname} resolves to {address} (use --allow-private to permit)",
+                )
+    return parts.hostname
+
+
+class Fetcher:
+    """GETs with retries, limits and checks; safe to share between threads."""
+
+    def __init__(
+        self,
+        options: FetchOptions | None = None,
+        headers: dict[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.options = options or FetchOptions()
+        self._headers = {"User-Agent": self.options.user_agent, **(headers or {})}
+        self._sleep = sleep
+        self._limiter = HostRateLimiter(self.options.per_host_rate, sleep)
+        self._local = threading.local()
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            session.headers.update(self._headers)
+            self._local.session = session
+        return session
+
+    def get(self, url: str, params: dict[str, Any] | None = None) -> Fetched:
+        """The body of ``url``, retried as described in the module docstring."""
+        options = self.options
+        for attempt in range(options.retries + 1):
+            try:
+                return self._get_once(url, params)
+            except _Retryable as error:
+                if attempt == options.retries:
+                    raise FetchError(error.reason, error.detail) from None
+                delay = error.retry_after
+                if delay is None:
+                    delay = options.backoff_seconds * 2**attempt
+                self._sleep(min(delay, options.max_wait_seconds))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_json(self, url: str, params: dict[str, Any] | None = None) -> Any:
+        fetched = self.get(url, params)
+        import json
+
+        try:
+            return json.loads(fetched.data)
+        except ValueError:
+            kind = fetched.content_type or "unknown content"
+            raise FetchError("bad-json", f"{fetched.url} did not return JSON ({kind})") from None
+
+    def _get_once(self, url: str, params: dict[str, Any] | None) -> Fetched:
+        import requests
+
+        options = self.options
+        current = url
+        for _ in range(options.max_redirects + 1):
+            host = check_url(current, options.allow_private)
+            self._limiter.wait(host)
+            try:
+                response = self._session().get(
+                    current,
+                    params=params,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(options.connect_timeout, options.read_timeout),
+                )
+            except requests.Timeout:
+                raise _Retryable("timeout", host) from None
+            except requests.ConnectionError as error:
+                raise _Retryable("connection-error", f"{host}: {type(error).__name__}") from None
+            with response:
+                if response.is_redirect:
+                    current = urljoin(current, response.headers["Location"])
+                    params = None  # they are part of the redirect target now
+                    continue
+                return self._read_body(response, current)
+        raise FetchError("too-many-redirects", f"more than {options.max_redirects} from {url}")
+
+    def _read_body(self, response, url: str) -> Fetched:
+        import requests
+
+        status = response.status_code
+        if status in RETRYABLE_STATUS:
+            raise _Retryable(
+                f"http-{status}", url, _retry_after(response.headers.get("Retry-After"))
+            )
+        if status >= 400:
+            raise FetchError(f"http-{status}", url)
+        limit = self.options.max_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise FetchError("too-large", f"{url}: {int(declared):,} bytes > {limit:,}")
+        chunks, total = [], 0
+        try:
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                total += len(chunk)
+                if total > limit:
+                    raise FetchError("too-large", f"{url}: more than {limit:,} bytes")
+                chunks.append(chunk)
+        except requests.exceptions.ConnectionError as error:
+            reason = "timeout" if "timed out" in str(error).lower() else "truncated"
+            raise _Retryable(reason, url) from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise _Retryable("truncated", url) from None
+        media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        return Fetched(b"".join(chunks), response.url or url, media_type)

@@ -1,0 +1,95 @@
+"""``surd build scrape``: download the items a source lists into the workspace.
+
+The stage is the standard contract (``pipelines/base.py``): ``plan`` asks the source for its items
+and ``process`` downloads one batch with a thread pool (downloads wait on the network, so threads,
+not processes), each item ending as a sample or a failure row with a reason. Resume comes from
+the runner: items already in ``samples`` are skipped, failures are retried.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.base import Stage
+from pipelines.download import Fetcher, FetchError, FetchOptions
+from pipelines.records import (
+    COLLECT_OUTPUT_SCHEMA,
+    ItemRejected,
+    clean_prompt,
+    collected_row,
+    failed_row,
+    sample_fields,
+)
+from pipelines.sources.base import Source
+from surd_builder.workspace import Workspace
+
+# Servers often label images generically; anything else (text/html...) is not an image.
+IMAGE_MEDIA_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+
+class ScrapeStage(Stage):
+    output_table = "samples"
+
+    def __init__(
+        self,
+        source: Source,
+        options: FetchOptions | None = None,
+        threads: int = 16,
+        headers: dict[str, str] | None = None,
+    ):
+        self.source = source
+        self.name = f"scrape-{source.name}"  # its own lock, state and manifest entries
+        self.options = options or FetchOptions()
+        self.threads = threads
+        self._headers = headers or {}
+        self._fetcher: Fetcher | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fetcher"] = None  # sessions and locks stay in their process
+        return state
+
+    @property
+    def fetcher(self) -> Fetcher:
+        if self._fetcher is None:
+            self._fetcher = Fetcher(self.options, self._headers)
+        return self._fetcher
+
+    def params(self) -> dict[str, Any]:
+        fetch = {k: v for k, v in self.options.__dict__.items() if k != "user_agent"}
+        return {**self.source.params(), "threads": self.threads, **fetch}
+
+    def plan(self, workspace: Workspace) -> pa.Table:
+        return self.source.plan(workspace)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        with ThreadPoolExecutor(max_workers=min(self.threads, max(1, len(items)))) as pool:
+            rows = list(pool.map(self._download_one, items))
+        return pa.Table.from_pylist(rows, schema=COLLECT_OUTPUT_SCHEMA)
+
+    def _download_one(self, item: dict[str, Any]) -> dict[str, Any]:
+        identity = {k: item[k] for k in ("sample_id", "source", "source_item_id")}
+        try:
+            metadata = json.loads(item["metadata_json"])
+            prompt = clean_prompt(metadata.get("complex_prompt"))
+            if prompt is None:  # checked first: no download for an item that cannot be a sample
+                raise ItemRejected("no-prompt", "the source gives no prompt for this item")
+            fields = sample_fields(metadata)
+            url = item["image_url"]
+            if not url:
+                raise ItemRejected("no-url", "the source gives no image URL for this item")
+            try:
+                fetched = self.fetcher.get(url)
+            except FetchError as error:
+                raise ItemRejected(error.reason, error.detail) from None
+            if fetched.content_type and not fetched.content_type.startswith(IMAGE_MEDIA_TYPES):
+                raise ItemRejected("not-an-image", f"{url}: served as {fetched.content_type}")
+            fields["source_url"] = fetched.url
+            return collected_row(identity, fields, prompt, fetched.data, url)
+        except ItemRejected as rejected:
+            return failed_row(identity, rejected)

@@ -1,0 +1,1 @@
+"""Where the scrape stage finds (image URL, prompt) pairs; see ``base.py`` for the interface."""

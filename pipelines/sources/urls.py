@@ -1,0 +1,114 @@
+"""``urls`` source: a CSV, JSONL or Parquet file of image URLs with prompts, as img2dataset reads.
+
+The URL column and the prompt column are options; columns named like sample fields
+(``negative_prompt``, ``narrative_prompt``, ``seed``...) are kept. The item id is an id column
+when given, else the URL itself, so the same URL is the same sample on every run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.sources.base import Source
+from surd_builder.errors import InputError
+from surd_builder.ids import make_sample_id
+from surd_builder.workspace import Workspace
+
+PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
+FORMATS = (".csv", ".jsonl", ".json", ".parquet")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV / JSONL / Parquet file; a malformed file is an :class:`InputError`."""
+    if not path.is_file():
+        raise InputError(f"URL list {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"{path}: use a .csv, .jsonl or .parquet file")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{path} is not a readable Parquet file ({error})") from None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    if suffix == ".csv":
+        import csv
+        import io
+
+        try:
+            return list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as error:
+            raise InputError(f"{path}: not valid CSV ({error})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: each line must be a JSON object")
+            rows.append(row)
+    return rows
+
+
+class UrlListSource(Source):
+    def __init__(
+        self,
+        path: Path | str,
+        name: str | None = None,
+        url_column: str = "url",
+        prompt_column: str | None = None,
+        id_column: str | None = None,
+        narrative_column: str = "narrative_prompt",
+    ):
+        self.path = Path(path)
+        self.name = name or "urls"
+        self.url_column, self.prompt_column, self.id_column = url_column, prompt_column, id_column
+        self.narrative_column = narrative_column
+
+    def params(self) -> dict[str, Any]:
+        return {"source": self.name, "file": str(self.path), "url_column": self.url_column}
+
+    def plan(self, workspace: Workspace) -> pa.Table:
+        rows = read_rows(self.path)
+        columns = set().union(*(row.keys() for row in rows)) if rows else set()
+        for option, column in (("--url-column", self.url_column), ("--id-column", self.id_column)):
+            if column is not None and rows and column not in columns:
+                raise InputError(f"{self.path} has no column {column!r} ({option})")
+        prompt_column = self.prompt_column
+        if prompt_column is None:
+            prompt_column = next((c for c in PROMPT_COLUMN_CANDIDATES if c in columns), None)
+        if prompt_column is None or (rows and prompt_column not in columns):
+            wanted = prompt_column or " / ".join(PROMPT_COLUMN_CANDIDATES)
+            raise InputError(f"{self.path} has no prompt column {wanted!r} (--prompt-column)")
+
+        items: dict[str, dict[str, Any]] = {}
+        for number, row in enumerate(rows, start=1):
+            url = str(row.get(self.url_column) or "").strip()
+            item_id = str(row.get(self.id_column) or "") if self.id_column else url
+            item_id = item_id or f"row-{number}"  # no URL: recorded as a failure, not dropped
+            metadata = {k: v for k, v in row.items() if k not in (self.url_column, prompt_column)}
+            metadata["complex_prompt"] = row.get(prompt_column)
+            if self.narrative_column != "narrative_prompt":
+                metadata["narrative_prompt"] = row.get(self.narrative_column)
+            items[item_id] = {"image_url": url, "metadata_json": json.dumps(metadata, default=str)}
+        ids = list(items)
+        return pa.table(
+            {
+                "sample_id": [make_sample_id(self.name, i) for i in ids],
+                "source": [self.name] * len(ids),
+                "source_item_id": ids,
+                "image_url": [items[i]["image_url"] for i in ids],
+                "metadata_json": [items[i]["metadata_json"] for i in ids],
+            }
+        )
