@@ -61,10 +61,11 @@ class ScrapeStage(Stage):
 
     def params(self) -> dict[str, Any]:
         fetch = {k: v for k, v in self.options.__dict__.items() if k != "user_agent"}
-        return {**self.source.params(), "threads": self.threads, **fetch}
+        listing = {"listing_error": self.source.listing_error} if self.source.listing_error else {}
+        return {**self.source.params(), **listing, "threads": self.threads, **fetch}
 
     def plan(self, workspace: Workspace) -> pa.Table:
-        return self.source.plan(workspace)
+        return self.source.plan(workspace, self.fetcher)
 
     def process(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()

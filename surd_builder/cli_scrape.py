@@ -100,3 +100,150 @@ def urls(
         return ScrapeStage(listing, fetch, threads=threads)
 
     _run(stage, workspace, batch_size, force, limit, progress)
+
+
+MaxItemsOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Stop listing once this many items are listed (all runs together)."),
+]
+RelistOption = Annotated[
+    bool, typer.Option(help="Forget the saved listing cursor and list from the first page.")
+]
+
+
+def _warn_listing(stage) -> None:
+    if stage.source.listing_error:
+        typer.echo(
+            f"warning: listing stopped early at {stage.source.listing_error}; "
+            "what was listed was downloaded, and the next run resumes listing there",
+            err=True,
+        )
+
+
+def _run_listed(stage_factory, workspace, batch_size, force, limit, progress) -> None:
+    made = []
+
+    def factory():
+        made.append(stage_factory())
+        return made[-1]
+
+    try:
+        _run(factory, workspace, batch_size, force, limit, progress)
+    finally:
+        if made:
+            _warn_listing(made[-1])
+
+
+@scrape_app.command()
+def civitai(
+    workspace: WorkspaceOption = Path("."),
+    endpoint: Annotated[
+        str, typer.Option(help="API route: 'images' (/api/v1/images) or 'models' (/api/v1/models).")
+    ] = "images",
+    model_id: Annotated[int | None, typer.Option(help="Only images of this model.")] = None,
+    model_version_id: Annotated[
+        int | None, typer.Option(help="Only images of this model version.")
+    ] = None,
+    username: Annotated[str | None, typer.Option(help="Only images by this user.")] = None,
+    base_model: Annotated[
+        list[str] | None, typer.Option(help="Only these base models (repeat), e.g. 'SD 1.5'.")
+    ] = None,
+    query: Annotated[str | None, typer.Option(help="Search text (models endpoint).")] = None,
+    types: Annotated[
+        list[str] | None, typer.Option(help="Model types (models endpoint), e.g. Checkpoint.")
+    ] = None,
+    nsfw: Annotated[
+        str | None,
+        typer.Option(help="NSFW level: None, Soft, Mature or X (images); true/false (models)."),
+    ] = None,
+    sort: Annotated[
+        str | None, typer.Option(help="API sort, e.g. 'Newest', 'Most Reactions'.")
+    ] = None,
+    period: Annotated[str | None, typer.Option(help="AllTime, Year, Month, Week or Day.")] = None,
+    page_size: Annotated[
+        int, typer.Option(min=1, max=200, help="Items per API page (images: 200 max, models: 100).")
+    ] = 100,
+    max_items: MaxItemsOption = None,
+    relist: RelistOption = False,
+    base_url: Annotated[str, typer.Option(help="API base URL (a mirror, or a test server).")] = (
+        "https://civitai.com"
+    ),
+    source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = "civitai",
+    threads: ThreadsOption = 16,
+    batch_size: BatchOption = 256,
+    retries: RetriesOption = 3,
+    timeout: TimeoutOption = 30.0,
+    max_image_mb: MaxImageOption = 64.0,
+    per_host_rate: RateOption = 0.0,
+    allow_private: PrivateOption = False,
+    force: ForceOption = False,
+    limit: LimitOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Images with their prompts from Civitai's REST API; token from CIVITAI_API_TOKEN."""
+    import os
+
+    from pipelines.scrape import ScrapeStage
+    from pipelines.sources.civitai import CivitaiImages, CivitaiModels, token_headers
+    from surd_builder.errors import InputError
+
+    if endpoint not in ("images", "models"):
+        raise InputError(f"--endpoint must be 'images' or 'models', not {endpoint!r}")
+    if period is not None and period not in ("AllTime", "Year", "Month", "Week", "Day"):
+        raise InputError(f"--period must be AllTime, Year, Month, Week or Day, not {period!r}")
+    common = {"sort": sort, "period": period, "nsfw": nsfw, "baseModels": base_model}
+    if endpoint == "images":
+        if nsfw is not None and nsfw not in ("None", "Soft", "Mature", "X"):
+            raise InputError(f"--nsfw must be None, Soft, Mature or X for images, not {nsfw!r}")
+        filters = {"modelId": model_id, "modelVersionId": model_version_id, "username": username}
+        source_class = CivitaiImages
+    else:
+        filters = {"query": query, "types": types, "username": username}
+        source_class = CivitaiModels
+
+    def stage():
+        listing = source_class(
+            base_url=base_url,
+            query={**common, **filters},
+            page_size=page_size,
+            max_items=max_items,
+            relist=relist,
+            name=source,
+        )
+        fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
+        return ScrapeStage(listing, fetch, threads=threads, headers=token_headers(os.environ))
+
+    _run_listed(stage, workspace, batch_size, force, limit, progress)
+
+
+@scrape_app.command()
+def lexica(
+    query: Annotated[list[str], typer.Argument(help="Search queries; each gives one page.")],
+    workspace: WorkspaceOption = Path("."),
+    max_items: MaxItemsOption = None,
+    relist: RelistOption = False,
+    base_url: Annotated[str, typer.Option(help="API base URL.")] = "https://lexica.art",
+    source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = "lexica",
+    threads: ThreadsOption = 16,
+    batch_size: BatchOption = 256,
+    retries: RetriesOption = 3,
+    timeout: TimeoutOption = 30.0,
+    max_image_mb: MaxImageOption = 64.0,
+    per_host_rate: RateOption = 0.0,
+    allow_private: PrivateOption = False,
+    force: ForceOption = False,
+    limit: LimitOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Images with their prompts from Lexica's search API (about 50 per query)."""
+    from pipelines.scrape import ScrapeStage
+    from pipelines.sources.lexica import LexicaSearch
+
+    def stage():
+        listing = LexicaSearch(
+            query, base_url=base_url, max_items=max_items, relist=relist, name=source
+        )
+        fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
+        return ScrapeStage(listing, fetch, threads=threads)
+
+    _run_listed(stage, workspace, batch_size, force, limit, progress)

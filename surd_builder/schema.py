@@ -182,6 +182,17 @@ FAILURES_SCHEMA = pa.schema(
     ]
 )
 
+# Items a scrape source has listed but not necessarily downloaded (``listings/<source>/``).
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_item_id", pa.string(), nullable=False),
+        pa.field("image_url", pa.string()),
+        pa.field("metadata_json", pa.string()),  # the sample fields the source gave, as JSON
+    ]
+)
+
 # The content-addressed image store: each image's bytes exactly once.
 IMAGES_SCHEMA = pa.schema(
     [

@@ -9,6 +9,7 @@ Layout (all Parquet is zstd-compressed; every file is written atomically, see ``
       tables/<table>/part-*.parquet   stage tables keyed by sample_id (see schema.STAGE_TABLES)
       failures/part-*.parquet    per-item failures: stage, sample_id, reason, detail
       images/shard-*.parquet     image bytes, stored once, content-addressed by sha256
+      listings/<source>/part-*.parquet   items a scrape source listed (downloaded or not)
       state/<stage>.json         small resumable state of a stage (cursors, input roots)
       locks/                     one lock file per stage: one run of a stage at a time
 
@@ -51,6 +52,7 @@ from surd_builder.schema import (
     COLUMN_GROUPS,
     FAILURES_SCHEMA,
     IMAGES_SCHEMA,
+    LISTING_SCHEMA,
     SAMPLE_SCHEMA,
     STAGE_TABLES,
     conform,
@@ -326,6 +328,26 @@ class Workspace:
         shards = self.image_shards()
         count = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
         return count, sum(s.stat().st_size for s in shards)
+
+    # ----------------------------------------------------------------- scrape listings
+    def _listing_dir(self, source: str) -> Path:
+        return self.root / "listings" / source
+
+    def write_listing(self, source: str, items: pa.Table) -> Path | None:
+        """Append items a source listed (one API page, typically) as a new part."""
+        if items.num_rows == 0:
+            return None
+        items = conform(items, LISTING_SCHEMA)
+        return write_parquet_atomic(items, self._listing_dir(source) / _part_name("part"))
+
+    def read_listing(self, source: str) -> pa.Table:
+        """Every item ``source`` has listed, once each (an item seen on two pages: the later)."""
+        parts = sorted(self._listing_dir(source).glob("part-*.parquet"))
+        return _latest_by_key(_read_parts(parts, LISTING_SCHEMA, None), ["sample_id"])
+
+    def clear_listing(self, source: str) -> None:
+        for part in self._listing_dir(source).glob("part-*.parquet"):
+            part.unlink()
 
     # ----------------------------------------------------------------- stage state
     def read_state(self, stage: str) -> dict[str, Any]:

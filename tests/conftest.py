@@ -46,9 +46,11 @@ def workspace(tmp_path: Path) -> Workspace:
     return Workspace.create(tmp_path / "ws")
 
 
-def run_surd(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+def run_surd(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     """Run the real ``surd`` CLI in a child process (what a user's shell does)."""
-    env = {**os.environ, "COLUMNS": "120"}
+    env = {**(env if env is not None else os.environ), "COLUMNS": "120"}
     return subprocess.run(
         [sys.executable, "-m", "surd_builder", *args],
         cwd=cwd,

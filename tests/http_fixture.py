@@ -12,7 +12,7 @@ Routes (``n`` is any number, used to make distinct URLs):
 - ``/slow/SECONDS/n.jpg``: waits before answering
 - ``/redirect/n.jpg`` -> ``/img/n.jpg``; ``/redirect-file/n.jpg`` -> ``file:///etc/passwd``
 - ``/hold/n.jpg``: blocks until the test releases it (``server.release``), then the image
-- ``/json/NAME``: the JSON document ``server.documents[NAME]``
+- any path in ``server.documents``: that JSON document (``bytes``: served as an HTML page)
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class FaultyServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
         self.user_agents: set[str] = set()
+        self.authorizations: set[str] = set()
+        self.queries: list[tuple[str, str]] = []
         self.documents: dict[str, object] = {}
         self.held = threading.Event()  # set when a /hold/ request is waiting
         self.release = threading.Event()
@@ -92,6 +94,15 @@ class _Handler(BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         hit = self.server.count(path)
         self.server.user_agents.add(self.headers.get("User-Agent", ""))
+        self.server.authorizations.add(self.headers.get("Authorization", ""))
+        self.server.queries.append((path, self.path.partition("?")[2]))
+        if path in self.server.documents:  # API pages; bytes are served as HTML (a broken API)
+            document = self.server.documents[path]
+            if isinstance(document, bytes):
+                self._send(200, document, "text/html")
+            else:
+                self._send(200, json.dumps(document).encode(), "application/json")
+            return
         kind, name = parts[0], parts[-1]
         if kind == "img":
             self._image(name)
@@ -132,8 +143,5 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.held.set()
             self.server.release.wait(timeout=60)
             self._image(name)
-        elif kind == "json":
-            body = json.dumps(self.server.documents[parts[1]]).encode()
-            self._send(200, body, "application/json")
         else:
             self._send(404, b"not found", "text/plain")

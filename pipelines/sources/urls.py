@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.sources.base import Source
+from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
-from surd_builder.ids import make_sample_id
-from surd_builder.workspace import Workspace
+
+if TYPE_CHECKING:
+    from pipelines.download import Fetcher
+    from surd_builder.workspace import Workspace
 
 PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
 FORMATS = (".csv", ".jsonl", ".json", ".parquet")
@@ -79,7 +81,7 @@ class UrlListSource(Source):
     def params(self) -> dict[str, Any]:
         return {"source": self.name, "file": str(self.path), "url_column": self.url_column}
 
-    def plan(self, workspace: Workspace) -> pa.Table:
+    def plan(self, workspace: Workspace, fetcher: Fetcher | None = None) -> pa.Table:
         rows = read_rows(self.path)
         columns = set().union(*(row.keys() for row in rows)) if rows else set()
         for option, column in (("--url-column", self.url_column), ("--id-column", self.id_column)):
@@ -92,7 +94,7 @@ class UrlListSource(Source):
             wanted = prompt_column or " / ".join(PROMPT_COLUMN_CANDIDATES)
             raise InputError(f"{self.path} has no prompt column {wanted!r} (--prompt-column)")
 
-        items: dict[str, dict[str, Any]] = {}
+        items: dict[str, tuple[str, dict[str, Any]]] = {}
         for number, row in enumerate(rows, start=1):
             url = str(row.get(self.url_column) or "").strip()
             item_id = str(row.get(self.id_column) or "") if self.id_column else url
@@ -101,14 +103,5 @@ class UrlListSource(Source):
             metadata["complex_prompt"] = row.get(prompt_column)
             if self.narrative_column != "narrative_prompt":
                 metadata["narrative_prompt"] = row.get(self.narrative_column)
-            items[item_id] = {"image_url": url, "metadata_json": json.dumps(metadata, default=str)}
-        ids = list(items)
-        return pa.table(
-            {
-                "sample_id": [make_sample_id(self.name, i) for i in ids],
-                "source": [self.name] * len(ids),
-                "source_item_id": ids,
-                "image_url": [items[i]["image_url"] for i in ids],
-                "metadata_json": [items[i]["metadata_json"] for i in ids],
-            }
-        )
+            items[item_id] = (url, metadata)
+        return items_table(self.name, ((i, url, fields) for i, (url, fields) in items.items()))
