@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from surd_builder import __version__
+from surd_builder.atomic import atomic_path
 
 DEFAULT_USER_AGENT = f"surd/{__version__} (+https://github.com/surd-dataset/surd)"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -146,10 +148,21 @@ class Fetcher:
 
     def get(self, url: str, params: dict[str, Any] | None = None) -> Fetched:
         """The body of ``url``, retried as described in the module docstring."""
+        return self._get(url, params, None, self.options.max_bytes)
+
+    def download_to(self, url: str, path: Path, max_bytes: int) -> int:
+        """Stream ``url`` into the file ``path``, atomically: for archives too big for memory.
+        Same retries and checks as :meth:`get`; returns the size written."""
+        with atomic_path(Path(path)) as temp, open(temp, "wb") as handle:
+            self._get(url, None, handle, max_bytes)
+            handle.flush()
+            return handle.tell()
+
+    def _get(self, url: str, params, sink: BinaryIO | None, max_bytes: int) -> Fetched:
         options = self.options
         for attempt in range(options.retries + 1):
             try:
-                return self._get_once(url, params)
+                return self._get_once(url, params, sink, max_bytes)
             except _Retryable as error:
                 if attempt == options.retries:
                     raise FetchError(error.reason, error.detail) from None
@@ -169,7 +182,9 @@ class Fetcher:
             kind = fetched.content_type or "unknown content"
             raise FetchError("bad-json", f"{fetched.url} did not return JSON ({kind})") from None
 
-    def _get_once(self, url: str, params: dict[str, Any] | None) -> Fetched:
+    def _get_once(
+        self, url: str, params: dict[str, Any] | None, sink: BinaryIO | None, max_bytes: int
+    ) -> Fetched:
         import requests
 
         options = self.options
@@ -194,10 +209,10 @@ class Fetcher:
                     current = urljoin(current, response.headers["Location"])
                     params = None  # they are part of the redirect target now
                     continue
-                return self._read_body(response, current)
+                return self._read_body(response, current, sink, max_bytes)
         raise FetchError("too-many-redirects", f"more than {options.max_redirects} from {url}")
 
-    def _read_body(self, response, url: str) -> Fetched:
+    def _read_body(self, response, url: str, sink: BinaryIO | None, limit: int) -> Fetched:
         import requests
 
         status = response.status_code
@@ -207,17 +222,22 @@ class Fetcher:
             )
         if status >= 400:
             raise FetchError(f"http-{status}", url)
-        limit = self.options.max_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             raise FetchError("too-large", f"{url}: {int(declared):,} bytes > {limit:,}")
         chunks, total = [], 0
+        if sink is not None:  # a retry starts the file over
+            sink.seek(0)
+            sink.truncate()
         try:
             for chunk in response.iter_content(chunk_size=1 << 16):
                 total += len(chunk)
                 if total > limit:
                     raise FetchError("too-large", f"{url}: more than {limit:,} bytes")
-                chunks.append(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+                else:
+                    chunks.append(chunk)
         except requests.exceptions.ConnectionError as error:
             reason = "timeout" if "timed out" in str(error).lower() else "truncated"
             raise _Retryable(reason, url) from None

@@ -85,12 +85,12 @@ class ScrapeStage(Stage):
             if not url:
                 raise ItemRejected("no-url", "the source gives no image URL for this item")
             try:
-                fetched = self.fetcher.get(url)
+                data, final_url, media_type = self.source.fetch_image(item, self.fetcher)
             except FetchError as error:
                 raise ItemRejected(error.reason, error.detail) from None
-            if fetched.content_type and not fetched.content_type.startswith(IMAGE_MEDIA_TYPES):
-                raise ItemRejected("not-an-image", f"{url}: served as {fetched.content_type}")
-            fields["source_url"] = fetched.url
-            return collected_row(identity, fields, prompt, fetched.data, url)
+            if media_type and not media_type.startswith(IMAGE_MEDIA_TYPES):
+                raise ItemRejected("not-an-image", f"{url}: served as {media_type}")
+            fields["source_url"] = final_url
+            return collected_row(identity, fields, prompt, data, url)
         except ItemRejected as rejected:
             return failed_row(identity, rejected)

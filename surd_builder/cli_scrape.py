@@ -247,3 +247,42 @@ def lexica(
         return ScrapeStage(listing, fetch, threads=threads)
 
     _run_listed(stage, workspace, batch_size, force, limit, progress)
+
+
+@scrape_app.command()
+def diffusiondb(
+    location: Annotated[
+        str, typer.Argument(help="Local DiffusionDB folder, or base URL of a copy (a mirror).")
+    ] = "https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main",
+    workspace: WorkspaceOption = Path("."),
+    parts: Annotated[str, typer.Option(help="Parts to take, e.g. '1-3,7' (1,000 images each).")] = (
+        "1"
+    ),
+    large: Annotated[
+        bool, typer.Option(help="The DiffusionDB Large layout (14,000 parts).")
+    ] = False,
+    source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = (
+        "diffusiondb"
+    ),
+    threads: ThreadsOption = 8,
+    batch_size: BatchOption = 256,
+    retries: RetriesOption = 3,
+    timeout: TimeoutOption = 60.0,
+    max_image_mb: MaxImageOption = 64.0,
+    allow_private: PrivateOption = False,
+    force: ForceOption = False,
+    limit: LimitOption = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Images with prompts from the DiffusionDB layout (part zips + their JSON)."""
+    from pipelines.scrape import ScrapeStage
+    from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
+
+    part_numbers = parse_parts(parts, large)
+
+    def stage():
+        listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
+        fetch = _fetch_options(retries, timeout, max_image_mb, 0.0, allow_private)
+        return ScrapeStage(listing, fetch, threads=threads)
+
+    _run_listed(stage, workspace, batch_size, force, limit, progress)

@@ -13,6 +13,7 @@ Routes (``n`` is any number, used to make distinct URLs):
 - ``/redirect/n.jpg`` -> ``/img/n.jpg``; ``/redirect-file/n.jpg`` -> ``file:///etc/passwd``
 - ``/hold/n.jpg``: blocks until the test releases it (``server.release``), then the image
 - any path in ``server.documents``: that JSON document (``bytes``: served as an HTML page)
+- any path in ``server.files``: that (body, content type)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.user_agents: set[str] = set()
         self.authorizations: set[str] = set()
         self.queries: list[tuple[str, str]] = []
+        self.files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type)
         self.documents: dict[str, object] = {}
         self.held = threading.Event()  # set when a /hold/ request is waiting
         self.release = threading.Event()
@@ -96,6 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.user_agents.add(self.headers.get("User-Agent", ""))
         self.server.authorizations.add(self.headers.get("Authorization", ""))
         self.server.queries.append((path, self.path.partition("?")[2]))
+        if path in self.server.files:
+            self._send(200, *self.server.files[path])
+            return
         if path in self.server.documents:  # API pages; bytes are served as HTML (a broken API)
             document = self.server.documents[path]
             if isinstance(document, bytes):

@@ -12,6 +12,7 @@ from pipelines.runner import RunOptions, run_stage
 from pipelines.scrape import ScrapeStage
 from pipelines.sources.civitai import CivitaiImages, CivitaiModels
 from pipelines.sources.lexica import LexicaSearch
+from surd_builder.errors import InputError
 from tests.conftest import run_surd
 from tests.http_fixture import FaultyServer
 
@@ -210,3 +211,75 @@ def test_lexica_one_page_per_query(workspace, server):
         7.5,
         "stable-diffusion",
     )
+
+
+def diffusiondb_part(part: int, count: int) -> tuple[bytes, dict]:
+    import io
+    import json
+    import zipfile
+
+    from tests.http_fixture import jpeg
+
+    prompts, buffer = {}, io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for n in range(count):
+            name = f"{part:02d}{n:02d}aaaa-uuid.png"
+            archive.writestr(name, jpeg(part * 10 + n, fmt="PNG"))
+            prompts[name] = {
+                "p": f"dragon {part}-{n}, 4k",
+                "se": 99 + n,
+                "c": 7.0,
+                "st": 50,
+                "sa": "k_lms",
+            }
+        archive.writestr(f"part-{part:06d}.json", json.dumps(prompts))
+    return buffer.getvalue(), prompts
+
+
+def test_diffusiondb_local_zip_and_extracted_folder(tmp_path, workspace):
+    import io
+    import zipfile
+
+    root = tmp_path / "diffusiondb"
+    (root / "images").mkdir(parents=True)
+    zipped, prompts_1 = diffusiondb_part(1, 3)
+    (root / "images" / "part-000001.zip").write_bytes(zipped)
+    second, prompts_2 = diffusiondb_part(2, 2)
+    zipfile.ZipFile(io.BytesIO(second)).extractall(root / "images" / "part-000002")
+
+    from pipelines.sources.diffusiondb import DiffusionDB
+
+    report = run_stage(
+        ScrapeStage(DiffusionDB(str(root), parts=[1, 2]), LOOPBACK), workspace, QUIET
+    )
+    assert (report.written, report.failed) == (5, 0)
+    samples = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
+    assert set(samples) == set(prompts_1) | set(prompts_2)
+    name = sorted(prompts_1)[1]
+    sample = samples[name]
+    assert (sample["complex_prompt"], sample["seed"], sample["steps"]) == (
+        "dragon 1-1, 4k",
+        100,
+        50,
+    )
+    assert (sample["sampler"], sample["cfg_scale"], sample["license"]) == ("k_lms", 7.0, "CC0-1.0")
+    assert sample["source_url"] is None and sample["width"] == 48  # no local paths in the data
+
+
+def test_diffusiondb_over_http_downloads_each_part_once(tmp_path, workspace, server):
+    from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
+
+    zipped, prompts = diffusiondb_part(3, 4)
+    server.files["/dataset/images/part-000003.zip"] = (zipped, "application/zip")
+    location = f"{server.base}/dataset"
+    source = DiffusionDB(location, parts=parse_parts("3-4"))
+    report = run_stage(ScrapeStage(source, LOOPBACK), workspace, QUIET)
+    assert report.written == 4
+    assert "part 4: http-404" in source.listing_error  # a missing part is reported, not fatal
+    sample = workspace.read_table("samples").to_pylist()[0]
+    assert sample["source_url"].startswith(f"{location}/images/part-000003.zip#")
+    again = run_stage(ScrapeStage(DiffusionDB(location, parts=[3]), LOOPBACK), workspace, QUIET)
+    assert again.already_done == 4
+    assert server.hits["/dataset/images/part-000003.zip"] == 1  # cached in the workspace
+    with pytest.raises(InputError, match="parts are numbered 1 to 2000"):
+        parse_parts("0-2")

@@ -60,6 +60,12 @@ class Source(ABC):
         """What the manifest records about this source (never tokens)."""
         return {"source": self.name}
 
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
+        """(image bytes, URL to record as ``source_url``, media type) of one listed item; raises
+        ``FetchError``. Runs in the scrape stage's worker threads. Default: an HTTP GET."""
+        fetched = fetcher.get(item["image_url"])
+        return fetched.data, fetched.url, fetched.content_type
+
 
 class PagedSource(Source):
     """A source listed page by page from a remote API, resumable at the page level.

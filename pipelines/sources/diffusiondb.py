@@ -1,0 +1,164 @@
+"""``diffusiondb`` source: the DiffusionDB layout (poloclub/diffusiondb), local or over HTTP.
+
+DiffusionDB ships images in parts of 1,000: ``images/part-000001.zip`` (2M subset, PNG) or
+``diffusiondb-large-part-{1,2}/part-000001.zip`` (large subset, WebP; parts 1-10000 in ``-1``,
+10001-14000 in ``-2``). Each part holds its images and ``part-000001.json``, a map from image file
+name to ``{"p": prompt, "se": seed, "c": cfg, "st": steps, "sa": sampler}``.
+
+``location`` is a local folder with that layout (zips, or parts already extracted to folders) or
+an http(s) base URL; remote parts are downloaded once into the workspace's ``cache/`` (atomically,
+so a killed download starts over and a finished one is reused). The item id is the image's file
+name (a UUID), so re-running never duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipelines.download import FetchError
+from pipelines.sources.base import Source, items_table
+from surd_builder.errors import InputError
+from surd_builder.schema import LISTING_SCHEMA
+
+if TYPE_CHECKING:
+    from pipelines.download import Fetcher
+    from surd_builder.workspace import Workspace
+
+DEFAULT_LOCATION = "https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main"
+PART_COUNT = {False: 2000, True: 14000}
+MAX_PART_BYTES = 4 * 2**30
+LICENSE = "CC0-1.0"  # DiffusionDB's images and prompts are released under CC0 1.0
+
+
+def parse_parts(spec: str, large: bool = False) -> list[int]:
+    """``"1-3,7"`` -> ``[1, 2, 3, 7]``, checked against the subset's part count."""
+    parts: set[int] = set()
+    try:
+        for chunk in spec.split(","):
+            first, _, last = chunk.strip().partition("-")
+            parts.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise InputError(f"--parts {spec!r}: use numbers and ranges like 1-3,7") from None
+    highest = PART_COUNT[large]
+    if not parts or min(parts) < 1 or max(parts) > highest:
+        raise InputError(f"--parts {spec!r}: parts are numbered 1 to {highest}")
+    return sorted(parts)
+
+
+def part_path(part: int, large: bool) -> str:
+    """Where part ``part`` sits, relative to the dataset root."""
+    if large:
+        return f"diffusiondb-large-part-{1 if part <= 10000 else 2}/part-{part:06d}.zip"
+    return f"images/part-{part:06d}.zip"
+
+
+class DiffusionDB(Source):
+    def __init__(
+        self,
+        location: str = DEFAULT_LOCATION,
+        parts: list[int] | None = None,
+        large: bool = False,
+        name: str = "diffusiondb",
+    ):
+        self.location = location.rstrip("/")
+        self.remote = self.location.startswith(("http://", "https://"))
+        self.parts, self.large, self.name = parts or [1], large, name
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def params(self) -> dict[str, Any]:
+        return {"source": self.name, "location": self.location, "parts": self.parts}
+
+    # ----------------------------------------------------------------- listing (driver)
+    def plan(self, workspace: Workspace, fetcher: Fetcher) -> pa.Table:
+        if not self.remote and not Path(self.location).is_dir():
+            raise InputError(f"DiffusionDB folder {self.location} does not exist")
+        tables = []
+        for part in self.parts:
+            try:
+                container = self._part_container(part, workspace, fetcher)
+                prompts = self._read_part_json(part, container)
+            except FetchError as error:
+                self.listing_error = f"part {part}: {error.reason} ({error.detail})"
+                continue
+            except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
+                self.listing_error = f"part {part}: unreadable ({error})"
+                continue
+            tables.append(items_table(self.name, self._items(part, container, prompts)))
+        return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+    def _part_container(self, part: int, workspace: Workspace, fetcher: Fetcher) -> Path:
+        relative = part_path(part, self.large)
+        if not self.remote:
+            zip_path = Path(self.location) / relative
+            folder = zip_path.with_suffix("")
+            if folder.is_dir():
+                return folder
+            if zip_path.is_file():
+                return zip_path
+            raise FileNotFoundError(f"neither {zip_path} nor {folder} exists")
+        cached = workspace.root / "cache" / self.name / relative
+        if not cached.is_file():
+            fetcher.download_to(f"{self.location}/{relative}", cached, MAX_PART_BYTES)
+        return cached
+
+    @staticmethod
+    def _read_part_json(part: int, container: Path) -> dict[str, dict[str, Any]]:
+        name = f"part-{part:06d}.json"
+        if container.is_dir():
+            text = (container / name).read_text(encoding="utf-8")
+        else:
+            with zipfile.ZipFile(container) as archive:
+                text = archive.read(name).decode("utf-8")
+        prompts = json.loads(text)
+        if not isinstance(prompts, dict):
+            raise ValueError(f"{name} is not a map of image names")
+        return prompts
+
+    def _items(self, part: int, container: Path, prompts: dict[str, dict[str, Any]]):
+        for image_name, entry in sorted(prompts.items()):
+            entry = entry if isinstance(entry, dict) else {}
+            fields = {
+                "complex_prompt": entry.get("p"),
+                "seed": entry.get("se"),
+                "cfg_scale": entry.get("c"),
+                "steps": entry.get("st"),
+                "sampler": entry.get("sa"),
+                "license": LICENSE,
+                "_container": str(container),
+                "_member": image_name,
+            }
+            remote = f"{self.location}/{part_path(part, self.large)}#{image_name}"
+            yield image_name, remote if self.remote else f"part-{part:06d}/{image_name}", fields
+
+    # ----------------------------------------------------------------- images (worker threads)
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
+        fields = json.loads(item["metadata_json"])
+        container, member = Path(fields["_container"]), fields["_member"]
+        try:
+            if container.is_dir():
+                data = (container / member).read_bytes()
+            else:
+                data = self._archive(container).read(member)
+        except (OSError, KeyError, zipfile.BadZipFile) as error:
+            raise FetchError("missing-file", f"{member}: {error}") from None
+        return data, item["image_url"] if self.remote else None, ""
+
+    def _archive(self, path: Path) -> zipfile.ZipFile:
+        """One open ZipFile per thread and archive: ZipFile objects are not thread-safe."""
+        archives = self._local.__dict__.setdefault("archives", {})
+        if path not in archives:
+            archives[path] = zipfile.ZipFile(path)
+        return archives[path]
