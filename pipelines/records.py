@@ -79,6 +79,25 @@ def inspect_image(data: bytes, name: str) -> tuple[int, int, str]:
     return width, height, image_format
 
 
+def shrink_image(data: bytes, max_side: int) -> bytes:
+    """``data`` re-encoded with its longer side at most ``max_side`` (same format where PIL can
+    write it, else PNG); unchanged when already small enough."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        if max(image.size) <= max_side:
+            return data
+        image_format = image.format if image.format in ("JPEG", "PNG", "WEBP") else "PNG"
+        image.load()
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        if image_format == "JPEG" and image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        buffer = io.BytesIO()
+        quality = {"quality": 95} if image_format in ("JPEG", "WEBP") else {}
+        image.save(buffer, format=image_format, **quality)
+        return buffer.getvalue()
+
+
 def clean_prompt(text: Any) -> str | None:
     """Whitespace collapsed, BOM dropped; ``None`` for an empty prompt."""
     if text is None:
@@ -133,10 +152,19 @@ def sample_fields(metadata: dict[str, Any], narrative_column: str = "narrative_p
 
 
 def collected_row(
-    identity: dict[str, Any], fields: dict[str, Any], prompt: str, data: bytes, name: str
+    identity: dict[str, Any],
+    fields: dict[str, Any],
+    prompt: str,
+    data: bytes,
+    name: str,
+    max_side: int | None = None,
 ) -> dict[str, Any]:
-    """A complete output row for an item whose image ``data`` and keyword ``prompt`` are known."""
+    """A complete output row for an item whose image ``data`` and keyword ``prompt`` are known.
+    With ``max_side``, larger images are stored shrunk (by default the original is kept)."""
     width, height, image_format = inspect_image(data, name)
+    if max_side is not None and max(width, height) > max_side:
+        data = shrink_image(data, max_side)
+        width, height, image_format = inspect_image(data, name)
     now = datetime.now(UTC)
     return {
         **identity,

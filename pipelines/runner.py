@@ -51,6 +51,7 @@ class RunReport:
     written: int = 0
     failed: int = 0
     new_images: int = 0
+    image_bytes: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -115,6 +116,7 @@ class BatchCounts:
     written: int
     failed: int
     new_images: int
+    image_bytes: int
     failure_reasons: list[str]
 
 
@@ -128,8 +130,9 @@ def commit_batch(
     new_images = workspace.write_images(images)
     workspace.write_table_part(output_table, records)
     workspace.write_failures(failures)
+    image_bytes = pc.sum(pc.binary_length(images["image_bytes"]), min_count=0).as_py()
     return BatchCounts(
-        records.num_rows, failures.num_rows, new_images, failures["reason"].to_pylist()
+        records.num_rows, failures.num_rows, new_images, image_bytes, failures["reason"].to_pylist()
     )
 
 
@@ -221,9 +224,13 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
                     report.written += counts.written
                     report.failed += counts.failed
                     report.new_images += counts.new_images
+                    report.image_bytes += counts.image_bytes
                     reasons.update(counts.failure_reasons)
                     report.failures_by_reason = dict(sorted(reasons.items()))
-                    advance(size, failed=report.failed)
+                    mib_per_s = (
+                        report.image_bytes / 2**20 / max(time.perf_counter() - started, 1e-9)
+                    )
+                    advance(size, failed=report.failed, bytes_rate=f"{mib_per_s:,.1f} MiB/s")
             report.status = "completed"
         except KeyboardInterrupt:
             report.status = "interrupted"

@@ -40,11 +40,13 @@ class ScrapeStage(Stage):
         options: FetchOptions | None = None,
         threads: int = 16,
         headers: dict[str, str] | None = None,
+        resize_max_side: int | None = None,
     ):
         self.source = source
         self.name = f"scrape-{source.name}"  # its own lock, state and manifest entries
         self.options = options or FetchOptions()
         self.threads = threads
+        self.resize_max_side = resize_max_side
         self._headers = headers or {}
         self._fetcher: Fetcher | None = None
 
@@ -62,7 +64,13 @@ class ScrapeStage(Stage):
     def params(self) -> dict[str, Any]:
         fetch = {k: v for k, v in self.options.__dict__.items() if k != "user_agent"}
         listing = {"listing_error": self.source.listing_error} if self.source.listing_error else {}
-        return {**self.source.params(), **listing, "threads": self.threads, **fetch}
+        return {
+            **self.source.params(),
+            **listing,
+            "threads": self.threads,
+            "resize_max_side": self.resize_max_side,
+            **fetch,
+        }
 
     def plan(self, workspace: Workspace) -> pa.Table:
         return self.source.plan(workspace, self.fetcher)
@@ -91,6 +99,6 @@ class ScrapeStage(Stage):
             if media_type and not media_type.startswith(IMAGE_MEDIA_TYPES):
                 raise ItemRejected("not-an-image", f"{url}: served as {media_type}")
             fields["source_url"] = final_url
-            return collected_row(identity, fields, prompt, data, url)
+            return collected_row(identity, fields, prompt, data, url, self.resize_max_side)
         except ItemRejected as rejected:
             return failed_row(identity, rejected)

@@ -40,6 +40,7 @@ def print_run_report(report) -> None:
     table.add_column("value", justify="right")
     for key in ("planned", "already_done", "processed", "written", "failed", "new_images"):
         table.add_row(key.replace("_", " "), f"{getattr(report, key):,}")
+    table.add_row("image MiB", f"{report.image_bytes / 2**20:,.1f}")
     for reason, number in report.failures_by_reason.items():
         table.add_row(f"  failed: {reason}", f"{number:,}")
     console.print(table)

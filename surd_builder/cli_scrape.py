@@ -31,6 +31,10 @@ PrivateOption = Annotated[
     typer.Option(help="Allow URLs that resolve to private or loopback addresses (e.g. a mirror)."),
 ]
 ForceOption = Annotated[bool, typer.Option(help="Download items already in the workspace again.")]
+ResizeOption = Annotated[
+    int | None,
+    typer.Option(min=16, help="Store images shrunk to this longer side (default: the original)."),
+]
 LimitOption = Annotated[
     int | None, typer.Option(min=1, help="Download at most this many new items.")
 ]
@@ -80,6 +84,7 @@ def urls(
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
     allow_private: PrivateOption = False,
+    resize_max_side: ResizeOption = None,
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
@@ -97,7 +102,7 @@ def urls(
             id_column=id_column,
         )
         fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(listing, fetch, threads=threads)
+        return ScrapeStage(listing, fetch, threads=threads, resize_max_side=resize_max_side)
 
     _run(stage, workspace, batch_size, force, limit, progress)
 
@@ -176,6 +181,7 @@ def civitai(
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
     allow_private: PrivateOption = False,
+    resize_max_side: ResizeOption = None,
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
@@ -211,7 +217,13 @@ def civitai(
             name=source,
         )
         fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(listing, fetch, threads=threads, headers=token_headers(os.environ))
+        return ScrapeStage(
+            listing,
+            fetch,
+            threads=threads,
+            headers=token_headers(os.environ),
+            resize_max_side=resize_max_side,
+        )
 
     _run_listed(stage, workspace, batch_size, force, limit, progress)
 
@@ -231,6 +243,7 @@ def lexica(
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
     allow_private: PrivateOption = False,
+    resize_max_side: ResizeOption = None,
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
@@ -244,7 +257,7 @@ def lexica(
             query, base_url=base_url, max_items=max_items, relist=relist, name=source
         )
         fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(listing, fetch, threads=threads)
+        return ScrapeStage(listing, fetch, threads=threads, resize_max_side=resize_max_side)
 
     _run_listed(stage, workspace, batch_size, force, limit, progress)
 
@@ -270,6 +283,7 @@ def diffusiondb(
     timeout: TimeoutOption = 60.0,
     max_image_mb: MaxImageOption = 64.0,
     allow_private: PrivateOption = False,
+    resize_max_side: ResizeOption = None,
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
@@ -283,6 +297,6 @@ def diffusiondb(
     def stage():
         listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
         fetch = _fetch_options(retries, timeout, max_image_mb, 0.0, allow_private)
-        return ScrapeStage(listing, fetch, threads=threads)
+        return ScrapeStage(listing, fetch, threads=threads, resize_max_side=resize_max_side)
 
     _run_listed(stage, workspace, batch_size, force, limit, progress)

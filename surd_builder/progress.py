@@ -34,11 +34,11 @@ def progress_bar(
         TextColumn("{task.fields[rate]}"),
     ]
     if show_failed:
-        columns.append(TextColumn("failed {task.fields[failed]}"))
+        columns.append(TextColumn("{task.fields[bytes_rate]} failed {task.fields[failed]}"))
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     progress = Progress(*columns, console=stderr_console, transient=False)
     with progress:
-        task = progress.add_task(description, total=total, failed=0, rate="")
+        task = progress.add_task(description, total=total, failed=0, rate="", bytes_rate="")
 
         def advance(n: int, **fields: object) -> None:
             progress.update(task, advance=n, **fields)

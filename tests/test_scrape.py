@@ -165,3 +165,20 @@ def test_bad_url_lists_are_one_line_errors(tmp_path, workspace):
     assert result.stderr.strip().splitlines() == [
         f"error: {csv} has no column 'url' (--url-column)"
     ]
+
+
+def test_resize_keeps_the_original_unless_asked(tmp_path, workspace, server):
+    listing = write_list(
+        tmp_path / "list.jsonl",
+        [{"url": f"{server.base}/img/{n}.png", "prompt": "p"} for n in (1, 2)],
+    )
+    run_stage(ScrapeStage(UrlListSource(listing), LOOPBACK, resize_max_side=64), workspace, QUIET)
+    rows = workspace.read_table("samples").to_pylist()
+    assert {(r["width"], r["height"], r["image_format"]) for r in rows} == {(64, 64, "PNG")}
+    other = tmp_path / "ws2"
+    from surd_builder.workspace import Workspace
+
+    original = Workspace.create(other)
+    report = run_stage(ScrapeStage(UrlListSource(listing), LOOPBACK), original, QUIET)
+    assert {r["width"] for r in original.read_table("samples").to_pylist()} == {200}
+    assert report.image_bytes == sum(len(jpeg(n, size=200, fmt="PNG")) for n in (1, 2))
