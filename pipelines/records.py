@@ -53,12 +53,13 @@ class ItemRejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def inspect_image(data: bytes, name: str) -> tuple[int, int, str]:
-    """(width, height, PIL format) of encoded image ``data``, fully checked.
+def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int, str]:
+    """(width, height, PIL format) of encoded image ``data``, checked.
 
-    Everything is decoded to catch truncated or corrupt data, but JPEG at 1/8 scale (DCT
-    scaling still reads every entropy-coded block). Decompression bombs are rejected, including
-    those PIL only warns about (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``).
+    With ``decode`` everything is decoded to catch truncated or corrupt data, but JPEG at 1/8
+    scale (DCT scaling still reads every entropy-coded block); without, only the header and
+    PIL's ``verify()`` (cheaper; corrupt pixel data gets through). Decompression bombs are
+    rejected either way, including those PIL only warns about (1x to 2x ``MAX_IMAGE_PIXELS``).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -68,8 +69,11 @@ def inspect_image(data: bytes, name: str) -> tuple[int, int, str]:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 image_format = image.format
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                image.load()
+                if decode:
+                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+                else:
+                    image.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ItemRejected("too-large", f"{name}: {error}") from None
     except UnidentifiedImageError:
@@ -158,10 +162,12 @@ def collected_row(
     data: bytes,
     name: str,
     max_side: int | None = None,
+    decode: bool = True,
 ) -> dict[str, Any]:
     """A complete output row for an item whose image ``data`` and keyword ``prompt`` are known.
-    With ``max_side``, larger images are stored shrunk (by default the original is kept)."""
-    width, height, image_format = inspect_image(data, name)
+    With ``max_side``, larger images are stored shrunk (by default the original is kept);
+    ``decode`` chooses the image check (see :func:`inspect_image`)."""
+    width, height, image_format = inspect_image(data, name, decode)
     if max_side is not None and max(width, height) > max_side:
         data = shrink_image(data, max_side)
         width, height, image_format = inspect_image(data, name)

@@ -1,8 +1,8 @@
 """Runs a stage over a workspace: the only module that knows about batching, workers and writes.
 
-The local engine is the default (in-process, or a process pool with ``workers > 1``). A
-distributed engine (Ray Data) plugs in at :func:`_map_batches`: it needs only ``stage.process``
-and the same write calls.
+The local engine is the default (in-process, or a process pool with ``workers > 1`` whose workers
+commit their own batches). A distributed engine (Ray Data) plugs in at :func:`_run_batches`: it
+needs only ``stage.process`` and :func:`commit_batch`.
 """
 
 from __future__ import annotations
@@ -141,13 +141,28 @@ def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
         yield items.slice(offset, batch_size)
 
 
-def _map_batches(
-    stage: Stage, items: pa.Table, options: RunOptions
-) -> Iterator[tuple[int, pa.Table]]:
-    """Yield (input size, output) per batch; order is not guaranteed with several workers."""
+_worker_workspaces: dict[str, Workspace] = {}
+
+
+def _process_and_commit(stage: Stage, batch: pa.Table, root: str) -> BatchCounts:
+    """A worker process's task: process one batch and commit it itself, so image bytes never
+    travel back through a pipe to the parent (atomic writes with unique part names make several
+    writers safe; the workspace object, with its image index, is kept per process)."""
+    workspace = _worker_workspaces.get(root)
+    if workspace is None:
+        workspace = _worker_workspaces[root] = Workspace(root)
+    return commit_batch(workspace, stage.name, stage.output_table, stage.process(batch))
+
+
+def _run_batches(
+    stage: Stage, items: pa.Table, options: RunOptions, workspace: Workspace
+) -> Iterator[tuple[int, BatchCounts]]:
+    """Process and commit every batch; yield (input size, counts) per batch as each finishes
+    (in any order with several workers)."""
     if options.workers <= 1:
         for batch in _batches(items, options.batch_size):
-            yield batch.num_rows, stage.process(batch)
+            output = stage.process(batch)
+            yield batch.num_rows, commit_batch(workspace, stage.name, stage.output_table, output)
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
     context = multiprocessing.get_context("spawn")
@@ -160,7 +175,8 @@ def _map_batches(
             batch = next(batches, None)
             if batch is None:
                 return
-            pending[pool.submit(stage.process, batch)] = batch.num_rows
+            task = pool.submit(_process_and_commit, stage, batch, str(workspace.root))
+            pending[task] = batch.num_rows
 
     try:
         # Workers start during the first submits. Started while Ctrl-C is ignored, they inherit
@@ -218,8 +234,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         try:
             bar = progress_bar(stage.name, items.num_rows, options.show_progress, show_failed=True)
             with bar as advance:
-                for size, output in _map_batches(stage, items, options):
-                    counts = commit_batch(workspace, stage.name, stage.output_table, output)
+                for size, counts in _run_batches(stage, items, options, workspace):
                     report.processed += size
                     report.written += counts.written
                     report.failed += counts.failed

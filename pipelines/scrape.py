@@ -41,12 +41,14 @@ class ScrapeStage(Stage):
         threads: int = 16,
         headers: dict[str, str] | None = None,
         resize_max_side: int | None = None,
+        decode_check: bool = True,
     ):
         self.source = source
         self.name = f"scrape-{source.name}"  # its own lock, state and manifest entries
         self.options = options or FetchOptions()
         self.threads = threads
         self.resize_max_side = resize_max_side
+        self.decode_check = decode_check
         self._headers = headers or {}
         self._fetcher: Fetcher | None = None
 
@@ -69,6 +71,7 @@ class ScrapeStage(Stage):
             **listing,
             "threads": self.threads,
             "resize_max_side": self.resize_max_side,
+            "decode_check": self.decode_check,
             **fetch,
         }
 
@@ -99,6 +102,8 @@ class ScrapeStage(Stage):
             if media_type and not media_type.startswith(IMAGE_MEDIA_TYPES):
                 raise ItemRejected("not-an-image", f"{url}: served as {media_type}")
             fields["source_url"] = final_url
-            return collected_row(identity, fields, prompt, data, url, self.resize_max_side)
+            return collected_row(
+                identity, fields, prompt, data, url, self.resize_max_side, self.decode_check
+            )
         except ItemRejected as rejected:
             return failed_row(identity, rejected)

@@ -324,10 +324,10 @@ class Workspace:
         return found
 
     def image_stats(self) -> tuple[int, int]:
-        """(number of stored images, bytes of their shards on disk)."""
-        shards = self.image_shards()
-        count = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
-        return count, sum(s.stat().st_size for s in shards)
+        """(number of distinct stored images, bytes of their shards on disk). Concurrent writers
+        may each store an image they both fetched; it is counted once."""
+        self._image_index = None  # other processes may have written since
+        return len(self.image_index()), sum(s.stat().st_size for s in self.image_shards())
 
     # ----------------------------------------------------------------- scrape listings
     def _listing_dir(self, source: str) -> Path:

@@ -132,8 +132,8 @@ def test_scrape_killed_part_way_then_resumed_has_every_item_once(tmp_path, works
     listing = write_list(tmp_path / "list.jsonl", rows)
     command = [
         sys.executable, "-m", "surd_builder", "build", "scrape", "urls", str(listing),
-        "-w", str(workspace.root), "--allow-private", "--threads", "1", "--batch-size", "4",
-        "--id-column", "url", "--no-progress",
+        "-w", str(workspace.root), "--allow-private", "--threads", "1", "--workers", "1",
+        "--batch-size", "4", "--id-column", "url", "--no-progress",
     ]  # fmt: skip
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
