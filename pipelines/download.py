@@ -16,6 +16,7 @@ Failures raise :class:`FetchError` with a short ``reason`` (``http-404``, ``time
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import threading
@@ -122,17 +123,27 @@ def check_url(url: str, allow_private: bool) -> str:
     if not parts.hostname:
         raise FetchError("bad-url", "URL without a host")
     if not allow_private:
-        try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, None)}
-        except OSError as error:
-            raise FetchError("dns-error", f"{parts.hostname}: {error.strerror or error}") from None
-        for address in addresses:
-            if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
-                raise FetchError(
-                    "private-address",
-                    f"{parts.hostname} resolves to {address} (use --allow-private to permit)",
-                )
+        private = _private_address(parts.hostname)
+        if private:
+            raise FetchError(
+                "private-address",
+                f"{parts.hostname} resolves to {private} (use --allow-private to permit)",
+            )
     return parts.hostname
+
+
+@functools.lru_cache(maxsize=4096)
+def _private_address(host: str) -> str | None:
+    """The first non-public address ``host`` resolves to, or ``None`` (cached per process: a
+    scrape asks about the same few hosts thousands of times)."""
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except OSError as error:
+        raise FetchError("dns-error", f"{host}: {error.strerror or error}") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
+            return address
+    return None
 
 
 class Fetcher:
