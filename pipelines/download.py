@@ -115,21 +115,25 @@ def _ca_bundle() -> str | None:
 
 def check_url(url: str, allow_private: bool) -> str:
     """Return the host of ``url`` or raise: only http(s), and no private address unless allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as error:
+        raise FetchError("bad-url", f"malformed URL ({error})") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise FetchError(
             "bad-url", f"only http and https URLs are fetched, not {parts.scheme or '?'}:"
         )
-    if not parts.hostname:
+    if not hostname:
         raise FetchError("bad-url", "URL without a host")
     if not allow_private:
-        private = _private_address(parts.hostname)
+        private = _private_address(hostname)
         if private:
             raise FetchError(
                 "private-address",
-                f"{parts.hostname} resolves to {private} (use --allow-private to permit)",
+                f"{hostname} resolves to {private} (use --allow-private to permit)",
             )
-    return parts.hostname
+    return hostname
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,6 +142,8 @@ def _private_address(host: str) -> str | None:
     scrape asks about the same few hosts thousands of times)."""
     try:
         addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except UnicodeError:
+        raise FetchError("bad-url", f"{host!r} is not a valid host name") from None
     except OSError as error:
         raise FetchError("dns-error", f"{host}: {error.strerror or error}") from None
     for address in addresses:
@@ -152,11 +158,15 @@ class Fetcher:
     def __init__(
         self,
         options: FetchOptions | None = None,
-        headers: dict[str, str] | None = None,
+        auth_headers: dict[str, str] | None = None,
+        auth_host: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
+        """``auth_headers`` (an API token) go only to ``auth_host``, never to image hosts or
+        redirect targets elsewhere."""
         self.options = options or FetchOptions()
-        self._headers = {"User-Agent": self.options.user_agent, **(headers or {})}
+        self._headers = {"User-Agent": self.options.user_agent}
+        self._auth_headers, self._auth_host = auth_headers or {}, auth_host
         self._sleep = sleep
         self._limiter = HostRateLimiter(self.options.per_host_rate, sleep)
         self._local = threading.local()
@@ -227,6 +237,7 @@ class Fetcher:
                 response = self._session().get(
                     current,
                     params=params,
+                    headers=self._auth_headers if host == self._auth_host else None,
                     stream=True,
                     allow_redirects=False,
                     timeout=(options.connect_timeout, options.read_timeout),
@@ -235,6 +246,8 @@ class Fetcher:
                 raise _Retryable("timeout", host) from None
             except requests.ConnectionError as error:
                 raise _Retryable("connection-error", f"{host}: {type(error).__name__}") from None
+            except (requests.RequestException, ValueError) as error:  # e.g. an invalid port
+                raise FetchError("bad-url", f"{host}: {type(error).__name__}") from None
             with response:
                 if response.is_redirect:
                     current = urljoin(current, response.headers["Location"])
@@ -274,5 +287,7 @@ class Fetcher:
             raise _Retryable(reason, url) from None
         except requests.exceptions.ChunkedEncodingError:
             raise _Retryable("truncated", url) from None
+        except requests.exceptions.ContentDecodingError:
+            raise FetchError("bad-encoding", url) from None
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         return Fetched(b"".join(chunks), response.url or url, media_type)

@@ -39,7 +39,7 @@ class ScrapeStage(Stage):
         source: Source,
         options: FetchOptions | None = None,
         threads: int = 16,
-        headers: dict[str, str] | None = None,
+        auth_headers: dict[str, str] | None = None,
         resize_max_side: int | None = None,
         decode_check: bool = True,
     ):
@@ -49,7 +49,7 @@ class ScrapeStage(Stage):
         self.threads = threads
         self.resize_max_side = resize_max_side
         self.decode_check = decode_check
-        self._headers = headers or {}
+        self._auth_headers = auth_headers or {}
         self._fetcher: Fetcher | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -60,7 +60,7 @@ class ScrapeStage(Stage):
     @property
     def fetcher(self) -> Fetcher:
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.options, self._headers)
+            self._fetcher = Fetcher(self.options, self._auth_headers, self.source.api_host)
         return self._fetcher
 
     def params(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ RetriesOption = Annotated[
 TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Read timeout per request, seconds.")]
 MaxImageOption = Annotated[float, typer.Option(min=0.001, help="Largest image accepted, MiB.")]
 RateOption = Annotated[
-    float, typer.Option(min=0.0, help="Requests per second per host (0: no limit).")
+    float,
+    typer.Option(min=0.0, help="Requests per second per host (0: no limit; uses one worker)."),
 ]
 PrivateOption = Annotated[
     bool,
@@ -58,10 +59,13 @@ def _run(stage_factory, workspace: Path, batch_size, workers, force, limit, prog
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
+    stage = stage_factory()
+    if stage.options.per_host_rate > 0:
+        workers = 1  # the rate limit is kept per process: one process keeps it exact
     options = RunOptions(
         batch_size=batch_size, workers=workers, force=force, limit=limit, show_progress=progress
     )
-    print_run_report(run_stage(stage_factory(), ws, options))
+    print_run_report(run_stage(stage, ws, options))
 
 
 def _fetch_options(retries: int, timeout: float, max_image_mb: float, rate: float, private: bool):
@@ -246,7 +250,7 @@ def civitai(
             listing,
             fetch,
             threads=threads,
-            headers=token_headers(os.environ),
+            auth_headers=token_headers(os.environ),
             resize_max_side=resize_max_side,
             decode_check=decode_check,
         )

@@ -42,6 +42,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.hits: Counter[str] = Counter()
         self.user_agents: set[str] = set()
         self.authorizations: set[str] = set()
+        self.auth_by_host: set[tuple[str, str]] = set()
         self.queries: list[tuple[str, str]] = []
         self.files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type)
         self.documents: dict[str, object] = {}
@@ -97,6 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
         hit = self.server.count(path)
         self.server.user_agents.add(self.headers.get("User-Agent", ""))
         self.server.authorizations.add(self.headers.get("Authorization", ""))
+        host = self.headers.get("Host", "").rsplit(":", 1)[0]
+        self.server.auth_by_host.add((host, self.headers.get("Authorization", "")))
         self.server.queries.append((path, self.path.partition("?")[2]))
         if path in self.server.files:
             self._send(200, *self.server.files[path])

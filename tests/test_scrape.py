@@ -182,3 +182,10 @@ def test_resize_keeps_the_original_unless_asked(tmp_path, workspace, server):
     report = run_stage(ScrapeStage(UrlListSource(listing), LOOPBACK), original, QUIET)
     assert {r["width"] for r in original.read_table("samples").to_pylist()} == {200}
     assert report.image_bytes == sum(len(jpeg(n, size=200, fmt="PNG")) for n in (1, 2))
+
+
+def test_malformed_urls_are_failures_not_crashes(tmp_path, workspace):
+    urls = ["http://[::1", "http://" + "a" * 70 + ".example/x.jpg", "ftp://example.org/x.jpg"]
+    listing = write_list(tmp_path / "list.jsonl", [{"url": u, "prompt": "p"} for u in urls])
+    report = run_stage(ScrapeStage(UrlListSource(listing), FetchOptions()), workspace, QUIET)
+    assert report.failures_by_reason == {"bad-url": 3}

@@ -57,6 +57,8 @@ def test_civitai_images_through_the_cli(tmp_path, server):
         "items": [
             civitai_image(1, base),
             civitai_image(2, base, meta=None),  # no prompt: skipped, counted
+            # an image on another host: it must not receive the API token
+            civitai_image(5, base, url=f"{base.replace('127.0.0.1', 'localhost')}/img/5.jpg"),
             civitai_image(3, base, meta={"id": 3, "meta": {"prompt": "wrapped meta"}}),
         ],
         "metadata": {"nextCursor": "abc", "nextPage": f"{base}/civitai/page-2"},
@@ -79,7 +81,7 @@ def test_civitai_images_through_the_cli(tmp_path, server):
 
     workspace = Workspace.open(ws)
     samples = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
-    assert set(samples) == {"1", "3", "4"}  # 3 was on both pages: one sample
+    assert set(samples) == {"1", "3", "4", "5"}  # 3 was on both pages: one sample
     first = samples["1"]
     assert first["complex_prompt"] == "castle 1, fantasy, 8k, artstation"
     assert (first["negative_prompt"], first["sampler"], first["seed"]) == (
@@ -99,7 +101,8 @@ def test_civitai_images_through_the_cli(tmp_path, server):
     assert query == {
         "modelId": ["77"], "nsfw": ["X"], "sort": ["Newest"], "withMeta": ["true"], "limit": ["3"]
     }  # fmt: skip
-    assert f"Bearer {TOKEN}" in server.authorizations
+    assert ("127.0.0.1", f"Bearer {TOKEN}") in server.auth_by_host  # the API host gets it
+    assert {auth for host, auth in server.auth_by_host if host == "localhost"} == {""}
     # the token is sent, but never written anywhere in the workspace nor printed
     assert TOKEN not in result.stdout + result.stderr
     for path in ws.rglob("*"):
@@ -283,3 +286,17 @@ def test_diffusiondb_over_http_downloads_each_part_once(tmp_path, workspace, ser
     assert server.hits["/dataset/images/part-000003.zip"] == 1  # cached in the workspace
     with pytest.raises(InputError, match="parts are numbered 1 to 2000"):
         parse_parts("0-2")
+
+
+def test_a_listing_is_not_resumed_with_other_options(workspace, server):
+    base = server.base
+    server.documents["/api/v1/images"] = {"items": [civitai_image(1, base)], "metadata": {}}
+    run_stage(
+        ScrapeStage(CivitaiImages(base_url=base, query={"modelId": 1}), LOOPBACK), workspace, QUIET
+    )
+    other = CivitaiImages(base_url=base, query={"modelId": 2})
+    with pytest.raises(InputError, match="made with other options.*--relist"):
+        run_stage(ScrapeStage(other, LOOPBACK), workspace, QUIET)
+    relisted = CivitaiImages(base_url=base, query={"modelId": 2}, relist=True)
+    report = run_stage(ScrapeStage(relisted, LOOPBACK), workspace, QUIET)
+    assert report.planned == 1 and server.hits["/api/v1/images"] == 2

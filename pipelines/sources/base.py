@@ -51,6 +51,8 @@ class Source(ABC):
     name: str
     #: why listing stopped early (a page that failed after retries), for the user to see
     listing_error: str | None = None
+    #: the only host that receives the source's API token, if it has one
+    api_host: str | None = None
 
     @abstractmethod
     def plan(self, workspace: Workspace, fetcher: Fetcher) -> pa.Table:
@@ -92,10 +94,20 @@ class PagedSource(Source):
         from pipelines.download import FetchError
 
         state_name = f"listing-{self.name}"
+        asked = json.loads(json.dumps(self.params(), default=str))  # as it reads back from JSON
         state = workspace.read_state(state_name)
         if self.relist:
             workspace.clear_listing(self.name)
-            state = {}
+            state = {"params": asked}
+            workspace.write_state(state_name, state)
+        elif state and state.get("params") != asked:
+            from surd_builder.errors import InputError
+
+            raise InputError(
+                f"the {self.name} listing in this workspace was made with other options "
+                f"({state.get('params')}); pass --relist to list again with these, "
+                "or --source NAME to keep both"
+            )
         listed = int(state.get("listed", 0))
         pages = int(state.get("pages", 0))
         cursor, exhausted = state.get("cursor"), bool(state.get("exhausted", False))
@@ -113,6 +125,12 @@ class PagedSource(Source):
             workspace.write_listing(self.name, items)  # items first, then the cursor past them
             listed += items.num_rows
             pages += 1
-            state = {"cursor": cursor, "exhausted": exhausted, "listed": listed, "pages": pages}
+            state = {
+                "params": asked,
+                "cursor": cursor,
+                "exhausted": exhausted,
+                "listed": listed,
+                "pages": pages,
+            }
             workspace.write_state(state_name, state)
         return workspace.read_listing(self.name)

@@ -16,6 +16,7 @@ the saved listing cursor. An API token, if any, is sent as ``Authorization: Bear
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -82,6 +83,7 @@ class _CivitaiSource(PagedSource):
     ):
         super().__init__(max_items=max_items, relist=relist)
         self.base_url = base_url.rstrip("/")
+        self.api_host = urlsplit(self.base_url).hostname
         self.query = {k: v for k, v in (query or {}).items() if v not in (None, "", [])}
         self.page_size = page_size
         self.name = name

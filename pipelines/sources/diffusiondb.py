@@ -39,15 +39,16 @@ LICENSE = "CC0-1.0"  # DiffusionDB's images and prompts are released under CC0 1
 def parse_parts(spec: str, large: bool = False) -> list[int]:
     """``"1-3,7"`` -> ``[1, 2, 3, 7]``, checked against the subset's part count."""
     parts: set[int] = set()
-    try:
-        for chunk in spec.split(","):
-            first, _, last = chunk.strip().partition("-")
-            parts.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise InputError(f"--parts {spec!r}: use numbers and ranges like 1-3,7") from None
     highest = PART_COUNT[large]
-    if not parts or min(parts) < 1 or max(parts) > highest:
-        raise InputError(f"--parts {spec!r}: parts are numbered 1 to {highest}")
+    for chunk in spec.split(","):
+        first, _, last = chunk.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise InputError(f"--parts {spec!r}: use numbers and ranges like 1-3,7") from None
+        if not 1 <= low <= high <= highest:
+            raise InputError(f"--parts {spec!r}: parts are numbered 1 to {highest}")
+        parts.update(range(low, high + 1))
     return sorted(parts)
 
 
