@@ -16,8 +16,6 @@ the same ``sample_id``. The images' bytes are stored unchanged (no re-encoding).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -33,6 +31,7 @@ from pipelines.records import (
     clean_prompt,
     collected_row,
     failed_row,
+    read_records,
     sample_fields,
 )
 from surd_builder.config import IngestSettings
@@ -82,29 +81,7 @@ def read_metadata(folder: Path) -> tuple[Path | None, list[dict[str, Any]]]:
     if not present:
         return None, []
     path = present[0]
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
-    rows: list[dict[str, Any]] = []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: each line must be a JSON object")
-            rows.append(row)
-    else:
-        try:
-            rows = list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as error:
-            raise InputError(f"{path}: not valid CSV ({error})") from None
+    rows = read_records(path)
     seen: dict[str, int] = {}
     for number, row in enumerate(rows, start=1):
         name = row.get("file_name")

@@ -6,14 +6,18 @@ into a failure row (``failure_reason`` / ``failure_detail``), never into a crash
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import warnings
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES
+from surd_builder.errors import InputError
 from surd_builder.ids import sha256_hex
 from surd_builder.schema import STAGE_TABLES
 
@@ -43,6 +47,41 @@ COLLECT_OUTPUT_SCHEMA = pa.schema(
         pa.field(FAILURE_DETAIL, pa.string()),
     ]
 )
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a user's CSV, JSONL or Parquet file; a malformed file is an :class:`InputError`
+    naming the file (and the line, for JSONL)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{path} is not a readable Parquet file ({error})") from None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    if suffix == ".csv":
+        try:
+            return list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as error:
+            raise InputError(f"{path}: not valid CSV ({error})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: each line must be a JSON object")
+            rows.append(row)
+    return rows
 
 
 class ItemRejected(Exception):

@@ -7,12 +7,12 @@ when given, else the URL itself, so the same URL is the same sample on every run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipelines.records import read_records
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 
@@ -25,42 +25,12 @@ FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV / JSONL / Parquet file; a malformed file is an :class:`InputError`."""
+    """Rows of the URL list (CSV / JSONL / Parquet); a malformed file is an :class:`InputError`."""
     if not path.is_file():
         raise InputError(f"URL list {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
+    if path.suffix.lower() not in FORMATS:
         raise InputError(f"{path}: use a .csv, .jsonl or .parquet file")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except (pa.ArrowInvalid, OSError) as error:
-            raise InputError(f"{path} is not a readable Parquet file ({error})") from None
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path} is not UTF-8 text (byte {error.start})") from None
-    if suffix == ".csv":
-        import csv
-        import io
-
-        try:
-            return list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as error:
-            raise InputError(f"{path}: not valid CSV ({error})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: each line must be a JSON object")
-            rows.append(row)
-    return rows
+    return read_records(path)
 
 
 class UrlListSource(Source):
