@@ -249,6 +249,19 @@ def test_diffusiondb_local_zip_and_extracted_folder(tmp_path, workspace):
     (root / "images" / "part-000001.zip").write_bytes(zipped)
     second, prompts_2 = diffusiondb_part(2, 2)
     zipfile.ZipFile(io.BytesIO(second)).extractall(root / "images" / "part-000002")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first_name = sorted(prompts_1)[0]
+    metadata = pa.table(
+        {
+            "image_name": [first_name, "elsewhere.png"],
+            "part_id": pa.array([1, 9], pa.uint16()),
+            "user_name": ["hash-of-a-user", "someone else"],
+            "image_nsfw": pa.array([2.0, 0.1], pa.float32()),
+        }
+    )
+    pq.write_table(metadata, root / "metadata.parquet")
 
     from pipelines.sources.diffusiondb import DiffusionDB
 
@@ -267,6 +280,8 @@ def test_diffusiondb_local_zip_and_extracted_folder(tmp_path, workspace):
     )
     assert (sample["sampler"], sample["cfg_scale"], sample["license"]) == ("k_lms", 7.0, "CC0-1.0")
     assert sample["source_url"] is None and sample["width"] == 48  # no local paths in the data
+    assert (samples[first_name]["creator"], samples[first_name]["nsfw"]) == ("hash-of-a-user", True)
+    assert sample["creator"] is None
 
 
 def test_diffusiondb_over_http_downloads_each_part_once(tmp_path, workspace, server):

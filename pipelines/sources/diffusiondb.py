@@ -1,5 +1,7 @@
 """``diffusiondb`` source: the DiffusionDB layout (poloclub/diffusiondb), local or over HTTP.
 
+A local ``metadata.parquet`` adds each image's creator and NSFW score (see ``_metadata_table``).
+
 DiffusionDB ships images in parts of 1,000: ``images/part-000001.zip`` (2M subset, PNG) or
 ``diffusiondb-large-part-{1,2}/part-000001.zip`` (large subset, WebP; parts 1-10000 in ``-1``,
 10001-14000 in ``-2``). Each part holds its images and ``part-000001.json``, a map from image file
@@ -86,6 +88,7 @@ class DiffusionDB(Source):
     def plan(self, workspace: Workspace, fetcher: Fetcher) -> pa.Table:
         if not self.remote and not Path(self.location).is_dir():
             raise InputError(f"DiffusionDB folder {self.location} does not exist")
+        extra = self._metadata_table()
         tables = []
         for part in self.parts:
             try:
@@ -97,7 +100,7 @@ class DiffusionDB(Source):
             except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
                 self.listing_error = f"part {part}: unreadable ({error})"
                 continue
-            tables.append(items_table(self.name, self._items(part, container, prompts)))
+            tables.append(items_table(self.name, self._items(part, container, prompts, extra)))
         return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
     def _part_container(self, part: int, workspace: Workspace, fetcher: Fetcher) -> Path:
@@ -128,10 +131,38 @@ class DiffusionDB(Source):
             raise ValueError(f"{name} is not a map of image names")
         return prompts
 
-    def _items(self, part: int, container: Path, prompts: dict[str, dict[str, Any]]):
+    def _metadata_table(self) -> dict[str, dict[str, Any]]:
+        """Per-image extras from a local ``metadata.parquet`` (``metadata-large.parquet``), when
+        present: creator (``user_name``) and NSFW (``image_nsfw`` >= 0.5; 2.0 marks images the
+        SD safety filter blurred). The part JSONs alone carry the prompts and generation data."""
+        path = Path(self.location) / (
+            "metadata-large.parquet" if self.large else "metadata.parquet"
+        )
+        if self.remote or not path.is_file():
+            return {}
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        columns = ["image_name", "part_id", "user_name", "image_nsfw"]
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowInvalid, OSError, KeyError) as error:
+            raise InputError(f"{path} is not a DiffusionDB metadata file ({error})") from None
+        wanted = pa.array(self.parts, table["part_id"].type)
+        table = table.filter(pc.is_in(table["part_id"], value_set=wanted))
+        return {
+            row["image_name"]: {
+                "creator": row["user_name"],
+                "nsfw": None if row["image_nsfw"] is None else row["image_nsfw"] >= 0.5,
+            }
+            for row in table.to_pylist()
+        }
+
+    def _items(self, part: int, container: Path, prompts: dict, extra: dict[str, dict[str, Any]]):
         for image_name, entry in sorted(prompts.items()):
             entry = entry if isinstance(entry, dict) else {}
             fields = {
+                **extra.get(image_name, {}),
                 "complex_prompt": entry.get("p"),
                 "seed": entry.get("se"),
                 "cfg_scale": entry.get("c"),
