@@ -54,30 +54,61 @@ LimitOption = Annotated[
 ]
 
 
-def _run(stage_factory, workspace: Path, batch_size, workers, force, limit, progress) -> None:
+def _scrape(
+    source,
+    workspace: Path,
+    *,
+    threads: int,
+    workers: int,
+    batch_size: int,
+    retries: int,
+    timeout: float,
+    max_image_mb: float,
+    per_host_rate: float,
+    allow_private: bool,
+    resize_max_side: int | None,
+    decode_check: bool,
+    force: bool,
+    limit: int | None,
+    progress: bool,
+    auth_headers: dict[str, str] | None = None,
+) -> None:
+    """What every scrape command does once it has its source: download, report, warn."""
+    from pipelines.download import FetchOptions
     from pipelines.runner import RunOptions, run_stage
+    from pipelines.scrape import ScrapeStage
     from surd_builder.workspace import Workspace
 
-    ws = Workspace.open(workspace)
-    stage = stage_factory()
-    if stage.options.per_host_rate > 0:
+    fetch = FetchOptions(
+        read_timeout=timeout,
+        retries=retries,
+        max_bytes=int(max_image_mb * 2**20),
+        per_host_rate=per_host_rate,
+        allow_private=allow_private,
+    )
+    stage = ScrapeStage(
+        source,
+        fetch,
+        threads=threads,
+        auth_headers=auth_headers,
+        resize_max_side=resize_max_side,
+        decode_check=decode_check,
+    )
+    if per_host_rate > 0:
         workers = 1  # the rate limit is kept per process: one process keeps it exact
     options = RunOptions(
         batch_size=batch_size, workers=workers, force=force, limit=limit, show_progress=progress
     )
-    print_run_report(run_stage(stage, ws, options))
-
-
-def _fetch_options(retries: int, timeout: float, max_image_mb: float, rate: float, private: bool):
-    from pipelines.download import FetchOptions
-
-    return FetchOptions(
-        read_timeout=timeout,
-        retries=retries,
-        max_bytes=int(max_image_mb * 2**20),
-        per_host_rate=rate,
-        allow_private=private,
-    )
+    ws = Workspace.open(workspace)
+    try:
+        print_run_report(run_stage(stage, ws, options))
+    finally:
+        if source.listing_error:
+            typer.echo(
+                f"warning: listing stopped early at {source.listing_error}; what was listed "
+                "was downloaded, and the next run resumes listing there",
+                err=True,
+            )
 
 
 @scrape_app.command()
@@ -111,27 +142,28 @@ def urls(
     progress: ProgressOption = True,
 ) -> None:
     """Download images listed in a file of URLs and prompts (like img2dataset's input)."""
-    from pipelines.scrape import ScrapeStage
     from pipelines.sources.urls import UrlListSource
 
-    def stage():
-        listing = UrlListSource(
-            file,
-            name=source,
-            url_column=url_column,
-            prompt_column=prompt_column,
-            id_column=id_column,
-        )
-        fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(
-            listing,
-            fetch,
-            threads=threads,
-            resize_max_side=resize_max_side,
-            decode_check=decode_check,
-        )
-
-    _run(stage, workspace, batch_size, workers, force, limit, progress)
+    listing = UrlListSource(
+        file, name=source, url_column=url_column, prompt_column=prompt_column, id_column=id_column
+    )
+    _scrape(
+        listing,
+        workspace,
+        threads=threads,
+        workers=workers,
+        batch_size=batch_size,
+        retries=retries,
+        timeout=timeout,
+        max_image_mb=max_image_mb,
+        per_host_rate=per_host_rate,
+        allow_private=allow_private,
+        resize_max_side=resize_max_side,
+        decode_check=decode_check,
+        force=force,
+        limit=limit,
+        progress=progress,
+    )
 
 
 MaxItemsOption = Annotated[
@@ -141,29 +173,6 @@ MaxItemsOption = Annotated[
 RelistOption = Annotated[
     bool, typer.Option(help="Forget the saved listing cursor and list from the first page.")
 ]
-
-
-def _warn_listing(stage) -> None:
-    if stage.source.listing_error:
-        typer.echo(
-            f"warning: listing stopped early at {stage.source.listing_error}; "
-            "what was listed was downloaded, and the next run resumes listing there",
-            err=True,
-        )
-
-
-def _run_listed(stage_factory, workspace, batch_size, workers, force, limit, progress) -> None:
-    made = []
-
-    def factory():
-        made.append(stage_factory())
-        return made[-1]
-
-    try:
-        _run(factory, workspace, batch_size, workers, force, limit, progress)
-    finally:
-        if made:
-            _warn_listing(made[-1])
 
 
 @scrape_app.command()
@@ -216,9 +225,6 @@ def civitai(
     progress: ProgressOption = True,
 ) -> None:
     """Images with their prompts from Civitai's REST API; token from CIVITAI_API_TOKEN."""
-    import os
-
-    from pipelines.scrape import ScrapeStage
     from pipelines.sources.civitai import CivitaiImages, CivitaiModels, token_headers
     from surd_builder.errors import InputError
 
@@ -236,26 +242,32 @@ def civitai(
         filters = {"query": query, "types": types, "username": username}
         source_class = CivitaiModels
 
-    def stage():
-        listing = source_class(
-            base_url=base_url,
-            query={**common, **filters},
-            page_size=page_size,
-            max_items=max_items,
-            relist=relist,
-            name=source,
-        )
-        fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(
-            listing,
-            fetch,
-            threads=threads,
-            auth_headers=token_headers(os.environ),
-            resize_max_side=resize_max_side,
-            decode_check=decode_check,
-        )
-
-    _run_listed(stage, workspace, batch_size, workers, force, limit, progress)
+    listing = source_class(
+        base_url=base_url,
+        query={**common, **filters},
+        page_size=page_size,
+        max_items=max_items,
+        relist=relist,
+        name=source,
+    )
+    _scrape(
+        listing,
+        workspace,
+        threads=threads,
+        workers=workers,
+        batch_size=batch_size,
+        retries=retries,
+        timeout=timeout,
+        max_image_mb=max_image_mb,
+        per_host_rate=per_host_rate,
+        allow_private=allow_private,
+        resize_max_side=resize_max_side,
+        decode_check=decode_check,
+        force=force,
+        limit=limit,
+        progress=progress,
+        auth_headers=token_headers(os.environ),
+    )
 
 
 @scrape_app.command()
@@ -281,23 +293,28 @@ def lexica(
     progress: ProgressOption = True,
 ) -> None:
     """Images with their prompts from Lexica's search API (about 50 per query)."""
-    from pipelines.scrape import ScrapeStage
     from pipelines.sources.lexica import LexicaSearch
 
-    def stage():
-        listing = LexicaSearch(
-            query, base_url=base_url, max_items=max_items, relist=relist, name=source
-        )
-        fetch = _fetch_options(retries, timeout, max_image_mb, per_host_rate, allow_private)
-        return ScrapeStage(
-            listing,
-            fetch,
-            threads=threads,
-            resize_max_side=resize_max_side,
-            decode_check=decode_check,
-        )
-
-    _run_listed(stage, workspace, batch_size, workers, force, limit, progress)
+    listing = LexicaSearch(
+        query, base_url=base_url, max_items=max_items, relist=relist, name=source
+    )
+    _scrape(
+        listing,
+        workspace,
+        threads=threads,
+        workers=workers,
+        batch_size=batch_size,
+        retries=retries,
+        timeout=timeout,
+        max_image_mb=max_image_mb,
+        per_host_rate=per_host_rate,
+        allow_private=allow_private,
+        resize_max_side=resize_max_side,
+        decode_check=decode_check,
+        force=force,
+        limit=limit,
+        progress=progress,
+    )
 
 
 @scrape_app.command()
@@ -329,20 +346,25 @@ def diffusiondb(
     progress: ProgressOption = True,
 ) -> None:
     """Images with prompts from the DiffusionDB layout (part zips + their JSON)."""
-    from pipelines.scrape import ScrapeStage
     from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
 
     part_numbers = parse_parts(parts, large)
 
-    def stage():
-        listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
-        fetch = _fetch_options(retries, timeout, max_image_mb, 0.0, allow_private)
-        return ScrapeStage(
-            listing,
-            fetch,
-            threads=threads,
-            resize_max_side=resize_max_side,
-            decode_check=decode_check,
-        )
-
-    _run_listed(stage, workspace, batch_size, workers, force, limit, progress)
+    listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
+    _scrape(
+        listing,
+        workspace,
+        threads=threads,
+        workers=workers,
+        batch_size=batch_size,
+        retries=retries,
+        timeout=timeout,
+        max_image_mb=max_image_mb,
+        per_host_rate=0.0,
+        allow_private=allow_private,
+        resize_max_side=resize_max_side,
+        decode_check=decode_check,
+        force=force,
+        limit=limit,
+        progress=progress,
+    )
