@@ -30,6 +30,7 @@ from pipelines.records import (
     ItemRejected,
     clean_prompt,
     collected_row,
+    default_prompt_column,
     failed_row,
     read_records,
     sample_fields,
@@ -42,9 +43,6 @@ from surd_builder.workspace import Workspace
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SIDECAR_EXTENSIONS = (".txt", ".caption")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-# Tried in order when --prompt-column is not given.
-PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
-# Metadata columns copied into the sample as they are, with the type each is coerced to.
 # Files larger than this are skipped as "too-large" before being read into memory.
 DEFAULT_MAX_IMAGE_BYTES = int(IngestSettings.max_image_mb * 2**20)
 _SOURCE_NAME = re.compile(r"[^\w.:-]+")  # \w: letters and digits of any script, and _
@@ -156,7 +154,7 @@ class IngestStage(Stage):
                 raise InputError(f"{metadata_path} has no column {self.prompt_column!r}")
             self._prompt_key = self.prompt_column
         else:
-            self._prompt_key = next((c for c in PROMPT_COLUMN_CANDIDATES if c in columns), None)
+            self._prompt_key = default_prompt_column(columns)
 
         items: dict[str, dict[str, Any]] = {name: {} for name in discover_images(self.folder)}
         items.update({row["file_name"]: row for row in rows})

@@ -37,6 +37,14 @@ METADATA_FIELDS: dict[str, type] = {
     "page_url": str,
 }
 _INT_BITS = {"steps": 32, "seed": 64}
+# Columns tried in order for the keyword prompt when the user names none (HF imagefolder and
+# img2dataset inputs use ``text`` or ``caption``).
+PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
+
+
+def default_prompt_column(columns: set[str]) -> str | None:
+    return next((c for c in PROMPT_COLUMN_CANDIDATES if c in columns), None)
+
 
 # What a collecting stage's ``process`` returns (see pipelines/base.py).
 COLLECT_OUTPUT_SCHEMA = pa.schema(

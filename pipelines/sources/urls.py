@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.records import read_records
+from pipelines.records import PROMPT_COLUMN_CANDIDATES, default_prompt_column, read_records
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from pipelines.download import Fetcher
     from surd_builder.workspace import Workspace
 
-PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
 FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 
 
@@ -59,7 +58,7 @@ class UrlListSource(Source):
                 raise InputError(f"{self.path} has no column {column!r} ({option})")
         prompt_column = self.prompt_column
         if prompt_column is None:
-            prompt_column = next((c for c in PROMPT_COLUMN_CANDIDATES if c in columns), None)
+            prompt_column = default_prompt_column(columns)
         if prompt_column is None or (rows and prompt_column not in columns):
             wanted = prompt_column or " / ".join(PROMPT_COLUMN_CANDIDATES)
             raise InputError(f"{self.path} has no prompt column {wanted!r} (--prompt-column)")
