@@ -66,10 +66,15 @@ class Stage(ABC):
     def process(self, batch: pa.Table) -> pa.Table:
         """Pure function: work items in, output rows (or failures) out, one per item."""
 
-    def done_ids(self, workspace: Workspace) -> set[str]:
-        """Ids a run skips (unless ``force``): by default every sample already in the output
-        table. Override when "done" depends on more, e.g. a rewriter redoing samples whose
-        narrative came from another model."""
+    #: the runner adds each item's stored image as ``image_bytes`` (binary) to the batch before
+    #: ``process``, for stages that look at images (captioning, screening). Loading is the
+    #: runner's I/O, so ``process`` stays a pure function of its batch.
+    needs_images: bool = False
+
+    def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
+        """Ids among the planned ``items`` that a run skips (unless ``force``): by default every
+        sample already in the output table. Override when "done" depends on more, e.g. a
+        rewriter redoing samples whose narrative came from another model or template."""
         return workspace.sample_ids(self.output_table)
 
     def params(self) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class HostRateLimiter:
             self._sleep(slot - now)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
@@ -262,7 +262,7 @@ class Fetcher:
         status = response.status_code
         if status in RETRYABLE_STATUS:
             raise _Retryable(
-                f"http-{status}", url, _retry_after(response.headers.get("Retry-After"))
+                f"http-{status}", url, retry_after_seconds(response.headers.get("Retry-After"))
             )
         if status >= 400:
             raise FetchError(f"http-{status}", url)

@@ -136,6 +136,25 @@ def commit_batch(
     )
 
 
+def with_images(workspace: Workspace, batch: pa.Table) -> pa.Table:
+    """``batch`` plus an ``image_bytes`` column read from the image store (by ``image_sha256``;
+    null where a row has none), for stages with ``needs_images``."""
+    shas = batch["image_sha256"].to_pylist()
+    found = workspace.read_images(sha for sha in shas if sha is not None)
+    column = pa.array([found[sha] if sha is not None else None for sha in shas], pa.binary())
+    return batch.append_column(IMAGE_BYTES, column)
+
+
+def process_batch(stage: Stage, batch: pa.Table, workspace: Workspace) -> pa.Table:
+    """Run ``stage.process`` on one batch, after the input I/O the stage asked for."""
+    if stage.needs_images:
+        batch = with_images(workspace, batch)
+    output = stage.process(batch)
+    if stage.needs_images and IMAGE_BYTES in output.column_names:
+        output = output.drop_columns([IMAGE_BYTES])  # input images are not new images to store
+    return output
+
+
 def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
     for offset in range(0, items.num_rows, batch_size):
         yield items.slice(offset, batch_size)
@@ -151,7 +170,8 @@ def _process_and_commit(stage: Stage, batch: pa.Table, root: str) -> BatchCounts
     workspace = _worker_workspaces.get(root)
     if workspace is None:
         workspace = _worker_workspaces[root] = Workspace(root)
-    return commit_batch(workspace, stage.name, stage.output_table, stage.process(batch))
+    output = process_batch(stage, batch, workspace)
+    return commit_batch(workspace, stage.name, stage.output_table, output)
 
 
 def _run_batches(
@@ -161,7 +181,7 @@ def _run_batches(
     (in any order with several workers)."""
     if options.workers <= 1:
         for batch in _batches(items, options.batch_size):
-            output = stage.process(batch)
+            output = process_batch(stage, batch, workspace)
             yield batch.num_rows, commit_batch(workspace, stage.name, stage.output_table, output)
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
@@ -219,7 +239,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         items = stage.plan(workspace)
         planned = items.num_rows
         if not options.force and planned:
-            done = pa.array(sorted(stage.done_ids(workspace)), pa.string())
+            done = pa.array(sorted(stage.done_ids(workspace, items)), pa.string())
             items = items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=done)))
         already_done = planned - items.num_rows
         if options.limit is not None:

@@ -56,6 +56,12 @@ SAMPLE_SCHEMA = pa.schema(
             pa.string(),
             "who wrote narrative_prompt: 'source', 'human', or '<rewriter>:<model>'",
         ),
+        _field(
+            "rewrite_key",
+            pa.string(),
+            "hash of (rewriter, model, template, input) that wrote narrative_prompt: the rewrite "
+            "cache key",
+        ),
         # generation metadata
         _field("model_name", pa.string(), "diffusion model / checkpoint that made the image"),
         _field("sampler", pa.string(), "sampler name"),
@@ -66,6 +72,11 @@ SAMPLE_SCHEMA = pa.schema(
         # screening and dedupe
         _field("clip_score", pa.float32(), "image <-> narrative_prompt similarity (CLIP)"),
         _field("text_similarity", pa.float32(), "narrative <-> keyword prompt text similarity"),
+        _field(
+            "screening_key",
+            pa.string(),
+            "hash of (models, image, narrative, keyword prompt) the scores were computed from",
+        ),
         _field("phash", pa.string(), "perceptual hash of the image, hex"),
         _field("duplicate_of", pa.string(), "sample_id kept in this sample's duplicate cluster"),
         # human review
@@ -137,13 +148,25 @@ STAGE_TABLES: dict[str, TableSpec] = {
         ),
         TableSpec(
             "narratives",
-            ("sample_id", "narrative_prompt", "narrative_origin", "updated_at"),
+            ("sample_id", "narrative_prompt", "narrative_origin", "rewrite_key", "updated_at"),
             "narrative prompts written by a rewriter or captioner",
         ),
         TableSpec(
             "screening",
-            ("sample_id", "clip_score", "text_similarity", "nsfw", "updated_at"),
-            "automatic screening scores",
+            (
+                "sample_id",
+                "clip_score",
+                "text_similarity",
+                "screening_key",
+                "nsfw",
+                "review_status",
+                "review_tags",
+                "reviewer",
+                "reviewed_at",
+                "updated_at",
+            ),
+            "automatic screening scores; a sample below a threshold is auto-rejected here (a "
+            "human review, a later table, still overrides it)",
         ),
         TableSpec("hashes", ("sample_id", "phash", "updated_at"), "perceptual hashes"),
         TableSpec(
@@ -204,7 +227,10 @@ IMAGES_SCHEMA = pa.schema(
 
 # Columns that only make sense together: in the join, the table that sets the first column of a
 # group sets all of them (a rewritten narrative never keeps the source's origin).
-COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (("narrative_prompt", "narrative_origin"),)
+COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("narrative_prompt", "narrative_origin", "rewrite_key"),
+    ("review_status", "review_tags", "reviewer", "reviewed_at"),
+)
 
 
 def table_spec(name: str) -> TableSpec:

@@ -197,6 +197,11 @@ class Workspace:
         table = _read_parts(self.table_parts(name), spec.schema, columns)
         return _latest_by_key(table, ["sample_id"], spec.order_by)
 
+    def read_table_history(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """Every row ever written to stage table ``name``, oldest part first: superseded rows
+        too, which is what a cache keyed by inputs (not by sample) wants."""
+        return _read_parts(self.table_parts(name), table_spec(name).schema, columns)
+
     def sample_ids(self, name: str) -> set[str]:
         """Ids of the samples stage table ``name`` holds: what a re-run skips."""
         ids: set[str] = set()

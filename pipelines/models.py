@@ -1,0 +1,63 @@
+"""Loading transformers models by path or hub id, on the right device, with one-line errors.
+
+Shared by every stage that runs a model in-process (the ``hf`` and ``caption`` rewriters,
+screening). Users pass a local folder or a hub id exactly as ``from_pretrained`` takes it; a
+model that cannot be found (no such folder, no network to the hub) is a one-line error naming
+the model, not a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from surd_builder.errors import InputError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+T = TypeVar("T")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU; anything else is passed
+    to torch as given (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InputError(
+            f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto`` is bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU
+    (half precision on CPU is slow and, for generation, sometimes wrong)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (use one of: {', '.join(DTYPES)})")
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
+    """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors."""
+    try:
+        return loader(model, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(
+            f"cannot load {what} {model!r}: {first_line or type(error).__name__} "
+            "(give a local folder, or a hub id on a machine that can reach the hub)"
+        ) from None
+
+
+def batched(items: list[T], size: int) -> list[list[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]

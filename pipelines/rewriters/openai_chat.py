@@ -1,0 +1,186 @@
+"""``openai:<base URL>``: any server speaking OpenAI's chat-completions protocol.
+
+vLLM, llama.cpp's server, Ollama, TGI and the hosted APIs all expose
+``POST {base}/chat/completions``; this is how users rewrite at scale on GPU servers. Requests run
+concurrently (a thread pool; the server batches them), each retried with exponential backoff on
+429, 5xx, timeouts, dropped connections and malformed answers, honouring ``Retry-After``.
+
+Errors that would fail every item the same way (401/403: bad key; 404: no such model or URL)
+stop the run with one line. The API key comes from an environment variable (``--api-key-env``,
+default ``OPENAI_API_KEY``), is sent only to the base URL's host, and is never logged or stored.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from pipelines.download import retry_after_seconds
+from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
+from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
+from surd_builder.errors import InputError
+
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    concurrency: int = 8
+    max_tokens: int = 96
+    retries: int = 4
+    backoff_seconds: float = 1.0
+    max_wait_seconds: float = 60.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    retry_temperature: float = 0.7
+    api_key_env: str = DEFAULT_API_KEY_ENV
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, detail: str, retry_after: float | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.retry_after = reason, detail, retry_after
+
+
+def _error_message(response) -> str:
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.reason or "")[:200]
+
+
+class OpenAIChatRewriter(Rewriter):
+    backend: ClassVar[str] = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        template: PromptTemplate = DEFAULT_TEMPLATE,
+        options: ChatOptions | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"openai rewriter needs an http(s) base URL, got {base_url!r}")
+        if not model:
+            raise InputError("the openai rewriter needs --model (the name the server serves)")
+        super().__init__(model)
+        self.base_url = base_url.rstrip("/")
+        self.template = template
+        self.options = options or ChatOptions()
+        self._sleep = sleep
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_local"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def identity(self) -> dict[str, Any]:
+        # the server's address is not part of it: the same model behind another URL answers alike
+        return {
+            **super().identity(),
+            "template": self.template.digest(),
+            "max_tokens": self.options.max_tokens,
+        }
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            "base_url": self.base_url,
+            "concurrency": self.options.concurrency,
+        }
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            key = os.environ.get(self.options.api_key_env)
+            if key:
+                session.headers["Authorization"] = f"Bearer {key}"
+            self._local.session = session
+        return session
+
+    def generate(self, requests: list[RewriteRequest], attempt: int) -> list[str | ItemFailed]:
+        conversations = [self.template.messages(r.complex_prompt, r.caption) for r in requests]
+        return self.complete_all(conversations, attempt)
+
+    def complete_all(
+        self, conversations: list[list[dict[str, str]]], attempt: int
+    ) -> list[str | ItemFailed]:
+        """One answer per conversation, ``concurrency`` requests in flight at a time."""
+        workers = max(1, min(self.options.concurrency, len(conversations)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surd-chat") as pool:
+            return list(pool.map(lambda c: self._complete(c, attempt), conversations))
+
+    def _complete(self, messages: list[dict[str, str]], attempt: int) -> str | ItemFailed:
+        options = self.options
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": options.max_tokens,
+            "temperature": 0.0 if attempt == 0 else options.retry_temperature,
+        }
+        for tries in range(options.retries + 1):
+            try:
+                return self._post(body)
+            except _Retry as error:
+                if tries == options.retries:
+                    return ItemFailed(error.reason, error.detail)
+                delay = error.retry_after
+                if delay is None:
+                    delay = options.backoff_seconds * 2**tries
+                self._sleep(min(delay, options.max_wait_seconds))
+            except ItemFailed as error:
+                return error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post(self, body: dict[str, Any]) -> str:
+        import requests
+
+        url = f"{self.base_url}/chat/completions"
+        try:
+            response = self._session().post(
+                url, json=body, timeout=(self.options.connect_timeout, self.options.read_timeout)
+            )
+        except requests.Timeout:
+            raise _Retry("timeout", f"no answer from {self.base_url} in time") from None
+        except requests.ConnectionError as error:
+            raise _Retry("connection-error", f"{self.base_url}: {type(error).__name__}") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise RewriterUnavailable(
+                f"{self.base_url} refused the API key (HTTP {status}); set "
+                f"{self.options.api_key_env} to a valid key"
+            )
+        if status == 404:
+            raise RewriterUnavailable(
+                f"{self.base_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
+            )
+        if status == 429 or status >= 500:
+            raise _Retry(
+                f"http-{status}",
+                _error_message(response),
+                retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        if status != 200:  # 400: e.g. the prompt is too long for the model; this item only
+            raise ItemFailed(f"http-{status}", _error_message(response))
+        try:
+            return response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retry("bad-response", "answer is not a chat completion") from None

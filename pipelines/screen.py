@@ -1,0 +1,220 @@
+"""``surd build screen``: score every sample so doubtful ones reach reviewers first.
+
+Two scores, each optional (give at least one model):
+
+- ``clip_score``: image <-> narrative prompt (does the sentence say what the image shows?);
+- ``text_similarity``: narrative <-> keyword prompt, with prompt syntax (weights, LoRA tags)
+  removed first (did the rewrite keep the meaning?).
+
+Thresholds (``min_clip_score``, ``min_text_similarity``) auto-reject: the screening row then
+carries ``review_status = rejected``, ``reviewer = surd-screen`` and tags naming the low scores.
+The screening table comes before ``reviews`` in the join, so a human's decision still wins, and
+a re-run with other thresholds moves samples in or out without recomputing a score: scores are
+cached by ``screening_key`` (models + image + both prompts), and a sample is done only when its
+key and its verdict under the current thresholds both match what is stored.
+
+:func:`review_priority` orders samples most doubtful first; the annotation stage pushes tasks in
+that order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.base import IMAGE_BYTES, Stage
+from pipelines.rewriters.rules import strip_prompt_syntax
+from pipelines.scorers import ClipScorer, TextEmbedder
+from surd_builder.schema import SAMPLE_SCHEMA
+from surd_builder.workspace import utc_now
+
+if TYPE_CHECKING:
+    from surd_builder.workspace import Workspace
+
+SCREEN_REVIEWER = "surd-screen"
+LOW_CLIP_TAG = "low-clip-score"
+LOW_TEXT_TAG = "low-text-similarity"
+CACHED = ("cached_clip_score", "cached_text_similarity")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_clip_score: float | None = None
+    min_text_similarity: float | None = None
+
+    def tags(self, clip_score: float | None, text_similarity: float | None) -> list[str]:
+        """The problems a sample's scores show (empty: it passes). A missing score never
+        rejects: no evidence is not evidence of a bad sample."""
+        tags = []
+        if None not in (self.min_clip_score, clip_score) and clip_score < self.min_clip_score:
+            tags.append(LOW_CLIP_TAG)
+        if (
+            None not in (self.min_text_similarity, text_similarity)
+            and text_similarity < self.min_text_similarity
+        ):
+            tags.append(LOW_TEXT_TAG)
+        return tags
+
+
+class ScreenStage(Stage):
+    name: ClassVar[str] = "screen"
+    output_table: ClassVar[str] = "screening"
+
+    def __init__(
+        self,
+        clip: ClipScorer | None = None,
+        text: TextEmbedder | None = None,
+        thresholds: Thresholds | None = None,
+    ):
+        if clip is None and text is None:
+            raise ValueError("screening needs a CLIP model, a text model, or both")
+        self.clip, self.text = clip, text
+        self.thresholds = thresholds or Thresholds()
+        self.needs_images = clip is not None
+        self.scored = 0  # samples scored by a model in this process (not from the cache)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "clip_model": self.clip.model if self.clip else None,
+            "text_model": self.text.model if self.text else None,
+            "min_clip_score": self.thresholds.min_clip_score,
+            "min_text_similarity": self.thresholds.min_text_similarity,
+        }
+
+    def screening_key(self, image_sha256: str | None, narrative: str, keywords: str) -> str:
+        identity = {
+            "clip": self.clip.model if self.clip else None,
+            "text": self.text.model if self.text else None,
+            "image": image_sha256 if self.clip else None,
+            "narrative": narrative,
+            "keywords": keywords if self.text else None,
+        }
+        canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    # ----------------------------------------------------------------- plan (driver, I/O)
+    def plan(self, workspace: Workspace) -> pa.Table:
+        data = workspace.dataset()
+        data = data.filter(
+            pc.fill_null(pc.greater(pc.utf8_length(data["narrative_prompt"]), 0), False)
+        )
+        shas = data["image_sha256"].to_pylist()
+        narratives = data["narrative_prompt"].to_pylist()
+        keywords = [k or "" for k in data["complex_prompt"].to_pylist()]
+        keys = [
+            self.screening_key(s, n, k) for s, n, k in zip(shas, narratives, keywords, strict=True)
+        ]
+        stored = workspace.read_table(
+            self.output_table, ["screening_key", "clip_score", "text_similarity"]
+        )
+        by_key = {
+            key: (clip, text)
+            for key, clip, text in zip(
+                stored["screening_key"].to_pylist(),
+                stored["clip_score"].to_pylist(),
+                stored["text_similarity"].to_pylist(),
+                strict=True,
+            )
+            if key is not None
+        }
+        cached = [by_key.get(k, (None, None)) for k in keys]
+        return pa.table(
+            {
+                "sample_id": data["sample_id"],
+                "source": data["source"],
+                "source_item_id": data["source_item_id"],
+                "image_sha256": pa.array(shas, pa.string()),
+                "narrative_prompt": pa.array(narratives, pa.string()),
+                "complex_prompt": pa.array(keywords, pa.string()),
+                "screening_key": pa.array(keys, pa.string()),
+                "has_cache": pa.array([k in by_key for k in keys]),
+                CACHED[0]: pa.array([c[0] for c in cached], pa.float32()),
+                CACHED[1]: pa.array([c[1] for c in cached], pa.float32()),
+            }
+        )
+
+    def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
+        """Same key and the same verdict under the current thresholds as stored."""
+        current = workspace.read_table(
+            self.output_table, ["screening_key", "clip_score", "text_similarity", "review_status"]
+        )
+        stored = {row["sample_id"]: row for row in current.to_pylist()}
+        done = set()
+        for sample_id, key in zip(
+            items["sample_id"].to_pylist(), items["screening_key"].to_pylist(), strict=True
+        ):
+            row = stored.get(sample_id)
+            if row is None or row["screening_key"] != key:
+                continue
+            rejected = bool(self.thresholds.tags(row["clip_score"], row["text_similarity"]))
+            if rejected == (row["review_status"] == "rejected"):
+                done.add(sample_id)
+        return done
+
+    # ----------------------------------------------------------------- process (pure)
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        clip_scores = [r[CACHED[0]] for r in rows]
+        text_scores = [r[CACHED[1]] for r in rows]
+        todo = [i for i, r in enumerate(rows) if not r["has_cache"]]
+        if self.clip is not None:
+            with_image = [i for i in todo if rows[i].get(IMAGE_BYTES) is not None]
+            scores = self.clip.scores(
+                [rows[i][IMAGE_BYTES] for i in with_image],
+                [rows[i]["narrative_prompt"] for i in with_image],
+            )
+            for index, score in zip(with_image, scores, strict=True):
+                clip_scores[index] = score
+        with_keywords = [i for i in todo if rows[i]["complex_prompt"].strip()]
+        if self.text is not None and with_keywords:
+            similarities = self.text.similarities(
+                [rows[i]["narrative_prompt"] for i in with_keywords],
+                [strip_prompt_syntax(rows[i]["complex_prompt"]) for i in with_keywords],
+            )
+            for index, similarity in zip(with_keywords, similarities, strict=True):
+                text_scores[index] = similarity
+        self.scored += len(todo)
+
+        now = utc_now()
+        tags = [self.thresholds.tags(c, t) for c, t in zip(clip_scores, text_scores, strict=True)]
+        timestamp = SAMPLE_SCHEMA.field("reviewed_at").type
+        return pa.table(
+            {
+                "sample_id": batch["sample_id"],
+                "clip_score": pa.array(clip_scores, pa.float32()),
+                "text_similarity": pa.array(text_scores, pa.float32()),
+                "screening_key": batch["screening_key"],
+                "review_status": pa.array(["rejected" if t else None for t in tags], pa.string()),
+                "review_tags": pa.array([t or None for t in tags], pa.list_(pa.string())),
+                "reviewer": pa.array([SCREEN_REVIEWER if t else None for t in tags], pa.string()),
+                "reviewed_at": pa.array([now if t else None for t in tags], timestamp),
+            }
+        )
+
+
+def review_priority(data: pa.Table) -> pa.Array:
+    """Row order for human review, most doubtful first.
+
+    Each available score is turned into its percentile rank among the rows (0 = lowest); a
+    row's doubt is its worst (lowest) rank, so a sample that is bad on either score comes early.
+    Rows with no score at all come last, in ``sample_id`` order (stable between pushes).
+    """
+    count = data.num_rows
+    worst = [None] * count
+    for column in ("clip_score", "text_similarity"):
+        if column not in data.column_names:
+            continue
+        values = data[column].to_pylist()
+        present = sorted((v, i) for i, v in enumerate(values) if v is not None)
+        for rank, (_, index) in enumerate(present):
+            percentile = rank / max(len(present) - 1, 1)
+            if worst[index] is None or percentile < worst[index]:
+                worst[index] = percentile
+    ids = data["sample_id"].to_pylist()
+    order = sorted(range(count), key=lambda i: (worst[i] is None, worst[i] or 0.0, ids[i]))
+    return pa.array(order, pa.int64())

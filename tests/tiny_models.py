@@ -1,0 +1,226 @@
+"""Tiny random-weight transformers models, built from configs in code, for offline tests.
+
+Every model and tokenizer/processor is built locally (no hub downloads) and written with
+``save_pretrained``, so production code loads it by path through the normal ``from_pretrained``
+route, exactly as it would a real checkpoint. Weights are random but seeded
+(``torch.manual_seed(0)``), so outputs are deterministic yet meaningless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Lowercase words typical of text-to-image prompts, so tokenized test prompts are mostly not <unk>.
+_PROMPT_TEXT = """
+a an the of and with in on at by for to from under over near behind beside through into
+is are was while very one two three four five six seven eight nine ten
+cat cats dog dogs fox foxes wolf wolves bird birds horse horses deer owl owls fish whale dragon
+man men woman women girl boy child children knight wizard robot astronaut princess king queen
+warrior samurai monk witch portrait face eyes hair hand flower flowers rose roses tree trees
+castle house city street car ship boat train mountain mountains river lake ocean sea beach
+forest jungle desert island sky clouds sun moon stars planet space galaxy field garden village
+bridge tower temple road waterfall cave valley snow rain storm fog fire smoke light shadow
+sword armor crown glass metal stone wood crystal candle lantern book
+red orange yellow green blue purple pink brown black white gray grey golden silver dark bright
+colorful pastel neon vibrant
+big small tiny giant old young ancient futuristic beautiful cute happy sad angry fluffy
+glowing shiny wet snowy sunny rainy foggy misty cozy epic magical mysterious detailed
+running walking flying sitting standing sleeping swimming jumping dancing reading eating
+fighting playing smiling looking holding wearing riding
+night day morning evening sunset sunrise winter summer autumn spring underwater indoors outdoors
+background foreground landscape scene room kitchen library cafe market
+style art painting drawing sketch photo photograph illustration render concept digital oil
+watercolor anime cartoon cinematic realistic photorealistic hyperrealistic surreal fantasy
+minimalist abstract impressionism baroque cyberpunk steampunk vaporwave lowpoly pixel
+8k 4k hd uhd hdr masterpiece artstation trending unreal engine octane highly sharp focus
+intricate elegant dramatic lighting volumetric studio soft lens bokeh wide angle closeup
+quality best award winning greg rutkowski artgerm mucha
+system user assistant
+"""
+PROMPT_WORDS = _PROMPT_TEXT.split()
+PUNCTUATION = [",", ".", ":"]
+
+# Renders each message as "<s> role : content </s>" from vocab tokens only; the generation prompt
+# opens an assistant turn ("<s> assistant :") for the model to continue.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<s> ' + message['role'] + ' : ' + message['content'] + ' </s> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s> assistant :' }}{% endif %}"
+)
+
+
+def _words_vocab(specials: list[str]) -> dict[str, int]:
+    """``specials`` first (ids 0..n-1, so pad/unk ids are stable), then words and punctuation."""
+    tokens = dict.fromkeys([*specials, *PROMPT_WORDS, *PUNCTUATION])
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _save(directory: Path, model: Any, processor: Any) -> Path:
+    """``save_pretrained`` both, with transformers' progress bars off (restored afterwards)."""
+    from transformers.utils import logging
+
+    directory.mkdir(parents=True, exist_ok=True)
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+    return directory
+
+
+def save_tiny_causal_lm(directory: Path, chat_template: bool = False) -> Path:
+    """Save a 2-layer Llama + word-level tokenizer, loadable via ``AutoModelForCausalLM``.
+
+    The tokenizer pads on the left (what batched decoder-only generation needs) and decodes to
+    space-separated words. ``chat_template=True`` adds a template for chat-style callers.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = _words_vocab(["<pad>", "<unk>", "<s>", "</s>"])
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    # With no "##" pieces this decoder just joins tokens with spaces; cleanup=False keeps "a , b"
+    # (not "a, b") so decoded text re-tokenizes to the same ids.
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        model_max_length=256,
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+    torch.manual_seed(0)
+    special_ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"])
+    special_ids["eos_token_id"] = vocab["</s>"]
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(vocab),
+        max_position_embeddings=256,
+        **special_ids,
+    )
+    model = LlamaForCausalLM(config)
+    # An explicit pad id keeps generate() from warning "Setting pad_token_id to eos_token_id".
+    model.generation_config.update(**special_ids)
+    return _save(Path(directory), model, tokenizer)
+
+
+def save_tiny_blip(directory: Path) -> Path:
+    """Save a 1-layer BLIP captioner + ``BlipProcessor`` (32x32 images, word-level BERT vocab).
+
+    Loads with ``AutoModelForImageTextToText`` / ``BlipForConditionalGeneration`` and
+    ``AutoProcessor``.
+    """
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    # Like the real checkpoint, the decoder starts from a "[DEC]" bos token and stops at "[SEP]";
+    # making "[DEC]" the tokenizer's bos lets skip_special_tokens drop it from captions.
+    vocab = _words_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
+    tokenizer = BertTokenizerFast(vocab=vocab, bos_token="[DEC]", model_max_length=512)
+    # The PIL backend: the default one needs torchvision and warns when it falls back.
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+
+    torch.manual_seed(0)
+    special_ids = dict(pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[DEC]"])
+    special_ids["eos_token_id"] = vocab["[SEP]"]
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        text_config=dict(
+            tower,
+            vocab_size=len(vocab),
+            encoder_hidden_size=32,
+            # 512 like real BLIP: pipelines generate long captions from random weights.
+            max_position_embeddings=512,
+            sep_token_id=vocab["[SEP]"],
+            **special_ids,
+        ),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+        image_text_hidden_size=16,
+    )
+    model = BlipForConditionalGeneration(config)
+    model.generation_config.update(**special_ids)
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _save(Path(directory), model, processor)
+
+
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE in CLIP's layout: 256 byte symbols, the same + "</w>", merges, specials."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to U+0100+.
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    shifted = iter(range(256, 512))
+    symbols = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    # A few merges so some prompt words become one token (e.g. "cat" -> "cat</w>").
+    merges = []
+    for word in ["cat", "dog", "red", "the", "fox"]:
+        merges += [(word[0], word[1]), (word[:2], word[2] + "</w>")]
+        tokens += [word[:2], word + "</w>"]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def save_tiny_clip(directory: Path) -> Path:
+    """Save a 1-layer CLIP (text + vision towers, 16-d projection) and its ``CLIPProcessor``.
+
+    Loads with ``CLIPModel`` / ``AutoModel`` and ``AutoProcessor``. ``get_image_features`` and
+    ``get_text_features`` return ``BaseModelOutputWithPooling``; the projected (batch, 16)
+    embeddings are its ``.pooler_output``.
+    """
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # The PIL backend: the default one needs torchvision and warns when it falls back.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(
+            tower,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            # Real ids (not CLIP's legacy eos_token_id=2), so text pooling finds the eos token.
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _save(Path(directory), model, processor)
