@@ -9,6 +9,7 @@ the model, not a traceback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from surd_builder.errors import InputError
@@ -49,6 +50,11 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
     """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise InputError(f"cannot load {what}: the folder {model} does not exist")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # surd draws its own progress; one bar per load is noise
     try:
         return loader(model, **kwargs)
     except (OSError, ValueError, KeyError) as error:

