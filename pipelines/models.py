@@ -48,10 +48,16 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
-    """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors."""
+def check_local_model(model: str, what: str) -> None:
+    """Fail before any work (and before importing torch) when ``model`` is clearly a local path
+    that does not exist; hub ids are checked when they load."""
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
         raise InputError(f"cannot load {what}: the folder {model} does not exist")
+
+
+def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
+    """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors."""
+    check_local_model(model, what)
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # surd draws its own progress; one bar per load is noise

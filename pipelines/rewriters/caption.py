@@ -14,7 +14,13 @@ import io
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from pipelines.models import batched, load_pretrained, resolve_device, resolve_dtype
+from pipelines.models import (
+    batched,
+    check_local_model,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 
 
@@ -35,6 +41,7 @@ class CaptionRewriter(Rewriter):
     def __init__(
         self, model: str, options: CaptionOptions | None = None, merge: Rewriter | None = None
     ):
+        check_local_model(model, "captioning model")
         super().__init__(model)
         self.options = options or CaptionOptions()
         if merge is not None and merge.uses_image:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# A whole line that only introduces the answer: "Sure!", "Here is the narrative prompt:".
+# An interjection opening the answer: "Sure! ...", "Okay, ...".
+_INTERJECTION = re.compile(
+    r"^(?:sure|okay|ok|certainly|of course|absolutely)\b[\s!.,:]*", re.IGNORECASE
+)
+# A whole line that only introduces the answer: "Here is the narrative prompt:".
 _PREAMBLE_LINE = re.compile(
-    r"^(?:(?:sure|okay|ok|certainly|of course|absolutely)\b[^a-z0-9]*"
-    r"|here(?:'s| is| are)\b[^:]*:?\s*"
-    r"|(?:the )?(?:rewritten|narrative|plain|short)\b[^:]*:\s*)$",
+    r"^(?:here(?:'s| is| are)\b[^:]*:?|(?:the )?(?:rewritten|narrative|plain|short)\b[^:]*:)\s*$",
     re.IGNORECASE,
 )
 # A label before the answer on the same line: "Narrative prompt: a cat ...".
@@ -50,7 +52,7 @@ def clean_output(text: str) -> str:
     text = text.replace("\r", "").strip()
     text = re.sub(r"^```\w*\n?|\n?```$", "", text).strip()
     for line in text.split("\n"):
-        line = line.strip()
+        line = _INTERJECTION.sub("", line.strip())
         if not line or _PREAMBLE_LINE.match(line):
             continue
         line = _LABEL.sub("", line, count=1).strip()
@@ -66,14 +68,19 @@ def _chunks(text: str) -> list[str]:
 
 
 def looks_like_keyword_list(output: str, complex_prompt: str) -> bool:
-    """True when ``output`` is a tag list rather than a sentence: mostly short comma-separated
-    pieces, or mostly the keyword prompt's own pieces handed back."""
+    """True when ``output`` is a tag list rather than a sentence: it keeps style tags as pieces
+    of their own ("..., 8k, masterpiece"), or is mostly short comma-separated pieces, or mostly
+    the keyword prompt's own pieces handed back."""
+    from pipelines.rewriters.rules import is_boilerplate
+
     pieces = _chunks(output)
+    if len(pieces) >= 2 and any(is_boilerplate(p) for p in pieces):
+        return True
     if len(pieces) >= 4 and sum(len(p.split()) for p in pieces) / len(pieces) <= 3:
         return True
     keywords = set(_chunks(complex_prompt))
     if len(pieces) >= 3 and keywords:
-        return sum(p in keywords for p in pieces) / len(pieces) >= 0.5
+        return sum(p in keywords for p in pieces) / len(pieces) >= 0.75
     return False
 
 

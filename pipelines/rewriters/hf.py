@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipelines.models import batched, load_pretrained, resolve_device, resolve_dtype
+from pipelines.models import (
+    batched,
+    check_local_model,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -35,6 +41,7 @@ class HFCausalLMRewriter(Rewriter):
         template: PromptTemplate = DEFAULT_TEMPLATE,
         options: GenerationOptions | None = None,
     ):
+        check_local_model(model, "language model")
         super().__init__(model)
         self.template = template
         self.options = options or GenerationOptions()

@@ -143,6 +143,10 @@ SETTINGS = _words(
     "space snow swamp island harbor harbour port station subway countryside town cityscape "
     "landscape underwater sky clouds ruins battlefield arena stage studio"
 ) | {"outer space", "train station"}
+# Bare settings that take "the": "in the snow", "in the desert".
+_THE_SETTINGS = _words(
+    "snow rain fog sky clouds countryside desert jungle mountains hills ocean sea"
+)
 TIMES = _words(
     "sunset sunrise dawn dusk night midnight noon twilight daytime nighttime morning evening "
     "afternoon"
@@ -269,8 +273,10 @@ def _time_phrase(piece: str) -> str:
 
 
 def _setting_phrase(piece: str) -> str:
-    if piece in ("space", "outer space"):
-        return f"in {piece}"
+    if piece in ("space", "outer space", "underwater"):
+        return piece if piece == "underwater" else f"in {piece}"
+    if piece in _THE_SETTINGS:
+        return f"in the {piece}"
     preposition = SETTING_PREPOSITIONS.get(piece.split()[-1], "in")
     return f"{preposition} {_with_article(piece)}"
 
@@ -312,7 +318,7 @@ def rewrite_by_rules(prompt: str) -> str:
     for piece in following:
         sentence += " " + piece
     if others:
-        sentence += ", " + ", ".join(others) + ","
+        sentence += ", " + _join_and(others) + ","
     for phrase in settings + times:
         sentence += " " + phrase
     return re.sub(r"\s+", " ", sentence).strip(" ,")
