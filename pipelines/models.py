@@ -26,11 +26,21 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         raise InputError(
             f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)"
         ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {device}: this torch sees no CUDA GPU (use cpu or auto)")
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(f"--device {device}: there are {count} CUDA GPU(s), 0..{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available here (use cpu or auto)")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
     return device
 
 
@@ -63,7 +73,7 @@ def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: A
     logging.disable_progress_bar()  # surd draws its own progress; one bar per load is noise
     try:
         return loader(model, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise InputError(
             f"cannot load {what} {model!r}: {first_line or type(error).__name__} "

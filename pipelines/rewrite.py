@@ -1,8 +1,9 @@
 """``surd build rewrite``: write a narrative prompt for every sample with a keyword prompt.
 
 Which samples: every sample with a keyword prompt (and, for captioners, a stored image), except
-those whose narrative a human wrote or confirmed (a review wins anyway, so rewriting it is
-waste) and, unless ``include_source_narratives``, those whose narrative came with the source.
+those whose narrative a human wrote, accepted or corrected (rewriting them would replace a
+sentence a person approved) and, unless ``include_source_narratives``, those whose narrative came
+with the source.
 
 The cache: each narratives row carries its ``rewrite_key``, the hash of (backend, model, template,
 generation settings, input). Every row ever written stays in the table's parts, so the table *is*
@@ -13,8 +14,9 @@ plan sorts by key so they meet in the same batch).
 
 Every answer goes through :func:`~pipelines.rewriters.cleaning.clean_output` and
 :func:`~pipelines.rewriters.cleaning.validation_problem`; an invalid answer is retried (sampling)
-up to ``max_attempts`` times, then recorded as a failure with the validation reason. Cached
-answers are re-validated, so tightened bounds redo exactly what no longer passes.
+up to ``max_attempts`` times, then recorded as a failure with the validation reason. Cached and
+current answers are re-validated, so tightened bounds redo exactly what no longer passes (a
+narrative that fails again stays as it was, with a failure row saying why).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 CACHED_NARRATIVE = "cached_narrative"
 # The narrative origins a rewrite leaves alone.
 HUMAN_ORIGIN = "human"
+HUMAN_DECISIONS = ("accepted", "corrected")
 SOURCE_ORIGIN = "source"
 
 ITEM_SCHEMA = pa.schema(
@@ -86,6 +89,9 @@ class RewriteStage(Stage):
         wanted = pc.fill_null(pc.greater(pc.utf8_length(prompt), 0), False)
         origin = pc.fill_null(data["narrative_origin"], "")
         wanted = pc.and_(wanted, pc.not_equal(origin, HUMAN_ORIGIN))
+        # a narrative a person accepted as it was is theirs too, whatever wrote it
+        confirmed = pc.is_in(data["review_status"], pa.array(HUMAN_DECISIONS))
+        wanted = pc.and_(wanted, pc.invert(confirmed))
         if not self.include_source_narratives:
             has_source_narrative = pc.and_(
                 pc.equal(origin, SOURCE_ORIGIN), pc.is_valid(data["narrative_prompt"])
@@ -131,20 +137,30 @@ class RewriteStage(Stage):
         )
 
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
-        """Samples whose current narrative was written for exactly this key."""
-        current = workspace.read_table(self.output_table, ["rewrite_key"])
+        """Samples whose current narrative was written for exactly this key and still passes
+        validation under the current bounds (tightened bounds redo what no longer passes)."""
+        current = workspace.read_table(self.output_table, ["rewrite_key", "narrative_prompt"])
         if current.num_rows == 0:
             return set()
-        wanted = dict(
-            zip(items["sample_id"].to_pylist(), items["rewrite_key"].to_pylist(), strict=True)
-        )
-        return {
-            sample_id
-            for sample_id, key in zip(
-                current["sample_id"].to_pylist(), current["rewrite_key"].to_pylist(), strict=True
-            )
-            if key is not None and wanted.get(sample_id) == key
+        stored = {
+            row["sample_id"]: (row["rewrite_key"], row["narrative_prompt"])
+            for row in current.to_pylist()
         }
+        done = set()
+        for sample_id, key, prompt in zip(
+            items["sample_id"].to_pylist(),
+            items["rewrite_key"].to_pylist(),
+            items["complex_prompt"].to_pylist(),
+            strict=True,
+        ):
+            stored_key, narrative = stored.get(sample_id, (None, None))
+            if (
+                stored_key == key
+                and narrative is not None
+                and validation_problem(narrative, prompt, self.bounds) is None
+            ):
+                done.add(sample_id)
+        return done
 
     # ----------------------------------------------------------------- process (pure)
     def process(self, batch: pa.Table) -> pa.Table:

@@ -138,10 +138,12 @@ def commit_batch(
 
 def with_images(workspace: Workspace, batch: pa.Table) -> pa.Table:
     """``batch`` plus an ``image_bytes`` column read from the image store (by ``image_sha256``;
-    null where a row has none), for stages with ``needs_images``."""
+    null where a row has none or the store lacks it: the stage fails that item, not the run),
+    for stages with ``needs_images``."""
     shas = batch["image_sha256"].to_pylist()
-    found = workspace.read_images(sha for sha in shas if sha is not None)
-    column = pa.array([found[sha] if sha is not None else None for sha in shas], pa.binary())
+    stored = workspace.image_index()
+    found = workspace.read_images(sha for sha in shas if sha in stored)
+    column = pa.array([found.get(sha) for sha in shas], pa.binary())
     return batch.append_column(IMAGE_BYTES, column)
 
 

@@ -58,10 +58,16 @@ class ClipScorer:
 
     def load(self) -> tuple[Any, Any, str, Any]:
         if self._loaded is None:
-            from transformers import AutoProcessor, CLIPModel
+            from transformers import AutoConfig, AutoProcessor, CLIPModel
 
             device = resolve_device(self.device_option)
             dtype = resolve_dtype(self.dtype_option, device)
+            config = load_pretrained(AutoConfig.from_pretrained, self.model, "CLIP model")
+            if config.model_type != "clip":
+                # CLIPModel would load it anyway, with random weights where the names differ
+                raise InputError(
+                    f"--clip-model {self.model} is a {config.model_type!r} model, not CLIP"
+                )
             processor = load_pretrained(AutoProcessor.from_pretrained, self.model, "CLIP processor")
             model = load_pretrained(
                 CLIPModel.from_pretrained, self.model, "CLIP model", dtype=dtype
@@ -124,11 +130,17 @@ class TextEmbedder:
 
     def load(self) -> tuple[Any, Any, str]:
         if self._loaded is None:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoConfig, AutoModel, AutoTokenizer
 
             path = resolve_text_model(self.model)
             device = resolve_device(self.device_option)
             dtype = resolve_dtype(self.dtype_option, device)
+            config = load_pretrained(AutoConfig.from_pretrained, path, "text model")
+            if hasattr(config, "vision_config") or getattr(config, "is_decoder", False):
+                raise InputError(
+                    f"--text-model {self.model} is a {config.model_type!r} model; give a "
+                    "sentence-embedding text encoder (e.g. all-MiniLM-L6-v2, 'minilm')"
+                )
             tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, "text tokenizer")
             model = load_pretrained(AutoModel.from_pretrained, path, "text model", dtype=dtype)
             self._loaded = (tokenizer, model.to(device).eval(), device)

@@ -125,8 +125,6 @@ def rewrite(
     for name in ("template", "merge_template"):
         values[name] = _absolute(values[name])
     settings = _settings(ctx, load_config(ws.root).rewrite, values)
-    if settings.min_words > settings.max_words:
-        raise InputError("--min-words must not exceed --max-words")
     stage = RewriteStage(
         make_rewriter(settings.rewriter, settings, base_dir=ws.root),
         ValidationBounds(settings.min_words, settings.max_words),
@@ -140,6 +138,11 @@ def rewrite(
     print_run_report(report)
     if stage.cache_hits:
         typer.echo(f"answers taken from the cache: {stage.cache_hits:,}")
+    if report.planned == 0 and not settings.include_source_narratives:
+        typer.echo(
+            "nothing to rewrite: samples whose narrative came with the source are kept "
+            "(--include-source-narratives rewrites them too)"
+        )
 
 
 @build_app.command()

@@ -214,9 +214,9 @@ class Workspace:
 
         Tables are applied in :data:`schema.STAGE_TABLES` order and a later table's non-null value
         replaces an earlier one's, except that the columns of a :data:`schema.COLUMN_GROUPS` group
-        all come from the table that set the group's first column; ``updated_at`` is the latest of
-        all. Columns no table has written yet are null, except ``review_status``, which is
-        ``pending`` until a human decides.
+        all come from the table that set the group's first column (null where it has none);
+        ``updated_at`` is the latest of all. Columns no table has written yet are null, except
+        ``review_status``, which is ``pending`` until a human decides.
         """
         group_of = {column: group for group in COLUMN_GROUPS for column in group}
         merged = self.read_table("samples")
@@ -226,6 +226,15 @@ class Workspace:
             other = self.read_table(name)
             positions = pc.index_in(merged["sample_id"], value_set=other["sample_id"])
             aligned = {column: other[column].take(positions) for column in spec.columns[1:]}
+            for group in COLUMN_GROUPS:
+                # a table that sets a group's first column sets the whole group: columns of the
+                # group it does not have become null there (a human's narrative has no
+                # rewrite_key), never a stale value from an earlier table
+                if group[0] in aligned:
+                    for column in group[1:]:
+                        if column not in aligned:
+                            field = SAMPLE_SCHEMA.field(column)
+                            aligned[column] = pa.nulls(merged.num_rows, field.type)
             for column, values in aligned.items():
                 if column not in merged.column_names:
                     merged = merged.append_column(SAMPLE_SCHEMA.field(column), values)

@@ -220,3 +220,60 @@ def test_make_rewriter_builds_each_backend_from_settings(models, tmp_path) -> No
     template.write_text('user = "Tags: {keyword_prompt}"')
     relative = make_rewriter("hf:x", RewriteSettings(template="t.toml"), base_dir=tmp_path)
     assert relative.template.user == "Tags: {keyword_prompt}"
+
+
+def test_devices_this_machine_lacks_are_one_line_errors() -> None:
+    import torch
+
+    from pipelines.models import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(InputError, match="CUDA GPU"):
+        resolve_device("cuda:64")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(InputError, match="MPS"):
+            resolve_device("mps")
+
+
+def test_models_of_the_wrong_kind_are_refused(models, tmp_path) -> None:
+    from pipelines.scorers import ClipScorer, TextEmbedder
+    from tests.tiny_models import save_tiny_clip
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    with pytest.raises(InputError, match="not CLIP"):
+        ClipScorer(str(models["lm"]), device="cpu").load()
+    with pytest.raises(InputError, match="text encoder"):
+        TextEmbedder(str(clip), device="cpu").load()
+
+
+def test_conditional_caption_prompt_is_not_part_of_the_narrative(models) -> None:
+    captioner = CaptionRewriter(str(models["blip"]), CaptionOptions(prompt="a picture of"))
+    assert captioner._without_prompt("A picture of a red fox") == "a red fox"
+    assert captioner._without_prompt("a red fox") == "a red fox"
+    answers = captioner.caption(demo_images(), attempt=0)
+    assert all(not a.lower().startswith("a picture of") for a in answers)
+
+
+def test_a_sample_whose_image_is_missing_fails_alone(workspace, models) -> None:
+    images = demo_images()
+    add_samples(workspace, ["red fox", "blue bird"], images)
+    rows = [
+        {
+            "sample_id": "lost",
+            "source": "test",
+            "source_item_id": "lost",
+            "complex_prompt": "green frog",
+            "image_sha256": "0" * 64,  # not in the image store
+        }
+    ]
+    workspace.write_table_part("samples", records_to_table(rows, table_spec("samples").schema))
+    captioner = CaptionRewriter(str(models["blip"]), CaptionOptions(max_new_tokens=6, device="cpu"))
+    report = run_stage(RewriteStage(captioner), workspace, RunOptions(show_progress=False))
+    assert (report.written, report.failed) == (2, 1)
+    assert report.failures_by_reason == {"no-image": 1}

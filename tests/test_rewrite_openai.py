@@ -464,3 +464,35 @@ def test_identical_keyword_prompts_cost_one_request(server, workspace):
         sample_id: (expected_sentence(prompt), ORIGIN)
         for sample_id, prompt in zip(ids, prompts, strict=True)
     }
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_a_server_that_is_down_stops_the_run_after_one_item(workspace: Workspace) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    add_samples(workspace, [fox_prompt(n) for n in range(20)])
+    waits: list[float] = []
+    rewriter = OpenAIChatRewriter(
+        f"http://127.0.0.1:{port}/v1", MODEL, options=ChatOptions(retries=2), sleep=waits.append
+    )
+    with pytest.raises(RewriterUnavailable, match="cannot reach"):
+        run_stage(RewriteStage(rewriter), workspace, QUIET)
+    assert len(waits) == 2  # one item's retries, not twenty items'
+    assert workspace.read_table("narratives").num_rows == 0
+
+
+def test_api_key_env_must_be_a_variable_name_and_is_never_echoed() -> None:
+    with pytest.raises(Exception, match="NAME of an environment variable") as error:
+        OpenAIChatRewriter(
+            "http://127.0.0.1:1/v1", MODEL, options=ChatOptions(api_key_env="sk-SECRET123")
+        )
+    assert "SECRET" not in str(error.value)
+
+
+def test_manifest_params_leave_url_credentials_out() -> None:
+    rewriter = OpenAIChatRewriter("https://user:hunter2@llm.example.com:8443/v1", MODEL)
+    assert rewriter.params()["base_url"] == "https://llm.example.com:8443/v1"
+    assert "hunter2" not in str(rewriter.params())

@@ -67,13 +67,31 @@ RULES_CASES = [
     ),
     (
         "photo of a room lit by candles, cozy, warm light",
-        "a room lit by candles, cozy and warm light",
+        "a room lit by candles, cozy",
     ),
     (
         "tanjiro \\(demon slayer\\), holding a sword, forest",
         "tanjiro (demon slayer) holding a sword in a forest",
     ),
     ("a photo of 2 dogs playing in the snow, 4k, dslr", "two dogs playing in the snow"),
+    # Pony/Danbooru meta tags, framing tags and bare artist names are boilerplate too
+    (
+        "score_9, score_8_up, score_7_up, 1boy, male focus, black hair, armor, battlefield",
+        "a boy with black hair wearing an armor in a battlefield",
+    ),
+    (
+        "2girls, holding hands, beach, sunset, detailed background",
+        "two girls holding hands on a beach at sunset",
+    ),
+    ("cowboy shot, 1girl, standing, skirt, from below", "a girl standing wearing a skirt"),
+    ("1girl, pink hair, cafe, :d, open mouth, blush", "a girl with pink hair in a cafe"),
+    ("portrait of a knight, greg rutkowski, wlop, artgerm, alphonse mucha", "portrait of a knight"),
+    ("(embedding:EasyNegative), a dog, park", "a dog in a park"),
+    ("a stormy sea, matte painting by ivan aivazovsky, lightning", "a stormy sea, lightning"),
+    (
+        "a lone wolf, snowy mountains, rembrandt lighting, 50mm lens, national geographic photo",
+        "a lone wolf in the snowy mountains",
+    ),
     (
         "portrait of a woman, red hair, green eyes, freckles, smiling, forest background, "
         "by artgerm and wlop",
@@ -147,6 +165,16 @@ def test_rules_rewriter_fails_an_all_boilerplate_prompt_without_retrying(workspa
         ("Here is the sentence: a red fox in the snow", "a red fox in the snow"),
         ("```\na red fox   in the snow\n```", "a red fox in the snow"),
         ("  \n\n", ""),
+        (
+            "**Narrative:** three red circles on a blue background",
+            "three red circles on a blue background",
+        ),
+        ("Sure! Here's the rewritten prompt:\n\n> Three red circles", "Three red circles"),
+        ("<think>\nthe user wants...\n</think>\nThree red circles.", "Three red circles."),
+        ("<think> never finished", ""),
+        ("Here is a red barn in a snowy field.", "Here is a red barn in a snowy field."),
+        ("Short answer: three red circles", "three red circles"),
+        ('1. "a cat on a mat"', "a cat on a mat"),
     ],
 )
 def test_clean_output(raw: str, cleaned: str) -> None:
@@ -199,9 +227,13 @@ def test_template_messages_plain_text_and_digest(tmp_path) -> None:
             load_template(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_template(tmp_path / "missing.toml")
-    assert PromptTemplate("s", "{caption} only").uses_caption
-    with pytest.raises(ConfigError, match="must contain"):
-        PromptTemplate("s", "nothing")
+    assert PromptTemplate("s", "{caption} / {keyword_prompt}").uses_caption
+    for user in ("nothing", "{caption} only"):  # the keyword prompt must reach the model
+        with pytest.raises(ConfigError, match="must contain"):
+            PromptTemplate("s", user)
+    path.write_text('user = "{keyword_prompt}"\n[examples]\nkeyword_prompt = "a"\n')
+    with pytest.raises(ConfigError, match=r"\[\[examples\]\]"):
+        load_template(path)
 
 
 @pytest.mark.parametrize(
@@ -232,3 +264,58 @@ def test_parse_spec_and_origins() -> None:
         "red fox", None
     )
     assert first.cache_key("red fox", None) != first.cache_key("red fox, 8k", None)
+
+
+def rules_rows(workspace, prompts: list[str]) -> None:
+    rows = [
+        {"sample_id": f"s{n}", "source": "t", "source_item_id": str(n), "complex_prompt": p}
+        for n, p in enumerate(prompts)
+    ]
+    workspace.write_table_part("samples", records_to_table(rows, table_spec("samples").schema))
+
+
+def test_tightened_bounds_redo_what_no_longer_passes(workspace) -> None:
+    rules_rows(
+        workspace, ["a red fox, snowy forest, 8k", "two cats sleeping on a sofa, artstation"]
+    )
+    first = run_stage(
+        RewriteStage(make_rewriter("rules")), workspace, RunOptions(show_progress=False)
+    )
+    assert first.written == 2
+    strict = RewriteStage(make_rewriter("rules"), ValidationBounds(min_words=1, max_words=3))
+    report = run_stage(strict, workspace, RunOptions(show_progress=False))
+    # both narratives are longer than three words: redone, failed, and retried by later runs
+    assert report.already_done == 0 and report.processed == 2
+    assert report.failures_by_reason == {"invalid-too-long": 2}
+    again = run_stage(
+        RewriteStage(make_rewriter("rules")), workspace, RunOptions(show_progress=False)
+    )
+    assert (again.already_done, again.processed) == (2, 0)
+
+
+def test_human_decisions_are_never_rewritten(workspace) -> None:
+    from datetime import UTC, datetime
+
+    rules_rows(workspace, ["a red fox, snow", "two cats, sofa", "a castle, hill"])
+    run_stage(RewriteStage(make_rewriter("rules")), workspace, RunOptions(show_progress=False))
+    now = datetime.now(UTC)
+    reviews = [
+        # accepted as it was: the pull may leave the narrative to the rewriter's row
+        {"sample_id": "s0", "review_status": "accepted", "reviewer": "bob", "reviewed_at": now},
+        {
+            "sample_id": "s1",
+            "narrative_prompt": "two cats asleep on a red sofa",
+            "narrative_origin": "human",
+            "review_status": "corrected",
+            "reviewer": "ann",
+            "reviewed_at": now,
+        },
+    ]
+    workspace.write_table_part("reviews", records_to_table(reviews, table_spec("reviews").schema))
+    data = {row["sample_id"]: row for row in workspace.dataset().to_pylist()}
+    assert data["s1"]["rewrite_key"] is None  # the human's narrative does not keep the rules' key
+    assert data["s0"]["rewrite_key"] is not None
+    # a changed rewriter would redo everything, except what a person decided
+    template_stage = RewriteStage(make_rewriter("rules"))
+    items = template_stage.plan(workspace)
+    assert items["sample_id"].to_pylist() == ["s2"]

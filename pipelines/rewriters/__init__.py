@@ -107,7 +107,7 @@ def make_rewriter(
         merge = make_rewriter(settings.merge_with, replace(settings, merge_with=""), merge_template)
     options = CaptionOptions(
         prompt=settings.caption_prompt,
-        max_new_tokens=min(settings.max_new_tokens, 64),
+        max_new_tokens=settings.max_new_tokens,
         batch_size=settings.generation_batch_size,
         device=settings.device,
         dtype=settings.dtype,

@@ -27,7 +27,7 @@ from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 @dataclass(frozen=True)
 class CaptionOptions:
     prompt: str = ""  # conditional captioning text, e.g. "a picture of" (BLIP)
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64
     batch_size: int = 16
     retry_temperature: float = 0.7
     device: str = "auto"
@@ -115,8 +115,15 @@ class CaptionRewriter(Rewriter):
                 )
             texts = processor.batch_decode(output, skip_special_tokens=True)
             for (index, _), text in zip(chunk, texts, strict=True):
-                captions[index] = text.strip()
+                captions[index] = self._without_prompt(text.strip())
         return captions
+
+    def _without_prompt(self, caption: str) -> str:
+        """Conditional captioners repeat their prompt ("a picture of ..."): drop it."""
+        prompt = self.options.prompt.strip()
+        if prompt and caption.lower().startswith(prompt.lower()):
+            return caption[len(prompt) :].strip()
+        return caption
 
     def generate(self, requests: list[RewriteRequest], attempt: int) -> list[str | ItemFailed]:
         missing = [i for i, r in enumerate(requests) if r.image is None]

@@ -12,20 +12,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# A reasoning model's hidden thoughts (an unclosed block means it never got to the answer).
+_THINKING = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)", re.IGNORECASE | re.DOTALL)
+# Markdown around a line: quote marks, list bullets, numbering, headings.
+_MARKDOWN_PREFIX = re.compile(r"^(?:>\s*|[-*+•]\s+|\d+[.)]\s+|#+\s+)+")
 # An interjection opening the answer: "Sure! ...", "Okay, ...".
 _INTERJECTION = re.compile(
     r"^(?:sure|okay|ok|certainly|of course|absolutely)\b[\s!.,:]*", re.IGNORECASE
 )
-# A whole line that only introduces the answer: "Here is the narrative prompt:".
+# A whole line that only introduces the answer: "Here is the narrative prompt:". The colon is
+# required: "Here is a red barn in a field." is an answer.
 _PREAMBLE_LINE = re.compile(
-    r"^(?:here(?:'s| is| are)\b[^:]*:?|(?:the )?(?:rewritten|narrative|plain|short)\b[^:]*:)\s*$",
+    r"^(?:here(?:'s| is| are)\b[^:]*:|(?:the )?(?:rewritten|narrative|plain|short|final)\b[^:]*:)"
+    r"\s*$",
     re.IGNORECASE,
 )
 # A label before the answer on the same line: "Narrative prompt: a cat ...".
 _LABEL = re.compile(
     r"^(?:here(?:'s| is| are)\b[^:]{0,60}:"
-    r"|(?:narrative(?: prompt)?|sentence|answer|output|description|caption|rewritten(?: prompt)?"
-    r"|plain sentence|assistant)\s*:)\s*",
+    r"|(?:(?:short |final )?answer|narrative(?: prompt)?|sentence|output|description|caption"
+    r"|rewritten(?: prompt)?|plain sentence|assistant|prompt|result)\s*:)\s*",
     re.IGNORECASE,
 )
 _QUOTES = "\"'`“”‘’«»*_"
@@ -49,14 +55,18 @@ class ValidationBounds:
 
 def clean_output(text: str) -> str:
     """The narrative sentence inside a model's raw answer (may be empty)."""
-    text = text.replace("\r", "").strip()
+    text = _THINKING.sub("", text.replace("\r", "")).strip()
     text = re.sub(r"^```\w*\n?|\n?```$", "", text).strip()
     for line in text.split("\n"):
-        line = _INTERJECTION.sub("", line.strip())
-        if not line or _PREAMBLE_LINE.match(line):
-            continue
-        line = _LABEL.sub("", line, count=1).strip()
-        line = line.strip(_QUOTES).strip()
+        previous = None
+        while line != previous:  # peel wrappers until nothing changes: "> **Answer:** \"...\""
+            previous = line
+            line = _MARKDOWN_PREFIX.sub("", line.strip()).replace("**", "").replace("__", "")
+            line = _INTERJECTION.sub("", line)
+            if _PREAMBLE_LINE.match(line):
+                line = ""
+                break
+            line = _LABEL.sub("", line, count=1).strip().strip(_QUOTES).strip()
         line = re.sub(r"\s+", " ", line)
         if line:
             return line

@@ -13,6 +13,7 @@ default ``OPENAI_API_KEY``), is sent only to the base URL's host, and is never l
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -73,12 +74,16 @@ class OpenAIChatRewriter(Rewriter):
             raise InputError(f"openai rewriter needs an http(s) base URL, got {base_url!r}")
         if not model:
             raise InputError("the openai rewriter needs --model (the name the server serves)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", (options or ChatOptions()).api_key_env):
+            # never echo it: a key pasted here by mistake must not reach the terminal or logs
+            raise InputError("--api-key-env takes the NAME of an environment variable, not a key")
         super().__init__(model)
         self.base_url = base_url.rstrip("/")
         self.template = template
         self.options = options or ChatOptions()
         self._sleep = sleep
         self._local = threading.local()
+        self._reached = False  # set once the server has answered anything
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -98,9 +103,12 @@ class OpenAIChatRewriter(Rewriter):
         }
 
     def params(self) -> dict[str, Any]:
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host  # user:password@ left out
         return {
             **self.identity(),
-            "base_url": self.base_url,
+            "base_url": parts._replace(netloc=netloc).geturl(),
             "concurrency": self.options.concurrency,
         }
 
@@ -123,10 +131,37 @@ class OpenAIChatRewriter(Rewriter):
     def complete_all(
         self, conversations: list[list[dict[str, str]]], attempt: int
     ) -> list[str | ItemFailed]:
-        """One answer per conversation, ``concurrency`` requests in flight at a time."""
-        workers = max(1, min(self.options.concurrency, len(conversations)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surd-chat") as pool:
-            return list(pool.map(lambda c: self._complete(c, attempt), conversations))
+        """One answer per conversation, ``concurrency`` requests in flight at a time.
+
+        Stops at the first error that concerns the whole server (bad key, no such model) and,
+        until the server has answered once, when it cannot be reached: a run against a server
+        that is down ends with one line instead of hours of retries."""
+        if not conversations:
+            return []
+        answers: list[str | ItemFailed] = []
+        if not self._reached:
+            # one request alone first: a server that is down costs one item's retries, not all
+            answers.append(self._check_reached(self._complete(conversations[0], attempt)))
+        rest = conversations[len(answers) :]
+        workers = max(1, min(self.options.concurrency, len(rest)))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surd-chat")
+        try:
+            futures = [pool.submit(self._complete, c, attempt) for c in rest]
+            answers += [future.result() for future in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return answers
+
+    def _check_reached(self, answer: str | ItemFailed) -> str | ItemFailed:
+        unreachable = isinstance(answer, ItemFailed) and answer.reason in (
+            "connection-error",
+            "timeout",
+        )
+        if unreachable and not self._reached:
+            raise RewriterUnavailable(
+                f"cannot reach {self.base_url} ({answer.reason}): is the server running?"
+            )
+        return answer
 
     def _complete(self, messages: list[dict[str, str]], attempt: int) -> str | ItemFailed:
         options = self.options
@@ -162,6 +197,7 @@ class OpenAIChatRewriter(Rewriter):
             raise _Retry("timeout", f"no answer from {self.base_url} in time") from None
         except requests.ConnectionError as error:
             raise _Retry("connection-error", f"{self.base_url}: {type(error).__name__}") from None
+        self._reached = True
         status = response.status_code
         if status in (401, 403):
             raise RewriterUnavailable(

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 
-RULES_VERSION = "rules-1"
+RULES_VERSION = "v2"
 
 NUMBER_WORDS = {
     1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six",
@@ -74,6 +74,7 @@ BOILERPLATE = frozenset(
         "moody", "ethereal", "dreamy", "whimsical", "majestic", "fantasy", "dark fantasy",
         "high fantasy", "fantasy art", "surreal", "surrealism", "detailed face",
         "detailed eyes", "beautiful detailed eyes", "perfect face", "perfect hands",
+        "background", "detailed background", "matte", "depth", "blush", "heroic", "open mouth",
     ]
 )  # fmt: skip
 
@@ -86,7 +87,10 @@ BOILERPLATE_PATTERNS = tuple(
         r"^(?:f|ƒ) ?/ ?\d",  # f/1.8
         r"^(?:iso|shutter speed|exposure)\b",
         r"^(?:canon|nikon|sony|fujifilm|fuji|leica|hasselblad|kodak|portra|ektar)\b",
-        r"^(?:art |artwork |painting |illustration |drawing |style )?by\s",  # artist clauses
+        # artist clauses: "by X", "art by X", "photographed by X"
+        r"^(?:(?:art|artwork|painting|illustration|drawing|style|photo|photograph|photography"
+        r"|painted|drawn|illustrated|photographed|created|designed|rendered|sculpted|made)\s+)?"
+        r"by\s",
         r"^(?:in the style of|style of|inspired by|in style of)\s",
         r"^(?:trending|featured|popular) on\b",
         r"^(?:score|rating|source)_\w+$",  # Pony/Danbooru meta tags
@@ -99,8 +103,36 @@ BOILERPLATE_PATTERNS = tuple(
         r"^(?:photo|picture|image|illustration|painting|render|drawing) of$",
         r"^(?:shot|taken|photographed|captured) (?:on|with)\b",
         r"(?:^style\b|\bstyle$|\baesthetics?$)",  # "anime style", "blade runner style"
+        r"^embedding:",  # textual-inversion embeddings: (embedding:EasyNegative)
+        r"\blighting$|^(?:natural|soft|warm|cold|hard|studio|ambient|rim|back) ?light$",
+        r"\b(?:photography|photoshoot|photo shoot)$|^national geographic\b",
+        r"^\d+ ?mm lens$|\blens$|^(?:motion|gaussian|radial) blur$|^soft shadows?$",
+        r"^(?:cowboy|full body|upper body|half body|close|wide|medium|long|establishing) shot$",
+        r"^(?:full|upper|lower) body$|^(?:male|female) focus$",
+        r"^from (?:below|above|side|behind)$",
+        r"^(?:isometric|top-down|aerial|side|front|bird's eye|birds eye) view$|^isometric$",
+        r"^(?:low|high) poly$|^lowpoly$|^polaroid$|^film noir$|^impasto$|^\d{4}s$",
     )
 )
+
+# Names of artists that prompts list without "by" (the most common ones in public prompt
+# datasets); the "by X" form is caught for any name.
+KNOWN_ARTISTS = frozenset(
+    [
+        "greg rutkowski", "artgerm", "stanley artgerm lau", "wlop", "alphonse mucha", "mucha",
+        "james jean", "ross tran", "rossdraws", "ilya kuvshinov", "makoto shinkai",
+        "thomas kinkade", "beeple", "simon stalenhag", "craig mullins", "loish", "sakimichan",
+        "krenz cushart", "magali villeneuve", "boris vallejo", "frank frazetta", "h.r. giger",
+        "hr giger", "zdzislaw beksinski", "studio ghibli", "hayao miyazaki", "jakub rozalski",
+        "peter mohrbacher", "charlie bowater", "tom bagshaw", "ruan jia", "john singer sargent",
+        "rembrandt", "van gogh", "vincent van gogh", "claude monet", "monet", "moebius",
+        "kim jung gi", "wes anderson", "tim burton", "james gurney", "jordan grimmer",
+        "marc simonetti", "android jones", "dan mumford", "yoji shinkawa", "ivan aivazovsky",
+        "albert bierstadt", "caspar david friedrich", "gustav klimt", "salvador dali", "pixar",
+        "disney", "dreamworks", "annie leibovitz", "steve mccurry", "gil elvgren",
+        "norman rockwell",
+    ]
+)  # fmt: skip
 
 # A trailing "by X" clause inside a piece ("a castle on a hill by greg rutkowski"), unless the
 # word before "by" is a participle that makes it content ("lit by candles", "surrounded by").
@@ -147,6 +179,7 @@ SETTINGS = _words(
 _THE_SETTINGS = _words(
     "snow rain fog sky clouds countryside desert jungle mountains hills ocean sea"
 )
+_PLURAL_SETTINGS = _words("mountains hills ruins clouds woods")
 TIMES = _words(
     "sunset sunrise dawn dusk night midnight noon twilight daytime nighttime morning evening "
     "afternoon"
@@ -228,14 +261,22 @@ def _drop_trailing_artist(piece: str) -> str:
 
 
 def is_boilerplate(piece: str) -> bool:
-    lowered = piece.lower()
-    return lowered in BOILERPLATE or any(p.search(lowered) for p in BOILERPLATE_PATTERNS)
+    lowered = piece.lower().strip()
+    if len(re.sub(r"[^a-z]", "", lowered)) < 2:  # "d" of ":d", "^_^", "1"
+        return True
+    return (
+        lowered in BOILERPLATE
+        or lowered in KNOWN_ARTISTS
+        or any(p.search(lowered) for p in BOILERPLATE_PATTERNS)
+    )
 
 
 def content_pieces(prompt: str) -> list[str]:
     """The pieces of a keyword prompt that describe the image, syntax and boilerplate removed."""
     pieces, seen = [], set()
     for raw in re.split(r"[,;|\n]", strip_prompt_syntax(prompt)):
+        if is_boilerplate(raw.strip()):  # before "_" becomes " ": score_8_up, rating_safe
+            continue
         piece = _normalise_piece(raw)
         if not piece or is_boilerplate(piece):
             continue
@@ -275,8 +316,8 @@ def _time_phrase(piece: str) -> str:
 def _setting_phrase(piece: str) -> str:
     if piece in ("space", "outer space", "underwater"):
         return piece if piece == "underwater" else f"in {piece}"
-    if piece in _THE_SETTINGS:
-        return f"in the {piece}"
+    if piece in _THE_SETTINGS or piece.split()[-1] in _PLURAL_SETTINGS:
+        return f"in the {piece}"  # "in the snow", "in the snowy mountains"
     preposition = SETTING_PREPOSITIONS.get(piece.split()[-1], "in")
     return f"{preposition} {_with_article(piece)}"
 
@@ -297,7 +338,9 @@ def rewrite_by_rules(prompt: str) -> str:
     for piece in rest:
         lowered = piece.lower()
         words = lowered.split()
-        if words[-1] in TIMES or lowered in TIMES:
+        if _JOINING_WORDS.match(lowered):
+            following.append(piece)  # "in a garden", "holding a cup": already a phrase
+        elif words[-1] in TIMES or lowered in TIMES:
             times.append(_time_phrase(lowered))
         elif words[-1] == "background":
             settings.append(f"on {_with_article(lowered)}")
@@ -308,8 +351,6 @@ def rewrite_by_rules(prompt: str) -> str:
                 attributes.append(piece)
         elif words[-1] in CLOTHING and len(words) <= 4:
             following.append(_clothing_phrase(piece))
-        elif _JOINING_WORDS.match(lowered):
-            following.append(piece)
         else:
             others.append(piece)
     sentence = subject
@@ -332,11 +373,7 @@ class RulesRewriter(Rewriter):
     can_retry: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        super().__init__(RULES_VERSION)
-
-    @property
-    def origin(self) -> str:
-        return RULES_VERSION
+        super().__init__(RULES_VERSION)  # origin "rules:v2"
 
     def generate(self, requests: list[RewriteRequest], attempt: int) -> list[str | ItemFailed]:
         answers: list[str | ItemFailed] = []

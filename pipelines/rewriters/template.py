@@ -51,7 +51,7 @@ class PromptTemplate:
                 f"template: unknown placeholder {{{sorted(unknown)[0]}}} "
                 f"(allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
             )
-        if not used:
+        if "keyword_prompt" not in used:
             raise ConfigError("template: the user message must contain {keyword_prompt}")
 
     @property
@@ -161,6 +161,8 @@ def load_template(path: Path) -> PromptTemplate:
         )
     if not isinstance(data.get("system", ""), str) or not isinstance(data.get("user"), str):
         raise ConfigError(f"{path}: 'system' and 'user' must be strings ('user' is required)")
+    if not isinstance(data.get("examples", []), list):
+        raise ConfigError(f"{path}: write examples as [[examples]] tables (one per example)")
     examples = []
     for number, entry in enumerate(data.get("examples", []), 1):
         try:
