@@ -209,11 +209,13 @@ def _screen_demo(workspace, progress: bool) -> None:
 
 def _register_groups() -> None:
     from surd_builder import cli_narratives  # noqa: F401 (registers rewrite and screen)
+    from surd_builder.cli_annotate import annotate_app
     from surd_builder.cli_build import build_app
     from surd_builder.cli_scrape import scrape_app
 
     build_app.add_typer(scrape_app, name="scrape")
     app.add_typer(build_app, name="build")
+    app.add_typer(annotate_app, name="annotate")
 
 
 _register_groups()

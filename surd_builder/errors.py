@@ -44,6 +44,12 @@ class OutputError(SurdError):
     exit_code = 6
 
 
+class ServiceError(SurdError):
+    """An external service (Label Studio, an LLM server) cannot be reached or refuses surd."""
+
+    exit_code = 7
+
+
 class Interrupted(SurdError):
     """The user pressed Ctrl-C; what was written stays, and a re-run continues from there."""
 

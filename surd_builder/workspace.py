@@ -74,7 +74,7 @@ def utc_now() -> datetime:
 _part_counter = itertools.count()
 
 
-def _part_name(prefix: str) -> str:
+def part_name(prefix: str) -> str:
     # Names sort in write order (nanosecond clock), and pid + counter keep concurrent writers apart.
     return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{next(_part_counter):06d}.parquet"
 
@@ -184,7 +184,7 @@ class Workspace:
         if table.num_rows == 0:
             return None
         table = conform(table, spec.schema)
-        return write_parquet_atomic(table, self.table_dir(name) / _part_name("part"))
+        return write_parquet_atomic(table, self.table_dir(name) / part_name("part"))
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         """Stage table ``name``, one row per sample_id (the most recently written one)."""
@@ -260,7 +260,7 @@ class Workspace:
         if failures.num_rows == 0:
             return None
         failures = conform(failures, FAILURES_SCHEMA)
-        return write_parquet_atomic(failures, self.root / "failures" / _part_name("part"))
+        return write_parquet_atomic(failures, self.root / "failures" / part_name("part"))
 
     def read_failures(
         self, stage: str | None = None, outstanding_in: str | None = None
@@ -310,7 +310,7 @@ class Workspace:
         images = images.sort_by("image_sha256")
         shard = write_parquet_atomic(
             images,
-            self.root / "images" / _part_name("shard"),
+            self.root / "images" / part_name("shard"),
             row_group_size=IMAGE_ROW_GROUP,
             # encoded images do not compress: zstd over them costs CPU and saves nothing
             compression={"image_sha256": "zstd", "image_bytes": "none"},
@@ -336,10 +336,14 @@ class Workspace:
             found.update(zip(shas_read, table["image_bytes"].to_pylist(), strict=True))
         return found
 
+    def reload_image_index(self) -> None:
+        """Forget the cached index: other processes may have stored images since."""
+        self._image_index = None
+
     def image_stats(self) -> tuple[int, int]:
         """(number of distinct stored images, bytes of their shards on disk). Concurrent writers
         may each store an image they both fetched; it is counted once."""
-        self._image_index = None  # other processes may have written since
+        self.reload_image_index()
         return len(self.image_index()), sum(s.stat().st_size for s in self.image_shards())
 
     # ----------------------------------------------------------------- scrape listings
@@ -351,7 +355,7 @@ class Workspace:
         if items.num_rows == 0:
             return None
         items = conform(items, LISTING_SCHEMA)
-        return write_parquet_atomic(items, self._listing_dir(source) / _part_name("part"))
+        return write_parquet_atomic(items, self._listing_dir(source) / part_name("part"))
 
     def read_listing(self, source: str) -> pa.Table:
         """Every item ``source`` has listed, once each (an item seen on two pages: the later)."""

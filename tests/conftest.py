@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from surd_builder.workspace import Workspace
+from tests.label_studio import label_studio  # noqa: F401 (a session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from surd_builder.errors import SurdError
+from surd_builder.errors import ServiceError
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ItemFailed(Exception):
         self.reason, self.detail = reason, detail
 
 
-class RewriterUnavailable(SurdError):
+class RewriterUnavailable(ServiceError):
     """The backend cannot work at all (model missing, server refusing the key): stop the run
     with one line instead of failing every item the same way."""
 

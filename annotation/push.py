@@ -1,0 +1,158 @@
+"""``surd annotate push``: send the samples that need a human decision to Label Studio.
+
+Which samples: those with a narrative prompt and an image whose review is still ``pending``
+(auto-rejected ones too with ``include_auto_rejected``), most doubtful first
+(:func:`pipelines.screen.review_priority`). Idempotent: a sample already in the ledger or already
+a task of the project (asked of the server, so a lost ledger or a push from another machine is
+no problem) is never sent again. Tasks go in batches; each batch's task ids are added to the
+ledger as soon as Label Studio returns them, so an interrupted push resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from annotation.client import LabelStudioClient, Project
+from annotation.ledger import Ledger
+from annotation.tasks import IMAGE_PLACEHOLDERS, data_uri, image_url, sample_to_task
+from pipelines.screen import SCREEN_REVIEWER, review_priority
+from surd_builder.errors import InputError
+from surd_builder.progress import progress_bar
+from surd_builder.workspace import Workspace
+
+DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}"
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    image_url_template: str = DEFAULT_IMAGE_URL
+    embed_images: bool = False  # base64 data URIs in the tasks: explicit only
+    batch_size: int = 500
+    limit: int | None = None
+    include_auto_rejected: bool = False
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.embed_images and not any(
+            p in self.image_url_template for p in IMAGE_PLACEHOLDERS
+        ):
+            raise InputError(
+                "--image-url-template needs {image_sha256} or {sample_id}, e.g. "
+                f"{DEFAULT_IMAGE_URL}"
+            )
+        if self.batch_size < 1:
+            raise InputError("--batch-size must be at least 1")
+
+
+@dataclass
+class PushReport:
+    project: Project
+    created_project: bool
+    candidates: int = 0
+    already_in_project: int = 0
+    pushed: int = 0
+    seconds: float = 0.0
+    by_origin: dict[str, int] = field(default_factory=dict)
+
+
+def samples_to_review(workspace: Workspace, include_auto_rejected: bool = False) -> pa.Table:
+    """Samples that need a person, most doubtful first."""
+    data = workspace.dataset()
+    has_text = pc.fill_null(pc.greater(pc.utf8_length(data["narrative_prompt"]), 0), False)
+    wanted = pc.and_(has_text, pc.is_valid(data["image_sha256"]))
+    status = data["review_status"]
+    pending = pc.equal(status, "pending")
+    if include_auto_rejected:
+        auto = pc.and_(
+            pc.equal(status, "rejected"),
+            pc.fill_null(pc.equal(data["reviewer"], SCREEN_REVIEWER), False),
+        )
+        pending = pc.or_(pending, auto)
+    duplicate = pc.fill_null(
+        pc.and_(
+            pc.is_valid(data["duplicate_of"]),
+            pc.not_equal(data["duplicate_of"], data["sample_id"]),
+        ),
+        False,
+    )
+    data = data.filter(pc.and_(pc.and_(wanted, pending), pc.invert(duplicate)))
+    return data.take(review_priority(data))
+
+
+def push(
+    workspace: Workspace, client: LabelStudioClient, title: str, options: PushOptions
+) -> PushReport:
+    started = time.perf_counter()
+    with workspace.stage_lock("annotate"):
+        project, created = client.find_or_create_project(
+            title, description="surd: check and correct narrative prompts"
+        )
+        report = PushReport(project, created)
+        ledger = Ledger(workspace, client.url, project.id)
+        known = ledger.read()
+        on_server = client.task_sample_ids(project) if not created else {}
+        # tasks the server has but the ledger lacks (pushed from elsewhere): adopt them
+        adopted = {s: t for s, t in on_server.items() if s not in known}
+        candidates = samples_to_review(workspace, options.include_auto_rejected)
+        report.candidates = candidates.num_rows
+        if adopted:
+            narratives = dict(
+                zip(
+                    candidates["sample_id"].to_pylist(),
+                    candidates["narrative_prompt"].to_pylist(),
+                    strict=True,
+                )
+            )
+            ids = sorted(adopted)
+            ledger.add(ids, [adopted[s] for s in ids], [narratives.get(s) for s in ids])
+        done = set(known) | set(on_server)
+        todo = candidates.filter(
+            pc.invert(pc.is_in(candidates["sample_id"], pa.array(sorted(done), pa.string())))
+        )
+        report.already_in_project = candidates.num_rows - todo.num_rows
+        if options.limit is not None:
+            todo = todo.slice(0, options.limit)
+        rows = todo.select(
+            [
+                "sample_id",
+                "source",
+                "image_sha256",
+                "complex_prompt",
+                "narrative_prompt",
+                "narrative_origin",
+                "clip_score",
+                "text_similarity",
+            ]
+        ).to_pylist()
+        with progress_bar("push", len(rows), options.show_progress) as advance:
+            for start in range(0, len(rows), options.batch_size):
+                batch = rows[start : start + options.batch_size]
+                images = {}
+                if options.embed_images:
+                    images = workspace.read_images(r["image_sha256"] for r in batch)
+                tasks = []
+                for row in batch:
+                    if options.embed_images:
+                        image = data_uri(images[row["image_sha256"]])
+                    else:
+                        image = image_url(
+                            options.image_url_template, row["image_sha256"], row["sample_id"]
+                        )
+                    tasks.append(sample_to_task(row, image))
+                task_ids = client.import_tasks(project, tasks)
+                ledger.add(
+                    [r["sample_id"] for r in batch],
+                    task_ids,
+                    [r["narrative_prompt"] for r in batch],
+                )
+                report.pushed += len(batch)
+                for row in batch:
+                    origin = row["narrative_origin"] or "unknown"
+                    report.by_origin[origin] = report.by_origin.get(origin, 0) + 1
+                advance(len(batch))
+        report.seconds = time.perf_counter() - started
+        return report

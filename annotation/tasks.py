@@ -1,0 +1,180 @@
+"""Pure conversions between surd samples and Label Studio tasks and annotations.
+
+No I/O here: push and pull call these on plain dicts, so the rules below are tested on their own.
+
+Reading an annotation (``decision_of``):
+
+- a cancelled (skipped) annotation is no decision: the sample stays pending;
+- ``reject`` -> ``rejected`` with the problem tags; the narrative is left as it was;
+- otherwise the narrative is the annotation's text area, or the pushed narrative when the
+  annotator submitted without touching it; ``corrected`` when that text differs from what was
+  pushed, ``accepted`` when it does not (whatever of accept/corrected was clicked: the text is
+  the evidence);
+- an annotation with neither a decision nor an edited text is incomplete and ignored.
+
+Several annotations on one task (``choose``): ``latest`` (default) takes the most recently
+updated decision; ``unanimous`` applies only decisions all annotators share (same status and
+text), and leaves the sample pending otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from annotation.config import PROBLEM_TAGS
+
+POLICIES = ("latest", "unanimous")
+IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    sample_id: str
+    annotator: int | None
+    status: str  # accepted | corrected | rejected
+    narrative: str | None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    decided_at: datetime | None = None
+    annotation_id: int | None = None
+
+    def same_verdict(self, other: Decision) -> bool:
+        return (self.status, self.narrative) == (other.status, other.narrative)
+
+
+def image_url(template: str, image_sha256: str, sample_id: str) -> str:
+    return template.replace("{image_sha256}", image_sha256).replace("{sample_id}", sample_id)
+
+
+def data_uri(image: bytes) -> str:
+    """The image inline (only on explicit request: it bloats Label Studio's database)."""
+    return f"data:{media_type(image)};base64,{base64.b64encode(image).decode()}"
+
+
+def media_type(data: bytes) -> str:
+    """The image's media type from its first bytes."""
+    for magic, kind in MAGIC_TYPES:
+        if data.startswith(magic) and (kind != "image/webp" or data[8:12] == b"WEBP"):
+            return kind
+    return "application/octet-stream"
+
+
+MAGIC_TYPES = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF8", "image/gif"),
+    (b"RIFF", "image/webp"),
+    (b"BM", "image/bmp"),
+)
+
+
+def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
+    """A task for one sample: the data the config shows, and the current narrative as a
+    prediction so the text area opens pre-filled (tagged with the rewriter that wrote it)."""
+    narrative = sample.get("narrative_prompt") or ""
+    data = {
+        "image": image,
+        "complex_prompt": sample.get("complex_prompt") or "",
+        "narrative_prompt": narrative,
+        "sample_id": sample["sample_id"],
+        "source": sample.get("source") or "",
+        "narrative_origin": sample.get("narrative_origin") or "",
+    }
+    for score in ("clip_score", "text_similarity"):
+        if sample.get(score) is not None:
+            data[score] = round(float(sample[score]), 4)
+    task: dict[str, Any] = {"data": data}
+    if narrative:
+        prediction: dict[str, Any] = {
+            "model_version": sample.get("narrative_origin") or "unknown",
+            "result": [
+                {
+                    "from_name": "narrative_prompt",
+                    "to_name": "image",
+                    "type": "textarea",
+                    "value": {"text": [narrative]},
+                }
+            ],
+        }
+        if sample.get("clip_score") is not None:
+            prediction["score"] = round(float(sample["clip_score"]), 4)
+        task["predictions"] = [prediction]
+    return task
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def decision_of(
+    annotation: dict[str, Any], sample_id: str, pushed_narrative: str | None
+) -> Decision | None:
+    """The decision one annotation records (see the module docstring), or None."""
+    if annotation.get("was_cancelled"):
+        return None
+    choice, text, tags = None, None, []
+    for item in annotation.get("result") or []:
+        value = item.get("value") or {}
+        if item.get("from_name") == "decision" and value.get("choices"):
+            choice = value["choices"][0]
+        elif item.get("from_name") == "narrative_prompt" and value.get("text"):
+            text = " ".join(str(t) for t in value["text"]).strip()
+        elif item.get("from_name") == "problems":
+            tags = [t for t in value.get("choices") or [] if t in PROBLEM_TAGS]
+    pushed = (pushed_narrative or "").strip()
+    edited = text is not None and text != pushed
+    if choice is None and not edited:
+        return None
+    common = {
+        "sample_id": sample_id,
+        "annotator": annotation.get("completed_by"),
+        "tags": tuple(tags),
+        "decided_at": _parse_time(annotation.get("updated_at") or annotation.get("created_at")),
+        "annotation_id": annotation.get("id"),
+    }
+    if choice == "reject":
+        return Decision(status="rejected", narrative=None, **common)
+    narrative = text if text else pushed
+    if not narrative:
+        return None  # accepted an empty narrative: nothing to record
+    return Decision(status="corrected" if edited else "accepted", narrative=narrative, **common)
+
+
+def choose(decisions: list[Decision], policy: str = "latest") -> Decision | None:
+    """The decision that counts for a task under ``policy``; None when none does."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+    if not decisions:
+        return None
+    ordered = sorted(
+        decisions, key=lambda d: (d.decided_at is not None, d.decided_at, d.annotation_id or 0)
+    )
+    if policy == "latest":
+        return ordered[-1]
+    if all(d.same_verdict(ordered[-1]) for d in ordered):
+        return ordered[-1]
+    return None
+
+
+def agreement(tasks: Iterable[list[Decision]]) -> tuple[int, int]:
+    """(tasks decided by two or more annotators, how many of them all agree), comparing each
+    annotator's latest decision by status and text."""
+    several = agreeing = 0
+    for decisions in tasks:
+        latest: dict[Any, Decision] = {}
+        for decision in sorted(decisions, key=lambda d: (d.decided_at is not None, d.decided_at)):
+            latest[decision.annotator] = decision
+        if len(latest) < 2:
+            continue
+        several += 1
+        verdicts = list(latest.values())
+        agreeing += all(v.same_verdict(verdicts[0]) for v in verdicts)
+    return several, agreeing

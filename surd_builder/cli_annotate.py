@@ -1,0 +1,194 @@
+"""``surd annotate ...``: human review of narrative prompts in Label Studio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surd_builder.cli_build import ProgressOption, WorkspaceOption
+
+annotate_app = typer.Typer(
+    help="Send samples to Label Studio for review and read the decisions back.",
+    no_args_is_help=True,
+)
+console = Console()
+
+UrlOption = Annotated[
+    str,
+    typer.Option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio base URL."),
+]
+ApiKeyOption = Annotated[
+    str,
+    typer.Option(
+        "--api-key",
+        envvar="LABEL_STUDIO_API_KEY",
+        help="API token (legacy token or personal access token); prefer the variable.",
+        show_default=False,
+    ),
+]
+ProjectOption = Annotated[str, typer.Option("--project", "-p", help="Label Studio project title.")]
+PolicyOption = Annotated[
+    str,
+    typer.Option(
+        help="Several annotations on a task: 'latest' decision wins, or only 'unanimous' ones."
+    ),
+]
+
+
+def _client(url: str, api_key: str):
+    from annotation.client import LabelStudioClient
+
+    return LabelStudioClient(url, api_key)
+
+
+def _check_policy(policy: str) -> None:
+    from annotation.tasks import POLICIES
+    from surd_builder.errors import InputError
+
+    if policy not in POLICIES:
+        raise InputError(f"--policy must be one of: {', '.join(POLICIES)}")
+
+
+@annotate_app.command("push")
+def push_command(
+    project: ProjectOption,
+    workspace: WorkspaceOption = Path("."),
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = "",
+    image_url_template: Annotated[
+        str,
+        typer.Option(
+            help="Where annotators' browsers fetch images: {image_sha256} and {sample_id} are "
+            "filled in (S3, a CDN, or `surd annotate serve-images`)."
+        ),
+    ] = "http://127.0.0.1:8081/images/{image_sha256}",
+    embed_images: Annotated[
+        bool,
+        typer.Option(help="Put images into the tasks as base64 instead (bloats Label Studio)."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Tasks per import request.")] = 500,
+    limit: Annotated[int | None, typer.Option(min=1, help="Push at most this many.")] = None,
+    include_auto_rejected: Annotated[
+        bool, typer.Option(help="Also push samples that screening rejected, for a second look.")
+    ] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Create or find the project and import tasks for samples that need review (idempotent)."""
+    from annotation.push import PushOptions, push
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    options = PushOptions(
+        image_url_template=image_url_template,
+        embed_images=embed_images,
+        batch_size=batch_size,
+        limit=limit,
+        include_auto_rejected=include_auto_rejected,
+        show_progress=progress,
+    )
+    report = push(ws, _client(url, api_key), project, options)
+    created = "created" if report.created_project else "existing"
+    console.print(
+        f"[bold]push[/bold]: {report.pushed:,} tasks -> {created} project {report.project.title!r}"
+        f" (id {report.project.id}) in {report.seconds:.1f} s"
+    )
+    table = Table()
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    table.add_row("samples needing review", f"{report.candidates:,}")
+    table.add_row("already in the project", f"{report.already_in_project:,}")
+    table.add_row("pushed now", f"{report.pushed:,}")
+    for origin, number in sorted(report.by_origin.items()):
+        table.add_row(f"  narrative from {origin}", f"{number:,}")
+    console.print(table)
+
+
+@annotate_app.command("pull")
+def pull_command(
+    project: ProjectOption,
+    workspace: WorkspaceOption = Path("."),
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = "",
+    policy: PolicyOption = "latest",
+) -> None:
+    """Apply finished annotations to the workspace (idempotent; never replaces newer reviews)."""
+    from annotation.pull import pull
+    from surd_builder.workspace import Workspace
+
+    _check_policy(policy)
+    report = pull(Workspace.open(workspace), _client(url, api_key), project, policy)
+    written = sum(report.written.values())
+    console.print(f"[bold]pull[/bold]: {written:,} decisions written from {report.tasks:,} tasks")
+    table = Table()
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for status, number in sorted(report.written.items()):
+        table.add_row(f"written: {status}", f"{number:,}")
+    table.add_row("already applied", f"{report.unchanged:,}")
+    table.add_row("pending (skipped or not done)", f"{report.pending:,}")
+    if policy == "unanimous":
+        table.add_row("annotators disagree (left pending)", f"{report.conflicts:,}")
+    table.add_row("tasks of unknown samples", f"{report.unknown_samples:,}")
+    if report.agreement is not None:
+        table.add_row(
+            "agreement (tasks with 2+ annotators)",
+            f"{report.agreement:.0%} of {report.several_annotators:,}",
+        )
+    console.print(table)
+
+
+@annotate_app.command("status")
+def status_command(
+    project: ProjectOption,
+    workspace: WorkspaceOption = Path("."),
+    url: UrlOption = "http://127.0.0.1:8080",
+    api_key: ApiKeyOption = "",
+    policy: PolicyOption = "latest",
+) -> None:
+    """Counts in the project: pending / accepted / corrected / rejected, and per annotator."""
+    from annotation.pull import project_status
+    from surd_builder.workspace import Workspace
+
+    _check_policy(policy)
+    status = project_status(Workspace.open(workspace), _client(url, api_key), project, policy)
+    statuses = ("pending", "accepted", "corrected", "rejected")
+    table = Table(title=f"project {project!r}: {status.tasks:,} tasks", title_justify="left")
+    table.add_column("annotator")
+    for name in statuses:
+        table.add_column(name, justify="right")
+    table.add_row("all (decision per task)", *(f"{status.by_status.get(s, 0):,}" for s in statuses))
+    for annotator, counts in status.by_annotator.items():
+        table.add_row(annotator, "", *(f"{counts.get(s, 0):,}" for s in statuses[1:]))
+    console.print(table)
+
+
+@annotate_app.command("serve-images")
+def serve_images_command(
+    workspace: WorkspaceOption = Path("."),
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0 exposes it to your network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8081,
+) -> None:
+    """Serve the workspace's images read-only at /images/<sha256> until Ctrl-C."""
+    from annotation.images import ImageServer
+    from surd_builder.errors import InputError
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    try:
+        server = ImageServer(ws, host, port)
+    except OSError as error:
+        raise InputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    typer.echo(f"serving {len(ws.image_index()):,} images at {server.url}/images/<sha256>")
+    typer.echo(f"push with: --image-url-template '{server.url}/images/{{image_sha256}}'")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()

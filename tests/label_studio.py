@@ -1,0 +1,65 @@
+"""A real Label Studio server for the annotation tests, started with ``scripts/label-studio.sh``.
+
+The server runs from its own venv (``.label-studio-venv``), installed by the script on first use
+(about 80 s, then kept), on a free port on 127.0.0.1 with an empty data dir, so the admin user
+and token below are created fresh. One server serves the whole test session; each test uses its
+own project. ``SURD_SKIP_LABEL_STUDIO=1`` skips these tests for a quick local run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "label-studio.sh"
+ADMIN = "admin@surd.local"
+TOKEN = "surd-test-token-0123456789"
+
+
+@dataclass(frozen=True)
+class LabelStudioServer:
+    url: str
+    api_key: str
+    data_dir: Path
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LABEL_STUDIO_URL": self.url, "LABEL_STUDIO_API_KEY": self.api_key}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> Iterator[LabelStudioServer]:
+    if os.environ.get("SURD_SKIP_LABEL_STUDIO") == "1":
+        pytest.skip("SURD_SKIP_LABEL_STUDIO=1")
+    install = subprocess.run(
+        ["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=900
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    data_dir = tmp_path_factory.mktemp("label-studio-data")
+    env = {**os.environ, "LABEL_STUDIO_API_KEY": TOKEN, "LABEL_STUDIO_USERNAME": ADMIN}
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(_free_port()), str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if started.returncode != 0:
+        log = (data_dir / "server.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"Label Studio did not start: {started.stderr}\n{log}")
+    try:
+        yield LabelStudioServer(started.stdout.strip().splitlines()[-1], TOKEN, data_dir)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(data_dir)], timeout=60)

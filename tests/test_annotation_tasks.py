@@ -1,0 +1,164 @@
+"""The pure parts of the annotation round trip (no server): labeling config, task building,
+reading annotations, policies, agreement, and the read-only image server."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+
+from annotation.config import check_label_config, label_config
+from annotation.images import ImageServer
+from annotation.tasks import (
+    Decision,
+    agreement,
+    choose,
+    data_uri,
+    decision_of,
+    image_url,
+    media_type,
+    sample_to_task,
+)
+from surd_builder.ids import sha256_hex
+from surd_builder.schema import IMAGES_SCHEMA, records_to_table
+from tests.conftest import image_bytes
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def annotation(*, decision=None, text=None, problems=(), cancelled=False, by=1, at=T0, id=1):
+    result = []
+    if decision:
+        result.append(
+            {"from_name": "decision", "type": "choices", "value": {"choices": [decision]}}
+        )
+    if text is not None:
+        result.append(
+            {"from_name": "narrative_prompt", "type": "textarea", "value": {"text": [text]}}
+        )
+    if problems:
+        result.append(
+            {"from_name": "problems", "type": "choices", "value": {"choices": list(problems)}}
+        )
+    return {
+        "id": id,
+        "completed_by": by,
+        "result": result,
+        "was_cancelled": cancelled,
+        "updated_at": at.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def test_shipped_label_config_is_ours_and_foreign_ones_are_told_apart() -> None:
+    assert check_label_config(label_config()) is None
+    assert "TextArea" in check_label_config(label_config().replace("TextArea", "Text"))
+    assert "decision choices" in check_label_config(
+        label_config().replace('value="corrected"', 'value="fixed"')
+    )
+    assert "not valid XML" in check_label_config("<View>")
+
+
+def test_task_carries_the_data_and_prefills_the_narrative() -> None:
+    sample = {
+        "sample_id": "s1",
+        "source": "demo",
+        "complex_prompt": "3 red circles, 8k",
+        "narrative_prompt": "three red circles",
+        "narrative_origin": "rules:v2",
+        "clip_score": 0.31234567,
+        "text_similarity": None,
+    }
+    task = sample_to_task(
+        sample, image_url("http://cdn/{image_sha256}.png?s={sample_id}", "ab", "s1")
+    )
+    assert task["data"]["image"] == "http://cdn/ab.png?s=s1"
+    assert task["data"]["sample_id"] == "s1" and task["data"]["clip_score"] == 0.3123
+    assert "text_similarity" not in task["data"]
+    [prediction] = task["predictions"]
+    assert prediction["model_version"] == "rules:v2"
+    assert prediction["result"][0]["value"]["text"] == ["three red circles"]
+    assert "predictions" not in sample_to_task({**sample, "narrative_prompt": None}, "u")
+
+
+def test_reading_annotations() -> None:
+    pushed = "three red circles"
+    accepted = decision_of(annotation(decision="accept"), "s", pushed)
+    assert (accepted.status, accepted.narrative) == ("accepted", pushed)
+    untouched = decision_of(annotation(decision="accept", text=pushed), "s", pushed)
+    assert untouched.status == "accepted"
+    # the text is the evidence: an edit is a correction whatever was clicked, and no edit is not
+    edited = decision_of(annotation(decision="accept", text="three red squares"), "s", pushed)
+    assert (edited.status, edited.narrative) == ("corrected", "three red squares")
+    assert (
+        decision_of(annotation(decision="corrected", text=pushed), "s", pushed).status == "accepted"
+    )
+    assert decision_of(annotation(text="two red circles"), "s", pushed).status == "corrected"
+    rejected = decision_of(annotation(decision="reject", problems=["count", "bogus"]), "s", pushed)
+    assert (rejected.status, rejected.narrative, rejected.tags) == ("rejected", None, ("count",))
+    assert rejected.decided_at == T0 and rejected.annotator == 1
+    assert decision_of(annotation(decision="accept", cancelled=True), "s", pushed) is None
+    assert decision_of(annotation(), "s", pushed) is None  # neither a choice nor an edit
+    assert decision_of(annotation(decision="accept"), "s", None) is None  # nothing to accept
+
+
+def test_policies_and_agreement() -> None:
+    early = Decision("s", 1, "accepted", "a cat", decided_at=T0)
+    late = Decision("s", 2, "rejected", None, decided_at=T0 + timedelta(minutes=5))
+    same = Decision("s", 2, "accepted", "a cat", decided_at=T0 + timedelta(minutes=1))
+    assert choose([late, early]) == late
+    assert choose([early, late], "unanimous") is None
+    assert choose([early, same], "unanimous") == same
+    assert choose([]) is None
+    with pytest.raises(ValueError):
+        choose([early], "majority")
+    # one task with two annotators who disagree, one where they agree, one with one annotator
+    assert agreement([[early, late], [early, same], [early]]) == (2, 1)
+    # an annotator's own later decision replaces their earlier one
+    again = Decision("s", 1, "rejected", None, decided_at=T0 + timedelta(minutes=9))
+    assert agreement([[early, late, again]]) == (1, 1)
+
+
+def test_data_uri_and_media_types() -> None:
+    png, jpeg = image_bytes(fmt="PNG"), image_bytes(fmt="JPEG")
+    assert media_type(png) == "image/png" and media_type(jpeg) == "image/jpeg"
+    assert media_type(b"RIFF\0\0\0\0WEBPVP8 ") == "image/webp"
+    assert media_type(b"RIFF\0\0\0\0WAVE") == "application/octet-stream"
+    uri = data_uri(png)
+    assert uri.startswith("data:image/png;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]) == png
+
+
+def test_image_server_serves_stored_images_read_only(workspace) -> None:
+    png = image_bytes(fmt="PNG")
+    sha = sha256_hex(png)
+    workspace.write_images(
+        records_to_table([{"image_sha256": sha, "image_bytes": png}], IMAGES_SCHEMA)
+    )
+    server = ImageServer(workspace, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        response = requests.get(f"{server.url}/images/{sha}", timeout=5)
+        assert response.status_code == 200 and response.content == png
+        assert response.headers["Content-Type"] == "image/png"
+        assert "immutable" in response.headers["Cache-Control"]
+        assert requests.head(f"{server.url}/images/{sha}", timeout=5).status_code == 200
+        for path in ("/images/" + "0" * 64, "/images/../surd.toml", "/surd.toml", "/"):
+            assert requests.get(server.url + path, timeout=5).status_code == 404
+        assert requests.post(f"{server.url}/images/{sha}", timeout=5).status_code == 501
+        # an image stored after the server started (e.g. by a scrape) is found too
+        later = image_bytes((1, 2, 3), fmt="JPEG")
+        other = type(workspace)(workspace.root)  # another process's view of the workspace
+        other.write_images(
+            records_to_table(
+                [{"image_sha256": sha256_hex(later), "image_bytes": later}], IMAGES_SCHEMA
+            )
+        )
+        response = requests.get(f"{server.url}/images/{sha256_hex(later)}", timeout=5)
+        assert response.content == later and response.headers["Content-Type"] == "image/jpeg"
+    finally:
+        server.shutdown()
+        server.server_close()
