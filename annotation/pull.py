@@ -7,7 +7,9 @@ writes it to the workspace's ``reviews`` table:
 - accepted / corrected: ``narrative_prompt`` (the annotator's text), ``narrative_origin =
   human``, ``review_status``, ``reviewer`` (the annotator's e-mail), ``reviewed_at`` (the
   annotation's last update), and the problem tags;
-- rejected: status, tags, reviewer and time; the narrative stays what it was;
+- rejected: status, tags, reviewer and time, no narrative: the sample's narrative is then the
+  rewriter's again, even if an earlier review had corrected it (a rejected sample is not
+  exported, and a later accept brings a human text back);
 - skipped or unanswered: nothing; the sample stays pending.
 
 A decision is written only when it is newer than the sample's current review, so a re-pull
