@@ -122,19 +122,20 @@ class LabelStudioClient:
                 "use another project name"
             )
 
-    def task_sample_ids(self, project: Project) -> dict[str, int]:
-        """sample_id -> task id of every task in the project (pages through all of them)."""
+    def task_sample_ids(self, project: Project) -> dict[str, tuple[int, str | None]]:
+        """sample_id -> (task id, the narrative the task shows) for every task in the project
+        (pages through all of them)."""
         tasks = self.call(
             "listing tasks",
             lambda: list(
                 self._sdk.tasks.list(project=project.id, page_size=1000, fields="task_only")
             ),
         )
-        found: dict[str, int] = {}
+        found: dict[str, tuple[int, str | None]] = {}
         for task in tasks:
-            sample_id = (task.data or {}).get("sample_id")
-            if sample_id:
-                found.setdefault(str(sample_id), task.id)
+            data = task.data or {}
+            if data.get("sample_id"):
+                found.setdefault(str(data["sample_id"]), (task.id, data.get("narrative_prompt")))
         return found
 
     def import_tasks(self, project: Project, tasks: list[dict[str, Any]]) -> list[int]:

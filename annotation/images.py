@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from annotation.tasks import media_type
 from surd_builder.workspace import Workspace
 
 _IMAGE_PATH = re.compile(r"^/images/([0-9a-f]{64})$")
+RELOAD_SECONDS = 2.0
 
 
 class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, workspace: Workspace, host: str = "127.0.0.1", port: int = 8081):
+    def __init__(
+        self,
+        workspace: Workspace,
+        host: str = "127.0.0.1",
+        port: int = 8081,
+        reload_seconds: float = RELOAD_SECONDS,
+    ):
         self.workspace = workspace
+        self.reload_seconds = reload_seconds
         self._lock = threading.Lock()  # the workspace's image index is not thread-safe
+        self._reloaded_at = 0.0
         super().__init__((host, port), _Handler)
 
     @property
@@ -33,11 +46,18 @@ class ImageServer(ThreadingHTTPServer):
 
     def image(self, sha256: str) -> bytes | None:
         with self._lock:
-            if sha256 not in self.workspace.image_index():
-                self.workspace.reload_image_index()  # a scrape may have added images since
-                if sha256 not in self.workspace.image_index():
-                    return None
-            return self.workspace.read_images([sha256])[sha256]
+            index = self.workspace.image_index()
+            if sha256 not in index and time.monotonic() - self._reloaded_at >= self.reload_seconds:
+                # a scrape may have added images since; at most once per reload_seconds, so
+                # requests for unknown names cannot make the server re-read every shard
+                self._reloaded_at = time.monotonic()
+                self.workspace.reload_image_index()
+                index = self.workspace.image_index()
+            shard = index.get(sha256)
+        if shard is None:
+            return None
+        table = pq.read_table(shard, filters=pc.equal(pc.field("image_sha256"), sha256))
+        return table["image_bytes"][0].as_py() if table.num_rows else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -64,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", media_type(data))
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "public, max-age=31536000, immutable")
-        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         if not head_only:
             self.wfile.write(data)

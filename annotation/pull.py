@@ -13,7 +13,9 @@ writes it to the workspace's ``reviews`` table:
 - skipped or unanswered: nothing; the sample stays pending.
 
 A decision is written only when it is newer than the sample's current review, so a re-pull
-writes nothing and an old annotation never replaces a newer decision.
+writes nothing and an old annotation never replaces a newer decision. Pull adds decisions; it
+does not take one back: an annotation deleted in Label Studio, or (``unanimous``) a late
+dissent, leaves the decision already pulled in place (review such samples again to change it).
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ def task_decisions(
         sample_id = str((task.get("data") or {}).get("sample_id") or "")
         if not sample_id:
             continue
-        narrative = pushed.get(sample_id, (None, None))[1]
+        # compare with what the annotator was shown: the task's own text (the ledger's copy
+        # only for tasks pushed before surd put it in the task data)
+        narrative = (task.get("data") or {}).get("narrative_prompt")
         if narrative is None:
-            narrative = (task.get("data") or {}).get("narrative_prompt")
+            narrative = pushed.get(sample_id, (None, None))[1]
         decisions = [
             d
             for a in task.get("annotations") or []
@@ -106,8 +110,11 @@ def pull(
                 else:
                     report.pending += 1
                 continue
+            if chosen.decided_at is None:  # no time to order it by: cannot apply it safely
+                report.pending += 1
+                continue
             report.decided += 1
-            decided_at = chosen.decided_at or now
+            decided_at = chosen.decided_at
             previous = current.get(sample_id)
             if previous is not None and previous >= decided_at:
                 report.unchanged += 1

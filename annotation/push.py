@@ -55,6 +55,7 @@ class PushReport:
     candidates: int = 0
     already_in_project: int = 0
     pushed: int = 0
+    stale: int = 0  # tasks showing an older narrative than the workspace's current one
     seconds: float = 0.0
     by_origin: dict[str, int] = field(default_factory=dict)
 
@@ -99,16 +100,21 @@ def push(
         adopted = {s: t for s, t in on_server.items() if s not in known}
         candidates = samples_to_review(workspace, options.include_auto_rejected)
         report.candidates = candidates.num_rows
-        if adopted:
-            narratives = dict(
-                zip(
-                    candidates["sample_id"].to_pylist(),
-                    candidates["narrative_prompt"].to_pylist(),
-                    strict=True,
-                )
-            )
+        if adopted:  # recorded with the narrative they show, not the workspace's current one
             ids = sorted(adopted)
-            ledger.add(ids, [adopted[s] for s in ids], [narratives.get(s) for s in ids])
+            ledger.add(ids, [adopted[s][0] for s in ids], [adopted[s][1] for s in ids])
+        current = dict(
+            zip(
+                candidates["sample_id"].to_pylist(),
+                candidates["narrative_prompt"].to_pylist(),
+                strict=True,
+            )
+        )
+        report.stale = sum(
+            1
+            for s, (_, text) in known.items()
+            if text is not None and s in current and text != current[s]
+        )
         done = set(known) | set(on_server)
         todo = candidates.filter(
             pc.invert(pc.is_in(candidates["sample_id"], pa.array(sorted(done), pa.string())))

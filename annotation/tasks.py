@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from annotation.config import PROBLEM_TAGS
@@ -109,9 +109,10 @@ def _parse_time(value: Any) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # Label Studio stores UTC
 
 
 def decision_of(
@@ -126,7 +127,7 @@ def decision_of(
         if item.get("from_name") == "decision" and value.get("choices"):
             choice = value["choices"][0]
         elif item.get("from_name") == "narrative_prompt" and value.get("text"):
-            text = " ".join(str(t) for t in value["text"]).strip()
+            text = " ".join(str(t) for t in value["text"]).strip() or None  # cleared: no edit
         elif item.get("from_name") == "problems":
             tags = [t for t in value.get("choices") or [] if t in PROBLEM_TAGS]
     pushed = (pushed_narrative or "").strip()

@@ -40,6 +40,11 @@ start() {
     exit 2
   fi
   mkdir -p "$data_dir"
+  data_dir=$(cd "$data_dir" && pwd)  # absolute: stop works from any directory
+  if "$venv/bin/python" -c "import socket, sys; s = socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', int(sys.argv[1]))) != 0)" "$port"; then
+    echo "error: port $port on 127.0.0.1 is already in use; pick another" >&2
+    exit 2
+  fi
   if [ -f "$data_dir/server.pid" ] && kill -0 "$(cat "$data_dir/server.pid")" 2>/dev/null; then
     echo "error: a server for $data_dir is already running (pid $(cat "$data_dir/server.pid"))" >&2
     exit 2
@@ -66,7 +71,8 @@ start() {
   echo $! >"$data_dir/server.pid"
   local url="http://127.0.0.1:$port"
   for _ in $(seq 1 240); do
-    if "$venv/bin/python" -c "import sys, urllib.request as u; sys.exit(b'UP' not in u.urlopen(sys.argv[1], timeout=2).read())" "$url/health" 2>/dev/null; then
+    if "$venv/bin/python" -c "import sys, urllib.request as u; sys.exit(b'UP' not in u.urlopen(sys.argv[1], timeout=2).read())" "$url/health" 2>/dev/null \
+      && kill -0 "$(cat "$data_dir/server.pid")" 2>/dev/null; then
       echo "$url"
       return
     fi
@@ -87,7 +93,8 @@ stop() {
   [ -f "$pid_file" ] || { echo "no server.pid in $data_dir"; return; }
   local pid
   pid=$(cat "$pid_file")
-  if kill "$pid" 2>/dev/null; then
+  # only our server: a pid left from a crash may belong to another process by now
+  if grep -q label-studio "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" 2>/dev/null; then
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
   fi
@@ -98,5 +105,5 @@ case "${1:-}" in
   install) install ;;
   start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

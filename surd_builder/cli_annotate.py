@@ -102,6 +102,8 @@ def push_command(
     table.add_row("samples needing review", f"{report.candidates:,}")
     table.add_row("already in the project", f"{report.already_in_project:,}")
     table.add_row("pushed now", f"{report.pushed:,}")
+    if report.stale:
+        table.add_row("tasks showing an older narrative", f"{report.stale:,}")
     for origin, number in sorted(report.by_origin.items()):
         table.add_row(f"  narrative from {origin}", f"{number:,}")
     console.print(table)

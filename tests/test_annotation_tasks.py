@@ -137,7 +137,7 @@ def test_image_server_serves_stored_images_read_only(workspace) -> None:
     workspace.write_images(
         records_to_table([{"image_sha256": sha, "image_bytes": png}], IMAGES_SCHEMA)
     )
-    server = ImageServer(workspace, "127.0.0.1", 0)
+    server = ImageServer(workspace, "127.0.0.1", 0, reload_seconds=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -145,6 +145,8 @@ def test_image_server_serves_stored_images_read_only(workspace) -> None:
         assert response.status_code == 200 and response.content == png
         assert response.headers["Content-Type"] == "image/png"
         assert "immutable" in response.headers["Cache-Control"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert "Access-Control-Allow-Origin" not in response.headers
         assert requests.head(f"{server.url}/images/{sha}", timeout=5).status_code == 200
         for path in ("/images/" + "0" * 64, "/images/../surd.toml", "/surd.toml", "/"):
             assert requests.get(server.url + path, timeout=5).status_code == 404
@@ -162,3 +164,13 @@ def test_image_server_serves_stored_images_read_only(workspace) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_naive_times_are_utc_and_a_cleared_text_is_no_edit() -> None:
+    naive = annotation(decision="accept")
+    naive["updated_at"] = "2026-01-01T00:00:00.000001"
+    decided = decision_of(naive, "s", "a cat")
+    assert decided.decided_at == T0 + timedelta(microseconds=1)
+    assert choose([decided, decision_of(annotation(decision="reject"), "s", "a cat")]) == decided
+    cleared = decision_of(annotation(decision="corrected", text=""), "s", "a cat")
+    assert (cleared.status, cleared.narrative) == ("accepted", "a cat")
