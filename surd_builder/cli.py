@@ -208,7 +208,10 @@ def _screen_demo(workspace, progress: bool) -> None:
 
 
 def _register_groups() -> None:
-    from surd_builder import cli_narratives  # noqa: F401 (registers rewrite and screen)
+    from surd_builder import (  # noqa: F401 (they register build commands)
+        cli_dedupe,
+        cli_narratives,
+    )
     from surd_builder.cli_annotate import annotate_app
     from surd_builder.cli_build import build_app
     from surd_builder.cli_scrape import scrape_app

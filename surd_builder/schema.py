@@ -77,7 +77,8 @@ SAMPLE_SCHEMA = pa.schema(
             pa.string(),
             "hash of (models, image, narrative, keyword prompt) the scores were computed from",
         ),
-        _field("phash", pa.string(), "perceptual hash of the image, hex"),
+        _field("phash", pa.string(), "perceptual hash of the image, hex (kind: hash_kind)"),
+        _field("hash_kind", pa.string(), "how phash was computed, e.g. 'phash-8' (pHash, 64 bits)"),
         _field("duplicate_of", pa.string(), "sample_id kept in this sample's duplicate cluster"),
         # human review
         _field("review_status", pa.string(), "pending / accepted / corrected / rejected"),
@@ -168,7 +169,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
             "automatic screening scores; a sample below a threshold is auto-rejected here (a "
             "human review, a later table, still overrides it)",
         ),
-        TableSpec("hashes", ("sample_id", "phash", "updated_at"), "perceptual hashes"),
+        TableSpec("hashes", ("sample_id", "phash", "hash_kind", "updated_at"), "perceptual hashes"),
         TableSpec(
             "duplicates",
             ("sample_id", "duplicate_of", "updated_at"),

@@ -1,0 +1,81 @@
+"""``surd build dedupe``: perceptual hashes, then near-duplicate clusters marked as such."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from surd_builder.cli_build import ProgressOption, WorkspaceOption, build_app, print_run_report
+from surd_builder.config import MAX_BATCH_SIZE, MAX_WORKERS
+
+
+@build_app.command()
+def dedupe(
+    workspace: WorkspaceOption = Path("."),
+    hash_kind: Annotated[
+        str, typer.Option("--hash", help="Perceptual hash: phash, dhash, ahash or whash.")
+    ] = "phash",
+    hash_size: Annotated[
+        int, typer.Option(min=2, max=8, help="Hash side; bits = size squared (8: 64 bits).")
+    ] = 8,
+    max_distance: Annotated[
+        int,
+        typer.Option(
+            min=0, max=32, help="Near-duplicates differ in at most this many bits (see README)."
+        ),
+    ] = 6,
+    prompts: Annotated[
+        str,
+        typer.Option(
+            help="Also merge samples whose normalised keyword prompts are equal: off or exact."
+        ),
+    ] = "off",
+    draft: Annotated[
+        bool, typer.Option(help="Decode JPEGs at reduced size before hashing (much faster).")
+    ] = True,
+    workers: Annotated[
+        int, typer.Option(min=1, max=MAX_WORKERS, help="Processes hashing and searching.")
+    ] = min(4, os.cpu_count() or 1),
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH_SIZE, help="Images per hashing batch.")
+    ] = 512,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the clusters; mark nothing (hashes are still stored).")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Write a PNG grid of the largest clusters here.")
+    ] = None,
+    show: Annotated[int, typer.Option(min=0, help="Clusters to list.")] = 10,
+    progress: ProgressOption = True,
+) -> None:
+    """Hash every image, find near-duplicates, keep the best sample of each cluster."""
+    from pipelines.dedupe import PROMPT_MODES, HashStage, cluster_grid
+    from pipelines.dedupe import dedupe as run_dedupe
+    from pipelines.runner import RunOptions, run_stage
+    from surd_builder.errors import InputError
+    from surd_builder.workspace import Workspace
+
+    if prompts not in PROMPT_MODES:  # before the hashing, not after it
+        raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
+    ws = Workspace.open(workspace)
+    stage = HashStage(hash_kind, hash_size, draft)
+    options = RunOptions(batch_size=batch_size, workers=workers, show_progress=progress)
+    print_run_report(run_stage(stage, ws, options))
+    result = run_dedupe(ws, stage.label, max_distance, prompts, workers, dry_run)
+    verb = "would mark" if dry_run else "marked"
+    typer.echo(
+        f"dedupe: {result.hashed:,} hashed, {len(result.clusters):,} clusters, "
+        f"{result.duplicates:,} duplicates ({verb} {result.marked:,} new, "
+        f"{'would clear' if dry_run else 'cleared'} {result.cleared:,}) in {result.seconds:.1f} s"
+    )
+    for cluster in result.clusters[:show]:
+        typer.echo(
+            f"  keep {cluster[0]}  drop {', '.join(cluster[1:6])}"
+            + (f" (+{len(cluster) - 6})" if len(cluster) > 6 else "")
+        )
+    if report is not None:
+        written = cluster_grid(ws, result.clusters, report)
+        typer.echo(f"cluster grid: {written}" if written else "no clusters: no grid written")

@@ -1,0 +1,220 @@
+"""Near-duplicate search and dedupe: the index against brute force, planted copies found,
+distinct images kept apart, the keep-best rule, and what dedupe writes."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines.dedupe import (
+    HashStage,
+    dedupe,
+    find_clusters,
+    image_hash,
+    keep_order,
+    normalise_prompt,
+)
+from pipelines.export import ExportOptions, export_dataset
+from pipelines.neardup import brute_force_pairs, choose_chunks, near_pairs
+from pipelines.runner import RunOptions, run_stage
+from surd_builder.ids import sha256_hex
+from surd_builder.schema import IMAGES_SCHEMA, records_to_table, table_spec
+
+QUIET = RunOptions(show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("count", "k"), [(1500, 8), (1500, 6), (400, 3), (300, 12), (500, 0), (500, 2)]
+)
+def test_index_finds_exactly_the_brute_force_pairs(count: int, k: int) -> None:
+    rng = np.random.default_rng(count + k)
+    hashes = rng.integers(0, 2**63, count, dtype=np.int64).view(np.uint64)
+    hashes |= rng.integers(0, 2, count).astype(np.uint64) << np.uint64(63)
+    for source, target in zip(rng.choice(count, 40), rng.choice(count, 40), strict=True):
+        flips = rng.choice(64, rng.integers(1, k + 3), replace=False)
+        hashes[target] = hashes[source] ^ np.uint64(sum(1 << int(b) for b in flips))
+    hashes = np.unique(hashes)
+    expected = brute_force_pairs(hashes, k)
+    assert len(expected) >= 10 or k == 0  # planted pairs within k are there to be found
+    assert np.array_equal(near_pairs(hashes, k), expected)
+    for chunks in range(3, min(max(k + 1, 3), 9) + 1):  # any valid chunking is exact
+        assert np.array_equal(near_pairs(hashes, k, chunks=chunks), expected)
+
+
+def test_index_in_worker_processes_gives_the_same_pairs() -> None:
+    rng = np.random.default_rng(1)
+    hashes = np.unique(rng.integers(0, 2**62, 3000, dtype=np.int64).view(np.uint64))
+    hashes[1] = hashes[0] ^ np.uint64(0b1011)
+    assert np.array_equal(near_pairs(hashes, 6, workers=2), near_pairs(hashes, 6))
+    assert choose_chunks(1_000_000, 8) == 3  # ~21-bit chunks at a million hashes
+
+
+def photo(seed: int, size: int = 256) -> Image.Image:
+    """A photo-like image: random blobs at several scales, smooth shading and noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    pixels = np.zeros((size, size, 3))
+    for _ in range(12):
+        cx, cy, radius = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.4)]
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius**2))
+        pixels += blob[..., None] * rng.uniform(-120, 120, 3)
+    pixels += 128 + rng.normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=quality)
+    return buffer.getvalue()
+
+
+def variants(image: Image.Image) -> dict[str, bytes]:
+    width, height = image.size
+    return {
+        "resized": encode(image.resize((width // 2, height // 2))),
+        "jpeg-q20": encode(image, quality=20),
+        "cropped": encode(image.crop((4, 4, width - 4, height - 4))),
+        "brighter": encode(Image.eval(image, lambda value: min(255, value + 12))),
+        "png": encode(image, "PNG"),
+    }
+
+
+def add_samples(workspace, images: dict[str, bytes], **extra) -> None:
+    rows, stored = [], []
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for number, (sample_id, data) in enumerate(images.items()):
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        row = {
+            "sample_id": sample_id,
+            "source": "test",
+            "source_item_id": sample_id,
+            "image_sha256": sha256_hex(data),
+            "width": width,
+            "height": height,
+            "complex_prompt": f"prompt {sample_id}",
+            "collected_at": base + timedelta(minutes=number),
+        }
+        rows.append({**row, **extra.get(sample_id, {})})
+        stored.append({"image_sha256": sha256_hex(data), "image_bytes": data})
+    workspace.write_images(records_to_table(stored, IMAGES_SCHEMA))
+    workspace.write_table_part("samples", records_to_table(rows, table_spec("samples").schema))
+
+
+def test_planted_copies_are_found_and_distinct_images_kept_apart(workspace) -> None:
+    images = {}
+    for seed in range(12):
+        original = photo(seed)
+        images[f"img{seed:02d}"] = encode(original)
+        if seed < 3:
+            for name, data in variants(original).items():
+                images[f"img{seed:02d}-{name}"] = data
+    add_samples(workspace, images)
+    report = run_stage(HashStage(), workspace, QUIET)
+    assert (report.written, report.failed) == (len(images), 0)
+    result = dedupe(workspace, "phash-8")
+    by_original = {cluster[0][:5]: sorted(cluster) for cluster in result.clusters}
+    assert len(result.clusters) == 3  # the 9 images without copies stay alone
+    for seed in range(3):
+        cluster = by_original[f"img{seed:02d}"]
+        assert cluster == sorted(
+            [f"img{seed:02d}"] + [f"img{seed:02d}-{v}" for v in variants(photo(0))]
+        )
+    # the kept sample is the largest image, and duplicates point to it
+    data = {r["sample_id"]: r for r in workspace.dataset().to_pylist()}
+    for cluster in result.clusters:
+        kept = cluster[0]
+        assert data[kept]["width"] == 256
+        assert all(data[s]["duplicate_of"] == kept for s in cluster)
+    untouched = [s for s in images if not any(s in c for c in result.clusters)]
+    assert len(untouched) == 9 and all(data[s]["duplicate_of"] is None for s in untouched)
+    # a re-run writes nothing; export leaves the duplicates out
+    assert dedupe(workspace, "phash-8").written == 0
+    export = export_dataset(
+        workspace, workspace.root.parent / "out", ExportOptions(show_progress=False)
+    )
+    assert export.exported == len(images) - 15 and export.skipped["duplicate"] == 15
+
+
+def test_dry_run_writes_nothing_and_a_tighter_distance_clears_marks(workspace) -> None:
+    original = photo(5)
+    images = {"a": encode(original), "b": encode(original, quality=20), "c": encode(photo(6))}
+    add_samples(workspace, images)
+    run_stage(HashStage(), workspace, QUIET)
+    preview = dedupe(workspace, "phash-8", dry_run=True)
+    assert preview.marked == 1 and workspace.read_table("duplicates").num_rows == 0
+    assert dedupe(workspace, "phash-8").marked == 1
+    strict = dedupe(workspace, "phash-8", max_distance=0)  # only identical hashes now
+    distance = bin(int(image_hash(images["a"]), 16) ^ int(image_hash(images["b"]), 16)).count("1")
+    if distance > 0:
+        assert strict.cleared == 2  # both marks (the kept one's too) are cleared
+        assert {r["duplicate_of"] for r in workspace.dataset().to_pylist()} == {None}
+
+
+def test_keep_order_prefers_reviewed_then_larger_then_scored_then_earlier() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        {"sample_id": "big", "width": 1024, "height": 1024, "collected_at": t0},
+        {"sample_id": "human", "width": 256, "height": 256, "review_status": "accepted"},
+        {"sample_id": "rejected", "width": 4096, "height": 4096, "review_status": "rejected"},
+        {"sample_id": "big-scored", "width": 1024, "height": 1024, "clip_score": 0.3},
+        {"sample_id": "big-late", "width": 1024, "height": 1024, "collected_at": t0 + timedelta(1)},
+    ]
+    ordered = [r["sample_id"] for r in sorted(rows, key=keep_order)]
+    assert ordered == ["human", "big-scored", "big", "big-late", "rejected"]
+
+
+def test_prompt_dedupe_normalises_case_spacing_and_weights() -> None:
+    assert normalise_prompt("(Red Fox:1.3),  snowy   FOREST ,8k") == "red fox, snowy forest, 8k"
+    table = pa.table(
+        {
+            "sample_id": ["a", "b", "c"],
+            "complex_prompt": ["Red fox, forest", "((red fox)), FOREST", "blue bird"],
+            "phash": [None, None, None],
+        }
+    )
+    assert find_clusters(table, 6, prompts="off")[0] == []
+    clusters, _, groups = find_clusters(table, 6, prompts="exact")
+    assert clusters == [["a", "b"]] and groups == 2
+
+
+def test_draft_decoding_stays_close_to_the_full_decode() -> None:
+    distances = []
+    for seed in range(20):
+        data = encode(photo(seed, size=512))
+        draft, full = image_hash(data), image_hash(data, draft=False)
+        distances.append(bin(int(draft, 16) ^ int(full, 16)).count("1"))
+    assert max(distances) <= 4 and np.mean(distances) <= 1.5
+
+
+def test_dedupe_command_lists_clusters_and_draws_the_grid(workspace, tmp_path) -> None:
+    from tests.conftest import run_surd
+
+    original = photo(7)
+    add_samples(workspace, {"a": encode(original), "b": encode(original, quality=20)})
+    grid = tmp_path / "clusters.png"
+    result = run_surd(
+        "build",
+        "dedupe",
+        "-w",
+        str(workspace.root),
+        "--dry-run",
+        "--report",
+        str(grid),
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 clusters, 1 duplicates (would mark 1 new" in result.stdout
+    assert "keep a  drop b" in result.stdout
+    with Image.open(grid) as image:
+        assert image.size[0] > 256 and image.size[1] >= 128
+    assert workspace.read_table("duplicates").num_rows == 0
+    bad = run_surd("build", "dedupe", "-w", str(workspace.root), "--prompts", "near")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
