@@ -121,13 +121,13 @@ def _chunk_pairs(
 ) -> list[np.ndarray]:
     """Verified pairs found through one chunk and the given probe masks. Hashes are visited in
     order of their chunk value, so the table lookups of nearby probes hit nearby memory."""
-    signed = hashes.view(np.int64)
     keys = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int32)
     order = np.argsort(keys, kind="stable").astype(np.int64)
     sorted_keys = keys[order]
     counts = np.bincount(sorted_keys, minlength=2**width).astype(np.int32)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    sorted_signed = signed[order]
+    # unsigned on purpose: np.bitwise_count counts the bits of the ABSOLUTE value of signed ints
+    sorted_hashes = hashes.astype(np.uint64)[order]
     found = []
     for mask in masks:
         probed = sorted_keys ^ np.int32(mask)
@@ -141,7 +141,7 @@ def _chunk_pairs(
         right = np.repeat(starts[probed[has]] - offsets, sizes) + np.arange(left.size)
         keep = left < right  # each unordered pair once
         left, right = left[keep], right[keep]
-        close = np.bitwise_count(sorted_signed[left] ^ sorted_signed[right]) <= k
+        close = np.bitwise_count(sorted_hashes[left] ^ sorted_hashes[right]) <= k
         a, b = order[left[close]], order[right[close]]
         found.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
     return found
@@ -149,10 +149,10 @@ def _chunk_pairs(
 
 def brute_force_pairs(hashes: np.ndarray, k: int) -> np.ndarray:
     """The reference: every pair checked (O(N^2); tests and benchmark subsamples only)."""
-    signed = hashes.view(np.int64)
+    unsigned = hashes.astype(np.uint64)  # see _chunk_pairs: never count bits of signed ints
     found = []
     for i in range(len(hashes) - 1):
-        distance = np.bitwise_count(signed[i] ^ signed[i + 1 :])
+        distance = np.bitwise_count(unsigned[i] ^ unsigned[i + 1 :])
         js = np.nonzero(distance <= k)[0] + i + 1
         found.append(np.stack([np.full(js.size, i), js], axis=1))
     if not found:

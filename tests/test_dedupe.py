@@ -46,6 +46,28 @@ def test_index_finds_exactly_the_brute_force_pairs(count: int, k: int) -> None:
         assert np.array_equal(near_pairs(hashes, k, chunks=chunks), expected)
 
 
+def test_distances_count_every_bit_including_the_top_one() -> None:
+    """The reference itself against plain Python popcounts (numpy counts the bits of the
+    absolute value of signed integers, so a hash with bit 63 set must never be one)."""
+    rng = np.random.default_rng(5)
+    hashes = np.unique(rng.integers(0, 2**63, 300, dtype=np.int64).view(np.uint64))
+    hashes[::2] |= np.uint64(1 << 63)
+    hashes[1] = hashes[0] ^ np.uint64((1 << 63) | 0b111)  # 4 bits apart, top bit included
+    hashes = np.unique(hashes)
+    values = [int(h) for h in hashes]
+    python = [
+        [i, j]
+        for i in range(len(values))
+        for j in range(i + 1, len(values))
+        if bin(values[i] ^ values[j]).count("1") <= 8
+    ]
+    assert brute_force_pairs(hashes, 8).tolist() == python
+    assert near_pairs(hashes, 8).tolist() == python
+    assert len(python) >= 1
+    top = np.array([0, 1 << 63, (1 << 64) - 1], dtype=np.uint64)
+    assert near_pairs(top, 1).tolist() == [[0, 1]] and near_pairs(top, 0).tolist() == []
+
+
 def test_index_in_worker_processes_gives_the_same_pairs() -> None:
     rng = np.random.default_rng(1)
     hashes = np.unique(rng.integers(0, 2**62, 3000, dtype=np.int64).view(np.uint64))
