@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.card import write_card
 from surd_builder import __version__
 from surd_builder.atomic import TEMP_PREFIX, is_stale_temp, write_json_atomic
 from surd_builder.config import ExportSettings
@@ -40,6 +41,8 @@ from surd_builder.workspace import Workspace, utc_now
 ROW_GROUP_ROWS = 100
 READ_CHUNK_ROWS = 256
 EXPORT_MARKER = "surd-export.json"
+# What to do with samples marked nsfw (unmarked ones always count as safe).
+NSFW_POLICIES = ("include", "exclude", "only")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class ExportOptions:
     test_fraction: float = ExportSettings.test_fraction
     validation_fraction: float = ExportSettings.validation_fraction
     max_shard_bytes: int = ExportSettings.max_shard_mb * 2**20
+    min_side: int = ExportSettings.min_side
+    nsfw: str = ExportSettings.nsfw
     overwrite: bool = False
     show_progress: bool = True
 
@@ -69,6 +74,10 @@ class ExportOptions:
             raise InputError(str(error)) from None
         if self.max_shard_bytes < 1:
             raise InputError("the shard size limit must be positive")
+        if self.nsfw not in NSFW_POLICIES:
+            raise InputError(f"--nsfw must be one of: {', '.join(NSFW_POLICIES)}")
+        if self.min_side < 0:
+            raise InputError("--min-side must not be negative")
 
 
 @dataclass
@@ -103,6 +112,14 @@ def select_samples(
         keep(pc.is_in(dataset["image_sha256"], value_set=stored), "image-missing")
     status_ok = pc.is_in(dataset["review_status"], value_set=pa.array(options.statuses))
     keep(status_ok, "review-status")
+    if options.min_side:
+        smaller = pc.min_element_wise(dataset["width"], dataset["height"])
+        keep(pc.greater_equal(smaller, options.min_side), "too-small")
+    marked = pc.fill_null(dataset["nsfw"], False)
+    if options.nsfw == "exclude":
+        keep(pc.invert(marked), "nsfw")
+    elif options.nsfw == "only":
+        keep(marked, "not-nsfw")
     if options.drop_duplicates:
         unique = pc.or_kleene(
             pc.is_null(dataset["duplicate_of"]),
@@ -193,6 +210,7 @@ def export_dataset(
         (staging / "data").mkdir(parents=True)
         _write_splits(workspace, selected, staging / "data", options, report)
         write_json_atomic(_marker(report, options), staging / EXPORT_MARKER)
+        write_card(staging, selected, report, _marker(report, options))
         _swap_into_place(staging, out)
     except OSError as error:
         raise OutputError(f"cannot write the export to {out}: {error.strerror or error}") from None
@@ -269,6 +287,8 @@ def _marker(report: ExportReport, options: ExportOptions) -> dict:
             "test_fraction": options.test_fraction,
             "validation_fraction": options.validation_fraction,
             "max_shard_bytes": options.max_shard_bytes,
+            "min_side": options.min_side,
+            "nsfw": options.nsfw,
         },
         "files": [p.name for p in report.files],
     }

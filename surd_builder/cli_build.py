@@ -161,6 +161,12 @@ def export(
     max_shard_mb: Annotated[
         int, typer.Option(min=1, help="Upper bound of image data per Parquet file, MiB.")
     ] = ExportSettings.max_shard_mb,
+    min_side: Annotated[
+        int, typer.Option(min=0, help="Leave out images whose shorter side is smaller (px).")
+    ] = ExportSettings.min_side,
+    nsfw: Annotated[
+        str, typer.Option(help="Samples marked NSFW: include, exclude, or only them.")
+    ] = ExportSettings.nsfw,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     progress: ProgressOption = True,
 ) -> None:
@@ -175,6 +181,8 @@ def export(
         "test_fraction": test_fraction,
         "validation_fraction": validation_fraction,
         "max_shard_mb": max_shard_mb,
+        "min_side": min_side,
+        "nsfw": nsfw,
     }
     settings = resolve(load_config(ws.root).export, given, _given_on_command_line(ctx))
     options = ExportOptions(
@@ -183,6 +191,8 @@ def export(
         test_fraction=settings.test_fraction,
         validation_fraction=settings.validation_fraction,
         max_shard_bytes=settings.max_shard_mb * 2**20,
+        min_side=settings.min_side,
+        nsfw=settings.nsfw,
         overwrite=overwrite,
         show_progress=progress,
     )

@@ -53,8 +53,12 @@ class ExportSettings:
     test_fraction: float = 0.05
     validation_fraction: float = 0.0
     max_shard_mb: int = 256
+    min_side: int = 0  # leave out images whose shorter side is smaller (0: keep all)
+    nsfw: str = "include"  # include | exclude | only (samples marked nsfw)
 
     def __post_init__(self) -> None:
+        _require(self.min_side >= 0, "min_side must not be negative")
+        _require(self.nsfw in ("include", "exclude", "only"), "nsfw must be include|exclude|only")
         try:
             check_split_fractions(self.test_fraction, self.validation_fraction)
         except ValueError as error:
@@ -157,6 +161,8 @@ TEMPLATE = """\
 # test_fraction = 0.05        # keep these fixed: a sample keeps its split only if they do
 # validation_fraction = 0.0
 # max_shard_mb = 256
+# min_side = 0                # leave out images whose shorter side is smaller
+# nsfw = "include"            # include | exclude | only (samples marked nsfw)
 """
 
 

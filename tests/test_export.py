@@ -182,3 +182,63 @@ def test_rows_whose_image_is_not_stored_are_left_out(tmp_path, demo_workspace):
     )
     report = export_dataset(demo_workspace, tmp_path / "out", QUIET)
     assert (report.exported, report.skipped) == (40, {"image-missing": 1})
+
+
+def test_min_side_and_nsfw_policies(tmp_path, demo_workspace):
+    ids = sorted(demo_workspace.read_table("samples", ["sample_id"])["sample_id"].to_pylist())
+    marked = {"sample_id": ids[:5], "nsfw": [True] * 5}
+    demo_workspace.write_table_part(
+        "screening",
+        records_to_table(
+            [
+                dict(zip(marked, values, strict=True))
+                for values in zip(*marked.values(), strict=True)
+            ],
+            STAGE_TABLES["screening"].schema,
+        ),
+    )
+    excluded = export_dataset(
+        demo_workspace, tmp_path / "a", ExportOptions(nsfw="exclude", show_progress=False)
+    )
+    assert (excluded.exported, excluded.skipped) == (35, {"nsfw": 5})
+    only = export_dataset(
+        demo_workspace, tmp_path / "b", ExportOptions(nsfw="only", show_progress=False)
+    )
+    assert only.exported == 5
+    assert export_dataset(demo_workspace, tmp_path / "c", QUIET).exported == 40  # include
+    with pytest.raises(InputError, match="no sample passes"):
+        export_dataset(
+            demo_workspace, tmp_path / "e", ExportOptions(min_side=33, show_progress=False)
+        )
+    assert (
+        export_dataset(
+            demo_workspace, tmp_path / "f", ExportOptions(min_side=32, show_progress=False)
+        ).exported
+        == 40
+    )
+    with pytest.raises(InputError, match="nsfw"):
+        ExportOptions(nsfw="maybe")
+
+
+def test_dataset_card_and_report(tmp_path, demo_workspace):
+    import yaml
+
+    out = tmp_path / "export"
+    report = export_dataset(
+        demo_workspace, out, ExportOptions(test_fraction=0.25, show_progress=False)
+    )
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert [c["config_name"] for c in front["configs"]] == ["default"]
+    splits = {s["name"]: s["num_examples"] for s in front["dataset_info"]["splits"]}
+    assert splits == report.by_split
+    names = [f["name"] for f in front["dataset_info"]["features"]]
+    assert names == list(EXPORT_COLUMNS)
+    assert "| demo | 40 |" in text
+    # the card alone is enough for datasets: load the folder, no data_files
+    loaded = datasets.load_dataset(str(out))
+    assert {name: len(part) for name, part in loaded.items()} == report.by_split
+    assert isinstance(loaded["train"][0]["image"], Image.Image)
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "Samples per source" in page
+    assert "http" not in page and "<script" not in page  # opens offline, nothing fetched

@@ -1,0 +1,171 @@
+"""The dataset card (``README.md``) and report (``report.html``) written into every export.
+
+The card's YAML front matter is what the Hugging Face Hub and ``datasets`` read: ``configs`` (the
+data files of each split), ``dataset_info`` (features, split sizes, byte counts). Its body says
+what the dataset is, how it was built and filtered, and its statistics. ``report.html`` shows the
+same numbers as tables and bar charts, in one file that opens in a browser without a server.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from surd_builder.atomic import atomic_path
+from surd_builder.schema import export_schema, hf_features
+
+HISTOGRAM_BINS = (0, 5, 10, 20, 40, 80, 160)  # prompt length in words: bin lower edges
+
+
+def _words(text: str | None) -> int:
+    return len((text or "").split())
+
+
+def statistics(selected: pa.Table) -> dict[str, Any]:
+    """Counts and prompt-length figures of the exported samples. Pure."""
+    stats: dict[str, Any] = {}
+    for column in ("source", "review_status", "narrative_origin", "license", "split"):
+        values = [v or "unknown" for v in selected[column].to_pylist()]
+        stats[column] = dict(Counter(values).most_common())
+    for column in ("narrative_prompt", "complex_prompt"):
+        lengths = sorted(_words(t) for t in selected[column].to_pylist())
+        histogram = Counter()
+        for length in lengths:
+            edge = max(e for e in HISTOGRAM_BINS if e <= length)
+            histogram[edge] += 1
+        stats[f"{column}_words"] = {
+            "mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
+            "median": lengths[len(lengths) // 2] if lengths else 0,
+            "p95": lengths[int(len(lengths) * 0.95)] if lengths else 0,
+            "histogram": {f"{edge}+": histogram.get(edge, 0) for edge in HISTOGRAM_BINS},
+        }
+    return stats
+
+
+def card_yaml(report, marker: dict[str, Any]) -> str:
+    import yaml
+
+    features = hf_features(export_schema())
+    split_bytes: Counter = Counter()
+    for path in report.files:
+        split_bytes[path.name.split("-", 1)[0]] += path.stat().st_size
+    front = {
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [
+                    {"split": split, "path": f"data/{split}-*.parquet"} for split in report.by_split
+                ],
+            }
+        ],
+        "dataset_info": {
+            "features": features._to_yaml_list(),
+            "splits": [
+                {"name": split, "num_bytes": split_bytes[split], "num_examples": count}
+                for split, count in report.by_split.items()
+            ],
+            "download_size": sum(split_bytes.values()),
+            "dataset_size": sum(split_bytes.values()),
+        },
+        "task_categories": ["text-to-image"],
+        "tags": ["surd", "sur-adapter", "prompt-rewriting"],
+        "pretty_name": "SURD-style narrative / keyword prompt pairs",
+        "size_categories": [_size_category(report.exported)],
+    }
+    return yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+
+
+def _size_category(count: int) -> str:
+    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
+        if count < limit:
+            return label
+    return "100K<n<1M" if count < 1_000_000 else "n>1M"
+
+
+def _table(title: str, counts: dict[str, int]) -> str:
+    rows = "\n".join(f"| {html.escape(str(k))} | {v:,} |" for k, v in counts.items())
+    return f"| {title} | samples |\n|---|---|\n{rows}\n"
+
+
+def card_markdown(report, marker: dict[str, Any], stats: dict[str, Any]) -> str:
+    options = marker["options"]
+    splits = ", ".join(f"'{s}': 'data/{s}-*.parquet'" for s in report.by_split)
+    left_out = ", ".join(f"{k}: {v:,}" for k, v in report.skipped.items()) or "none"
+    parts = [
+        "# Narrative / keyword prompt pairs\n",
+        "Triples of a short narrative prompt, the long keyword prompt an image was generated "
+        "with, and the image, in the shape of SURD (the dataset of the SUR-adapter, Zhong et "
+        f"al., ACM MM 2023). Built with surd {marker['surd_version']} on "
+        f"{marker['created_at'][:10]}: {report.exported:,} samples.\n",
+        "```python\nimport datasets\n\n"
+        f'ds = datasets.load_dataset("parquet", data_files={{{splits}}})\n```\n',
+        "## How it was built\n",
+        "- Narratives come from the source, a rewriter (`narrative_origin` names it) or a person "
+        "(`human`); `review_status` says whether a person accepted, corrected or has not yet "
+        "seen it.\n"
+        f"- Exported review statuses: {', '.join(options['statuses'])}; near-duplicates "
+        f"{'dropped' if options['drop_duplicates'] else 'kept'}; minimum image side "
+        f"{options['min_side'] or 'none'}; NSFW policy: {options['nsfw']}.\n"
+        f"- Left out: {left_out}.\n"
+        "- Splits come from a hash of `sample_id` (test fraction "
+        f"{options['test_fraction']}, validation {options['validation_fraction']}), so a sample "
+        "keeps its split as the dataset grows.\n",
+        "## Statistics\n",
+        _table("split", stats["split"]),
+        _table("source", stats["source"]),
+        _table("review status", stats["review_status"]),
+        _table("narrative written by", stats["narrative_origin"]),
+        _table("licence", stats["license"]),
+        "| prompt | mean words | median | 95th percentile |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {name} | {stats[f'{name}_words']['mean']} | {stats[f'{name}_words']['median']} "
+            f"| {stats[f'{name}_words']['p95']} |\n"
+            for name in ("narrative_prompt", "complex_prompt")
+        ),
+        "See `report.html` for charts. Provenance per sample: `source`, `source_item_id`, "
+        "`source_url`, `page_url`, `creator`, `license`.\n",
+    ]
+    return "\n".join(parts)
+
+
+def _bars(title: str, counts: dict[str, int]) -> str:
+    top = max(counts.values(), default=1) or 1
+    rows = "".join(
+        f"<tr><td>{html.escape(str(label))}</td><td class=n>{count:,}</td>"
+        f"<td><div class=bar style='width:{300 * count / top:.0f}px'></div></td></tr>"
+        for label, count in counts.items()
+    )
+    return f"<h2>{html.escape(title)}</h2><table>{rows}</table>"
+
+
+def report_html(report, stats: dict[str, Any]) -> str:
+    sections = [
+        _bars("Samples per split", stats["split"]),
+        _bars("Samples per source", stats["source"]),
+        _bars("Samples per review status", stats["review_status"]),
+        _bars("Narrative written by", stats["narrative_origin"]),
+        _bars("Narrative prompt length (words)", stats["narrative_prompt_words"]["histogram"]),
+        _bars("Keyword prompt length (words)", stats["complex_prompt_words"]["histogram"]),
+    ]
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><title>surd export report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.n{text-align:right}"
+        ".bar{background:#4a7bd0;height:12px}</style></head><body>"
+        f"<h1>surd export: {report.exported:,} samples</h1>" + "".join(sections) + "</body></html>"
+    )
+
+
+def write_card(folder: Path, selected: pa.Table, report, marker: dict[str, Any]) -> None:
+    """``README.md`` (card with YAML front matter) and ``report.html`` into ``folder``."""
+    stats = statistics(selected)
+    with atomic_path(Path(folder) / "README.md") as temp:
+        temp.write_text(
+            f"---\n{card_yaml(report, marker)}---\n\n{card_markdown(report, marker, stats)}",
+            encoding="utf-8",
+        )
+    with atomic_path(Path(folder) / "report.html") as temp:
+        temp.write_text(report_html(report, stats), encoding="utf-8")
