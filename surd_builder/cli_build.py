@@ -243,3 +243,55 @@ def status_command(workspace: WorkspaceOption = Path(".")) -> None:
                 f"{counts.get('failed', '')}",
             )
         console.print(runs)
+
+
+def run_configured(ws, config_path: Path) -> None:
+    """Run the [run] steps of ``config_path`` on ``ws`` in this process; print one summary."""
+    from surd_builder.errors import SurdError
+    from surd_builder.run import load_steps, run_steps
+
+    steps = load_steps(config_path)
+
+    def invoke(args: list[str]) -> int:
+        import click
+
+        from surd_builder.cli import app
+
+        try:
+            # without standalone mode, click returns a command's exit code instead of exiting
+            result = app(args=args, prog_name="surd", standalone_mode=False)
+        except click.exceptions.Exit as stop:
+            return stop.exit_code
+        except click.ClickException as error:
+            error.show()
+            return error.exit_code
+        return result if isinstance(result, int) else 0
+
+    summary = run_steps(steps, ws.root, Path(config_path).resolve().parent, invoke, typer.echo)
+    table = Table(title="surd build run", title_justify="left")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column)
+    for step in summary.steps:
+        status = step.status + (f" ({step.detail})" if step.detail else "")
+        table.add_row(step.step, status, f"{step.seconds:.1f}")
+    console.print(table)
+    if summary.failed:
+        failed = summary.steps[-1]
+        raise SurdError(
+            f"step {failed.step!r} failed; fix it and run again (finished work is kept)"
+        )
+
+
+@build_app.command("run")
+def run_command(
+    workspace: WorkspaceOption = Path("."),
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file with a run table of steps (default: the workspace's)."),
+    ] = None,
+) -> None:
+    """Run the steps of the config's run table in order: the whole build in one command."""
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    run_configured(ws, config or ws.root / "surd.toml")

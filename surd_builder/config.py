@@ -123,11 +123,19 @@ class ScreenSettings:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """``surd build run``: surd command lines run in order (see ``surd_builder/run.py``)."""
+
+    steps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SurdConfig:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     rewrite: RewriteSettings = field(default_factory=RewriteSettings)
     screen: ScreenSettings = field(default_factory=ScreenSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 TEMPLATE = """\
@@ -163,6 +171,19 @@ TEMPLATE = """\
 # max_shard_mb = 256
 # min_side = 0                # leave out images whose shorter side is smaller
 # nsfw = "include"            # include | exclude | only (samples marked nsfw)
+
+[run]
+# `surd build run` runs these surd command lines in order on this workspace (each resumable);
+# relative paths are read from this folder. Every option of every command can be used.
+# steps = [
+#   "build ingest ../images",
+#   "build rewrite --rewriter rules",
+#   "build screen --text-model minilm --min-text-similarity 0.3",
+#   "annotate push -p 'surd review'",     # skipped when LABEL_STUDIO_URL is unset
+#   "annotate pull -p 'surd review'",
+#   "build dedupe",
+#   "build export ../export --overwrite",
+# ]
 """
 
 
