@@ -45,7 +45,11 @@ if TYPE_CHECKING:
 
 HASH_KINDS = ("phash", "dhash", "ahash", "whash")
 DEFAULT_MAX_DISTANCE = 6
-PROMPT_MODES = ("off", "exact")
+PROMPT_MODES = ("off", "exact", "near")
+# Bits of a 64-bit SimHash of the normalised prompt. Measured on gallery-style prompts: one piece
+# added or changed moves a prompt 5-6 bits; prompts sharing only their style boilerplate
+# ("..., 8k, artstation, highly detailed") stay 11 or more apart.
+DEFAULT_PROMPT_DISTANCE = 6
 
 
 def hash_label(kind: str, size: int) -> str:
@@ -124,20 +128,64 @@ def normalise_prompt(prompt: str) -> str:
     return ", ".join(p for p in pieces if p)
 
 
+def simhash(text: str) -> int:
+    """64-bit SimHash of a normalised prompt's words and word pairs: prompts that share most of
+    their pieces get fingerprints a few bits apart (Charikar 2002)."""
+    import hashlib
+
+    words = text.replace(",", " ").split()
+    features = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    if not features:
+        return 0
+    digests = np.frombuffer(
+        b"".join(hashlib.blake2b(f.encode(), digest_size=8).digest() for f in features),
+        dtype=np.uint8,
+    ).reshape(len(features), 8)
+    votes = (np.unpackbits(digests, axis=1).astype(np.int32) * 2 - 1).sum(axis=0)
+    return int.from_bytes(np.packbits(votes > 0).tobytes(), "big")
+
+
 STATUS_RANK = {"accepted": 0, "corrected": 0, "pending": 1, "rejected": 2}
 
 
-def keep_order(row: dict[str, Any]) -> tuple:
-    """Sort key: the first row of a cluster in this order is kept (module docstring)."""
-    area = (row.get("width") or 0) * (row.get("height") or 0)
+def _rank_reviewed(row: dict[str, Any]) -> float:
+    return STATUS_RANK.get(row.get("review_status") or "pending", 1)
+
+
+def _rank_resolution(row: dict[str, Any]) -> float:
+    return -((row.get("width") or 0) * (row.get("height") or 0))
+
+
+def _rank_clip_score(row: dict[str, Any]) -> float:
+    return -(row["clip_score"] if row.get("clip_score") is not None else -2.0)
+
+
+def _rank_earliest(row: dict[str, Any]) -> float:
     collected = row.get("collected_at")
-    return (
-        STATUS_RANK.get(row.get("review_status") or "pending", 1),
-        -area,
-        -(row.get("clip_score") if row.get("clip_score") is not None else -2.0),
-        collected.timestamp() if collected is not None else float("inf"),
-        row["sample_id"],
-    )
+    return collected.timestamp() if collected is not None else float("inf")
+
+
+# The criteria of ``--keep``, each a sort key where smaller is better.
+KEEP_CRITERIA = {
+    "reviewed": _rank_reviewed,
+    "resolution": _rank_resolution,
+    "clip_score": _rank_clip_score,
+    "earliest": _rank_earliest,
+}
+DEFAULT_KEEP = ("reviewed", "resolution", "clip_score", "earliest")
+
+
+def check_keep(criteria: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [c for c in criteria if c not in KEEP_CRITERIA]
+    if unknown or not criteria:
+        raise InputError(f"--keep takes a comma list of: {', '.join(KEEP_CRITERIA)}")
+    return criteria
+
+
+def keep_order(row: dict[str, Any], criteria: tuple[str, ...] = DEFAULT_KEEP) -> tuple:
+    """Sort key: the first row of a cluster in this order is kept (module docstring); ties
+    go to the smallest ``sample_id``, so the choice is deterministic."""
+    return (*(KEEP_CRITERIA[c](row) for c in criteria), row["sample_id"])
 
 
 @dataclass
@@ -157,7 +205,12 @@ class DedupeReport:
 
 
 def find_clusters(
-    data: pa.Table, max_distance: int, prompts: str = "off", workers: int = 1
+    data: pa.Table,
+    max_distance: int,
+    prompts: str = "off",
+    workers: int = 1,
+    keep: tuple[str, ...] = DEFAULT_KEEP,
+    prompt_distance: int = DEFAULT_PROMPT_DISTANCE,
 ) -> tuple[list[list[str]], int, int]:
     """Clusters (kept sample first, largest cluster first), image pairs, prompt groups. Pure.
     ``data`` needs the dataset columns keep_order reads, ``phash`` and ``complex_prompt``."""
@@ -184,7 +237,7 @@ def find_clusters(
         if len(pairs):
             edges.append(np.stack([first[pairs[:, 0]], first[pairs[:, 1]]], axis=1))
     prompt_groups = 0
-    if prompts == "exact":
+    if prompts != "off":
         by_prompt: dict[str, int] = {}
         for index, row in enumerate(rows):
             key = normalise_prompt(row.get("complex_prompt") or "")
@@ -195,6 +248,20 @@ def find_clusters(
             else:
                 by_prompt[key] = index
         prompt_groups = len(by_prompt)
+        if prompts == "near" and len(by_prompt) > 1:
+            # near-duplicate prompts: SimHash of word pairs, searched with the same index
+            firsts = np.array(list(by_prompt.values()), dtype=np.int64)
+            fingerprints = np.array([simhash(k) for k in by_prompt], dtype=np.uint64)
+            unique, inverse = np.unique(fingerprints, return_inverse=True)
+            representative = np.full(len(unique), -1, dtype=np.int64)
+            for position, value in zip(firsts, inverse, strict=True):
+                if representative[value] < 0:
+                    representative[value] = position
+                else:
+                    edges.append(np.array([[representative[value], position]], dtype=np.int64))
+            near = near_pairs(unique, prompt_distance, workers=workers)
+            if len(near):
+                edges.append(np.stack([representative[near[:, 0]], representative[near[:, 1]]], 1))
     labels = clusters(count, np.concatenate(edges)) if count else np.empty(0, dtype=np.int64)
     members: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
@@ -203,7 +270,7 @@ def find_clusters(
     for indices in members.values():
         if len(indices) < 2:
             continue
-        ordered = sorted((rows[i] for i in indices), key=keep_order)
+        ordered = sorted((rows[i] for i in indices), key=lambda row: keep_order(row, keep))
         result.append([r["sample_id"] for r in ordered])
     result.sort(key=lambda c: (-len(c), c[0]))
     return result, image_pairs, prompt_groups
@@ -216,6 +283,8 @@ def dedupe(
     prompts: str = "off",
     workers: int = 1,
     dry_run: bool = False,
+    keep: tuple[str, ...] = DEFAULT_KEEP,
+    prompt_distance: int = DEFAULT_PROMPT_DISTANCE,
 ) -> DedupeReport:
     """Mark duplicates in the ``duplicates`` table (only rows whose value changes are written,
     so a re-run writes nothing); with ``dry_run`` only report."""
@@ -232,7 +301,7 @@ def dedupe(
         )
         report = DedupeReport(hashed=pc.sum(kind_ok.cast(pa.int64()), min_count=0).as_py())
         report.clusters, report.image_pairs, report.prompt_groups = find_clusters(
-            data, max_distance, prompts, workers
+            data, max_distance, prompts, workers, check_keep(keep), prompt_distance
         )
         wanted = {sid: cluster[0] for cluster in report.clusters for sid in cluster}
         current = {
@@ -251,7 +320,12 @@ def dedupe(
         if not dry_run and rows:
             run = workspace.start_run(
                 "dedupe",
-                {"hash": hash_label_, "max_distance": max_distance, "prompts": prompts},
+                {
+                    "hash": hash_label_,
+                    "max_distance": max_distance,
+                    "prompts": prompts,
+                    "keep": list(keep),
+                },
                 output_table="duplicates",
             )
             table = pa.table(

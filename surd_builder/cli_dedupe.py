@@ -30,9 +30,20 @@ def dedupe(
     prompts: Annotated[
         str,
         typer.Option(
-            help="Also merge samples whose normalised keyword prompts are equal: off or exact."
+            help="Also merge samples by keyword prompt: off, exact (equal after normalising "
+            "case, spacing and weights) or near (SimHash within --prompt-distance bits)."
         ),
     ] = "off",
+    prompt_distance: Annotated[
+        int, typer.Option(min=0, max=32, help="With --prompts near: SimHash bits apart, at most.")
+    ] = 6,
+    keep: Annotated[
+        str,
+        typer.Option(
+            help="Which sample of a cluster is kept, criteria in order (comma list of "
+            "reviewed, resolution, clip_score, earliest)."
+        ),
+    ] = "reviewed,resolution,clip_score,earliest",
     draft: Annotated[
         bool, typer.Option(help="Decode JPEGs at reduced size before hashing (much faster).")
     ] = True,
@@ -52,19 +63,22 @@ def dedupe(
     progress: ProgressOption = True,
 ) -> None:
     """Hash every image, find near-duplicates, keep the best sample of each cluster."""
-    from pipelines.dedupe import PROMPT_MODES, HashStage, cluster_grid
+    from pipelines.dedupe import PROMPT_MODES, HashStage, check_keep, cluster_grid
     from pipelines.dedupe import dedupe as run_dedupe
     from pipelines.runner import RunOptions, run_stage
     from surd_builder.errors import InputError
     from surd_builder.workspace import Workspace
 
-    if prompts not in PROMPT_MODES:  # before the hashing, not after it
+    if prompts not in PROMPT_MODES:  # options are checked before the hashing, not after it
         raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
+    criteria = check_keep(tuple(c.strip() for c in keep.split(",") if c.strip()))
     ws = Workspace.open(workspace)
     stage = HashStage(hash_kind, hash_size, draft)
     options = RunOptions(batch_size=batch_size, workers=workers, show_progress=progress)
     print_run_report(run_stage(stage, ws, options))
-    result = run_dedupe(ws, stage.label, max_distance, prompts, workers, dry_run)
+    result = run_dedupe(
+        ws, stage.label, max_distance, prompts, workers, dry_run, criteria, prompt_distance
+    )
     verb = "would mark" if dry_run else "marked"
     typer.echo(
         f"dedupe: {result.hashed:,} hashed, {len(result.clusters):,} clusters, "

@@ -238,5 +238,33 @@ def test_dedupe_command_lists_clusters_and_draws_the_grid(workspace, tmp_path) -
     with Image.open(grid) as image:
         assert image.size[0] > 256 and image.size[1] >= 128
     assert workspace.read_table("duplicates").num_rows == 0
-    bad = run_surd("build", "dedupe", "-w", str(workspace.root), "--prompts", "near")
+    bad = run_surd("build", "dedupe", "-w", str(workspace.root), "--prompts", "fuzzy")
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_near_duplicate_prompts_and_a_configurable_keep_order() -> None:
+    from pipelines.dedupe import check_keep
+    from surd_builder.errors import InputError
+
+    prompts = [
+        "a castle on a hill, fantasy, 8k, artstation, volumetric light, highly detailed",
+        "a castle on a hill, fantasy, 8k, artstation, volumetric light, highly detailed, sharp",
+        "a dragon in a cave, fantasy, 8k, artstation, volumetric light, highly detailed",
+        "portrait of a woman, fantasy, 8k, artstation, volumetric light, highly detailed",
+    ]
+    table = pa.table(
+        {
+            "sample_id": ["a", "b", "c", "d"],
+            "complex_prompt": prompts,
+            "phash": [None] * 4,
+            "width": [512, 1024, 512, 512],
+            "height": [512, 1024, 512, 512],
+        }
+    )
+    assert find_clusters(table, 6, prompts="exact")[0] == []
+    # only the one-piece edit is near; shared style boilerplate does not make prompts near
+    assert find_clusters(table, 6, prompts="near")[0] == [["b", "a"]]
+    # the larger image is kept by default; with earliest-first only, the id breaks the tie
+    assert find_clusters(table, 6, prompts="near", keep=("earliest",))[0] == [["a", "b"]]
+    with pytest.raises(InputError, match="--keep"):
+        check_keep(("biggest",))
