@@ -32,7 +32,7 @@ def statistics(selected: pa.Table) -> dict[str, Any]:
         values = [v or "unknown" for v in selected[column].to_pylist()]
         stats[column] = dict(Counter(values).most_common())
     for column in ("narrative_prompt", "complex_prompt"):
-        lengths = sorted(_words(t) for t in selected[column].to_pylist())
+        lengths = sorted(_words(t) for t in selected[column].to_pylist() if t)
         histogram = Counter()
         for length in lengths:
             edge = max(e for e in HISTOGRAM_BINS if e <= length)
@@ -86,8 +86,14 @@ def _size_category(count: int) -> str:
     return "100K<n<1M" if count < 1_000_000 else "n>1M"
 
 
+def _cell(value: object) -> str:
+    """A Markdown table cell: escaped, on one line, no column breaks (values come from sources)."""
+    text = html.escape(" ".join(str(value).split()))
+    return text.replace("|", "\\|")
+
+
 def _table(title: str, counts: dict[str, int]) -> str:
-    rows = "\n".join(f"| {html.escape(str(k))} | {v:,} |" for k, v in counts.items())
+    rows = "\n".join(f"| {_cell(k)} | {v:,} |" for k, v in counts.items())
     return f"| {title} | samples |\n|---|---|\n{rows}\n"
 
 
@@ -107,8 +113,9 @@ def card_markdown(report, marker: dict[str, Any], stats: dict[str, Any]) -> str:
         "- Narratives come from the source, a rewriter (`narrative_origin` names it) or a person "
         "(`human`); `review_status` says whether a person accepted, corrected or has not yet "
         "seen it.\n"
-        f"- Exported review statuses: {', '.join(options['statuses'])}; near-duplicates "
-        f"{'dropped' if options['drop_duplicates'] else 'kept'}; minimum image side "
+        f"- Exported review statuses: {', '.join(options['statuses'])}; near-duplicates marked "
+        f"by `surd build dedupe` {'left out' if options['drop_duplicates'] else 'kept'} "
+        f"({report.skipped.get('duplicate', 0):,} left out); minimum image side "
         f"{options['min_side'] or 'none'}; NSFW policy: {options['nsfw']}.\n"
         f"- Left out: {left_out}.\n"
         "- Splits come from a hash of `sample_id` (test fraction "

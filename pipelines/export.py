@@ -121,11 +121,7 @@ def select_samples(
     elif options.nsfw == "only":
         keep(marked, "not-nsfw")
     if options.drop_duplicates:
-        unique = pc.or_kleene(
-            pc.is_null(dataset["duplicate_of"]),
-            pc.equal(dataset["duplicate_of"], dataset["sample_id"]),
-        )
-        keep(unique, "duplicate")
+        keep(_not_a_duplicate(dataset), "duplicate")
     splits = [
         split_for(sid, options.test_fraction, options.validation_fraction)
         for sid in dataset["sample_id"].to_pylist()
@@ -134,6 +130,26 @@ def select_samples(
         dataset.schema.get_field_index("split"), "split", pa.array(splits, pa.string())
     )
     return dataset, Counter({k: v for k, v in skipped.items() if v})
+
+
+def _not_a_duplicate(dataset: pa.Table) -> pa.Array:
+    """Rows that are no one's duplicate, or whose cluster lost its kept sample to another filter
+    (too small, NSFW, status...): then the first remaining member by ``sample_id`` stands in,
+    so a filter never removes a whole cluster."""
+    ids = dataset["sample_id"].to_pylist()
+    keepers = dataset["duplicate_of"].to_pylist()
+    present = set(ids)
+    stand_in: dict[str, str] = {}
+    for sample_id, keeper in sorted(zip(ids, keepers, strict=True)):
+        if keeper is not None and keeper not in present:
+            stand_in.setdefault(keeper, sample_id)
+    return pa.array(
+        [
+            keeper is None or keeper == sample_id or stand_in.get(keeper) == sample_id
+            for sample_id, keeper in zip(ids, keepers, strict=True)
+        ],
+        pa.bool_(),
+    )
 
 
 def _compression(schema: pa.Schema) -> dict[str, str]:

@@ -253,18 +253,18 @@ def run_configured(ws, config_path: Path) -> None:
     steps = load_steps(config_path)
 
     def invoke(args: list[str]) -> int:
-        import click
-
         from surd_builder.cli import app
 
         try:
             # without standalone mode, click returns a command's exit code instead of exiting
             result = app(args=args, prog_name="surd", standalone_mode=False)
-        except click.exceptions.Exit as stop:
-            return stop.exit_code
-        except click.ClickException as error:
-            error.show()
-            return error.exit_code
+        except Exception as error:  # typer vendors click: match its exceptions by shape
+            if hasattr(error, "show") and hasattr(error, "exit_code"):  # usage errors
+                error.show()
+                return error.exit_code or 2
+            if type(error).__name__ in ("Exit", "Abort"):
+                return getattr(error, "exit_code", 1)
+            raise
         return result if isinstance(result, int) else 0
 
     summary = run_steps(steps, ws.root, Path(config_path).resolve().parent, invoke, typer.echo)

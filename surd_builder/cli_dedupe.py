@@ -22,11 +22,14 @@ def dedupe(
         int, typer.Option(min=2, max=8, help="Hash side; bits = size squared (8: 64 bits).")
     ] = 8,
     max_distance: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=0, max=32, help="Near-duplicates differ in at most this many bits (see README)."
+            min=0,
+            max=32,
+            help="Near-duplicates differ in at most this many bits (default: 6 for 64-bit "
+            "hashes, scaled to the hash's bit count; see README).",
         ),
-    ] = 6,
+    ] = None,
     prompts: Annotated[
         str,
         typer.Option(
@@ -63,7 +66,13 @@ def dedupe(
     progress: ProgressOption = True,
 ) -> None:
     """Hash every image, find near-duplicates, keep the best sample of each cluster."""
-    from pipelines.dedupe import PROMPT_MODES, HashStage, check_keep, cluster_grid
+    from pipelines.dedupe import (
+        DEFAULT_MAX_DISTANCE,
+        PROMPT_MODES,
+        HashStage,
+        check_keep,
+        cluster_grid,
+    )
     from pipelines.dedupe import dedupe as run_dedupe
     from pipelines.runner import RunOptions, run_stage
     from surd_builder.errors import InputError
@@ -76,6 +85,8 @@ def dedupe(
     stage = HashStage(hash_kind, hash_size, draft)
     options = RunOptions(batch_size=batch_size, workers=workers, show_progress=progress)
     print_run_report(run_stage(stage, ws, options))
+    if max_distance is None:
+        max_distance = round(DEFAULT_MAX_DISTANCE * hash_size**2 / 64)
     result = run_dedupe(
         ws, stage.label, max_distance, prompts, workers, dry_run, criteria, prompt_distance
     )

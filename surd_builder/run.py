@@ -15,9 +15,12 @@ option of every stage is available and documented by that command's ``--help``::
     ]
 
 Steps run in order in this process, on the workspace of the run (``-w`` is added to each), with
-relative paths read from the folder of the config file. Every stage is resumable, so a failed
-or interrupted run continues where it stopped when run again. ``annotate`` steps are skipped,
-with a note, when no Label Studio is configured (``LABEL_STUDIO_URL`` unset).
+relative paths read from the folder of the config file. A run stops at the first failing step.
+Running it again starts from the first step, and every stage skips the work it has already
+done, so only what is missing is redone (give export steps ``--overwrite`` so they can run
+again). ``annotate`` steps are skipped, with a note, when no Label Studio is configured
+(``LABEL_STUDIO_URL`` unset). Stage settings (``[export]``, ``[screen]``...) always come from the
+workspace's own ``surd.toml``; ``--config`` only supplies the steps.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def load_steps(config: Path) -> list[str]:
         if tuple(words[:2]) not in ALLOWED:
             known = ", ".join(" ".join(a) for a in sorted(ALLOWED))
             raise ConfigError(f"{config}: step {step!r} is not one of: {known}")
-        if "-w" in words or "--workspace" in words:
+        if any(w.startswith(("-w", "--workspace")) for w in words):
             raise ConfigError(f"{config}: step {step!r} names a workspace; the run sets it")
     return steps
 
@@ -113,7 +116,9 @@ def run_steps(
                 continue
             announce(f"[{number}/{len(steps)}] surd {step}")
             started = time.perf_counter()
-            code = invoke([*words, "-w", str(workspace)])  # options may follow arguments
+            # -w right after the command's name: safe even when the step uses "--"
+            path = 3 if words[:2] == ["build", "scrape"] else 2
+            code = invoke([*words[:path], "-w", str(workspace), *words[path:]])
             seconds = time.perf_counter() - started
             if code:
                 summary.steps.append(StepResult(step, "failed", seconds, f"exit code {code}"))

@@ -325,6 +325,7 @@ EXPORT_COLUMNS = (
     "clip_score",
     "text_similarity",
     "phash",
+    "hash_kind",
     "image_sha256",
     "split",
     "collected_at",

@@ -174,7 +174,7 @@ def test_dry_run_writes_nothing_and_a_tighter_distance_clears_marks(workspace) -
     strict = dedupe(workspace, "phash-8", max_distance=0)  # only identical hashes now
     distance = bin(int(image_hash(images["a"]), 16) ^ int(image_hash(images["b"]), 16)).count("1")
     if distance > 0:
-        assert strict.cleared == 2  # both marks (the kept one's too) are cleared
+        assert strict.cleared == 1  # b is no duplicate any more (a's self-mark goes too)
         assert {r["duplicate_of"] for r in workspace.dataset().to_pylist()} == {None}
 
 
@@ -268,3 +268,14 @@ def test_near_duplicate_prompts_and_a_configurable_keep_order() -> None:
     assert find_clusters(table, 6, prompts="near", keep=("earliest",))[0] == [["a", "b"]]
     with pytest.raises(InputError, match="--keep"):
         check_keep(("biggest",))
+
+
+def test_hash_options_are_checked() -> None:
+    from surd_builder.errors import InputError
+
+    with pytest.raises(InputError, match="power of 2"):
+        HashStage("whash", 6)
+    with pytest.raises(InputError, match="2..8"):
+        HashStage("phash", 16)
+    with pytest.raises(InputError, match="unknown hash"):
+        HashStage("md5")

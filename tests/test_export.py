@@ -290,3 +290,27 @@ def test_a_killed_export_leaves_no_partial_output(tmp_path, demo_workspace):
     assert [p.name for p in tmp_path.glob(".tmp-*-export")]  # the staging copy, left by the kill
     report = export_dataset(demo_workspace, out, QUIET)  # and the next export just works
     assert report.exported == 40 and (out / "README.md").is_file()
+
+
+def test_a_filtered_out_keeper_leaves_one_stand_in_of_its_cluster(tmp_path, demo_workspace):
+    from pipelines.card import _cell
+
+    ids = sorted(demo_workspace.read_table("samples", ["sample_id"])["sample_id"].to_pylist())
+    keeper, first, second = ids[:3]
+    rows = [{"sample_id": s, "duplicate_of": keeper} for s in (keeper, first, second)]
+    demo_workspace.write_table_part(
+        "duplicates", records_to_table(rows, STAGE_TABLES["duplicates"].schema)
+    )
+    assert export_dataset(demo_workspace, tmp_path / "a", QUIET).exported == 38
+    screening = [{"sample_id": keeper, "nsfw": True}]
+    demo_workspace.write_table_part(
+        "screening", records_to_table(screening, STAGE_TABLES["screening"].schema)
+    )
+    options = ExportOptions(nsfw="exclude", show_progress=False)
+    report = export_dataset(demo_workspace, tmp_path / "b", options)
+    assert report.exported == 38 and report.skipped == {"nsfw": 1, "duplicate": 1}
+    exported = set(
+        pq.read_table(tmp_path / "b" / "data", columns=["sample_id"])["sample_id"].to_pylist()
+    )
+    assert first in exported and second not in exported and keeper not in exported
+    assert _cell("CC | BY\n# not a heading") == "CC \\| BY # not a heading"

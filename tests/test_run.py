@@ -54,8 +54,8 @@ def test_steps_run_in_order_on_the_workspace_and_stop_at_a_failure(tmp_path, mon
     assert summary.failed and summary.steps[2].detail == "exit code 3"
     workspace = str((tmp_path / "ws").resolve())
     assert calls == [
-        ["build", "ingest", "images", "-w", workspace],
-        ["build", "screen", "--text-model", "m", "-w", workspace],
+        ["build", "ingest", "-w", workspace, "images"],
+        ["build", "screen", "-w", workspace, "--text-model", "m"],
     ]  # the annotate step was skipped (no Label Studio) and export never ran
 
 
@@ -77,3 +77,21 @@ def test_build_run_end_to_end_keeps_work_done_before_a_failing_step(tmp_path) ->
     assert not (tmp_path / "out").exists()
     status = run_surd("build", "status", "-w", str(tmp_path / "ws"))
     assert "narratives" in status.stdout and "12" in status.stdout  # the first steps' work stays
+
+
+def test_a_mistyped_step_is_a_one_line_failure_with_a_summary(tmp_path) -> None:
+    make_demo_folder(tmp_path / "images", count=4, seed=1, size=32)
+    assert run_surd("init", str(tmp_path / "ws")).returncode == 0
+    config = tmp_path / "ws" / "surd.toml"
+    steps = [
+        "build ingest --source demo --no-progress -- ../images",
+        "build dedupe --max-distnce 3",
+    ]
+    config.write_text(
+        config.read_text().split("[run]")[0] + f"[run]\nsteps = {json.dumps(steps)}\n"
+    )
+    result = run_surd("build", "run", "-w", str(tmp_path / "ws"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "No such option" in result.stderr
+    assert "completed" in result.stdout and "failed" in result.stdout  # the summary table
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step 'build dedupe")
