@@ -206,6 +206,25 @@ class DedupeReport:
         return sum(len(c) - 1 for c in self.clusters)
 
 
+def _near_edges(positions: np.ndarray, values: np.ndarray, k: int, workers: int) -> np.ndarray:
+    """Edges between the rows at ``positions`` whose 64-bit ``values`` are at most ``k`` bits
+    apart: identical values are chained to the first row holding them, the rest searched."""
+    unique, inverse = np.unique(values, return_inverse=True)
+    first = np.full(len(unique), -1, dtype=np.int64)
+    edges = []
+    for position, value in zip(positions, inverse, strict=True):
+        if first[value] < 0:
+            first[value] = position
+        else:
+            edges.append((first[value], position))
+    # worker processes pay off only on large sets (start-up ~0.3 s each)
+    pairs = near_pairs(unique, k, workers=workers if len(unique) > 100_000 else 1)
+    found = [np.array(edges, dtype=np.int64).reshape(-1, 2)]
+    if len(pairs):
+        found.append(np.stack([first[pairs[:, 0]], first[pairs[:, 1]]], axis=1))
+    return np.concatenate(found)
+
+
 def find_clusters(
     data: pa.Table,
     max_distance: int,
@@ -225,20 +244,9 @@ def find_clusters(
     image_pairs = 0
     if len(hashed) > 1:
         values = hex_to_uint64([rows[i]["phash"] for i in hashed])
-        unique, inverse = np.unique(values, return_inverse=True)
-        positions = np.array(hashed, dtype=np.int64)
-        # samples with identical hashes: chain each to the first of its value
-        first = np.full(len(unique), -1, dtype=np.int64)
-        for position, value in zip(positions, inverse, strict=True):
-            if first[value] < 0:
-                first[value] = position
-            else:
-                edges.append(np.array([[first[value], position]], dtype=np.int64))
-        # worker processes pay off only on large sets (start-up ~0.3 s each)
-        pairs = near_pairs(unique, max_distance, workers=workers if len(unique) > 100_000 else 1)
-        image_pairs = len(pairs) + sum(len(e) for e in edges[1:])
-        if len(pairs):
-            edges.append(np.stack([first[pairs[:, 0]], first[pairs[:, 1]]], axis=1))
+        found = _near_edges(np.array(hashed, dtype=np.int64), values, max_distance, workers)
+        image_pairs = len(found)
+        edges.append(found)
     prompt_groups = 0
     if prompts != "off":
         by_prompt: dict[str, int] = {}
@@ -253,18 +261,9 @@ def find_clusters(
         prompt_groups = len(by_prompt)
         if prompts == "near" and len(by_prompt) > 1:
             # near-duplicate prompts: SimHash of word pairs, searched with the same index
-            firsts = np.array(list(by_prompt.values()), dtype=np.int64)
             fingerprints = np.array([simhash(k) for k in by_prompt], dtype=np.uint64)
-            unique, inverse = np.unique(fingerprints, return_inverse=True)
-            representative = np.full(len(unique), -1, dtype=np.int64)
-            for position, value in zip(firsts, inverse, strict=True):
-                if representative[value] < 0:
-                    representative[value] = position
-                else:
-                    edges.append(np.array([[representative[value], position]], dtype=np.int64))
-            near = near_pairs(unique, prompt_distance, workers=1)
-            if len(near):
-                edges.append(np.stack([representative[near[:, 0]], representative[near[:, 1]]], 1))
+            positions = np.array(list(by_prompt.values()), dtype=np.int64)
+            edges.append(_near_edges(positions, fingerprints, prompt_distance, workers=1))
     labels = clusters(count, np.concatenate(edges)) if count else np.empty(0, dtype=np.int64)
     members: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
