@@ -81,5 +81,22 @@ def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: A
         ) from None
 
 
+def decode_rgb(images: list[bytes]) -> tuple[list[tuple[int, Any]], dict[int, str]]:
+    """([(index, RGB PIL image)] of the images that decode, {index: error name} of the rest):
+    one unreadable image fails alone, never its batch."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    decoded, failed = [], {}
+    for index, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                decoded.append((index, image.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            failed[index] = type(error).__name__
+    return decoded, failed
+
+
 def batched(items: list[T], size: int) -> list[list[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]

@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from pipelines.models import (
     batched,
     check_local_model,
+    decode_rgb,
     load_pretrained,
     resolve_device,
     resolve_dtype,
@@ -78,17 +78,10 @@ class ClipScorer:
     def scores(self, images: list[bytes], texts: list[str]) -> list[float | None]:
         """Cosine similarity of each image with its text; None where the image cannot be read."""
         import torch
-        from PIL import Image, UnidentifiedImageError
 
         processor, model, device, dtype = self.load()
         results: list[float | None] = [None] * len(images)
-        readable = []
-        for index, data in enumerate(images):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    readable.append((index, image.convert("RGB")))
-            except (UnidentifiedImageError, OSError, ValueError):
-                continue
+        readable, _ = decode_rgb(images)  # unreadable images keep None
         for chunk in batched(readable, self.batch_size):
             pixels = processor(images=[image for _, image in chunk], return_tensors="pt")
             tokens = processor(

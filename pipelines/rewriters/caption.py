@@ -10,13 +10,13 @@ keeping the caption's facts and the prompt's names and details that agree with i
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from pipelines.models import (
     batched,
     check_local_model,
+    decode_rgb,
     load_pretrained,
     resolve_device,
     resolve_dtype,
@@ -89,17 +89,12 @@ class CaptionRewriter(Rewriter):
     def caption(self, images: list[bytes], attempt: int) -> list[str | ItemFailed]:
         """One caption per encoded image (an undecodable image fails alone)."""
         import torch
-        from PIL import Image, UnidentifiedImageError
 
         processor, model, device, dtype = self.load()
         captions: list[str | ItemFailed] = [ItemFailed("not-captioned")] * len(images)
-        decoded: list[tuple[int, Any]] = []
-        for index, data in enumerate(images):
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    decoded.append((index, image.convert("RGB")))
-            except (UnidentifiedImageError, OSError, ValueError) as error:
-                captions[index] = ItemFailed("image-unreadable", type(error).__name__)
+        decoded, failed = decode_rgb(images)
+        for index, error in failed.items():
+            captions[index] = ItemFailed("image-unreadable", error)
         sampling: dict[str, Any] = {"do_sample": False}
         if attempt > 0:
             sampling = {"do_sample": True, "temperature": self.options.retry_temperature}
