@@ -13,11 +13,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from annotation.tasks import media_type
-from surd_builder.workspace import Workspace
+from surd_builder.workspace import Workspace, read_shard_images
 
 _IMAGE_PATH = re.compile(r"^/images/([0-9a-f]{64})$")
 RELOAD_SECONDS = 2.0
@@ -56,8 +53,7 @@ class ImageServer(ThreadingHTTPServer):
             shard = index.get(sha256)
         if shard is None:
             return None
-        table = pq.read_table(shard, filters=pc.equal(pc.field("image_sha256"), sha256))
-        return table["image_bytes"][0].as_py() if table.num_rows else None
+        return read_shard_images(shard, [sha256]).get(sha256)  # outside the lock
 
 
 class _Handler(BaseHTTPRequestHandler):

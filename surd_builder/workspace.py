@@ -114,6 +114,14 @@ def _read_parts(paths: list[Path], schema: pa.Schema, columns: list[str] | None)
     return pa.concat_tables(tables)
 
 
+def read_shard_images(shard: Path, shas: list[str]) -> dict[str, bytes]:
+    """The bytes of ``shas`` from one image shard (shards are immutable: safe without locks)."""
+    table = pq.read_table(shard, filters=pc.is_in(pc.field("image_sha256"), pa.array(shas)))
+    return dict(
+        zip(table["image_sha256"].to_pylist(), table["image_bytes"].to_pylist(), strict=True)
+    )
+
+
 class Workspace:
     """A surd workspace folder. Use :meth:`create` or :meth:`open`, not the constructor."""
 
@@ -329,11 +337,7 @@ class Workspace:
             by_shard.setdefault(index[sha], []).append(sha)
         found: dict[str, bytes] = {}
         for shard, wanted in by_shard.items():
-            table = pq.read_table(
-                shard, filters=pc.is_in(pc.field("image_sha256"), pa.array(wanted))
-            )
-            shas_read = table["image_sha256"].to_pylist()
-            found.update(zip(shas_read, table["image_bytes"].to_pylist(), strict=True))
+            found.update(read_shard_images(shard, wanted))
         return found
 
     def reload_image_index(self) -> None:
