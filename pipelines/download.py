@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from surd_builder import __version__
@@ -57,8 +57,34 @@ class FetchError(Exception):
         self.reason, self.detail, self.retry_after = reason, detail, retry_after
 
 
-class _Retryable(FetchError):
+T = TypeVar("T")
+
+
+class Retryable(FetchError):
     """A failure worth another attempt (after ``retry_after`` seconds if the server said so)."""
+
+
+def with_retries(
+    call: Callable[[], T],
+    retries: int,
+    backoff_seconds: float,
+    max_wait_seconds: float,
+    sleep: Callable[[float], None],
+) -> T:
+    """``call()``, again after each :class:`Retryable` up to ``retries`` times: waiting what
+    the server asked (``Retry-After``) or ``backoff_seconds * 2**n``, at most
+    ``max_wait_seconds``. The last failure is raised as a plain :class:`FetchError`."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Retryable as error:
+            if attempt == retries:
+                raise FetchError(error.reason, error.detail) from None
+            delay = error.retry_after
+            if delay is None:
+                delay = backoff_seconds * 2**attempt
+            sleep(min(delay, max_wait_seconds))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -201,17 +227,13 @@ class Fetcher:
 
     def _get(self, url: str, params, sink: BinaryIO | None, max_bytes: int) -> Fetched:
         options = self.options
-        for attempt in range(options.retries + 1):
-            try:
-                return self._get_once(url, params, sink, max_bytes)
-            except _Retryable as error:
-                if attempt == options.retries:
-                    raise FetchError(error.reason, error.detail) from None
-                delay = error.retry_after
-                if delay is None:
-                    delay = options.backoff_seconds * 2**attempt
-                self._sleep(min(delay, options.max_wait_seconds))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return with_retries(
+            lambda: self._get_once(url, params, sink, max_bytes),
+            options.retries,
+            options.backoff_seconds,
+            options.max_wait_seconds,
+            self._sleep,
+        )
 
     def get_json(self, url: str, params: dict[str, Any] | None = None) -> Any:
         fetched = self.get(url, params)
@@ -243,9 +265,9 @@ class Fetcher:
                     timeout=(options.connect_timeout, options.read_timeout),
                 )
             except requests.Timeout:
-                raise _Retryable("timeout", host) from None
+                raise Retryable("timeout", host) from None
             except requests.ConnectionError as error:
-                raise _Retryable("connection-error", f"{host}: {type(error).__name__}") from None
+                raise Retryable("connection-error", f"{host}: {type(error).__name__}") from None
             except (requests.RequestException, ValueError) as error:  # e.g. an invalid port
                 raise FetchError("bad-url", f"{host}: {type(error).__name__}") from None
             with response:
@@ -261,7 +283,7 @@ class Fetcher:
 
         status = response.status_code
         if status in RETRYABLE_STATUS:
-            raise _Retryable(
+            raise Retryable(
                 f"http-{status}", url, retry_after_seconds(response.headers.get("Retry-After"))
             )
         if status >= 400:
@@ -284,9 +306,9 @@ class Fetcher:
                     chunks.append(chunk)
         except requests.exceptions.ConnectionError as error:
             reason = "timeout" if "timed out" in str(error).lower() else "truncated"
-            raise _Retryable(reason, url) from None
+            raise Retryable(reason, url) from None
         except requests.exceptions.ChunkedEncodingError:
-            raise _Retryable("truncated", url) from None
+            raise Retryable("truncated", url) from None
         except requests.exceptions.ContentDecodingError:
             raise FetchError("bad-encoding", url) from None
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from pipelines.download import retry_after_seconds
+from pipelines.download import FetchError, Retryable, retry_after_seconds, with_retries
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from surd_builder.errors import InputError
@@ -41,12 +41,6 @@ class ChatOptions:
     read_timeout: float = 120.0
     retry_temperature: float = 0.7
     api_key_env: str = DEFAULT_API_KEY_ENV
-
-
-class _Retry(Exception):
-    def __init__(self, reason: str, detail: str, retry_after: float | None = None):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail, self.retry_after = reason, detail, retry_after
 
 
 def _error_message(response) -> str:
@@ -171,19 +165,18 @@ class OpenAIChatRewriter(Rewriter):
             "max_tokens": options.max_tokens,
             "temperature": 0.0 if attempt == 0 else options.retry_temperature,
         }
-        for tries in range(options.retries + 1):
-            try:
-                return self._post(body)
-            except _Retry as error:
-                if tries == options.retries:
-                    return ItemFailed(error.reason, error.detail)
-                delay = error.retry_after
-                if delay is None:
-                    delay = options.backoff_seconds * 2**tries
-                self._sleep(min(delay, options.max_wait_seconds))
-            except ItemFailed as error:
-                return error
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return with_retries(
+                lambda: self._post(body),
+                options.retries,
+                options.backoff_seconds,
+                options.max_wait_seconds,
+                self._sleep,
+            )
+        except FetchError as error:  # retries exhausted
+            return ItemFailed(error.reason, error.detail or "")
+        except ItemFailed as error:
+            return error
 
     def _post(self, body: dict[str, Any]) -> str:
         import requests
@@ -194,9 +187,10 @@ class OpenAIChatRewriter(Rewriter):
                 url, json=body, timeout=(self.options.connect_timeout, self.options.read_timeout)
             )
         except requests.Timeout:
-            raise _Retry("timeout", f"no answer from {self.base_url} in time") from None
+            raise Retryable("timeout", f"no answer from {self.base_url} in time") from None
         except requests.ConnectionError as error:
-            raise _Retry("connection-error", f"{self.base_url}: {type(error).__name__}") from None
+            detail = f"{self.base_url}: {type(error).__name__}"
+            raise Retryable("connection-error", detail) from None
         self._reached = True
         status = response.status_code
         if status in (401, 403):
@@ -209,7 +203,7 @@ class OpenAIChatRewriter(Rewriter):
                 f"{self.base_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
             )
         if status == 429 or status >= 500:
-            raise _Retry(
+            raise Retryable(
                 f"http-{status}",
                 _error_message(response),
                 retry_after_seconds(response.headers.get("Retry-After")),
@@ -219,4 +213,4 @@ class OpenAIChatRewriter(Rewriter):
         try:
             return response.json()["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retry("bad-response", "answer is not a chat completion") from None
+            raise Retryable("bad-response", "answer is not a chat completion") from None
