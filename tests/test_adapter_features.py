@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.features import FeatureCache, LLMFeatureExtractor, cached_features, decoder_blocks
+from adapter.cache import ArrayCache, cache_key, fill_cache
+from adapter.features import LLMFeatureExtractor, decoder_blocks
 from surd_builder.errors import InputError
 from tests.tiny_models import save_tiny_causal_lm
 
@@ -51,16 +52,23 @@ def test_layer_out_of_range_and_bad_pooling_are_one_line_errors(lm) -> None:
 
 
 def test_cache_hits_on_a_second_run_and_keys_include_the_layer(lm, tmp_path) -> None:
-    cache = FeatureCache(tmp_path / "cache")
+    cache = ArrayCache(tmp_path / "cache")
+
+    def cached(extractor: LLMFeatureExtractor, texts: list[str]) -> np.ndarray:
+        keys = [cache_key(extractor.cache_identity(), text) for text in texts]
+        fill_cache(cache, keys, texts, extractor, 2, "llm", show_progress=False)
+        return cache.load(keys)
+
     first = LLMFeatureExtractor(str(lm), layer=2, device="cpu")
     texts = [*TEXTS, TEXTS[0]]  # a repeated text is computed once
-    vectors = cached_features(texts, first, cache, batch_size=2)
-    assert first.computed == 3 and vectors.shape == (4, 64)
+    vectors = cached(first, texts)
+    assert first.computed == 3 and vectors.shape == (4, 64) and vectors.dtype == np.float32
     assert np.array_equal(vectors[0], vectors[3])
+    assert np.allclose(vectors[:3], first(TEXTS), atol=1e-6)
     again = LLMFeatureExtractor(str(lm), layer=2, device="cpu")
-    assert np.array_equal(cached_features(texts, again, cache), vectors)
+    assert np.array_equal(cached(again, texts), vectors)
     assert again.computed == 0 and again._loaded is None  # nothing loaded, nothing computed
     other_layer = LLMFeatureExtractor(str(lm), layer=1, device="cpu")
-    cached_features(TEXTS, other_layer, cache)
+    cached(other_layer, TEXTS)
     assert other_layer.computed == 3
-    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 3  # 2 batches + 1
+    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 4  # 2 batches + 2

@@ -88,20 +88,9 @@ def test_each_loss_reaches_exactly_its_parameters() -> None:
 def test_the_quality_loss_reaches_the_adapter_through_a_frozen_unet() -> None:
     """The released trainer rebuilt the condition with torch.tensor(...), cutting the graph:
     its quality loss never trained the adapter. Here it must."""
-    from diffusers import UNet2DConditionModel
+    from tests.tiny_models import tiny_unet
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=DIM,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-    ).requires_grad_(False)
+    unet = tiny_unet(DIM).requires_grad_(False)
     adapter = tiny_adapter()
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     condition = adapter(torch.randn(2, 77, DIM)).prompt_embeds

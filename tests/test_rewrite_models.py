@@ -225,7 +225,7 @@ def test_make_rewriter_builds_each_backend_from_settings(models, tmp_path) -> No
 def test_devices_this_machine_lacks_are_one_line_errors() -> None:
     import torch
 
-    from pipelines.models import resolve_device
+    from surd_builder.models import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -190,6 +190,40 @@ def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
+def _clip_text_config(vocab: dict[str, int], width: int) -> dict:
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        # Real ids (not CLIP's legacy eos_token_id=2), so text pooling finds the eos token.
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def tiny_unet(text_width: int = 32):
+    """The UNet of :func:`save_tiny_stable_diffusion`: 8x8 latents, random weights (seed 0)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=text_width,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
+
+
 def save_tiny_clip(directory: Path) -> Path:
     """Save a 1-layer CLIP (text + vision towers, 16-d projection) and its ``CLIPProcessor``.
 
@@ -216,18 +250,52 @@ def save_tiny_clip(directory: Path) -> Path:
     torch.manual_seed(0)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = CLIPConfig(
-        text_config=dict(
-            tower,
-            vocab_size=len(vocab),
-            max_position_embeddings=77,
-            # Real ids (not CLIP's legacy eos_token_id=2), so text pooling finds the eos token.
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        ),
+        text_config=_clip_text_config(vocab, 32),
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=16,
     )
     model = CLIPModel(config)
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return _save(Path(directory), model, processor)
+
+
+def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
+    """Save a tiny Stable Diffusion in diffusers layout (``model_index.json`` + 5 subfolders).
+
+    32x32 images map to 8x8 latents (VAE with 3 blocks); the UNet's cross-attention and the CLIP
+    text encoder are ``text_width`` wide. Loads with ``StableDiffusionPipeline.from_pretrained``
+    and each part with its class's ``from_pretrained(directory, subfolder=...)``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    unet = tiny_unet(text_width)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(directory)
+    return Path(directory)

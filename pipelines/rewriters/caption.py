@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from pipelines.models import (
+from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
+from surd_builder.models import (
     batched,
     check_local_model,
     decode_rgb,
@@ -21,7 +22,6 @@ from pipelines.models import (
     resolve_device,
     resolve_dtype,
 )
-from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 
 
 @dataclass(frozen=True)

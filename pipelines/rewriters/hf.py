@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipelines.models import (
+from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
+from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
+from surd_builder.models import (
     batched,
     check_local_model,
     load_pretrained,
     resolve_device,
     resolve_dtype,
 )
-from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
-from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 
 
 @dataclass(frozen=True)

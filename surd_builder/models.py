@@ -1,9 +1,9 @@
 """Loading transformers models by path or hub id, on the right device, with one-line errors.
 
-Shared by every stage that runs a model in-process (the ``hf`` and ``caption`` rewriters,
-screening). Users pass a local folder or a hub id exactly as ``from_pretrained`` takes it; a
-model that cannot be found (no such folder, no network to the hub) is a one-line error naming
-the model, not a traceback.
+Shared by every part that runs a model in-process (the ``hf`` and ``caption`` rewriters,
+screening, the adapter's feature caches). Users pass a local folder or a hub id exactly as
+``from_pretrained`` takes it; a model that cannot be found (no such folder, no network to the
+hub) is a one-line error naming the model, not a traceback.
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""Encoders of the frozen inputs: CLIP embeddings of prompts and VAE latents of images.
+
+Each encoder has a ``cache_identity`` (model + every setting that changes the values) and is
+called on a batch, returning a NumPy array, so :func:`adapter.cache.fill_cache` can run it once
+per content and keep the result.
+
+- Text: the text encoder's last hidden state over ``model_max_length`` (77) padded tokens, as
+  Stable Diffusion conditions on it (attention mask only where the encoder's config asks).
+- Images: resized so the short side is ``resolution``, centre-cropped (a random crop could not be
+  cached), optionally mirrored, then encoded. The cache keeps the latent *distribution* (mean and
+  log-variance), not one sample of it, so every step draws a fresh sample exactly as encoding on
+  the fly would. An image that cannot be decoded is stored as NaN and left out of training.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from adapter.stable_diffusion import StableDiffusionParts
+
+
+def preprocess_image(data: bytes, resolution: int, flip: bool) -> np.ndarray | None:
+    """(3, resolution, resolution) float32 in [-1, 1], or None if ``data`` is not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    scale = resolution / min(image.size)
+    size = (
+        max(resolution, round(image.width * scale)),
+        max(resolution, round(image.height * scale)),
+    )
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = ImageOps.mirror(image)
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return pixels.transpose(2, 0, 1)
+
+
+class TextEmbeddings:
+    """The base model's CLIP text embeddings, (batch, 77, width) float16."""
+
+    def __init__(self, parts: StableDiffusionParts, device: str, dtype: Any):
+        self.parts, self.device, self.dtype = parts, device, dtype
+
+    def cache_identity(self) -> str:
+        return f"clip-text\x1f{self.parts.base_model}\x1f{self.dtype}"
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        tokenizer, encoder = self.parts.tokenizer, self.parts.text_encoder
+        tokens = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        with torch.inference_mode():
+            hidden = encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return hidden.float().cpu().numpy().astype(np.float16)
+
+
+class LatentMoments:
+    """The VAE's latent mean and log-variance, (batch, 2 x latent channels, r/8, r/8) float16."""
+
+    def __init__(
+        self, parts: StableDiffusionParts, resolution: int, flip: bool, device: str, dtype: Any
+    ):
+        self.parts, self.resolution, self.flip = parts, resolution, flip
+        self.device, self.dtype = device, dtype
+
+    def cache_identity(self) -> str:
+        return (
+            f"vae\x1f{self.parts.base_model}\x1f{self.resolution}\x1fcenter-crop\x1f"
+            f"flip={self.flip}\x1f{self.dtype}"
+        )
+
+    def __call__(self, images: list[bytes]) -> np.ndarray:
+        import torch
+
+        vae = self.parts.vae
+        pixels = [preprocess_image(data, self.resolution, self.flip) for data in images]
+        readable = [index for index, array in enumerate(pixels) if array is not None]
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = self.resolution // factor
+        out = np.full((len(images), 2 * vae.config.latent_channels, side, side), np.nan, np.float16)
+        if readable:
+            batch = torch.from_numpy(np.stack([pixels[index] for index in readable]))
+            with torch.inference_mode():
+                dist = vae.encode(batch.to(self.device, self.dtype)).latent_dist
+                moments = torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy()
+            out[readable] = moments.astype(np.float16)
+        return out

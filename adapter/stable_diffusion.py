@@ -1,0 +1,115 @@
+"""The frozen Stable Diffusion parts the adapter trains against, loaded by path or hub id.
+
+A base model is a diffusers folder (``model_index.json`` with ``tokenizer/``, ``text_encoder/``,
+``vae/``, ``unet/``, ``scheduler/``), given as users give it to ``from_pretrained``. Everything
+here is frozen: ``requires_grad_(False)``, eval mode, in the weight dtype of the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from surd_builder.errors import InputError
+from surd_builder.models import load_pretrained
+
+
+@dataclass
+class StableDiffusionParts:
+    base_model: str
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.noise_scheduler.config.prediction_type)
+
+    def inference_scheduler(self) -> Any:
+        """DPM-Solver++ from the training scheduler's config: good images in 20-25 steps."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
+
+
+def load_stable_diffusion(
+    base_model: str, dtype: Any = None, variant: str | None = None, revision: str | None = None
+) -> StableDiffusionParts:
+    """All five parts in ``dtype`` (default float32) on the CPU (the caller moves them), frozen,
+    with the text width checked against the UNet's cross-attention width."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    where = {"revision": revision}
+    weights = {**where, "variant": variant, "dtype": dtype or torch.float32}
+    tokenizer = load_pretrained(
+        CLIPTokenizer.from_pretrained,
+        base_model,
+        "base model tokenizer",
+        subfolder="tokenizer",
+        **where,
+    )
+    text_encoder = load_pretrained(
+        CLIPTextModel.from_pretrained,
+        base_model,
+        "base model text encoder",
+        subfolder="text_encoder",
+        **weights,
+    )
+    vae = load_pretrained(
+        AutoencoderKL.from_pretrained, base_model, "base model VAE", subfolder="vae", **weights
+    )
+    unet = load_pretrained(
+        UNet2DConditionModel.from_pretrained,
+        base_model,
+        "base model UNet",
+        subfolder="unet",
+        **weights,
+    )
+    noise_scheduler = load_pretrained(
+        DDPMScheduler.from_pretrained,
+        base_model,
+        "base model scheduler",
+        subfolder="scheduler",
+        **where,
+    )
+    parts = StableDiffusionParts(base_model, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    cross_width = unet.config.cross_attention_dim
+    if cross_width != parts.text_width:
+        raise InputError(
+            f"{base_model}: the text encoder's width {parts.text_width} does not match the UNet's "
+            f"cross-attention width {cross_width} (not a Stable Diffusion 1.x/2.x model?)"
+        )
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval()
+    return parts
+
+
+def check_adapter_width(adapter_width: int, parts: StableDiffusionParts, where: str) -> None:
+    if adapter_width != parts.text_width:
+        raise InputError(
+            f"{where} is for text width {adapter_width}, but {parts.base_model}'s text encoder "
+            f"gives {parts.text_width} (SD 1.x is 768, SD 2.x is 1024): use a matching base model"
+        )
+
+
+def stable_diffusion_pipeline_class() -> Any:
+    """``diffusers.StableDiffusionPipeline``, imported with transformers' warnings muted: the
+    import names ``CLIPImageProcessor``, which without torchvision logs a fallback warning that
+    has nothing to do with surd's use (no safety checker, no feature extractor)."""
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        logging.set_verbosity(previous)
+    return StableDiffusionPipeline

@@ -1,0 +1,140 @@
+"""One training step of the SUR-adapter from cached inputs, and the order samples are seen in.
+
+Everything random in a step (which samples, mirrored or not, the latent sample, the noise, the
+timesteps) comes from :func:`step_generator`, seeded by (seed, micro-batch, rank). A run resumed
+from a checkpoint at step ``s`` therefore sees exactly what an uninterrupted run saw after ``s``:
+no sampler or RNG state has to be saved for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapter.losses import (
+    LossTerms,
+    distillation_loss,
+    noise_prediction_loss,
+    prompt_alignment_loss,
+    total_loss,
+)
+
+
+@dataclass
+class CachedSet:
+    """A split's frozen inputs, row-aligned, kept on the CPU (float16 except the LLM vectors)."""
+
+    latent_moments: torch.Tensor  # (N, 2C, h, w): mean and log-variance
+    flipped_moments: torch.Tensor | None  # the same for the mirrored images (random flip on)
+    narrative_embeds: torch.Tensor  # (N, 77, d)
+    keyword_embeds: torch.Tensor  # (N, 77, d)
+    llm_features: torch.Tensor  # (N, llm_dim) float32
+
+    def __len__(self) -> int:
+        return self.latent_moments.shape[0]
+
+    def batch(
+        self, indices: torch.Tensor, flips: torch.Tensor | None, device: Any
+    ) -> dict[str, torch.Tensor]:
+        moments = self.latent_moments[indices]
+        if flips is not None and self.flipped_moments is not None:
+            moments = torch.where(
+                flips[:, None, None, None], self.flipped_moments[indices], moments
+            )
+        tensors = {
+            "latent_moments": moments,
+            "narrative_embeds": self.narrative_embeds[indices],
+            "keyword_embeds": self.keyword_embeds[indices],
+            "llm_features": self.llm_features[indices],
+        }
+        return {name: value.to(device, non_blocking=True) for name, value in tensors.items()}
+
+
+def step_generator(seed: int, micro_batch: int, rank: int, device: Any) -> torch.Generator:
+    mixed = (seed * 1_000_003 + micro_batch) * 4099 + rank
+    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+
+
+def micro_batch_indices(
+    micro_batch: int, batch_size: int, world_size: int, rank: int, num_samples: int, seed: int
+) -> np.ndarray:
+    """The sample indices rank ``rank`` trains on in global micro-batch ``micro_batch``.
+
+    Samples are an endless stream of epochs, each a permutation seeded by (seed, epoch); a
+    micro-batch is the next ``batch_size * world_size`` of the stream, split between ranks. A
+    batch may straddle two epochs, so no sample is dropped and every step has a full batch."""
+    per_step = batch_size * world_size
+    start = micro_batch * per_step + rank * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs, offsets = np.divmod(positions, num_samples)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        chosen = epochs == epoch
+        out[chosen] = order[offsets[chosen]]
+    return out
+
+
+@dataclass
+class LossSettings:
+    eta_llm: float = 1e-5
+    eta_prompt: float = 1e-5
+    temperature: float = 1.0
+    min_snr_gamma: float | None = None
+    prediction_type: str = "epsilon"
+
+
+def sample_latents(
+    moments: torch.Tensor, generator: torch.Generator, scaling: float, shift: float | None
+) -> torch.Tensor:
+    """A sample of the cached latent distribution, scaled as the UNet expects."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    latents = mean + torch.exp(0.5 * logvar) * noise
+    if shift is not None:
+        latents = latents - shift
+    return latents * scaling
+
+
+def compute_losses(
+    adapter: Any,
+    unet: Any,
+    noise_scheduler: Any,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    settings: LossSettings,
+    scaling: float,
+    shift: float | None = None,
+) -> LossTerms:
+    """The three losses of one micro-batch. ``adapter`` may be wrapped (DDP); the graph runs
+    from the adapter's output through the frozen UNet, so the quality loss trains the adapter."""
+    latents = sample_latents(batch["latent_moments"], generator, scaling, shift)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(
+        0, steps, (latents.shape[0],), generator=generator, device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if settings.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    output = adapter(batch["narrative_embeds"].float(), llm_features=batch["llm_features"])
+    condition = output.prompt_embeds.to(unet.dtype)
+    prediction = unet(noisy.to(unet.dtype), timesteps, condition).sample
+    snr = None
+    if settings.min_snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+    quality = noise_prediction_loss(
+        prediction, target, snr, settings.min_snr_gamma, settings.prediction_type
+    )
+    distillation = distillation_loss(output.encoded, output.llm_projected, settings.temperature)
+    alignment = prompt_alignment_loss(
+        output.prompt_embeds, batch["keyword_embeds"].float(), settings.temperature
+    )
+    return total_loss(quality, distillation, alignment, settings.eta_llm, settings.eta_prompt)

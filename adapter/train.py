@@ -1,0 +1,713 @@
+"""``surd train``: the SUR-adapter on a frozen Stable Diffusion model, distilling from an LLM.
+
+The order follows diffusers' training examples: options -> accelerator -> frozen parts in the
+weight dtype -> cached inputs -> the trainable adapter in float32 -> loop -> save. What differs:
+
+- frozen inputs (VAE latent distributions, CLIP embeddings of both prompts, LLM features) are
+  computed once into caches (:mod:`adapter.cache`), so a step is one UNet forward and backward to
+  the condition;
+- the randomness of step ``s`` is a function of (seed, ``s``) (:mod:`adapter.step`), so a run
+  resumed from ``checkpoint-s`` continues exactly as the uninterrupted run would have;
+- checkpoints are written to a temporary folder and renamed, so a kill never leaves a half one.
+
+Output folder: the trained adapter (``config.json`` + safetensors, loadable with
+``SURAdapter.from_pretrained(OUTPUT)``), ``checkpoints/checkpoint-N/``, ``logs/`` (TensorBoard),
+``history.jsonl`` (every logged value), ``loss-curve.png``, ``validation/step-N.png`` and
+``train-summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapter.cache import ArrayCache, cache_key, fill_cache
+from adapter.data import Columns, SplitRows, load_split
+from adapter.step import LossSettings
+from adapter.validation import DEFAULT_VALIDATION_PROMPTS
+from surd_builder.errors import InputError, OutputError
+
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+STATE_FILE = "surd-train-state.json"
+# settings a checkpoint must share with the run that resumes it
+RESUME_KEYS = (
+    "data", "base_model", "llm", "llm_layer", "llm_pooling", "resolution", "random_flip",
+    "batch_size", "gradient_accumulation_steps", "seed", "adapter_weight", "adapter_layers",
+    "adapter_heads", "adapter_feedforward", "adapter_mlp", "train_llm_projection",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    base_model: str
+    llm: str
+    llm_layer: int
+    output: Path
+    llm_pooling: str = "mean"
+    columns: Columns = field(default_factory=Columns)
+    split: str = "train"
+    validation_split: str = "test"
+    cache_dir: Path | None = None
+    variant: str | None = None
+    revision: str | None = None
+    resolution: int = 512
+    random_flip: bool = True
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    epochs: int = 10
+    max_steps: int | None = None
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    eta_llm: float = 1e-5
+    eta_prompt: float = 1e-5
+    temperature: float = 1.0
+    min_snr_gamma: float | None = None
+    prediction_type: str | None = None
+    adapter_weight: float = 0.1
+    adapter_layers: int = 2
+    adapter_heads: int = 8
+    adapter_feedforward: int = 2048
+    adapter_mlp: int = 2048
+    train_llm_projection: bool = False
+    init_adapter: str | None = None
+    mixed_precision: str = "auto"
+    device: str = "auto"
+    llm_dtype: str = "auto"
+    seed: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume: str = "auto"
+    validation_steps: int = 500
+    validation_prompts: tuple[str, ...] = DEFAULT_VALIDATION_PROMPTS
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    held_out_samples: int = 256
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    encode_batch_size: int = 32
+    llm_batch_size: int = 16
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        checks = [
+            (self.llm_pooling in ("mean", "last"), "--llm-pooling must be mean or last"),
+            (self.mixed_precision in MIXED_PRECISIONS,
+             f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}"),
+            (self.lr_scheduler in LR_SCHEDULERS,
+             f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+            (self.prediction_type in (None, "epsilon", "v_prediction"),
+             "--prediction-type must be epsilon or v_prediction"),
+            (self.resolution >= 8 and self.resolution % 8 == 0,
+             "--resolution must be a positive multiple of 8"),
+            (self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+             "--batch-size and --gradient-accumulation-steps must be >= 1"),
+            (self.epochs >= 1 or (self.max_steps or 0) >= 1, "train for at least one step"),
+            (self.learning_rate > 0, "--learning-rate must be > 0"),
+            (self.adapter_layers >= 1 and self.adapter_heads >= 1,
+             "--adapter-layers and --adapter-heads must be >= 1"),
+            (self.checkpointing_steps >= 1 and self.validation_steps >= 1,
+             "--checkpointing-steps and --validation-steps must be >= 1"),
+            (0.0 <= self.adapter_weight <= 1.0, "--adapter-weight must be in [0, 1]"),
+            (self.llm_layer >= 1, "--llm-layer counts blocks from 1"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    def settings_for_resume(self) -> dict[str, Any]:
+        values = asdict(self)
+        return {key: values[key] for key in RESUME_KEYS}
+
+
+@dataclass
+class TrainReport:
+    output: Path
+    steps: int
+    resumed_from: int
+    train_samples: int
+    held_out_samples: int
+    skipped: dict[str, int]
+    computed: dict[str, int]
+    samples_per_second: float
+    final_losses: dict[str, float]
+    first_held_out: dict[str, float]
+    last_held_out: dict[str, float]
+    device: str
+
+
+# ---------------------------------------------------------------- accelerator and precision
+
+
+def make_accelerator(config: TrainConfig) -> tuple[Any, Any]:
+    """(accelerator, weight dtype of the frozen parts)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from surd_builder.models import resolve_device
+
+    device = resolve_device(config.device) if config.device != "auto" else "auto"
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise InputError(f"--device {config.device}: training runs on cpu or cuda")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "no" if on_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if on_cpu and precision == "fp16":
+        raise InputError("--mixed-precision fp16 needs a GPU (use bf16 or no on the CPU)")
+    project = ProjectConfiguration(
+        project_dir=str(config.output), logging_dir=str(config.output / "logs")
+    )
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_config=project,
+    )
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return accelerator, dtype
+
+
+# ---------------------------------------------------------------- cached inputs
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("SURD_CACHE_DIR") or Path.home() / ".cache" / "surd"
+    return Path(root) / "train-inputs"
+
+
+def build_cached_sets(
+    row_sets: list[SplitRows], parts: Any, llm: Any, config: TrainConfig, device: Any,
+    dtype: Any, computed: dict[str, int], show_progress: bool,
+) -> list[tuple[Any, int]]:  # fmt: skip
+    """Fill the caches for all ``row_sets`` together (one progress bar per kind of input), then
+    a (CachedSet, samples dropped because their image did not decode) for each."""
+    import hashlib
+
+    import torch
+
+    from adapter.frozen_inputs import LatentMoments, TextEmbeddings
+    from adapter.step import CachedSet
+
+    root = Path(config.cache_dir or default_cache_dir())
+    narratives = [text for rows in row_sets for text in rows.narrative_prompts]
+    keywords = [text for rows in row_sets for text in rows.keyword_prompts]
+    images = [data for rows in row_sets for data in rows.images]
+    image_hashes = [hashlib.sha256(data).hexdigest() for data in images]
+
+    def cached(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> np.ndarray:
+        identity = encoder.cache_identity()
+        keys = [cache_key(identity, content) for content in contents]
+        cache = ArrayCache(root / kind)
+        computed[kind] = computed.get(kind, 0) + fill_cache(
+            cache, keys, inputs, encoder, size, f"caching {kind}", show_progress
+        )
+        return cache.load(keys)
+
+    prompts = narratives + keywords
+    text = cached("text", TextEmbeddings(parts, device, dtype), prompts, prompts,
+                  config.encode_batch_size)  # fmt: skip
+    narrative_embeds, keyword_embeds = text[: len(narratives)], text[len(narratives) :]
+    moments = cached("latents", LatentMoments(parts, config.resolution, False, device, dtype),
+                     image_hashes, images, config.encode_batch_size)  # fmt: skip
+    flipped = None
+    if config.random_flip:
+        flipper = LatentMoments(parts, config.resolution, True, device, dtype)
+        flipped = cached("latents", flipper, image_hashes, images, config.encode_batch_size)
+    llm_vectors = cached("llm", llm, narratives, narratives, config.llm_batch_size)
+    readable = ~np.isnan(moments.reshape(len(moments), -1)).any(axis=1)
+
+    out, start = [], 0
+    for rows in row_sets:
+        span = slice(start, start + len(rows))
+        keep = readable[span]
+        start += len(rows)
+
+        def take(array: np.ndarray | None, span: slice = span, keep: np.ndarray = keep) -> Any:
+            if array is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(array[span][keep]))
+
+        cached_set = CachedSet(
+            take(moments), take(flipped), take(narrative_embeds), take(keyword_embeds),
+            take(llm_vectors).float(),
+        )  # fmt: skip
+        out.append((cached_set, int((~keep).sum())))
+    return out
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any) -> Any:
+    from adapter.model import SURAdapter
+    from adapter.stable_diffusion import check_adapter_width
+
+    if config.init_adapter:
+        path = Path(config.init_adapter)
+        if not (path / "config.json").is_file():
+            raise InputError(f"--init-adapter {path}: no adapter there (config.json is missing)")
+        adapter = SURAdapter.from_pretrained(path)
+        check_adapter_width(adapter.config.embed_dim, parts, f"--init-adapter {path}")
+        if adapter.config.llm_dim != llm_dim:
+            raise InputError(
+                f"--init-adapter {path} projects LLM vectors of width {adapter.config.llm_dim}, "
+                f"but {config.llm} gives {llm_dim}"
+            )
+        adapter.llm_projection.requires_grad_(config.train_llm_projection)
+        return adapter
+    if text_width % config.adapter_heads:
+        raise InputError(
+            f"--adapter-heads {config.adapter_heads} does not divide the text width {text_width}"
+        )
+    return SURAdapter(
+        embed_dim=text_width,
+        num_layers=config.adapter_layers,
+        num_heads=config.adapter_heads,
+        feedforward_dim=config.adapter_feedforward,
+        mlp_dim=config.adapter_mlp,
+        adapter_weight=config.adapter_weight,
+        llm_dim=llm_dim,
+        train_llm_projection=config.train_llm_projection,
+        projection_seed=config.seed,
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(output: Path) -> Path:
+    return output / "checkpoints"
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in checkpoint_dir(output).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def find_resume_checkpoint(config: TrainConfig) -> Path | None:
+    if config.resume == "none":
+        return None
+    if config.resume == "auto":
+        found = list_checkpoints(config.output)
+        return found[-1][1] if found else None
+    path = Path(config.resume)
+    if not (path / STATE_FILE).is_file():
+        raise InputError(f"--resume {path}: not a surd checkpoint ({STATE_FILE} is missing)")
+    return path
+
+
+def check_resume_settings(path: Path, config: TrainConfig) -> int:
+    state = json.loads((path / STATE_FILE).read_text())
+    saved, now = state["settings"], config.settings_for_resume()
+    changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
+    if changed:
+        raise InputError(
+            f"{path} was made with other settings ({', '.join(changed)}): train into a new "
+            "--output, or pass --resume none to start over here"
+        )
+    return int(state["step"])
+
+
+def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> None:
+    """``accelerator.save_state`` into a temporary folder, renamed into place; old ones pruned."""
+    final = checkpoint_dir(config.output) / f"checkpoint-{step}"
+    temp = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))
+    if accelerator.is_main_process:
+        state = {"step": step, "settings": config.settings_for_resume()}
+        (temp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        temp.rename(final)
+        limit = config.checkpoints_total_limit
+        if limit:
+            for _step, old in list_checkpoints(config.output)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def register_adapter_hooks(accelerator: Any) -> None:
+    """Checkpoints keep the adapter as ``adapter/`` via ``save_pretrained``, so any checkpoint
+    is also a usable adapter."""
+    from adapter.model import SURAdapter
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "adapter")
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            loaded = SURAdapter.from_pretrained(Path(input_dir) / "adapter")
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---------------------------------------------------------------- history
+
+
+class History:
+    """``history.jsonl``: every logged row; truncated to the resumed step on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = []
+            if path.is_file() and resume_step > 0:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+                rows = [row for row in rows if row["step"] <= resume_step]
+                # the resumed step's held-out row is written again
+                rows = [r for r in rows if not (r["step"] == resume_step and r["kind"] != "train")]
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def add(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _load_rows(config: TrainConfig) -> tuple[SplitRows, SplitRows | None]:
+    train_rows = load_split(config.data, config.split, config.columns)
+    if train_rows is None:
+        raise InputError(f"--data {config.data} has no {config.split!r} split")
+    if not len(train_rows):
+        raise InputError(
+            f"--data {config.data}: no usable {config.split!r} rows ({dict(train_rows.skipped)})"
+        )
+    held_out = None
+    if config.validation_split and config.validation_split != "none":
+        held_out = load_split(config.data, config.validation_split, config.columns)
+        if held_out is not None and config.held_out_samples >= 0:
+            limit = config.held_out_samples
+            held_out = SplitRows(
+                held_out.narrative_prompts[:limit],
+                held_out.keyword_prompts[:limit],
+                held_out.images[:limit],
+                held_out.skipped,
+            )
+    return train_rows, held_out
+
+
+def total_steps(config: TrainConfig, num_samples: int, world_size: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    per_step = config.batch_size * config.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(config.epochs * num_samples / per_step))
+
+
+def train(config: TrainConfig) -> TrainReport:
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from adapter.features import LLMFeatureExtractor
+    from adapter.stable_diffusion import load_stable_diffusion
+    from adapter.step import compute_losses, micro_batch_indices, step_generator
+    from adapter.validation import held_out_losses
+
+    accelerator, weight_dtype = make_accelerator(config)
+    device = accelerator.device
+    main = accelerator.is_main_process
+    show = config.show_progress and main
+    try:
+        config.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create --output {config.output}: {error.strerror}") from None
+    resume_path = find_resume_checkpoint(config)
+    resume_step = check_resume_settings(resume_path, config) if resume_path else 0
+
+    train_rows, held_rows = _load_rows(config)
+    parts = load_stable_diffusion(config.base_model, weight_dtype, config.variant, config.revision)
+    llm = LLMFeatureExtractor(
+        config.llm, config.llm_layer, config.llm_pooling, config.llm_batch_size,
+        device=str(device), dtype=config.llm_dtype,
+    )  # fmt: skip
+    llm.check_layer()
+    if config.init_adapter is None and parts.text_width % config.adapter_heads:
+        make_adapter(config, parts.text_width, 0, parts)  # fails fast, before any caching
+    parts.text_encoder.to(device)
+    parts.vae.to(device)
+    computed: dict[str, int] = {}
+    row_sets = [train_rows] + ([held_rows] if held_rows is not None and len(held_rows) else [])
+    with accelerator.main_process_first():
+        sets = build_cached_sets(row_sets, parts, llm, config, device, weight_dtype, computed, show)
+    (train_set, unreadable), held_set = sets[0], sets[1][0] if len(sets) > 1 else None
+    del llm  # the LLM is not needed again (its vectors are cached)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    skipped = {**train_rows.skipped}
+    if unreadable:
+        skipped["unreadable image"] = unreadable
+    if not len(train_set):
+        raise InputError(f"--data {config.data}: none of the {config.split!r} images decode")
+
+    unet, noise_scheduler = parts.unet, parts.noise_scheduler
+    unet.to(device)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.compile:
+        unet = torch.compile(unet)
+    settings = LossSettings(
+        config.eta_llm, config.eta_prompt, config.temperature, config.min_snr_gamma,
+        config.prediction_type or parts.prediction_type,
+    )  # fmt: skip
+    vae_config = parts.vae.config
+    scaling, shift = vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
+
+    torch.manual_seed(config.seed)
+    adapter = make_adapter(config, parts.text_width, train_set.llm_features.shape[1], parts)
+    adapter.to(device).train()
+    trainable = [param for param in adapter.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=config.adam_weight_decay
+    )
+    world = accelerator.num_processes
+    steps = total_steps(config, len(train_set), world)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=steps,
+    )  # fmt: skip
+    adapter, optimizer = accelerator.prepare(adapter, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    register_adapter_hooks(accelerator)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+    if resume_step >= steps:
+        raise InputError(
+            f"{resume_path} is at step {resume_step}, the run has {steps} steps: nothing to do "
+            "(raise --max-steps/--epochs, or --resume none to start over)"
+        )
+
+    history = History(config.output / "history.jsonl", main, resume_step)
+    tracker_config = {k: v for k, v in asdict(config).items() if isinstance(v, int | float | str)}
+    accelerator.init_trackers("surd-train", config=tracker_config)
+
+    def evaluate(step: int) -> dict[str, float]:
+        if held_set is None or not main:
+            return {}
+        adapter.eval()
+        losses = held_out_losses(
+            adapter, unet, noise_scheduler, held_set, settings, scaling, shift,
+            config.batch_size, device, accelerator.autocast,
+        )  # fmt: skip
+        adapter.train()
+        accelerator.log({f"held_out/{k}": v for k, v in losses.items()}, step=step)
+        history.add({"kind": "held_out", "step": step, **losses})
+        return losses
+
+    first_held = evaluate(resume_step) if resume_step == 0 else {}
+    last_held: dict[str, float] = {}
+    rank, batch = accelerator.process_index, config.batch_size
+    accumulation = config.gradient_accumulation_steps
+    samples_per_step = batch * accumulation * world
+    last_terms: dict[str, float] = {}
+    timings: list[float] = []
+    progress = _TrainProgress(steps, resume_step, show)
+    with progress:
+        for step in range(resume_step, steps):
+            started = time.perf_counter()
+            totals = dict.fromkeys(("total", "quality", "distillation", "prompt_alignment"), 0.0)
+            for micro in range(accumulation):
+                number = step * accumulation + micro
+                generator = step_generator(config.seed, number, rank, device)
+                indices = micro_batch_indices(
+                    number, batch, world, rank, len(train_set), config.seed
+                )
+                flips = None
+                if config.random_flip:
+                    flips = torch.rand(batch, generator=generator, device=device) < 0.5
+                    flips = flips.cpu()
+                tensors = train_set.batch(torch.from_numpy(indices), flips, device)
+                sync = micro == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(adapter):
+                    with accelerator.autocast():
+                        terms = compute_losses(
+                            adapter, unet, noise_scheduler, tensors, generator, settings,
+                            scaling, shift,
+                        )  # fmt: skip
+                    accelerator.backward(terms.total / accumulation)
+                for name in totals:
+                    totals[name] += getattr(terms, name).detach() / accumulation
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            values = {
+                name: float(accelerator.reduce(value, "mean")) for name, value in totals.items()
+            }
+            elapsed = time.perf_counter() - started
+            timings.append(elapsed)
+            row = {
+                **values,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_s": samples_per_step / elapsed,
+            }
+            accelerator.log({f"train/{k}": v for k, v in row.items()}, step=done)
+            history.add({"kind": "train", "step": done, **row})
+            last_terms = values
+            progress.advance(values["total"], row["samples_per_s"])
+            if done % config.validation_steps == 0 or done == steps:
+                last_held = evaluate(done) or last_held
+                if main and config.validation_prompts:
+                    _validation_images(accelerator, config, parts, unet, adapter, done, device)
+            if done % config.checkpointing_steps == 0 or done == steps:
+                save_checkpoint(accelerator, config, done)
+            if done == _crash_after_step():
+                os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no flushing
+
+    accelerator.wait_for_everyone()
+    if main:
+        _save_final(accelerator.unwrap_model(adapter), config.output)
+    accelerator.end_training()
+    # the first step includes warm-up (allocation, compilation): leave it out of the rate
+    steady = timings[1:] or timings
+    rate = samples_per_step * len(steady) / sum(steady) if steady else 0.0
+    report = TrainReport(
+        output=config.output,
+        steps=steps,
+        resumed_from=resume_step,
+        train_samples=len(train_set),
+        held_out_samples=len(held_set) if held_set is not None else 0,
+        skipped=skipped,
+        computed=computed,
+        samples_per_second=rate,
+        final_losses=last_terms,
+        first_held_out=first_held,
+        last_held_out=last_held,
+        device=str(device),
+    )
+    if main:
+        _write_summary(report, config)
+    return report
+
+
+class _TrainProgress:
+    """A rich bar over optimizer steps showing the loss and samples/s."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            from surd_builder.progress import stderr_console
+
+            self.progress = Progress(
+                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[rate]} samples/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console,
+            )  # fmt: skip
+            self.task = self.progress.add_task("train", total=total, completed=start, loss="-",
+                                               rate="-")  # fmt: skip
+
+    def __enter__(self) -> _TrainProgress:
+        if self.enabled:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def advance(self, loss: float, rate: float) -> None:
+        if self.enabled:
+            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}", rate=f"{rate:,.1f}")
+
+
+def _validation_images(
+    accelerator: Any, config: TrainConfig, parts: Any, unet: Any, adapter: Any, step: int,
+    device: Any,
+) -> None:  # fmt: skip
+    from adapter.stable_diffusion import stable_diffusion_pipeline_class
+    from adapter.validation import validation_grid
+
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()  # noqa: N806 (a class)
+
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=accelerator.unwrap_model(unet), scheduler=parts.inference_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    model = accelerator.unwrap_model(adapter)
+    model.eval()
+    with accelerator.autocast():
+        grid = validation_grid(
+            pipeline, model, list(config.validation_prompts), config.seed,
+            config.validation_inference_steps, config.validation_guidance_scale, device,
+        )  # fmt: skip
+    model.train()
+    out = config.output / "validation" / f"step-{step:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(out.name + ".tmp.png")
+    grid.save(temp)
+    temp.replace(out)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+
+def _crash_after_step() -> int | None:
+    """``SURD_TRAIN_KILL_AFTER_STEP=N`` makes the process SIGKILL itself after step N (and its
+    checkpoint, if one falls there): the kill-and-resume test's deterministic kill."""
+    value = os.environ.get("SURD_TRAIN_KILL_AFTER_STEP", "")
+    return int(value) if value.isdigit() else None
+
+
+def _save_final(adapter: Any, output: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then each file moved into ``output``."""
+    temp = output / ".adapter.partial"
+    shutil.rmtree(temp, ignore_errors=True)
+    adapter.save_pretrained(temp)
+    for file in temp.iterdir():
+        file.replace(output / file.name)
+    temp.rmdir()
+
+
+def _write_summary(report: TrainReport, config: TrainConfig) -> None:
+    from adapter.validation import plot_loss_curve, read_history
+    from surd_builder.atomic import write_json_atomic
+
+    plot_loss_curve(read_history(config.output / "history.jsonl"), config.output / "loss-curve.png")
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(report).items()}
+    write_json_atomic(summary, config.output / "train-summary.json")

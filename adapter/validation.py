@@ -1,0 +1,132 @@
+"""What a training run shows about itself: held-out losses, validation images, a loss curve.
+
+Held-out losses use fixed randomness (the same noise, timesteps and latent samples at every
+evaluation), so a change between two evaluations is the adapter's doing, not the dice's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapter.step import CachedSet, LossSettings, compute_losses, step_generator
+
+DEFAULT_VALIDATION_PROMPTS = (
+    "three dogs playing in the snow",
+    "a red car parked in front of a blue house",
+    "an old man reading a book under a tree",
+)
+HELD_OUT_SEED = 1234
+
+
+@torch.no_grad()
+def held_out_losses(
+    adapter: Any,
+    unet: Any,
+    noise_scheduler: Any,
+    held_out: CachedSet,
+    settings: LossSettings,
+    scaling: float,
+    shift: float | None,
+    batch_size: int,
+    device: Any,
+    autocast: Any,
+) -> dict[str, float]:
+    """Mean of each loss term over the held-out set, sample-weighted."""
+    sums = {"quality": 0.0, "distillation": 0.0, "prompt_alignment": 0.0, "total": 0.0}
+    count = len(held_out)
+    for number, start in enumerate(range(0, count, batch_size)):
+        indices = torch.arange(start, min(start + batch_size, count))
+        batch = held_out.batch(indices, None, device)
+        generator = step_generator(HELD_OUT_SEED, number, 0, device)
+        with autocast():
+            terms = compute_losses(
+                adapter, unet, noise_scheduler, batch, generator, settings, scaling, shift
+            )
+        for name in sums:
+            sums[name] += float(getattr(terms, name)) * len(indices)
+    return {name: value / count for name, value in sums.items()} if count else {}
+
+
+def adapter_embeds(pipeline: Any, adapter: Any, prompts: list[str], device: Any) -> tuple:
+    """(prompt_embeds, negative_prompt_embeds) of ``prompts`` with the adapter applied to both,
+    as at training time every UNet condition came through the adapter."""
+    positive, negative = pipeline.encode_prompt(
+        prompts, device, 1, True, negative_prompt=[""] * len(prompts)
+    )
+    dtype = positive.dtype
+    return (
+        adapter(positive.float()).prompt_embeds.to(dtype),
+        adapter(negative.float()).prompt_embeds.to(dtype),
+    )
+
+
+@torch.no_grad()
+def validation_grid(
+    pipeline: Any,
+    adapter: Any,
+    prompts: list[str],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: Any,
+) -> Any:
+    """A PIL grid: one row per prompt, without the adapter (left) and with it (right), with the
+    same seed, so the difference is the adapter's alone."""
+    from diffusers.utils import make_image_grid
+
+    def generate(**embeds: Any) -> list[Any]:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return pipeline(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pil",
+            **embeds,
+        ).images
+
+    without = generate(prompt=prompts)
+    prompt_embeds, negative_embeds = adapter_embeds(pipeline, adapter, prompts, device)
+    with_adapter = generate(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+    pairs = [image for row in zip(without, with_adapter, strict=True) for image in row]
+    return make_image_grid(pairs, rows=len(prompts), cols=2)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(history: list[dict], out: Path) -> Path:
+    """A PNG with one panel per loss term: training (per step) and held-out (points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = ["total", "quality", "distillation", "prompt_alignment"]
+    train = [row for row in history if row.get("kind") == "train"]
+    held = [row for row in history if row.get("kind") == "held_out"]
+    figure, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    for axis, term in zip(axes[0], terms, strict=True):
+        if train:
+            axis.plot([r["step"] for r in train], [r[term] for r in train], lw=1, label="train")
+        if held:
+            axis.plot(
+                [r["step"] for r in held], [r[term] for r in held], "o-", ms=3, label="held-out"
+            )
+        axis.set_title(term.replace("_", " "))
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend()
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(out.name + ".tmp.png")
+    figure.savefig(temp, dpi=100)
+    plt.close(figure)
+    temp.replace(out)
+    return out

@@ -1,0 +1,284 @@
+"""``surd train``: parse options into a :class:`adapter.train.TrainConfig`, run, print counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DATA, MODEL, OPT, LOSS, ADAPTER, RUN = (
+    "Data", "Models", "Optimisation", "Losses", "Adapter", "Run, checkpoints, validation",
+)  # fmt: skip
+
+
+def train(
+    data: Annotated[
+        str,
+        typer.Option(
+            help="The export folder (or its data/ folder) of `surd build export`, one Parquet "
+            "file, or a Hugging Face dataset id with the same columns.",
+            rich_help_panel=DATA,
+        ),
+    ],
+    base_model: Annotated[
+        str,
+        typer.Option(
+            help="Stable Diffusion 1.x/2.x in diffusers layout: a folder or a hub id.",
+            rich_help_panel=MODEL,
+        ),
+    ],
+    llm: Annotated[
+        str,
+        typer.Option(help="Causal LM to distil from: a folder or a hub id.", rich_help_panel=MODEL),
+    ],
+    llm_layer: Annotated[
+        int,
+        typer.Option(
+            help="Transformer block whose output is distilled, from 1 (the paper: the last).",
+            rich_help_panel=MODEL,
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option(help="Where the adapter, checkpoints and logs go.", rich_help_panel=RUN)
+    ],
+    llm_pooling: Annotated[
+        str, typer.Option(help="mean (the paper) or last token.", rich_help_panel=MODEL)
+    ] = "mean",
+    llm_dtype: Annotated[
+        str, typer.Option(help="auto, float32, float16 or bfloat16.", rich_help_panel=MODEL)
+    ] = "auto",
+    variant: Annotated[
+        str | None,
+        typer.Option(help="Weights variant of the base model (e.g. fp16).", rich_help_panel=MODEL),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision of the base model.", rich_help_panel=MODEL)
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to train on.", rich_help_panel=DATA)] = "train",
+    validation_split: Annotated[
+        str,
+        typer.Option(
+            help="Held-out split for validation losses (none: skip).", rich_help_panel=DATA
+        ),
+    ] = "test",
+    held_out_samples: Annotated[
+        int, typer.Option(min=0, help="Held-out samples evaluated.", rich_help_panel=DATA)
+    ] = 256,
+    narrative_column: Annotated[
+        str, typer.Option(help="Column of the narrative prompt.", rich_help_panel=DATA)
+    ] = "narrative_prompt",
+    keyword_column: Annotated[
+        str, typer.Option(help="Column of the keyword prompt.", rich_help_panel=DATA)
+    ] = "complex_prompt",
+    image_column: Annotated[
+        str,
+        typer.Option(help="Column of the image (HF Image struct or bytes).", rich_help_panel=DATA),
+    ] = "image",
+    resolution: Annotated[
+        int, typer.Option(min=8, help="Training image side (centre crop).", rich_help_panel=DATA)
+    ] = 512,
+    random_flip: Annotated[
+        bool, typer.Option(help="Mirror half the images (both cached).", rich_help_panel=DATA)
+    ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Cache of frozen inputs, shared by runs [default: $SURD_CACHE_DIR or "
+            "~/.cache/surd, then train-inputs/].",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Samples per device per micro-batch.", rich_help_panel=OPT)
+    ] = 16,
+    gradient_accumulation_steps: Annotated[
+        int, typer.Option(min=1, help="Micro-batches per optimizer step.", rich_help_panel=OPT)
+    ] = 1,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Passes over the train split.", rich_help_panel=OPT)
+    ] = 10,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Optimizer steps (overrides --epochs).", rich_help_panel=OPT),
+    ] = None,
+    learning_rate: Annotated[
+        float, typer.Option(help="AdamW learning rate (released: 1e-5).", rich_help_panel=OPT)
+    ] = 1e-5,
+    lr_scheduler: Annotated[
+        str,
+        typer.Option(help="constant, constant_with_warmup, linear or cosine.", rich_help_panel=OPT),
+    ] = "constant",
+    lr_warmup_steps: Annotated[
+        int, typer.Option(min=0, help="Warm-up steps of the lr schedule.", rich_help_panel=OPT)
+    ] = 0,
+    adam_weight_decay: Annotated[
+        float, typer.Option(min=0.0, help="AdamW weight decay.", rich_help_panel=OPT)
+    ] = 1e-2,
+    max_grad_norm: Annotated[
+        float, typer.Option(min=0.0, help="0 turns clipping off.", rich_help_panel=OPT)
+    ] = 1.0,
+    eta_llm: Annotated[
+        float, typer.Option(help="Weight of the LLM distillation loss.", rich_help_panel=LOSS)
+    ] = 1e-5,
+    eta_prompt: Annotated[
+        float, typer.Option(help="Weight of the prompt alignment loss.", rich_help_panel=LOSS)
+    ] = 1e-5,
+    temperature: Annotated[
+        float, typer.Option(min=1e-6, help="Softmax temperature of both KLs.", rich_help_panel=LOSS)
+    ] = 1.0,
+    min_snr_gamma: Annotated[
+        float | None,
+        typer.Option(help="Min-SNR weighting of the quality loss (e.g. 5).", rich_help_panel=LOSS),
+    ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            help="epsilon or v_prediction [default: the base model's scheduler's].",
+            rich_help_panel=LOSS,
+        ),
+    ] = None,
+    adapter_weight: Annotated[
+        float, typer.Option(help="w in y = w*adapter + (1-w)*x.", rich_help_panel=ADAPTER)
+    ] = 0.1,
+    adapter_layers: Annotated[
+        int, typer.Option(min=1, help="Transformer encoder layers.", rich_help_panel=ADAPTER)
+    ] = 2,
+    adapter_heads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Attention heads (divide the text width).", rich_help_panel=ADAPTER
+        ),
+    ] = 8,
+    adapter_feedforward: Annotated[
+        int, typer.Option(min=1, help="Encoder feed-forward width.", rich_help_panel=ADAPTER)
+    ] = 2048,
+    adapter_mlp: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Hidden width of the MLP after cross-attention.", rich_help_panel=ADAPTER
+        ),
+    ] = 2048,
+    train_llm_projection: Annotated[
+        bool,
+        typer.Option(
+            help="Train the LLM-to-text projection (frozen if not).", rich_help_panel=ADAPTER
+        ),
+    ] = False,  # fmt: skip
+    init_adapter: Annotated[
+        str | None, typer.Option(help="Start from a saved adapter folder.", rich_help_panel=ADAPTER)
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="auto, cpu or cuda (accelerate launch picks GPUs itself).", rich_help_panel=RUN
+        ),
+    ] = "auto",  # fmt: skip
+    mixed_precision: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU), no, fp16 or bf16.", rich_help_panel=RUN)
+    ] = "auto",
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seeds init, sample order, noise: same seed, same run.", rich_help_panel=RUN
+        ),
+    ] = 0,
+    checkpointing_steps: Annotated[
+        int,
+        typer.Option(min=1, help="Save a resumable checkpoint every N steps.", rich_help_panel=RUN),
+    ] = 500,
+    checkpoints_total_limit: Annotated[
+        int | None, typer.Option(min=1, help="Keep at most this many.", rich_help_panel=RUN)
+    ] = 3,
+    resume: Annotated[
+        str,
+        typer.Option(
+            help="auto (the latest checkpoint in --output), none, or a checkpoint folder.",
+            rich_help_panel=RUN,
+        ),
+    ] = "auto",
+    validation_steps: Annotated[
+        int,
+        typer.Option(min=1, help="Held-out losses and images every N steps.", rich_help_panel=RUN),
+    ] = 500,
+    validation_prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Prompt for validation images (repeatable) [default: three built-in ones].",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    no_validation_images: Annotated[
+        bool,
+        typer.Option("--no-validation-images", help="Skip validation images.", rich_help_panel=RUN),
+    ] = False,
+    validation_inference_steps: Annotated[
+        int, typer.Option(min=1, help="Denoising steps of validation images.", rich_help_panel=RUN)
+    ] = 25,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(help="Recompute UNet activations: less memory, slower.", rich_help_panel=RUN),
+    ] = False,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the UNet.", rich_help_panel=RUN)
+    ] = False,
+    encode_batch_size: Annotated[
+        int, typer.Option(min=1, help="Batch for caching VAE/CLIP inputs.", rich_help_panel=RUN)
+    ] = 32,
+    llm_batch_size: Annotated[
+        int, typer.Option(min=1, help="Batch for caching LLM features.", rich_help_panel=RUN)
+    ] = 16,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.", rich_help_panel=RUN)] = True,
+) -> None:
+    """Train the SUR-adapter on a frozen Stable Diffusion model, distilling from an LLM."""
+    from adapter.data import Columns
+    from adapter.train import TrainConfig
+    from adapter.train import train as run_training
+    from adapter.validation import DEFAULT_VALIDATION_PROMPTS
+
+    prompts: tuple[str, ...] = tuple(validation_prompt or DEFAULT_VALIDATION_PROMPTS)
+    config = TrainConfig(
+        data=data, base_model=base_model, llm=llm, llm_layer=llm_layer, output=output,
+        llm_pooling=llm_pooling, llm_dtype=llm_dtype, variant=variant, revision=revision,
+        columns=Columns(narrative_column, keyword_column, image_column), split=split,
+        validation_split=validation_split, held_out_samples=held_out_samples,
+        resolution=resolution, random_flip=random_flip, cache_dir=cache_dir,
+        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+        lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+        adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm, eta_llm=eta_llm,
+        eta_prompt=eta_prompt, temperature=temperature, min_snr_gamma=min_snr_gamma,
+        prediction_type=prediction_type, adapter_weight=adapter_weight,
+        adapter_layers=adapter_layers, adapter_heads=adapter_heads,
+        adapter_feedforward=adapter_feedforward, adapter_mlp=adapter_mlp,
+        train_llm_projection=train_llm_projection, init_adapter=init_adapter, device=device,
+        mixed_precision=mixed_precision, seed=seed, checkpointing_steps=checkpointing_steps,
+        checkpoints_total_limit=checkpoints_total_limit, resume=resume,
+        validation_steps=validation_steps,
+        validation_prompts=() if no_validation_images else prompts,
+        validation_inference_steps=validation_inference_steps,
+        gradient_checkpointing=gradient_checkpointing, compile=compile,
+        encode_batch_size=encode_batch_size, llm_batch_size=llm_batch_size,
+        show_progress=progress,
+    )  # fmt: skip
+    report = run_training(config)
+    if report.resumed_from:
+        typer.echo(f"resumed from step {report.resumed_from}")
+    typer.echo(
+        f"trained {report.steps} steps on {report.train_samples} samples ({report.device}, "
+        f"{report.samples_per_second:,.1f} samples/s)"
+    )
+    skipped = ", ".join(f"{reason}: {count}" for reason, count in report.skipped.items())
+    typer.echo(f"skipped: {skipped or 'none'}")
+    computed = ", ".join(f"{kind} {count}" for kind, count in report.computed.items())
+    typer.echo(f"cache: computed {computed or 'nothing'} (the rest were cached)")
+    losses = ", ".join(f"{name} {value:.4g}" for name, value in report.final_losses.items())
+    typer.echo(f"last step: {losses}")
+    if report.first_held_out and report.last_held_out:
+        first, last = report.first_held_out, report.last_held_out
+        typer.echo(
+            f"held-out ({report.held_out_samples}): prompt alignment "
+            f"{first['prompt_alignment']:.4g} -> {last['prompt_alignment']:.4g}, quality "
+            f"{first['quality']:.4g} -> {last['quality']:.4g}"
+        )
+    typer.echo(f"adapter saved to {report.output} (loss curve: {report.output / 'loss-curve.png'})")

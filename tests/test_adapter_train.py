@@ -1,0 +1,285 @@
+"""`surd train` end to end on a tiny Stable Diffusion, a tiny LLM and the demo shapes data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapter.data import load_split
+from adapter.model import SURAdapter
+from adapter.train import TrainConfig, train
+from surd_builder.cli import app
+from surd_builder.demo import make_demo_folder
+from tests.tiny_models import save_tiny_causal_lm, save_tiny_stable_diffusion
+
+SMALL_ADAPTER = dict(adapter_heads=4, adapter_feedforward=64, adapter_mlp=64)
+
+
+@dataclass
+class Stack:
+    base_model: Path
+    llm: Path
+    data: Path
+    cache: Path
+
+
+def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Path:
+    """The demo shapes as an export-style dataset: data/{train,test}-*.parquet, HF image
+    structs, 32 px images."""
+    images = folder / "images"
+    make_demo_folder(images, count=count, size=32)
+    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+
+    def table(selected: list[dict]) -> pa.Table:
+        return pa.table(
+            {
+                "narrative_prompt": [row["narrative_prompt"] for row in selected],
+                "complex_prompt": [row["complex_prompt"] for row in selected],
+                "image": [
+                    {"bytes": (images / row["file_name"]).read_bytes(), "path": row["file_name"]}
+                    for row in selected
+                ],
+            }
+        )
+
+    data = folder / "export" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(table(rows[:-held_out]), data / "train-00000-of-00001.parquet")
+    pq.write_table(table(rows[-held_out:]), data / "test-00000-of-00001.parquet")
+    return folder / "export"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    root = tmp_path_factory.mktemp("train")
+    return Stack(
+        base_model=save_tiny_stable_diffusion(root / "sd"),
+        llm=save_tiny_causal_lm(root / "lm"),
+        data=write_demo_dataset(root / "demo"),
+        cache=root / "cache",
+    )
+
+
+def config(stack: Stack, output: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=str(stack.data),
+        base_model=str(stack.base_model),
+        llm=str(stack.llm),
+        llm_layer=2,
+        output=output,
+        cache_dir=stack.cache,
+        resolution=32,
+        batch_size=16,
+        max_steps=4,
+        learning_rate=1e-3,
+        eta_prompt=1.0,
+        device="cpu",
+        validation_prompts=(),
+        show_progress=False,
+        **SMALL_ADAPTER,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def history(output: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (output / "history.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == kind]
+
+
+def test_a_short_run_learns_prompt_alignment_and_writes_its_outputs(stack, tmp_path) -> None:
+    output = tmp_path / "run"
+    report = train(
+        config(
+            stack,
+            output,
+            max_steps=60,
+            validation_steps=30,
+            checkpointing_steps=20,
+            checkpoints_total_limit=2,
+            validation_prompts=("three red circles on a blue background",),
+            validation_inference_steps=2,
+        )
+    )
+    held_out = history(output, "held_out")
+    assert [row["step"] for row in held_out] == [0, 30, 60]
+    first, last = held_out[0]["prompt_alignment"], held_out[-1]["prompt_alignment"]
+    # held-out prompts the adapter never saw move clearly towards their keyword prompts
+    assert last < 0.8 * first, (first, last)
+    assert report.first_held_out["prompt_alignment"] == pytest.approx(first)
+    assert report.train_samples == 128 and report.held_out_samples == 32
+    assert len(history(output, "train")) == 60
+
+    trained = SURAdapter.from_pretrained(output)
+    assert torch.count_nonzero(trained.out.weight) > 0  # it moved off its zero start
+    assert trained.config.embed_dim == 32 and trained.config.llm_dim == 64
+    assert (output / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (output / "validation").iterdir()) == [
+        "step-000030.png",
+        "step-000060.png",
+    ]
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-40", "checkpoint-60"]  # the limit pruned checkpoint-20
+    # every checkpoint is itself a loadable adapter
+    assert SURAdapter.from_pretrained(output / "checkpoints" / "checkpoint-60" / "adapter")
+    summary = json.loads((output / "train-summary.json").read_text())
+    assert summary["steps"] == 60 and summary["final_losses"]["total"] > 0
+
+
+def test_caches_are_built_once_and_keyed_by_settings(stack, tmp_path) -> None:
+    cache = tmp_path / "own-cache"
+    first = train(config(stack, tmp_path / "a", cache_dir=cache, max_steps=1))
+    # 160 narrative + 160 keyword prompts (a few repeat), 160 images twice (flip), 160 LLM rows
+    assert 0 < first.computed["text"] <= 320 and first.computed["latents"] == 320
+    assert 0 < first.computed["llm"] <= 160
+    again = train(config(stack, tmp_path / "b", cache_dir=cache, max_steps=1))
+    assert again.computed == {"text": 0, "latents": 0, "llm": 0}
+    other_layer = train(config(stack, tmp_path / "c", cache_dir=cache, max_steps=1, llm_layer=1))
+    assert other_layer.computed["llm"] == first.computed["llm"]
+    assert other_layer.computed["text"] == other_layer.computed["latents"] == 0
+
+
+def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None:
+    settings = dict(
+        max_steps=8,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        checkpointing_steps=2,
+        lr_scheduler="cosine",
+        train_llm_projection=True,
+    )
+    uninterrupted = tmp_path / "uninterrupted"
+    train(config(stack, uninterrupted, **settings))
+
+    killed = tmp_path / "killed"
+    args = [
+        "train", "--data", str(stack.data), "--base-model", str(stack.base_model),
+        "--llm", str(stack.llm), "--llm-layer", "2", "--output", str(killed),
+        "--cache-dir", str(stack.cache), "--resolution", "32", "--batch-size", "8",
+        "--gradient-accumulation-steps", "2", "--max-steps", "8", "--learning-rate", "1e-3",
+        "--eta-prompt", "1", "--checkpointing-steps", "2", "--lr-scheduler", "cosine",
+        "--train-llm-projection", "--device", "cpu", "--no-validation-images", "--no-progress",
+        "--adapter-heads", "4", "--adapter-feedforward", "64", "--adapter-mlp", "64",
+    ]  # fmt: skip
+    env = {**os.environ, "SURD_TRAIN_KILL_AFTER_STEP": "5"}
+    run = subprocess.run(
+        [sys.executable, "-m", "surd_builder", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    assert not (killed / "config.json").exists()  # no final adapter from a killed run
+
+    report = train(config(stack, killed, **settings))  # --resume auto
+    assert report.resumed_from == 4
+    expected = SURAdapter.from_pretrained(uninterrupted).state_dict()
+    resumed = SURAdapter.from_pretrained(killed).state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6), name
+    assert not torch.equal(expected["llm_projection.weight"], SURAdapter(
+        embed_dim=32, llm_dim=64, num_heads=4, feedforward_dim=64, mlp_dim=64
+    ).state_dict()["llm_projection.weight"])  # fmt: skip
+
+    # the resumed history is the uninterrupted one (timings aside)
+    def losses(output: Path) -> list[dict]:
+        return [
+            {k: v for k, v in row.items() if k != "samples_per_s"}
+            for row in history(output, "train")
+        ]
+
+    assert losses(killed) == losses(uninterrupted)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def base_args(stack: Stack, output: Path) -> list[str]:
+    return [
+        "--data", str(stack.data), "--base-model", str(stack.base_model), "--llm",
+        str(stack.llm), "--llm-layer", "2", "--output", str(output), "--cache-dir",
+        str(stack.cache), "--resolution", "32", "--max-steps", "1", "--no-progress",
+        "--no-validation-images", "--device", "cpu", "--adapter-heads", "4",
+    ]  # fmt: skip
+
+
+def replace_option(args: list[str], option: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+def one_error_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line_errors(stack, tmp_path) -> None:
+    args = base_args(stack, tmp_path / "out")
+
+    no_keywords = tmp_path / "no-keywords.parquet"
+    pq.write_table(
+        pa.table({"narrative_prompt": ["a cat"], "image": [{"bytes": b"x", "path": None}]}),
+        no_keywords,
+    )
+    result = cli(*replace_option(args, "--data", str(no_keywords)))
+    assert result.exit_code == 2 and "lacks the column(s) complex_prompt" in one_error_line(result)
+
+    result = cli(*replace_option(args, "--llm-layer", "3"))
+    assert result.exit_code == 2 and "blocks 1..2" in one_error_line(result)
+
+    result = cli(*replace_option(args, "--device", "cuda"))
+    assert result.exit_code == 2 and "no CUDA GPU" in one_error_line(result)
+
+    wide = SURAdapter(embed_dim=48, num_heads=4, feedforward_dim=64, mlp_dim=64, llm_dim=64)
+    wide.save_pretrained(tmp_path / "wide")
+    result = cli(*args, "--init-adapter", str(tmp_path / "wide"))
+    assert result.exit_code == 2 and "text width 48" in one_error_line(result)
+
+    result = cli(*replace_option(args, "--data", str(tmp_path / "nowhere")))
+    assert result.exit_code == 2 and "no such file" in one_error_line(result)
+
+
+def test_resuming_with_other_settings_is_refused(stack, tmp_path) -> None:
+    output = tmp_path / "out"
+    train(config(stack, output, max_steps=2, checkpointing_steps=1))
+    result = cli(*replace_option(base_args(stack, output), "--max-steps", "4"), "--seed", "7")
+    assert result.exit_code == 2 and "other settings (" in one_error_line(result)
+    assert "seed" in result.output
+
+
+def test_rows_missing_a_part_are_skipped_and_counted(tmp_path) -> None:
+    from tests.conftest import image_bytes
+
+    image = {"bytes": image_bytes(), "path": None}
+    table = pa.table(
+        {
+            "narrative_prompt": ["a cat", "", "a dog", "a fox"],
+            "complex_prompt": ["cat, 8k", "x, 8k", None, "fox, 8k"],
+            "image": [image, image, image, {"bytes": None, "path": None}],
+        }
+    )
+    pq.write_table(table, tmp_path / "one.parquet")
+    rows = load_split(str(tmp_path / "one.parquet"), "train")
+    assert rows.narrative_prompts == ["a cat"] and rows.images == [image["bytes"]]
+    assert dict(rows.skipped) == {"no narrative prompt": 1, "no keyword prompt": 1, "no image": 1}
+    assert load_split(str(tmp_path / "one.parquet"), "test") is None  # a single file is train
