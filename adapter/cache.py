@@ -31,6 +31,31 @@ from surd_builder.workspace import part_name
 T = TypeVar("T")
 
 
+def model_fingerprint(
+    model: str,
+    subfolders: Sequence[str] = (),
+    revision: str | None = None,
+    variant: str | None = None,
+) -> str:
+    """What identifies a model's weights in a cache key. A local folder: its absolute path plus
+    the names, sizes and modification times of its files (in ``subfolders`` if given), so two
+    different ``./sd`` folders, or one retrained in place, never share cached values. A hub id:
+    the id at ``revision``."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return f"{model}@{revision or 'main'}:{variant or ''}"
+    digest = hashlib.sha256()
+    roots = [path / sub for sub in subfolders] if subfolders else [path]
+    for root in roots:
+        for file in sorted(root.rglob("*")):
+            if file.is_file():
+                stat = file.stat()
+                digest.update(
+                    f"{file.relative_to(path)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode()
+                )
+    return f"{path.resolve()}:{variant or ''}:{digest.hexdigest()[:16]}"
+
+
 def cache_key(identity: str, content: str) -> str:
     return hashlib.sha256(f"{identity}\x1f{content}".encode()).hexdigest()
 
@@ -102,12 +127,19 @@ def fill_cache(
     batch_size: int,
     description: str,
     show_progress: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> int:
     """Compute the arrays of the keys the cache lacks (each distinct key once), batch by batch,
-    writing each batch before the next starts. Returns how many were computed."""
+    writing each batch before the next starts. Returns how many were computed.
+
+    ``share=(rank, world)``: this process computes only the keys it owns (by the key's hash,
+    so ownership does not depend on what other processes have written meanwhile), and
+    processes sharing the folder split the work (parts never clash: their names carry the
+    pid)."""
     present = cache.keys()
     input_of = dict(zip(keys, inputs, strict=True))
-    missing = [key for key in input_of if key not in present]
+    rank, world = share
+    missing = [key for key in input_of if key not in present and int(key[:8], 16) % world == rank]
     with progress_bar(
         description, total=len(missing), enabled=show_progress and bool(missing)
     ) as advance:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adapter.cache import model_fingerprint
 from surd_builder.errors import InputError
 from surd_builder.models import batched, load_pretrained, resolve_device, resolve_dtype
 
@@ -56,7 +57,8 @@ class LLMFeatureExtractor:
 
     def cache_identity(self) -> str:
         dtype = resolve_dtype(self.dtype_option, resolve_device(self.device_option))
-        return f"llm\x1f{self.model}\x1f{self.layer}\x1f{self.pooling}\x1f{dtype}"
+        model = model_fingerprint(self.model)
+        return f"llm\x1f{model}\x1f{self.layer}\x1f{self.pooling}\x1f{dtype}"
 
     def hidden_size(self) -> int:
         _tokenizer, model, _device = self.load()

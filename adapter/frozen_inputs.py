@@ -29,8 +29,8 @@ def preprocess_image(data: bytes, resolution: int, flip: bool) -> np.ndarray | N
     try:
         with Image.open(io.BytesIO(data)) as opened:
             image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None  # one bad or oversized image is left out, never the whole build
     scale = resolution / min(image.size)
     size = (
         max(resolution, round(image.width * scale)),
@@ -52,7 +52,8 @@ class TextEmbeddings:
         self.parts, self.device, self.dtype = parts, device, dtype
 
     def cache_identity(self) -> str:
-        return f"clip-text\x1f{self.parts.base_model}\x1f{self.dtype}"
+        model = self.parts.fingerprint(("tokenizer", "text_encoder"))
+        return f"clip-text\x1f{model}\x1f{self.dtype}"
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -84,7 +85,7 @@ class LatentMoments:
 
     def cache_identity(self) -> str:
         return (
-            f"vae\x1f{self.parts.base_model}\x1f{self.resolution}\x1fcenter-crop\x1f"
+            f"vae\x1f{self.parts.fingerprint(('vae',))}\x1f{self.resolution}\x1fcenter-crop\x1f"
             f"flip={self.flip}\x1f{self.dtype}"
         )
 

@@ -9,8 +9,10 @@ total = quality + eta_llm * distillation + eta_prompt * prompt_alignment
 - prompt alignment: KL(softmax(y / T) || softmax(c / T)) per token, ``c`` the keyword prompt's
   embedding.
 
-KL terms are averaged over tokens and samples. Both KLs take the adapter's side as the first
-argument, as the paper writes them: the adapter's distribution is pulled towards the target's.
+Both KLs take the adapter's side as the first argument, as the paper writes them, and are
+scaled as the released code's ``F.kl_div(..., reduction="batchmean") * T**2``: summed over the
+77 tokens (and features), averaged over samples. The released etas (1e-5) assume that scale; a
+per-token mean would make both terms 77 times weaker.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch.nn.functional as F
 
 
 def kl_per_token(source: torch.Tensor, target: torch.Tensor, temperature: float = 1.0):
-    """Mean over tokens and batch of KL(softmax(source) || softmax(target)), softmax over the
-    last (feature) dimension; ``target`` broadcasts (e.g. (batch, 1, d) over tokens)."""
+    """KL(softmax(source / T) || softmax(target / T)) of each token, softmax over the last
+    (feature) dimension, summed over tokens, averaged over the batch, times T**2 (so gradients
+    keep their size as T changes); ``target`` broadcasts (e.g. (batch, 1, d) over tokens)."""
     log_p = F.log_softmax(source.float() / temperature, dim=-1)
     log_q = F.log_softmax(target.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return per_token.sum(-1).mean() * temperature**2
 
 
 def distillation_loss(encoded: torch.Tensor, llm_projected: torch.Tensor, temperature: float = 1.0):

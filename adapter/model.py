@@ -1,25 +1,29 @@
 """The SUR-adapter (Zhong et al., ACM MM 2023) as a diffusers-style model.
 
-It sits on the frozen CLIP text-encoder output ``x`` (batch, 77, d) of the narrative prompt:
+It sits on the frozen CLIP text-encoder output ``x`` (batch, 77, d) of the narrative prompt,
+with the structure of the released code:
 
-1. a Transformer encoder (``num_layers`` x [self-attention over the 77 tokens + feed-forward]);
-2. an attention block: query = the encoder's output, key and value = ``x``, each sub-block with a
-   pre-norm residual, then a 2-layer MLP with a residual;
+1. a Transformer encoder (``num_layers`` x [self-attention over the 77 tokens + feed-forward],
+   post-norm, ReLU, dropout: PyTorch's defaults, which the released code used);
+2. an attention block: query = a projection of the encoder's output, key = a projection of
+   ``x``, value = ``x`` itself; the attended values plus ``x`` (residual), then a 2-layer ReLU MLP
+   with a residual;
 3. a linear layer initialised to zero, weight AND bias, mixed back in:
    ``y = w * out(h) + (1 - w) * x`` with ``w = adapter_weight`` (0.1 in the released run).
 
 A fresh adapter therefore returns exactly ``(1 - w) * x``. It also owns the projection of the
 LLM's pooled hidden state to ``d`` used by the distillation loss: seeded, saved with the adapter,
-trainable or frozen (``train_llm_projection``).
+trainable or frozen (``train_llm_projection``; the released one was frozen, unseeded, unsaved).
 
 Choices that differ from the released code, each covered by a test:
 
-- ``batch_first=True`` everywhere: attention runs over a sample's 77 tokens, never across the
-  samples of a batch (the released encoder mixed batch-mates, and at inference with
-  classifier-free guidance the conditional and unconditional prompts);
+- ``batch_first=True``: attention runs over a sample's 77 tokens, never across the samples of a
+  batch (the released encoder mixed batch-mates, and at inference with classifier-free guidance
+  the conditional and unconditional prompts);
 - the output layer's bias is zeroed too (the released one kept a random bias, so a fresh adapter
   was noisy);
-- no unused modules (the released code registered an unused encoder layer and value projection).
+- no unused modules (the released code registered an unused encoder layer and value projection);
+- the attention block may use several heads (``attention_heads``; 1 is the released block).
 
 ``save_pretrained`` / ``from_pretrained`` write ``config.json`` and
 ``diffusion_pytorch_model.safetensors`` like any diffusers model.
@@ -30,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -42,6 +47,33 @@ class AdapterOutput:
     llm_projected: torch.Tensor | None = None  # the LLM vectors in the text width, when given
 
 
+class TokenAttention(nn.Module):
+    """softmax(q(query) k(keys)^T / sqrt(head dim)) @ keys: the values are the unprojected
+    text embeddings, as in the released block, so the output stays in ``x``'s space."""
+
+    def __init__(self, embed_dim: int, heads: int = 1):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"attention_heads {heads} does not divide embed_dim {embed_dim}")
+        self.heads = heads
+        self.query = nn.Linear(embed_dim, embed_dim)
+        self.key = nn.Linear(embed_dim, embed_dim)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        batch, tokens, width = query.shape
+
+        def split(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, self.heads, width // self.heads).transpose(1, 2)
+
+        mask = None if padding is None else ~padding[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            split(self.query(query)), split(self.key(keys)), split(keys), attn_mask=mask
+        )
+        return attended.transpose(1, 2).reshape(batch, tokens, width)
+
+
 class SURAdapter(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
@@ -52,12 +84,13 @@ class SURAdapter(ModelMixin, ConfigMixin):
         num_layers: int = 2,
         num_heads: int = 8,
         feedforward_dim: int = 2048,
-        mlp_dim: int = 2048,
-        dropout: float = 0.0,
+        mlp_dim: int = 768,
+        dropout: float = 0.1,
         adapter_weight: float = 0.1,
         llm_dim: int = 5120,
         train_llm_projection: bool = False,
         projection_seed: int = 0,
+        attention_heads: int = 1,
     ):
         super().__init__()
         layer = nn.TransformerEncoderLayer(
@@ -66,17 +99,11 @@ class SURAdapter(ModelMixin, ConfigMixin):
             dim_feedforward=feedforward_dim,
             dropout=dropout,
             batch_first=True,
-            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.query_norm = nn.LayerNorm(embed_dim)
-        self.key_norm = nn.LayerNorm(embed_dim)
-        self.cross_attention = nn.MultiheadAttention(
-            embed_dim, num_heads, dropout=dropout, batch_first=True
-        )
-        self.mlp_norm = nn.LayerNorm(embed_dim)
+        self.attention = TokenAttention(embed_dim, attention_heads)
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, embed_dim)
+            nn.Linear(embed_dim, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, embed_dim)
         )
         self.out = nn.Linear(embed_dim, embed_dim)
         nn.init.zeros_(self.out.weight)
@@ -97,17 +124,14 @@ class SURAdapter(ModelMixin, ConfigMixin):
         llm_features: torch.Tensor | None = None,
     ) -> AdapterOutput:
         """``text_embeds``: (batch, tokens, embed_dim) from the frozen text encoder.
-        ``attention_mask`` (batch, tokens), 1 = real token, masks padding keys if given.
+        ``attention_mask`` (batch, tokens), 1 = real token, masks padding keys if given (Stable
+        Diffusion conditions on all 77 tokens, so training passes none).
         ``llm_features`` (batch, llm_dim), pooled LLM states, are projected in the same call
         (training), so a distributed wrapper sees every trained parameter used in forward."""
         padding = None if attention_mask is None else attention_mask == 0
         encoded = self.encoder(text_embeds, src_key_padding_mask=padding)
-        query, keys = self.query_norm(encoded), self.key_norm(text_embeds)
-        attended, _ = self.cross_attention(
-            query, keys, text_embeds, key_padding_mask=padding, need_weights=False
-        )
-        hidden = encoded + attended
-        hidden = hidden + self.mlp(self.mlp_norm(hidden))
+        hidden = self.attention(encoded, text_embeds, padding) + text_embeds
+        hidden = hidden + self.mlp(hidden)
         weight = self.config.adapter_weight
         prompt_embeds = weight * self.out(hidden) + (1.0 - weight) * text_embeds
         projected = None if llm_features is None else self.project_llm(llm_features)

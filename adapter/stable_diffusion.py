@@ -22,6 +22,14 @@ class StableDiffusionParts:
     vae: Any
     unet: Any
     noise_scheduler: Any
+    revision: str | None = None
+    variant: str | None = None
+
+    def fingerprint(self, subfolders: tuple[str, ...]) -> str:
+        """The cache identity of the parts in ``subfolders``."""
+        from adapter.cache import model_fingerprint
+
+        return model_fingerprint(self.base_model, subfolders, self.revision, self.variant)
 
     @property
     def text_width(self) -> int:
@@ -80,7 +88,9 @@ def load_stable_diffusion(
         subfolder="scheduler",
         **where,
     )
-    parts = StableDiffusionParts(base_model, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    parts = StableDiffusionParts(
+        base_model, tokenizer, text_encoder, vae, unet, noise_scheduler, revision, variant
+    )
     cross_width = unet.config.cross_attention_dim
     if cross_width != parts.text_width:
         raise InputError(

@@ -8,6 +8,7 @@ no sampler or RNG state has to be saved for that.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,12 @@ def step_generator(seed: int, micro_batch: int, rank: int, device: Any) -> torch
     return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The permutation of epoch ``epoch`` (kept: every micro-batch of the epoch asks for it)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
 def micro_batch_indices(
     micro_batch: int, batch_size: int, world_size: int, rank: int, num_samples: int, seed: int
 ) -> np.ndarray:
@@ -72,7 +79,7 @@ def micro_batch_indices(
     epochs, offsets = np.divmod(positions, num_samples)
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        order = epoch_order(seed, int(epoch), num_samples)
         chosen = epochs == epoch
         out[chosen] = order[offsets[chosen]]
     return out

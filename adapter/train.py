@@ -26,6 +26,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,14 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 STATE_FILE = "surd-train-state.json"
 # settings a checkpoint must share with the run that resumes it
+# (--max-steps / --epochs may grow: that is how a finished run is extended)
 RESUME_KEYS = (
-    "data", "base_model", "llm", "llm_layer", "llm_pooling", "resolution", "random_flip",
-    "batch_size", "gradient_accumulation_steps", "seed", "adapter_weight", "adapter_layers",
-    "adapter_heads", "adapter_feedforward", "adapter_mlp", "train_llm_projection",
+    "data", "split", "base_model", "variant", "revision", "llm", "llm_layer", "llm_pooling",
+    "llm_dtype", "resolution", "random_flip", "batch_size", "gradient_accumulation_steps",
+    "seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_weight_decay",
+    "max_grad_norm", "eta_llm", "eta_prompt", "temperature", "min_snr_gamma", "prediction_type",
+    "adapter_weight", "adapter_layers", "adapter_heads", "adapter_feedforward", "adapter_mlp",
+    "train_llm_projection", "init_adapter", "mixed_precision",
 )  # fmt: skip
 
 
@@ -82,7 +87,7 @@ class TrainConfig:
     adapter_layers: int = 2
     adapter_heads: int = 8
     adapter_feedforward: int = 2048
-    adapter_mlp: int = 2048
+    adapter_mlp: int = 768
     train_llm_projection: bool = False
     init_adapter: str | None = None
     mixed_precision: str = "auto"
@@ -125,14 +130,19 @@ class TrainConfig:
              "--checkpointing-steps and --validation-steps must be >= 1"),
             (0.0 <= self.adapter_weight <= 1.0, "--adapter-weight must be in [0, 1]"),
             (self.llm_layer >= 1, "--llm-layer counts blocks from 1"),
+            (self.seed >= 0, "--seed must be >= 0"),
+            (self.lr_warmup_steps == 0 or self.lr_scheduler != "constant",
+             "--lr-warmup-steps needs --lr-scheduler constant_with_warmup, linear or cosine "
+             "(constant has no warm-up)"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
 
-    def settings_for_resume(self) -> dict[str, Any]:
+    def settings_for_resume(self, num_processes: int) -> dict[str, Any]:
         values = asdict(self)
-        return {key: values[key] for key in RESUME_KEYS}
+        # the sample stream depends on the global batch, so the process count must match too
+        return {**{key: values[key] for key in RESUME_KEYS}, "num_processes": num_processes}
 
 
 @dataclass
@@ -149,6 +159,7 @@ class TrainReport:
     first_held_out: dict[str, float]
     last_held_out: dict[str, float]
     device: str
+    main_process: bool = True  # under accelerate launch, only the main process reports
 
 
 # ---------------------------------------------------------------- accelerator and precision
@@ -158,13 +169,16 @@ def make_accelerator(config: TrainConfig) -> tuple[Any, Any]:
     """(accelerator, weight dtype of the frozen parts)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     from surd_builder.models import resolve_device
 
     device = resolve_device(config.device) if config.device != "auto" else "auto"
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise InputError(f"--device {config.device}: training runs on cpu or cuda")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(
+            f"--device {config.device}: training runs on auto, cpu or cuda (pick GPUs with "
+            "CUDA_VISIBLE_DEVICES or accelerate launch)"
+        )
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     precision = config.mixed_precision
     if precision == "auto":
@@ -179,6 +193,8 @@ def make_accelerator(config: TrainConfig) -> tuple[Any, Any]:
         mixed_precision=precision,
         log_with="tensorboard",
         project_config=project,
+        # building caches can take hours before the first collective; NCCL's default is 10 min
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))],
     )
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return accelerator, dtype
@@ -196,10 +212,13 @@ def default_cache_dir() -> Path:
 
 def build_cached_sets(
     row_sets: list[SplitRows], parts: Any, llm: Any, config: TrainConfig, device: Any,
-    dtype: Any, computed: dict[str, int], show_progress: bool,
+    dtype: Any, computed: dict[str, int], show_progress: bool, accelerator: Any,
 ) -> list[tuple[Any, int]]:  # fmt: skip
     """Fill the caches for all ``row_sets`` together (one progress bar per kind of input), then
-    a (CachedSet, samples dropped because their image did not decode) for each."""
+    a (CachedSet, samples dropped because their image did not decode) for each.
+
+    With several processes each computes its share of what is missing (on its own GPU), then
+    all wait for each other and read the complete cache."""
     import hashlib
 
     import torch
@@ -213,13 +232,17 @@ def build_cached_sets(
     images = [data for rows in row_sets for data in rows.images]
     image_hashes = [hashlib.sha256(data).hexdigest() for data in images]
 
+    share = (accelerator.process_index, accelerator.num_processes)
+
     def cached(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> np.ndarray:
         identity = encoder.cache_identity()
         keys = [cache_key(identity, content) for content in contents]
-        cache = ArrayCache(root / kind)
+        # one folder per identity: a run reads only the parts of its own models and settings
+        cache = ArrayCache(root / kind / cache_key(identity, "")[:16])
         computed[kind] = computed.get(kind, 0) + fill_cache(
-            cache, keys, inputs, encoder, size, f"caching {kind}", show_progress
+            cache, keys, inputs, encoder, size, f"caching {kind}", show_progress, share
         )
+        accelerator.wait_for_everyone()
         return cache.load(keys)
 
     prompts = narratives + keywords
@@ -263,6 +286,8 @@ def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any)
 
     if config.init_adapter:
         path = Path(config.init_adapter)
+        if (path / "adapter" / "config.json").is_file():  # a checkpoint-N folder
+            path = path / "adapter"
         if not (path / "config.json").is_file():
             raise InputError(f"--init-adapter {path}: no adapter there (config.json is missing)")
         adapter = SURAdapter.from_pretrained(path)
@@ -319,16 +344,30 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     return path
 
 
-def check_resume_settings(path: Path, config: TrainConfig) -> int:
+def check_resume_settings(path: Path, config: TrainConfig, num_processes: int) -> int:
     state = json.loads((path / STATE_FILE).read_text())
-    saved, now = state["settings"], config.settings_for_resume()
-    changed = [key for key in RESUME_KEYS if saved.get(key) != now[key]]
+    saved, now = state["settings"], config.settings_for_resume(num_processes)
+    changed = [key for key in now if saved.get(key) != now[key]]
     if changed:
         raise InputError(
             f"{path} was made with other settings ({', '.join(changed)}): train into a new "
             "--output, or pass --resume none to start over here"
         )
     return int(state["step"])
+
+
+def set_aside_checkpoints(output: Path) -> Path | None:
+    """``--resume none`` over an output that has checkpoints: move them to
+    ``checkpoints-previous-N/`` so they neither vanish nor get resumed by a later run."""
+    folder = checkpoint_dir(output)
+    if not list_checkpoints(output):
+        return None
+    number = 1
+    while (output / f"checkpoints-previous-{number}").exists():
+        number += 1
+    target = output / f"checkpoints-previous-{number}"
+    folder.rename(target)
+    return target
 
 
 def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> None:
@@ -339,8 +378,9 @@ def save_checkpoint(accelerator: Any, config: TrainConfig, step: int) -> None:
         shutil.rmtree(temp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()  # every rank's RNG state is in before the rename
     if accelerator.is_main_process:
-        state = {"step": step, "settings": config.settings_for_resume()}
+        state = {"step": step, "settings": config.settings_for_resume(accelerator.num_processes)}
         (temp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)
@@ -386,9 +426,17 @@ class History:
             if path.is_file() and resume_step > 0:
                 rows = [json.loads(line) for line in path.read_text().splitlines() if line]
                 rows = [row for row in rows if row["step"] <= resume_step]
-                # the resumed step's held-out row is written again
-                rows = [r for r in rows if not (r["step"] == resume_step and r["kind"] != "train")]
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def first(self, kind: str) -> dict[str, float]:
+        """The first row of ``kind`` without its kind and step (empty if none or not main)."""
+        if not self.enabled or not self.path.is_file():
+            return {}
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if row["kind"] == kind:
+                return {k: v for k, v in row.items() if k not in ("kind", "step")}
+        return {}
 
     def add(self, row: dict) -> None:
         if self.enabled:
@@ -446,7 +494,15 @@ def train(config: TrainConfig) -> TrainReport:
     except OSError as error:
         raise OutputError(f"cannot create --output {config.output}: {error.strerror}") from None
     resume_path = find_resume_checkpoint(config)
-    resume_step = check_resume_settings(resume_path, config) if resume_path else 0
+    world = accelerator.num_processes
+    resume_step = check_resume_settings(resume_path, config, world) if resume_path else 0
+    if config.resume == "none" and main:
+        moved = set_aside_checkpoints(config.output)
+        if moved is not None and show:
+            from surd_builder.progress import stderr_console
+
+            stderr_console.print(f"earlier checkpoints moved to {moved} (--resume none)")
+    accelerator.wait_for_everyone()
 
     train_rows, held_rows = _load_rows(config)
     parts = load_stable_diffusion(config.base_model, weight_dtype, config.variant, config.revision)
@@ -461,13 +517,14 @@ def train(config: TrainConfig) -> TrainReport:
     parts.vae.to(device)
     computed: dict[str, int] = {}
     row_sets = [train_rows] + ([held_rows] if held_rows is not None and len(held_rows) else [])
-    with accelerator.main_process_first():
-        sets = build_cached_sets(row_sets, parts, llm, config, device, weight_dtype, computed, show)
+    sets = build_cached_sets(
+        row_sets, parts, llm, config, device, weight_dtype, computed, show, accelerator
+    )
     (train_set, unreadable), held_set = sets[0], sets[1][0] if len(sets) > 1 else None
-    del llm  # the LLM is not needed again (its vectors are cached)
+    skipped = {**train_rows.skipped}
+    del llm, row_sets, train_rows, held_rows  # vectors are cached; image bytes not needed again
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    skipped = {**train_rows.skipped}
     if unreadable:
         skipped["unreadable image"] = unreadable
     if not len(train_set):
@@ -493,7 +550,6 @@ def train(config: TrainConfig) -> TrainReport:
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.adam_weight_decay
     )
-    world = accelerator.num_processes
     steps = total_steps(config, len(train_set), world)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -517,17 +573,18 @@ def train(config: TrainConfig) -> TrainReport:
     def evaluate(step: int) -> dict[str, float]:
         if held_set is None or not main:
             return {}
-        adapter.eval()
+        model = accelerator.unwrap_model(adapter)
+        model.eval()
         losses = held_out_losses(
-            adapter, unet, noise_scheduler, held_set, settings, scaling, shift,
+            model, unet, noise_scheduler, held_set, settings, scaling, shift,
             config.batch_size, device, accelerator.autocast,
         )  # fmt: skip
-        adapter.train()
+        model.train()
         accelerator.log({f"held_out/{k}": v for k, v in losses.items()}, step=step)
         history.add({"kind": "held_out", "step": step, **losses})
         return losses
 
-    first_held = evaluate(resume_step) if resume_step == 0 else {}
+    first_held = evaluate(0) if resume_step == 0 else history.first("held_out")
     last_held: dict[str, float] = {}
     rank, batch = accelerator.process_index, config.batch_size
     accumulation = config.gradient_accumulation_steps
@@ -609,6 +666,7 @@ def train(config: TrainConfig) -> TrainReport:
         first_held_out=first_held,
         last_held_out=last_held,
         device=str(device),
+        main_process=main,
     )
     if main:
         _write_summary(report, config)

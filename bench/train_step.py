@@ -167,9 +167,6 @@ def main() -> None:
         keyword_embeds=torch.randn(pool, 77, width).half(),
         llm_features=torch.randn(pool, spec["llm_dim"]),
     )
-    if on_gpu:
-        for name in ("latent_moments", "narrative_embeds", "keyword_embeds", "llm_features"):
-            setattr(cached, name, getattr(cached, name).pin_memory())
     trainable = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     settings = LossSettings()

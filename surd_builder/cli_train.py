@@ -84,8 +84,8 @@ def train(
     cache_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Cache of frozen inputs, shared by runs [default: $SURD_CACHE_DIR or "
-            "~/.cache/surd, then train-inputs/].",
+            help="Cache of frozen inputs, shared by runs (default: train-inputs/ in "
+            "$SURD_CACHE_DIR, else in ~/.cache/surd).",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -134,7 +134,7 @@ def train(
     prediction_type: Annotated[
         str | None,
         typer.Option(
-            help="epsilon or v_prediction [default: the base model's scheduler's].",
+            help="epsilon or v_prediction (default: the base model scheduler's).",
             rich_help_panel=LOSS,
         ),
     ] = None,
@@ -158,7 +158,7 @@ def train(
         typer.Option(
             min=1, help="Hidden width of the MLP after cross-attention.", rich_help_panel=ADAPTER
         ),
-    ] = 2048,
+    ] = 768,
     train_llm_projection: Annotated[
         bool,
         typer.Option(
@@ -180,8 +180,10 @@ def train(
     seed: Annotated[
         int,
         typer.Option(
-            help="Seeds init, sample order, noise: same seed, same run.", rich_help_panel=RUN
-        ),
+            min=0,
+            help="Seeds init, sample order, noise: same seed, same run.",
+            rich_help_panel=RUN,
+        ),  # fmt: skip
     ] = 0,
     checkpointing_steps: Annotated[
         int,
@@ -204,7 +206,7 @@ def train(
     validation_prompt: Annotated[
         list[str] | None,
         typer.Option(
-            help="Prompt for validation images (repeatable) [default: three built-in ones].",
+            help="Prompt for validation images, repeatable (default: three built-in ones).",
             rich_help_panel=RUN,
         ),
     ] = None,
@@ -262,6 +264,8 @@ def train(
         show_progress=progress,
     )  # fmt: skip
     report = run_training(config)
+    if not report.main_process:
+        return
     if report.resumed_from:
         typer.echo(f"resumed from step {report.resumed_from}")
     typer.echo(

@@ -80,7 +80,7 @@ def test_each_loss_reaches_exactly_its_parameters() -> None:
     assert not any(prompt[n] for n in prompt if not n.startswith("out."))
     wake_output_layer(adapter)
     prompt = grads(adapter, prompt_alignment_loss(adapter(x).prompt_embeds, keywords))
-    assert prompt["cross_attention.in_proj_weight"] and prompt["mlp.0.weight"]
+    assert prompt["attention.query.weight"] and prompt["mlp.0.weight"]
     assert prompt["encoder.layers.0.self_attn.in_proj_weight"]
     assert not prompt["llm_projection.weight"]  # the prompt loss never touches the LLM side
 
@@ -119,6 +119,18 @@ def test_losses() -> None:
     x = torch.randn(2, 77, DIM)
     assert kl_per_token(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert kl_per_token(x, torch.randn(2, 77, DIM)).item() > 0
+    # the scale of the released code: torch's batchmean KL (summed over tokens) times T**2
+    import torch.nn.functional as F
+
+    other = torch.randn(2, 77, DIM)
+    for temperature in (1.0, 2.0):
+        batchmean = F.kl_div(
+            F.log_softmax(other / temperature, -1),
+            F.softmax(x / temperature, -1),
+            reduction="batchmean",
+        )
+        expected = (batchmean * temperature**2).item()
+        assert kl_per_token(x, other, temperature).item() == pytest.approx(expected, rel=1e-5)
     # the LLM vector is broadcast over tokens
     llm = torch.randn(2, DIM)
     broadcast = distillation_loss(x, llm)

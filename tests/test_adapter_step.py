@@ -121,7 +121,9 @@ def test_the_quality_loss_alone_trains_the_adapter_through_compute_losses(parts)
     from adapter.model import SURAdapter
 
     torch.manual_seed(0)
-    adapter = SURAdapter(embed_dim=32, num_heads=4, feedforward_dim=64, mlp_dim=64, llm_dim=16)
+    adapter = SURAdapter(
+        embed_dim=32, num_heads=4, feedforward_dim=64, mlp_dim=64, llm_dim=16, dropout=0.0
+    )
     cached = CachedSet(
         latent_moments=torch.randn(4, 8, 8, 8).half(),
         flipped_moments=None,
@@ -144,3 +146,43 @@ def test_the_quality_loss_alone_trains_the_adapter_through_compute_losses(parts)
     )  # fmt: skip
     assert v_terms.quality.item() != pytest.approx(terms.quality.item())  # another target
     assert v_terms.distillation.item() == pytest.approx(terms.distillation.item())
+
+
+def test_cached_inputs_equal_what_diffusers_computes(parts) -> None:
+    from adapter.frozen_inputs import TextEmbeddings
+    from adapter.stable_diffusion import stable_diffusion_pipeline_class
+
+    pipeline = stable_diffusion_pipeline_class()(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=parts.unet, scheduler=parts.inference_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    prompts = ["three red cats", "a dog on the beach at sunset"]
+    expected, _ = pipeline.encode_prompt(prompts, "cpu", 1, False)
+    embeds = TextEmbeddings(parts, "cpu", torch.float32)(prompts)
+    assert embeds.shape == (2, 77, 32)
+    assert np.allclose(embeds, expected.numpy(), atol=2e-3)  # float16 storage
+
+    data = image_bytes((10, 200, 40), size=(32, 32))
+    moments = LatentMoments(parts, 32, False, "cpu", torch.float32)([data])
+    pixels = torch.from_numpy(preprocess_image(data, 32, flip=False))[None]
+    with torch.no_grad():
+        dist = parts.vae.encode(pixels).latent_dist
+    assert np.allclose(moments[0, :4], dist.mean[0].numpy(), atol=2e-3)
+    assert np.allclose(moments[0, 4:], dist.logvar[0].numpy(), atol=2e-2)
+    # with (almost) no variance a sample is the mean, scaled as the UNet expects
+    certain = torch.cat([dist.mean, torch.full_like(dist.mean, -30.0)], dim=1)
+    sample = sample_latents(certain, step_generator(0, 0, 0, "cpu"), 0.18215, None)
+    assert torch.allclose(sample, dist.mean * 0.18215, atol=1e-5)
+    shifted = sample_latents(certain, step_generator(0, 0, 0, "cpu"), 2.0, 0.5)
+    assert torch.allclose(shifted, (dist.mean - 0.5) * 2.0, atol=1e-5)
+
+
+def test_a_batch_takes_mirrored_latents_exactly_where_flipped() -> None:
+    plain, mirrored = torch.zeros(3, 8, 2, 2), torch.ones(3, 8, 2, 2)
+    cached = CachedSet(
+        plain, mirrored, torch.zeros(3, 77, 4), torch.zeros(3, 77, 4), torch.zeros(3, 5)
+    )
+    batch = cached.batch(torch.tensor([2, 0, 1]), torch.tensor([True, False, True]), "cpu")
+    assert batch["latent_moments"][:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
+    assert cached.batch(torch.tensor([0]), None, "cpu")["latent_moments"].sum() == 0

@@ -71,6 +71,17 @@ def stack(tmp_path_factory) -> Stack:
     )
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one precision per process (the CLI runs one training per process);
+    tests run several in one, so its shared state is cleared after each, as its own tests do."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def config(stack: Stack, output: Path, **overrides) -> TrainConfig:
     values = dict(
         data=str(stack.data),
@@ -156,6 +167,7 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         batch_size=8,
         gradient_accumulation_steps=2,
         checkpointing_steps=2,
+        validation_steps=2,
         lr_scheduler="cosine",
         train_llm_projection=True,
     )
@@ -168,7 +180,8 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         "--llm", str(stack.llm), "--llm-layer", "2", "--output", str(killed),
         "--cache-dir", str(stack.cache), "--resolution", "32", "--batch-size", "8",
         "--gradient-accumulation-steps", "2", "--max-steps", "8", "--learning-rate", "1e-3",
-        "--eta-prompt", "1", "--checkpointing-steps", "2", "--lr-scheduler", "cosine",
+        "--eta-prompt", "1", "--checkpointing-steps", "2", "--validation-steps", "2",
+        "--lr-scheduler", "cosine",
         "--train-llm-projection", "--device", "cpu", "--no-validation-images", "--no-progress",
         "--adapter-heads", "4", "--adapter-feedforward", "64", "--adapter-mlp", "64",
     ]  # fmt: skip
@@ -197,14 +210,18 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         embed_dim=32, llm_dim=64, num_heads=4, feedforward_dim=64, mlp_dim=64
     ).state_dict()["llm_projection.weight"])  # fmt: skip
 
-    # the resumed history is the uninterrupted one (timings aside)
-    def losses(output: Path) -> list[dict]:
+    # the resumed history is the uninterrupted one (timings aside), held-out points included
+    def losses(output: Path, kind: str) -> list[dict]:
         return [
-            {k: v for k, v in row.items() if k != "samples_per_s"}
-            for row in history(output, "train")
+            {k: v for k, v in row.items() if k != "samples_per_s"} for row in history(output, kind)
         ]
 
-    assert losses(killed) == losses(uninterrupted)
+    assert losses(killed, "train") == losses(uninterrupted, "train")
+    assert [row["step"] for row in history(killed, "held_out")] == [0, 2, 4, 6, 8]
+    assert losses(killed, "held_out") == losses(uninterrupted, "held_out")
+    assert report.first_held_out == {
+        k: v for k, v in history(uninterrupted, "held_out")[0].items() if k not in ("kind", "step")
+    }
 
 
 def cli(*args: str):
@@ -258,13 +275,43 @@ def test_user_mistakes_are_one_line_errors(stack, tmp_path) -> None:
     result = cli(*replace_option(args, "--data", str(tmp_path / "nowhere")))
     assert result.exit_code == 2 and "no such file" in one_error_line(result)
 
+    result = cli(*args, "--lr-warmup-steps", "10")
+    assert result.exit_code == 2 and "constant has no warm-up" in one_error_line(result)
 
-def test_resuming_with_other_settings_is_refused(stack, tmp_path) -> None:
+
+def test_resuming_with_other_settings_is_refused_and_resume_none_sets_old_runs_aside(
+    stack, tmp_path
+) -> None:
     output = tmp_path / "out"
     train(config(stack, output, max_steps=2, checkpointing_steps=1))
-    result = cli(*replace_option(base_args(stack, output), "--max-steps", "4"), "--seed", "7")
+    args = replace_option(base_args(stack, output), "--max-steps", "4")
+    result = cli(*args, "--seed", "7", "--learning-rate", "0.5")
     assert result.exit_code == 2 and "other settings (" in one_error_line(result)
-    assert "seed" in result.output
+    assert "seed" in result.output and "learning_rate" in result.output
+
+    # a fresh start in the same folder keeps the old checkpoints, out of the way
+    report = train(config(stack, output, max_steps=1, seed=7, resume="none"))
+    assert report.resumed_from == 0
+    assert sorted(p.name for p in (output / "checkpoints-previous-1").iterdir()) == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert [row["step"] for row in history(output, "train")] == [1]
+
+
+def test_the_bf16_path_trains_with_frozen_parts_in_bf16(stack, tmp_path) -> None:
+    """What a GPU run does by default (bf16 autocast, frozen parts stored in bf16, the adapter
+    in float32), exercised on the CPU."""
+    output = tmp_path / "bf16"
+    report = train(
+        config(stack, output, max_steps=2, mixed_precision="bf16", gradient_checkpointing=True)
+    )
+    assert report.computed["text"] > 0  # bf16 embeddings are cached apart from float32 ones
+    adapter = SURAdapter.from_pretrained(output)
+    assert adapter.out.weight.dtype == torch.float32
+    assert all(torch.isfinite(t).all() for t in adapter.state_dict().values())
+    assert torch.isfinite(torch.tensor(report.final_losses["total"]))
 
 
 def test_rows_missing_a_part_are_skipped_and_counted(tmp_path) -> None:
