@@ -261,7 +261,7 @@ def main() -> None:
     print(f"{'step':<12}{'samples/s':>12}{'peak GiB':>10}")
     for key, value in results.items():
         peak = "-" if value["peak_gib"] is None else f"{value['peak_gib']:.2f}"
-        print(f"{key:<12}{value['samples_per_s']:>12.1f}{peak:>10}")
+        print(f"{key:<12}{value['samples_per_s']:>12.3g}{peak:>10}")
     print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.1f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
