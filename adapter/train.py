@@ -716,23 +716,20 @@ def _validation_images(
     accelerator: Any, config: TrainConfig, parts: Any, unet: Any, adapter: Any, step: int,
     device: Any,
 ) -> None:  # fmt: skip
-    from adapter.stable_diffusion import stable_diffusion_pipeline_class
+    from adapter.pipeline import SURAdapterPipeline
     from adapter.validation import validation_grid
 
-    StableDiffusionPipeline = stable_diffusion_pipeline_class()  # noqa: N806 (a class)
-
-    pipeline = StableDiffusionPipeline(
+    model = accelerator.unwrap_model(adapter)
+    pipeline = SURAdapterPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=accelerator.unwrap_model(unet), scheduler=parts.inference_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=accelerator.unwrap_model(unet), scheduler=parts.inference_scheduler(), adapter=model,
     )  # fmt: skip
     pipeline.set_progress_bar_config(disable=True)
-    model = accelerator.unwrap_model(adapter)
     model.eval()
     with accelerator.autocast():
         grid = validation_grid(
-            pipeline, model, list(config.validation_prompts), config.seed,
-            config.validation_inference_steps, config.validation_guidance_scale, device,
+            pipeline, list(config.validation_prompts), config.seed,
+            config.validation_inference_steps, config.validation_guidance_scale,
         )  # fmt: skip
     model.train()
     out = config.output / "validation" / f"step-{step:06d}.png"

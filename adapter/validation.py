@@ -51,46 +51,25 @@ def held_out_losses(
     return {name: value / count for name, value in sums.items()} if count else {}
 
 
-def adapter_embeds(pipeline: Any, adapter: Any, prompts: list[str], device: Any) -> tuple:
-    """(prompt_embeds, negative_prompt_embeds) of ``prompts`` with the adapter applied to both,
-    as at training time every UNet condition came through the adapter."""
-    positive, negative = pipeline.encode_prompt(
-        prompts, device, 1, True, negative_prompt=[""] * len(prompts)
-    )
-    dtype = positive.dtype
-    return (
-        adapter(positive.float()).prompt_embeds.to(dtype),
-        adapter(negative.float()).prompt_embeds.to(dtype),
-    )
-
-
 @torch.no_grad()
 def validation_grid(
-    pipeline: Any,
-    adapter: Any,
-    prompts: list[str],
-    seed: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    device: Any,
+    pipeline: Any, prompts: list[str], seed: int, num_inference_steps: int, guidance_scale: float
 ) -> Any:
     """A PIL grid: one row per prompt, without the adapter (left) and with it (right), with the
-    same seed, so the difference is the adapter's alone."""
+    same seed, so the difference is the adapter's alone. ``pipeline``: a SURAdapterPipeline."""
     from diffusers.utils import make_image_grid
 
-    def generate(**embeds: Any) -> list[Any]:
+    def generate(use_adapter: bool) -> list[Any]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         return pipeline(
+            prompts,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
-            output_type="pil",
-            **embeds,
+            use_adapter=use_adapter,
         ).images
 
-    without = generate(prompt=prompts)
-    prompt_embeds, negative_embeds = adapter_embeds(pipeline, adapter, prompts, device)
-    with_adapter = generate(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+    without, with_adapter = generate(False), generate(True)
     pairs = [image for row in zip(without, with_adapter, strict=True) for image in row]
     return make_image_grid(pairs, rows=len(prompts), cols=2)
 

@@ -1,8 +1,9 @@
 """The two similarity models screening uses, batched, loaded once per process.
 
-- :class:`ClipScorer`: image <-> text cosine similarity with a transformers ``CLIPModel`` (any
-  CLIP checkpoint by path or hub id). The cosine itself is stored (-1..1), not CLIPScore's
-  ``100 * max(cos, 0)``: thresholds then mean the same for every model size.
+- :class:`ClipScorer` (in :mod:`surd_builder.clip`, shared with the adapter's evaluation):
+  image <-> text cosine similarity with a transformers ``CLIPModel``. The cosine itself is
+  stored (-1..1), not CLIPScore's ``100 * max(cos, 0)``: thresholds then mean the same for every
+  model size.
 - :class:`TextEmbedder`: sentence embeddings by mean pooling over the attention mask followed by
   L2 normalisation, the sentence-transformers recipe for models like all-MiniLM-L6-v2, done
   with plain transformers so no extra package is needed.
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from surd_builder.clip import ClipScorer
 from surd_builder.errors import InputError
 from surd_builder.models import (
     batched,
     check_local_model,
-    decode_rgb,
     load_pretrained,
     resolve_device,
     resolve_dtype,
@@ -39,74 +40,6 @@ def resolve_text_model(name: str) -> str:
             "(pip install it, or give a model path or hub id)"
         ) from None
     return str(module.get_model_path())
-
-
-def _features(output: Any):
-    """transformers 5 returns a model output from ``get_*_features``; 4.x a tensor."""
-    return output if hasattr(output, "norm") else output.pooler_output
-
-
-class ClipScorer:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64):
-        check_local_model(model, "CLIP model")
-        self.model, self.device_option, self.dtype_option = model, device, dtype
-        self.batch_size = batch_size
-        self._loaded: tuple[Any, Any, str, Any] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
-
-    def load(self) -> tuple[Any, Any, str, Any]:
-        if self._loaded is None:
-            from transformers import AutoConfig, AutoProcessor, CLIPModel
-
-            device = resolve_device(self.device_option)
-            dtype = resolve_dtype(self.dtype_option, device)
-            config = load_pretrained(AutoConfig.from_pretrained, self.model, "CLIP model")
-            if config.model_type != "clip":
-                # CLIPModel would load it anyway, with random weights where the names differ
-                raise InputError(
-                    f"--clip-model {self.model} is a {config.model_type!r} model, not CLIP"
-                )
-            processor = load_pretrained(AutoProcessor.from_pretrained, self.model, "CLIP processor")
-            model = load_pretrained(
-                CLIPModel.from_pretrained, self.model, "CLIP model", dtype=dtype
-            )
-            self._loaded = (processor, model.to(device).eval(), device, dtype)
-        return self._loaded
-
-    def scores(self, images: list[bytes], texts: list[str]) -> list[float | None]:
-        """Cosine similarity of each image with its text; None where the image cannot be read."""
-        import torch
-
-        processor, model, device, dtype = self.load()
-        results: list[float | None] = [None] * len(images)
-        readable, _ = decode_rgb(images)  # unreadable images keep None
-        for chunk in batched(readable, self.batch_size):
-            pixels = processor(images=[image for _, image in chunk], return_tensors="pt")
-            tokens = processor(
-                text=[texts[index] for index, _ in chunk],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=77,
-            )
-            with torch.inference_mode():
-                image_features = _features(
-                    model.get_image_features(pixel_values=pixels["pixel_values"].to(device, dtype))
-                )
-                text_features = _features(
-                    model.get_text_features(
-                        input_ids=tokens["input_ids"].to(device),
-                        attention_mask=tokens["attention_mask"].to(device),
-                    )
-                )
-                image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
-                text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
-                cosine = (image_features * text_features).sum(-1).cpu().tolist()
-            for (index, _), value in zip(chunk, cosine, strict=True):
-                results[index] = value
-        return results
 
 
 class TextEmbedder:
@@ -169,3 +102,6 @@ class TextEmbedder:
         embeddings = self.embed([*first, *second])
         left, right = embeddings[: len(first)], embeddings[len(first) :]
         return (left * right).sum(-1).tolist()
+
+
+__all__ = ["ClipScorer", "TextEmbedder", "resolve_text_model"]

@@ -197,6 +197,7 @@ def _register_groups() -> None:
         cli_dedupe,
         cli_narratives,
     )
+    from surd_builder.cli_adapter import evaluate, generate
     from surd_builder.cli_annotate import annotate_app
     from surd_builder.cli_build import build_app
     from surd_builder.cli_scrape import scrape_app
@@ -206,6 +207,8 @@ def _register_groups() -> None:
     app.add_typer(build_app, name="build")
     app.add_typer(annotate_app, name="annotate")
     app.command("train")(train)
+    app.command("generate")(generate)
+    app.command("eval")(evaluate)
 
 
 _register_groups()

@@ -1,0 +1,384 @@
+"""``surd eval``: do narrative prompts work better with the adapter, without worse images?
+
+For every case (the shipped suite in ``eval_prompts.toml``, a ``--prompts`` file, and narrative
+prompts of the dataset's test split) and seed, an image is generated with and without the
+adapter under the same seed. Measured, each with and without:
+
+- **CLIP score**: cosine of image and narrative prompt embeddings (x100, floored at 0, as
+  CLIPScore reports it);
+- **semantic accuracy** per category (action, colour, counting): the share of images that CLIP,
+  zero-shot, matches to "a photo of <attribute>" better than to every alternative;
+- **CLIP-IQA** (Wang et al. 2023), the no-reference quality score as torchmetrics computes it
+  with a CLIP model: softmax(100 x cosines with "Good photo." / "Bad photo.") of the first;
+- **FID / KID** against ``--reference`` images, on the same CLIP model's image features
+  (Inception weights cannot be assumed offline; CLIP features are the better-correlated choice
+  of Kynkaanniemi et al. 2023). Both need many images: with few, use KID.
+
+Output: ``metrics.json``, ``report.html`` (no server needed: images are files beside it) and
+``images/{with,without}/``.
+"""
+
+from __future__ import annotations
+
+import html
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surd_builder.errors import InputError
+
+CATEGORIES = ("action", "colour", "counting")
+IQA_PROMPTS = ("Good photo.", "Bad photo.")
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    prompt: str
+    category: str  # action / colour / counting / test (the dataset's own prompts)
+    attribute: str | None = None
+    alternatives: tuple[str, ...] = ()
+
+
+def load_suite(path: Path | None = None) -> list[EvalCase]:
+    """The shipped suite, or the cases of a TOML file in the same format."""
+    if path is None:
+        text = resources.files("adapter").joinpath("eval_prompts.toml").read_text()
+        where = "the shipped suite"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise InputError(f"--prompts {path}: {error.strerror}") from None
+        where = str(path)
+    try:
+        rows = tomllib.loads(text).get("case", [])
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"{where} is not valid TOML: {error}") from None
+    cases = []
+    for number, row in enumerate(rows, 1):
+        missing = [key for key in ("prompt", "category") if not row.get(key)]
+        if missing or (row.get("attribute") and not row.get("alternatives")):
+            what = ", ".join(missing) or "alternatives"
+            raise InputError(f"{where}: case {number} lacks {what}")
+        cases.append(
+            EvalCase(
+                str(row["prompt"]),
+                str(row["category"]),
+                row.get("attribute"),
+                tuple(row.get("alternatives", ())),
+            )
+        )
+    if not cases:
+        raise InputError(f"{where} has no [[case]] entries")
+    return cases
+
+
+# ---------------------------------------------------------------- pure metrics
+
+
+def attribute_correct(image_features: np.ndarray, option_features: np.ndarray) -> np.ndarray:
+    """(N,) bool: image ``i`` is closest to option 0 (its true attribute) among its options.
+    ``image_features`` (N, d) and ``option_features`` (N, K, d), both L2-normalised."""
+    similarity = np.einsum("nd,nkd->nk", image_features, option_features)
+    return similarity.argmax(axis=1) == 0
+
+
+def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+    """CLIPScore per pair: 100 x max(cosine, 0)."""
+    return 100.0 * np.maximum((image_features * text_features).sum(-1), 0.0)
+
+
+def clip_iqa(image_features: np.ndarray, good: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    logits = 100.0 * np.stack([image_features @ good, image_features @ bad], axis=1)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights[:, 0] / weights.sum(axis=1)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets."""
+    from scipy import linalg
+
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():  # singular product: regularise, as pytorch-fid does
+        offset = np.eye(cov_a.shape[0]) * 1e-6
+        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    root = root.real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+def kernel_distance(
+    a: np.ndarray, b: np.ndarray, subsets: int = 10, subset_size: int = 100, seed: int = 0
+) -> tuple[float, float]:
+    """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over subsets."""
+    rng = np.random.default_rng(seed)
+    size = min(subset_size, len(a), len(b))
+    if size < 2:
+        return float("nan"), float("nan")
+    dim = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), size, replace=False)].astype(np.float64)
+        y = b[rng.choice(len(b), size, replace=False)].astype(np.float64)
+        kxx, kyy, kxy = (((p @ q.T) / dim + 1.0) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        off = size * (size - 1)
+        mmd = (kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
+        values.append(mmd - 2.0 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class EvalOptions:
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class EvalResult:
+    cases: int
+    images_per_variant: int
+    metrics: dict[str, dict[str, Any]]  # variant -> metric -> value
+    per_category: dict[str, dict[str, dict[str, float]]]  # category -> variant -> metric
+    report: Path
+    metrics_file: Path
+
+
+def _features_of(images: list[Any], scorer: Any) -> np.ndarray:
+    return scorer.image_features(images).numpy()
+
+
+def evaluate(
+    pipeline: Any,
+    scorer: Any,
+    cases: list[EvalCase],
+    out: Path,
+    options: EvalOptions,
+    reference_images: list[Any] | None = None,
+    progress: Any = None,
+) -> EvalResult:
+    """Generate, measure, write ``metrics.json`` and ``report.html`` into ``out``."""
+    import torch
+
+    from adapter.generate import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []  # one per (case, seed)
+    features: dict[str, list[np.ndarray]] = {"with": [], "without": []}
+    for number, case in enumerate(cases):
+        for variant, use_adapter in (("without", False), ("with", True)):
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in options.seeds]
+            images = pipeline(
+                [case.prompt] * len(options.seeds),
+                num_inference_steps=options.num_inference_steps,
+                guidance_scale=options.guidance_scale,
+                height=options.height,
+                width=options.width,
+                generator=generators,
+                use_adapter=use_adapter,
+            ).images
+            for seed, image in zip(options.seeds, images, strict=True):
+                path = out / "images" / variant / f"case-{number:03d}-seed{seed}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(image, path)
+            features[variant].append(_features_of(images, scorer))
+        for seed_index, seed in enumerate(options.seeds):
+            rows.append({"case": number, "seed": seed, "seed_index": seed_index})
+        if progress is not None:
+            progress(1)
+
+    image_features = {v: np.concatenate(f) for v, f in features.items()}
+    prompts = [cases[row["case"]].prompt for row in rows]
+    prompt_features = scorer.text_features(prompts).numpy()
+    good, bad = scorer.text_features(list(IQA_PROMPTS)).numpy()
+    attributed = [i for i, row in enumerate(rows) if cases[row["case"]].attribute]
+    option_features = None
+    if attributed:
+        texts = []
+        for index in attributed:
+            case = cases[rows[index]["case"]]
+            texts += [f"a photo of {t}" for t in (case.attribute, *case.alternatives)]
+        flat = scorer.text_features(texts).numpy()
+        width = 1 + max(len(cases[rows[i]["case"]].alternatives) for i in attributed)
+        option_features = _pad_options(flat, [cases[rows[i]["case"]] for i in attributed], width)
+
+    per_row: dict[str, dict[str, np.ndarray]] = {}
+    for variant, feats in image_features.items():
+        values = {
+            "clip_score": clip_score(feats, prompt_features),
+            "clip_iqa": clip_iqa(feats, good, bad),
+        }
+        correct = np.full(len(rows), np.nan)
+        if option_features is not None:
+            correct[attributed] = attribute_correct(feats[attributed], option_features)
+        values["semantic_accuracy"] = correct
+        per_row[variant] = values
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for variant, values in per_row.items():
+        summary = {name: _mean(array) for name, array in values.items()}
+        if reference_images:
+            reference = _features_of(reference_images, scorer)
+            summary["fid_clip"] = frechet_distance(image_features[variant], reference)
+            kid_mean, kid_std = kernel_distance(image_features[variant], reference)
+            summary["kid_clip"], summary["kid_clip_std"] = kid_mean, kid_std
+        metrics[variant] = summary
+    categories = sorted({case.category for case in cases})
+    per_category: dict[str, dict[str, dict[str, float]]] = {}
+    for category in categories:
+        chosen = np.array([cases[row["case"]].category == category for row in rows])
+        per_category[category] = {
+            variant: {name: _mean(array[chosen]) for name, array in values.items()}
+            for variant, values in per_row.items()
+        }
+
+    result = EvalResult(
+        cases=len(cases),
+        images_per_variant=len(rows),
+        metrics=metrics,
+        per_category=per_category,
+        report=out / "report.html",
+        metrics_file=out / "metrics.json",
+    )
+    per_image = [
+        {
+            **row,
+            "prompt": cases[row["case"]].prompt,
+            "category": cases[row["case"]].category,
+            **{
+                f"{name}_{variant}": (None if np.isnan(v[name][i]) else float(v[name][i]))
+                for variant, v in per_row.items()
+                for name in v
+            },
+        }
+        for i, row in enumerate(rows)
+    ]
+    document = {
+        "options": asdict(options),
+        "cases": [asdict(case) for case in cases],
+        "metrics": metrics,
+        "per_category": per_category,
+        "per_image": per_image,
+    }
+    from surd_builder.atomic import atomic_path, write_json_atomic
+
+    write_json_atomic(document, result.metrics_file)
+    with atomic_path(result.report) as temp:
+        temp.write_text(render_report(cases, rows, document, out))
+    return result
+
+
+def _pad_options(flat: np.ndarray, cases: list[EvalCase], width: int) -> np.ndarray:
+    """(N, width, d) with each case's options; missing options repeat a wrong one (never the
+    true attribute), so a shorter list is judged among its own options only."""
+    out = np.zeros((len(cases), width, flat.shape[1]), dtype=flat.dtype)
+    start = 0
+    for index, case in enumerate(cases):
+        count = 1 + len(case.alternatives)
+        options = flat[start : start + count]
+        start += count
+        out[index, :count] = options
+        out[index, count:] = options[-1]
+    return out
+
+
+def _mean(array: np.ndarray) -> float | None:
+    array = np.asarray(array, dtype=np.float64)
+    valid = array[~np.isnan(array)]
+    return float(valid.mean()) if len(valid) else None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def render_report(cases: list[EvalCase], rows: list[dict], document: dict, out: Path) -> str:
+    """A self-contained HTML page: summary tables, then per category the images side by side.
+    Only images that exist under ``out`` are referenced (relative paths)."""
+    metrics, per_category = document["metrics"], document["per_category"]
+    names = list(next(iter(metrics.values())).keys())
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>surd eval</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}img{width:192px}</style>",
+        "<h1>SUR-adapter evaluation</h1>",
+        f"<p>{len(cases)} prompts, seeds {document['options']['seeds']}, "
+        f"{document['options']['num_inference_steps']} steps.</p>",
+        "<h2>Overall</h2><table><tr><th>variant</th>" + head + "</tr>",
+    ]
+    for variant, values in metrics.items():
+        cells = "".join(f"<td>{_fmt(values[n])}</td>" for n in names)
+        parts.append(f"<tr><td>{variant} adapter</td>{cells}</tr>")
+    parts.append("</table><h2>Per category</h2><table><tr><th>category</th><th>variant</th>")
+    category_names = ["clip_score", "clip_iqa", "semantic_accuracy"]
+    parts.append("".join(f"<th>{n}</th>" for n in category_names) + "</tr>")
+    for category, variants in per_category.items():
+        for variant, values in variants.items():
+            cells = "".join(f"<td>{_fmt(values.get(n))}</td>" for n in category_names)
+            parts.append(f"<tr><td>{html.escape(category)}</td><td>{variant}</td>{cells}</tr>")
+    parts.append("</table>")
+    for category in per_category:
+        parts.append(f"<h2>{html.escape(category)}: without | with the adapter</h2><table>")
+        for row in rows:
+            case = cases[row["case"]]
+            if case.category != category:
+                continue
+            cells = []
+            for variant in ("without", "with"):
+                relative = f"images/{variant}/case-{row['case']:03d}-seed{row['seed']}.png"
+                if (out / relative).is_file():
+                    cells.append(f"<td><img src='{relative}' alt='{variant}'></td>")
+                else:
+                    cells.append("<td>missing</td>")
+            prompt = html.escape(case.prompt)
+            parts.append(f"<tr><td>{prompt}<br>seed {row['seed']}</td>{''.join(cells)}</tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def load_reference_images(path: Path, limit: int) -> list[Any]:
+    """Up to ``limit`` RGB images from a folder of image files, or from the ``image`` column of
+    the Parquet files under ``path`` (an export folder, or one file)."""
+    import pyarrow.parquet as pq
+
+    from adapter.data import _image_bytes
+    from surd_builder.models import decode_rgb
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--reference {path}: no such file or folder")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    blobs: list[bytes] = []
+    for file in files:
+        if len(blobs) >= limit:
+            break
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            blobs.append(file.read_bytes())
+        elif file.suffix == ".parquet" and "image" in pq.read_schema(file).names:
+            for cell in pq.read_table(file, columns=["image"])["image"].to_pylist():
+                data = _image_bytes(cell)
+                if data:
+                    blobs.append(data)
+    decoded, _failed = decode_rgb(blobs[:limit])
+    if len(decoded) < 2:
+        raise InputError(f"--reference {path}: fewer than 2 readable images")
+    return [image for _, image in decoded]

@@ -1,0 +1,77 @@
+"""``surd generate``: images for prompts with the adapter, optionally beside the same seeds
+without it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surd_builder.atomic import atomic_path
+
+
+@dataclass
+class GenerateOptions:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    compare: bool = False
+
+
+def slug(text: str, length: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:length].rstrip("-") or "prompt"
+
+
+def generate_for_prompt(
+    pipeline: Any, prompt: str, options: GenerateOptions, use_adapter: bool
+) -> list[Any]:
+    """One image per seed, all seeds in one batch (a generator per image, so image ``i`` is the
+    same whatever the batch)."""
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in options.seeds]
+    return pipeline(
+        [prompt] * len(options.seeds),
+        negative_prompt=[options.negative_prompt] * len(options.seeds),
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        height=options.height,
+        width=options.width,
+        generator=generators,
+        use_adapter=use_adapter,
+    ).images
+
+
+def save_png(image: Any, path: Path) -> Path:
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
+    return path
+
+
+def generate(
+    pipeline: Any, prompts: list[str], out: Path, options: GenerateOptions, progress: Any = None
+) -> list[Path]:
+    """Write ``NNN-<prompt>-seed<S>.png`` per prompt and seed; with ``compare``, also
+    ``NNN-<prompt>-compare.png``: a row per seed, without the adapter left, with it right."""
+    from diffusers.utils import make_image_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for number, prompt in enumerate(prompts):
+        stem = f"{number:03d}-{slug(prompt)}"
+        images = generate_for_prompt(pipeline, prompt, options, use_adapter=True)
+        for seed, image in zip(options.seeds, images, strict=True):
+            written.append(save_png(image, out / f"{stem}-seed{seed}.png"))
+        if options.compare:
+            without = generate_for_prompt(pipeline, prompt, options, use_adapter=False)
+            pairs = [image for row in zip(without, images, strict=True) for image in row]
+            grid = make_image_grid(pairs, rows=len(options.seeds), cols=2)
+            written.append(save_png(grid, out / f"{stem}-compare.png"))
+        if progress is not None:
+            progress(1)
+    return written

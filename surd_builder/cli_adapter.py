@@ -1,0 +1,141 @@
+"""``surd generate`` and ``surd eval``: use and measure a trained SUR-adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+BaseModelOption = Annotated[
+    str, typer.Option(help="Stable Diffusion 1.x/2.x in diffusers layout: a folder or a hub id.")
+]
+AdapterOption = Annotated[
+    Path,
+    typer.Option(help="The adapter: a `surd train` output, a checkpoint-N folder or any "
+                 "save_pretrained folder."),
+]  # fmt: skip
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[
+    str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16.")
+]
+StepsOption = Annotated[int, typer.Option(min=1, help="Denoising steps.")]
+GuidanceOption = Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")]
+SchedulerOption = Annotated[
+    str, typer.Option(help="dpm, ddim, euler, euler-a, pndm, or default (the base model's).")
+]
+SizeOption = Annotated[
+    int | None, typer.Option(min=8, help="Image side in pixels (default: the model's).")
+]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Narrative prompts, one image set each.")],
+    base_model: BaseModelOption,
+    adapter: AdapterOption,
+    output: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("surd-images"),
+    seed: Annotated[
+        list[int] | None, typer.Option(help="Seed, repeatable: one image per seed (default 0).")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Also write a grid: the same seeds without | with the adapter.")
+    ] = False,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    steps: StepsOption = 30,
+    guidance_scale: GuidanceOption = 7.5,
+    scheduler: SchedulerOption = "dpm",
+    height: SizeOption = None,
+    width: SizeOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Generate images for narrative prompts with the SUR-adapter."""
+    from adapter.generate import GenerateOptions
+    from adapter.generate import generate as run_generate
+    from adapter.pipeline import load_pipeline
+    from surd_builder.progress import progress_bar
+
+    pipeline = load_pipeline(base_model, adapter, device, dtype, scheduler)
+    options = GenerateOptions(
+        seeds=seed or [0], num_inference_steps=steps, guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt, height=height, width=width, compare=compare,
+    )  # fmt: skip
+    with progress_bar("generating", total=len(prompts), enabled=progress) as advance:
+        written = run_generate(pipeline, prompts, output, options, advance)
+    typer.echo(f"wrote {len(written)} image(s) to {output}")
+
+
+def evaluate(
+    base_model: BaseModelOption,
+    adapter: AdapterOption,
+    clip_model: Annotated[
+        str, typer.Option(help="CLIP model that judges the images: a folder or a hub id.")
+    ] = "openai/clip-vit-large-patch14",
+    output: Annotated[Path, typer.Option(help="Folder for metrics, report and images.")] = Path(
+        "surd-eval"
+    ),
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="A TOML prompt suite to use instead of the shipped one (same format)."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Also evaluate narrative prompts of this dataset's --split."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of --data.")] = "test",
+    data_prompts: Annotated[int, typer.Option(min=0, help="Prompts taken from --data.")] = 50,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Reference images for FID/KID: an image folder or Parquet (export)."),
+    ] = None,
+    reference_limit: Annotated[
+        int, typer.Option(min=2, help="Reference images read at most.")
+    ] = 5000,
+    seed: Annotated[
+        list[int] | None, typer.Option(help="Seeds per prompt, repeatable (default 0 and 1).")
+    ] = None,
+    steps: StepsOption = 25,
+    guidance_scale: GuidanceOption = 7.5,
+    scheduler: SchedulerOption = "dpm",
+    height: SizeOption = None,
+    width: SizeOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Generate with and without the adapter under the same seeds and compare: CLIP score,
+    semantic accuracy per category, CLIP-IQA, FID/KID against reference images."""
+    from adapter.data import load_split
+    from adapter.evaluate import EvalCase, EvalOptions, load_reference_images, load_suite
+    from adapter.evaluate import evaluate as run_evaluate
+    from adapter.pipeline import load_pipeline
+    from surd_builder.clip import ClipScorer
+    from surd_builder.errors import InputError
+    from surd_builder.progress import progress_bar
+
+    cases = load_suite(prompts)
+    if data is not None:
+        rows = load_split(data, split)
+        if rows is None:
+            raise InputError(f"--data {data} has no {split!r} split")
+        narratives = list(dict.fromkeys(rows.narrative_prompts))[:data_prompts]
+        cases += [EvalCase(prompt, "test") for prompt in narratives]
+    reference_images = load_reference_images(reference, reference_limit) if reference else None
+    pipeline = load_pipeline(base_model, adapter, device, dtype, scheduler)
+    scorer = ClipScorer(clip_model, device=device)
+    scorer.load()  # a wrong model fails before any generating
+    options = EvalOptions(
+        seeds=seed or [0, 1], num_inference_steps=steps, guidance_scale=guidance_scale,
+        height=height, width=width,
+    )  # fmt: skip
+    with progress_bar("evaluating", total=len(cases), enabled=progress) as advance:
+        result = run_evaluate(pipeline, scorer, cases, output, options, reference_images, advance)
+    typer.echo(f"{result.cases} prompts x {len(options.seeds)} seeds, with and without the adapter")
+    names = list(result.metrics["with"].keys())
+    for name in names:
+        without, with_adapter = result.metrics["without"][name], result.metrics["with"][name]
+        if without is not None and with_adapter is not None:
+            typer.echo(f"  {name:<18} {without:>9.4f} -> {with_adapter:>9.4f}")
+    typer.echo(f"metrics: {result.metrics_file}\nreport: {result.report}")

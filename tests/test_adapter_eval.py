@@ -1,0 +1,194 @@
+"""Using and measuring the adapter: the diffusers pipeline, `surd generate`, `surd eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from adapter.evaluate import (
+    EvalCase,
+    EvalOptions,
+    attribute_correct,
+    clip_iqa,
+    clip_score,
+    evaluate,
+    frechet_distance,
+    kernel_distance,
+    load_suite,
+)
+from adapter.model import SURAdapter
+from adapter.pipeline import load_pipeline
+from surd_builder.cli import app
+from surd_builder.clip import ClipScorer
+from tests.tiny_models import save_tiny_clip, save_tiny_stable_diffusion
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    sd = save_tiny_stable_diffusion(root / "sd")
+    torch.manual_seed(1)
+    adapters = {}
+    for name, weight in (("active", 0.3), ("off", 0.0)):
+        adapter = SURAdapter(
+            embed_dim=32, num_heads=4, feedforward_dim=64, mlp_dim=64, llm_dim=16,
+            adapter_weight=weight,
+        )  # fmt: skip
+        with torch.no_grad():  # as after training: the output layer is no longer zero
+            adapter.out.weight.normal_(0, 0.5)
+        adapter.save_pretrained(root / name)
+        adapters[name] = root / name
+    return {"sd": sd, "clip": save_tiny_clip(root / "clip"), **adapters}
+
+
+def images(pipeline, prompts, seeds, use_adapter=True) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipeline(
+        prompts, num_inference_steps=2, generator=generators, output_type="np",
+        use_adapter=use_adapter,
+    ).images  # fmt: skip
+
+
+def test_the_pipeline_applies_the_adapter_exactly_when_its_weight_is_non_zero(models) -> None:
+    active = load_pipeline(str(models["sd"]), models["active"], device="cpu")
+    prompts = ["three red cats", "a dog on a beach"]
+    with_adapter = images(active, prompts, [0, 1])
+    without = images(active, prompts, [0, 1], use_adapter=False)
+    assert with_adapter.shape == (2, 32, 32, 3)
+    assert np.abs(with_adapter - without).max() > 1e-3
+    assert active.use_adapter  # a call without it does not stick
+
+    off = load_pipeline(str(models["sd"]), models["off"], device="cpu")
+    assert np.array_equal(images(off, prompts, [0, 1]), images(off, prompts, [0, 1], False))
+
+    # both the prompt and the negative prompt go through the adapter
+    raw, raw_negative = active.encode_prompt(prompts, "cpu", 1, True, [""] * 2, **{})
+    assert raw is not None and raw_negative is not None
+    active.use_adapter = False
+    plain, plain_negative = active.encode_prompt(prompts, "cpu", 1, True, [""] * 2)
+    active.use_adapter = True
+    adapter = active.adapter
+    assert torch.allclose(raw, adapter(plain).prompt_embeds, atol=1e-5)
+    assert torch.allclose(raw_negative, adapter(plain_negative).prompt_embeds, atol=1e-5)
+
+    # an image does not depend on the other prompts of its batch (no batch mixing, also
+    # between the conditional and unconditional halves of classifier-free guidance)
+    alone = images(active, prompts[:1], [0])
+    assert np.allclose(alone[0], with_adapter[0], atol=1e-4)
+
+
+def test_generate_writes_images_and_a_side_by_side_grid(models, tmp_path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate", "three dogs playing in the snow", "--base-model", str(models["sd"]),
+            "--adapter", str(models["active"]), "--output", str(tmp_path / "out"), "--seed", "3",
+            "--seed", "4", "--compare", "--steps", "2", "--device", "cpu", "--no-progress",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [
+        "000-three-dogs-playing-in-the-snow-compare.png",
+        "000-three-dogs-playing-in-the-snow-seed3.png",
+        "000-three-dogs-playing-in-the-snow-seed4.png",
+    ]
+    grid = Image.open(tmp_path / "out" / names[0])
+    assert grid.size == (64, 64)  # 2 columns (without | with) x 2 seeds of 32 px
+    right_top = np.asarray(grid)[:32, 32:]
+    seed3 = np.asarray(Image.open(tmp_path / "out" / names[1]))
+    assert np.array_equal(right_top, seed3)  # the grid's right column is the adapter's image
+
+    missing = CliRunner().invoke(
+        app,
+        ["generate", "x", "--base-model", str(models["sd"]), "--adapter", str(tmp_path),
+         "--device", "cpu"],
+    )  # fmt: skip
+    assert missing.exit_code == 2 and "no adapter there" in missing.output
+
+
+def test_attribute_accuracy_and_the_scores_on_constructed_embeddings() -> None:
+    basis = np.eye(4, dtype=np.float32)
+    # image 0 looks like option 0 (its attribute), image 1 like its option 2 (an alternative)
+    image_features = np.stack([basis[0], basis[2]])
+    options = np.stack([basis[[0, 1, 2]], basis[[0, 1, 2]]])
+    assert attribute_correct(image_features, options).tolist() == [True, False]
+    assert clip_score(image_features, basis[[0, 0]]).tolist() == [100.0, 0.0]
+    good, bad = basis[0], basis[1]
+    quality = clip_iqa(np.stack([basis[0], basis[1]]), good, bad)
+    assert quality[0] > 0.99 and quality[1] < 0.01
+
+    rng = np.random.default_rng(0)
+    sample = rng.normal(size=(400, 3))
+    same = rng.normal(size=(400, 3))
+    shifted = same + np.array([2.0, 0.0, 0.0])
+    assert frechet_distance(sample, same) < 0.1
+    assert frechet_distance(sample, shifted) == pytest.approx(4.0, abs=0.5)  # mean shift^2
+    assert abs(kernel_distance(sample, same)[0]) < 0.01
+    assert kernel_distance(sample, shifted)[0] > 0.1
+
+
+def test_the_shipped_suite_covers_the_three_categories() -> None:
+    cases = load_suite()
+    assert Counter(case.category for case in cases) == {
+        "action": 10,
+        "colour": 10,
+        "counting": 10,
+    }
+    assert all(case.attribute and len(case.alternatives) == 3 for case in cases)
+
+
+def test_eval_writes_metrics_and_a_report_that_references_only_existing_files(
+    models, tmp_path
+) -> None:
+    pipeline = load_pipeline(str(models["sd"]), models["active"], device="cpu")
+    scorer = ClipScorer(str(models["clip"]), device="cpu")
+    cases = [
+        EvalCase("three red cats", "counting", "three cats", ("one cat", "two cats")),
+        EvalCase("a blue car", "colour", "a blue car", ("a red car", "a green car", "a car")),
+        EvalCase("a plain narrative prompt from the test split", "test"),
+    ]
+    reference = [Image.new("RGB", (32, 32), (i * 20, 100, 200 - i * 20)) for i in range(6)]
+    out = tmp_path / "eval"
+    options = EvalOptions(seeds=[0, 1], num_inference_steps=2)
+    result = evaluate(pipeline, scorer, cases, out, options, reference)
+    assert result.images_per_variant == 6
+    document = json.loads((out / "metrics.json").read_text())
+    for variant in ("with", "without"):
+        values = document["metrics"][variant]
+        assert 0.0 <= values["semantic_accuracy"] <= 1.0 and 0.0 <= values["clip_iqa"] <= 1.0
+        assert values["fid_clip"] >= 0.0 and "kid_clip" in values
+    assert set(document["per_category"]) == {"colour", "counting", "test"}
+    assert document["per_category"]["test"]["with"]["semantic_accuracy"] is None
+    assert len(document["per_image"]) == 6
+    # the JSON's CLIP score is the CLIP score of the saved images
+    first = document["per_image"][0]
+    saved = Image.open(out / "images" / "with" / "case-000-seed0.png").convert("RGB")
+    features = scorer.image_features([saved]).numpy()
+    prompt = scorer.text_features([cases[0].prompt]).numpy()
+    assert clip_score(features, prompt)[0] == pytest.approx(first["clip_score_with"], abs=0.5)
+
+    page = (out / "report.html").read_text()
+    sources = re.findall(r"src='([^']+)'", page)
+    assert len(sources) == 12  # 3 cases x 2 seeds x (without, with)
+    assert all((out / source).is_file() for source in sources)
+    assert "missing" not in page
+
+
+def test_a_bad_prompt_file_is_a_one_line_error(models, tmp_path) -> None:
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[[case]]\nprompt = "two cats"\n')
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--base-model", str(models["sd"]), "--adapter", str(models["active"]),
+         "--clip-model", str(models["clip"]), "--prompts", str(suite), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {suite}: case 1 lacks category"]
