@@ -144,7 +144,7 @@ class EvalOptions:
     guidance_scale: float = 7.5
     height: int | None = None
     width: int | None = None
-    batch_size: int = 8
+    batch_size: int = 8  # images per pipeline call (whole prompts: all seeds of each)
 
 
 @dataclass
@@ -171,34 +171,35 @@ def evaluate(
     progress: Any = None,
 ) -> EvalResult:
     """Generate, measure, write ``metrics.json`` and ``report.html`` into ``out``."""
-    import torch
-
-    from adapter.generate import save_png
+    from adapter.generate import GenerateOptions, generate_images, save_png
 
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []  # one per (case, seed)
     features: dict[str, list[np.ndarray]] = {"with": [], "without": []}
-    for number, case in enumerate(cases):
+    generation = GenerateOptions(
+        seeds=options.seeds,
+        num_inference_steps=options.num_inference_steps,
+        guidance_scale=options.guidance_scale,
+        height=options.height,
+        width=options.width,
+    )
+    per_call = max(1, options.batch_size // len(options.seeds))  # prompts per pipeline call
+    for first in range(0, len(cases), per_call):
+        chunk = list(range(first, min(first + per_call, len(cases))))
         for variant, use_adapter in (("without", False), ("with", True)):
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in options.seeds]
-            images = pipeline(
-                [case.prompt] * len(options.seeds),
-                num_inference_steps=options.num_inference_steps,
-                guidance_scale=options.guidance_scale,
-                height=options.height,
-                width=options.width,
-                generator=generators,
-                use_adapter=use_adapter,
-            ).images
-            for seed, image in zip(options.seeds, images, strict=True):
+            prompts = [cases[number].prompt for number in chunk]
+            images = generate_images(pipeline, prompts, generation, use_adapter)
+            keys = [(number, seed) for number in chunk for seed in options.seeds]
+            for (number, seed), image in zip(keys, images, strict=True):
                 path = out / "images" / variant / f"case-{number:03d}-seed{seed}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, path)
             features[variant].append(_features_of(images, scorer))
-        for seed_index, seed in enumerate(options.seeds):
-            rows.append({"case": number, "seed": seed, "seed_index": seed_index})
+        for number in chunk:
+            for seed in options.seeds:
+                rows.append({"case": number, "seed": seed})
         if progress is not None:
-            progress(1)
+            progress(len(chunk))
 
     image_features = {v: np.concatenate(f) for v, f in features.items()}
     prompts = [cases[row["case"]].prompt for row in rows]

@@ -29,15 +29,16 @@ def slug(text: str, length: int = 40) -> str:
     return words[:length].rstrip("-") or "prompt"
 
 
-def generate_for_prompt(
-    pipeline: Any, prompt: str, options: GenerateOptions, use_adapter: bool
+def generate_images(
+    pipeline: Any, prompts: list[str], options: GenerateOptions, use_adapter: bool
 ) -> list[Any]:
-    """One image per seed, all seeds in one batch (a generator per image, so image ``i`` is the
-    same whatever the batch)."""
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in options.seeds]
+    """One image per (prompt, seed), prompt-major, in one pipeline call. Each image has its own
+    generator, so it is the same whatever else is in the batch."""
+    pairs = [(prompt, seed) for prompt in prompts for seed in options.seeds]
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in pairs]
     return pipeline(
-        [prompt] * len(options.seeds),
-        negative_prompt=[options.negative_prompt] * len(options.seeds),
+        [prompt for prompt, _ in pairs],
+        negative_prompt=[options.negative_prompt] * len(pairs),
         num_inference_steps=options.num_inference_steps,
         guidance_scale=options.guidance_scale,
         height=options.height,
@@ -45,6 +46,13 @@ def generate_for_prompt(
         generator=generators,
         use_adapter=use_adapter,
     ).images
+
+
+def generate_for_prompt(
+    pipeline: Any, prompt: str, options: GenerateOptions, use_adapter: bool
+) -> list[Any]:
+    """One image per seed of ``prompt``."""
+    return generate_images(pipeline, [prompt], options, use_adapter)
 
 
 def save_png(image: Any, path: Path) -> Path:

@@ -101,6 +101,9 @@ def evaluate(
     scheduler: SchedulerOption = "dpm",
     height: SizeOption = None,
     width: SizeOption = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per pipeline call (all seeds of a prompt together).")
+    ] = 8,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     progress: ProgressOption = True,
@@ -128,7 +131,7 @@ def evaluate(
     scorer.load()  # a wrong model fails before any generating
     options = EvalOptions(
         seeds=seed or [0, 1], num_inference_steps=steps, guidance_scale=guidance_scale,
-        height=height, width=width,
+        height=height, width=width, batch_size=batch_size,
     )  # fmt: skip
     with progress_bar("evaluating", total=len(cases), enabled=progress) as advance:
         result = run_evaluate(pipeline, scorer, cases, output, options, reference_images, advance)
