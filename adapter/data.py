@@ -48,9 +48,11 @@ def _looks_local(data: str) -> bool:
     return data.startswith(("/", ".", "~")) or Path(data).exists() or data.count("/") != 1
 
 
-def read_split_table(data: str, split: str, columns: Columns) -> pa.Table | None:
-    """The three columns of ``split``; None when the dataset has no such split."""
-    wanted = [columns.narrative, columns.keyword, columns.image]
+def read_split_table(
+    data: str, split: str, columns: Columns, only: list[str] | None = None
+) -> pa.Table | None:
+    """The three columns of ``split`` (or just ``only``); None when there is no such split."""
+    wanted = only or [columns.narrative, columns.keyword, columns.image]
     if _looks_local(data):
         path = Path(data).expanduser()
         if not path.exists():
@@ -85,7 +87,10 @@ def _hub_split(data: str, split: str, wanted: list[str]) -> pa.Table | None:
             "or a hub id on a machine that can reach the hub)"
         ) from None
     _check_columns(dataset.column_names, wanted, data)
-    dataset = dataset.select_columns(wanted).cast_column(wanted[2], datasets.Image(decode=False))
+    dataset = dataset.select_columns(wanted)
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset.with_format("arrow")[:]
 
 
@@ -109,6 +114,15 @@ def _image_bytes(value: object) -> bytes | None:
     if isinstance(value, str) and value and Path(value).is_file():
         return Path(value).read_bytes()
     return None
+
+
+def narrative_prompts(data: str, split: str, column: str = "narrative_prompt") -> list[str] | None:
+    """The distinct non-empty narrative prompts of ``split`` (no image is read)."""
+    table = read_split_table(data, split, Columns(narrative=column), only=[column])
+    if table is None:
+        return None
+    texts = (text.strip() for text in table[column].to_pylist() if text and text.strip())
+    return list(dict.fromkeys(texts))
 
 
 def load_split(data: str, split: str, columns: Columns = Columns()) -> SplitRows | None:

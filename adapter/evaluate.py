@@ -8,8 +8,10 @@ adapter under the same seed. Measured, each with and without:
   CLIPScore reports it);
 - **semantic accuracy** per category (action, colour, counting): the share of images that CLIP,
   zero-shot, matches to "a photo of <attribute>" better than to every alternative;
-- **CLIP-IQA** (Wang et al. 2023), the no-reference quality score as torchmetrics computes it
-  with a CLIP model: softmax(100 x cosines with "Good photo." / "Bad photo.") of the first;
+- **CLIP-IQA** (Wang et al. 2023), the no-reference quality score as torchmetrics'
+  ``CLIPImageQualityAssessment(model_name_or_path=<a CLIP>)`` computes it: softmax(100 x
+  cosines with "Good photo." / "Bad photo.") of the first. With the judging CLIP, not
+  torchmetrics' default RN50 ``clip_iqa`` weights, so values compare within surd runs;
 - **FID / KID** against ``--reference`` images, on the same CLIP model's image features
   (Inception weights cannot be assumed offline; CLIP features are the better-correlated choice
   of Kynkaanniemi et al. 2023). Both need many images: with few, use KID.
@@ -61,16 +63,19 @@ def load_suite(path: Path | None = None) -> list[EvalCase]:
     cases = []
     for number, row in enumerate(rows, 1):
         missing = [key for key in ("prompt", "category") if not row.get(key)]
-        if missing or (row.get("attribute") and not row.get("alternatives")):
-            what = ", ".join(missing) or "alternatives"
-            raise InputError(f"{where}: case {number} lacks {what}")
+        if missing:
+            raise InputError(f"{where}: case {number} lacks {', '.join(missing)}")
+        attribute, alternatives = row.get("attribute"), row.get("alternatives", [])
+        if attribute is not None and (not isinstance(attribute, str) or not attribute):
+            raise InputError(f"{where}: case {number}: attribute must be a non-empty string")
+        if not isinstance(alternatives, list) or not all(
+            isinstance(a, str) and a for a in alternatives
+        ):
+            raise InputError(f"{where}: case {number}: alternatives must be a list of strings")
+        if bool(attribute) != bool(alternatives):
+            raise InputError(f"{where}: case {number}: give attribute and alternatives together")
         cases.append(
-            EvalCase(
-                str(row["prompt"]),
-                str(row["category"]),
-                row.get("attribute"),
-                tuple(row.get("alternatives", ())),
-            )
+            EvalCase(str(row["prompt"]), str(row["category"]), attribute, tuple(alternatives))
         )
     if not cases:
         raise InputError(f"{where} has no [[case]] entries")
@@ -99,29 +104,38 @@ def clip_iqa(image_features: np.ndarray, good: np.ndarray, bad: np.ndarray) -> n
     return weights[:, 0] / weights.sum(axis=1)
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets."""
-    from scipy import linalg
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets; None with fewer
+    than 2 samples in either. Tr((S_a S_b)^1/2) is computed as the trace of the square root of
+    the symmetric S_a^1/2 S_b S_a^1/2 (same eigenvalues), which stays real and stable for the
+    singular covariances of small sets."""
+    if len(a) < 2 or len(b) < 2:
+        return None
     a, b = a.astype(np.float64), b.astype(np.float64)
     mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(root).all():  # singular product: regularise, as pytorch-fid does
-        offset = np.eye(cov_a.shape[0]) * 1e-6
-        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    root = root.real
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root))
+    root_a = _psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    spread = np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root
+    return float(((mean_a - mean_b) ** 2).sum() + spread)
 
 
 def kernel_distance(
     a: np.ndarray, b: np.ndarray, subsets: int = 10, subset_size: int = 100, seed: int = 0
-) -> tuple[float, float]:
-    """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over subsets."""
+) -> tuple[float | None, float | None]:
+    """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over subsets of
+    ``subset_size`` (fewer when a set is smaller; then the std only reflects the resampling of
+    the larger set). None, None with fewer than 2 samples in either."""
     rng = np.random.default_rng(seed)
     size = min(subset_size, len(a), len(b))
     if size < 2:
-        return float("nan"), float("nan")
+        return None, None
     dim = a.shape[1]
     values = []
     for _ in range(subsets):
@@ -167,8 +181,9 @@ def evaluate(
     cases: list[EvalCase],
     out: Path,
     options: EvalOptions,
-    reference_images: list[Any] | None = None,
+    reference_features: np.ndarray | None = None,
     progress: Any = None,
+    settings: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate, measure, write ``metrics.json`` and ``report.html`` into ``out``."""
     from adapter.generate import GenerateOptions, generate_images, save_png
@@ -182,8 +197,9 @@ def evaluate(
         guidance_scale=options.guidance_scale,
         height=options.height,
         width=options.width,
+        batch_size=options.batch_size,
     )
-    per_call = max(1, options.batch_size // len(options.seeds))  # prompts per pipeline call
+    per_call = max(1, options.batch_size // len(options.seeds))  # prompts per chunk
     for first in range(0, len(cases), per_call):
         chunk = list(range(first, min(first + per_call, len(cases))))
         for variant, use_adapter in (("without", False), ("with", True)):
@@ -231,8 +247,8 @@ def evaluate(
     metrics: dict[str, dict[str, Any]] = {}
     for variant, values in per_row.items():
         summary = {name: _mean(array) for name, array in values.items()}
-        if reference_images:
-            reference = _features_of(reference_images, scorer)
+        if reference_features is not None:
+            reference = reference_features
             summary["fid_clip"] = frechet_distance(image_features[variant], reference)
             kid_mean, kid_std = kernel_distance(image_features[variant], reference)
             summary["kid_clip"], summary["kid_clip_std"] = kid_mean, kid_std
@@ -268,6 +284,8 @@ def evaluate(
         for i, row in enumerate(rows)
     ]
     document = {
+        "settings": settings or {},
+        "reference_images": 0 if reference_features is None else len(reference_features),
         "options": asdict(options),
         "cases": [asdict(case) for case in cases],
         "metrics": metrics,
@@ -356,9 +374,10 @@ def render_report(cases: list[EvalCase], rows: list[dict], document: dict, out: 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def load_reference_images(path: Path, limit: int) -> list[Any]:
-    """Up to ``limit`` RGB images from a folder of image files, or from the ``image`` column of
-    the Parquet files under ``path`` (an export folder, or one file)."""
+def reference_features(path: Path, limit: int, scorer: Any, batch_size: int = 64) -> np.ndarray:
+    """CLIP image features of up to ``limit`` images from a folder of image files, or from the
+    ``image`` column of the Parquet files under ``path``; decoded and embedded in batches, so
+    only the (N, d) features are kept."""
     import pyarrow.parquet as pq
 
     from adapter.data import _image_bytes
@@ -367,19 +386,38 @@ def load_reference_images(path: Path, limit: int) -> list[Any]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"--reference {path}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    blobs: list[bytes] = []
-    for file in files:
-        if len(blobs) >= limit:
+
+    def blobs() -> Any:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                yield file.read_bytes()
+            elif file.suffix == ".parquet" and "image" in pq.read_schema(file).names:
+                for batch in pq.ParquetFile(file).iter_batches(batch_size, columns=["image"]):
+                    for cell in batch.column(0).to_pylist():
+                        data = _image_bytes(cell)
+                        if data:
+                            yield data
+
+    rows, pending = [], []
+    for seen, data in enumerate(blobs()):
+        if seen >= limit:
             break
-        if file.suffix.lower() in IMAGE_SUFFIXES:
-            blobs.append(file.read_bytes())
-        elif file.suffix == ".parquet" and "image" in pq.read_schema(file).names:
-            for cell in pq.read_table(file, columns=["image"])["image"].to_pylist():
-                data = _image_bytes(cell)
-                if data:
-                    blobs.append(data)
-    decoded, _failed = decode_rgb(blobs[:limit])
-    if len(decoded) < 2:
+        pending.append(data)
+        if len(pending) == batch_size:
+            rows.append(_embed(pending, scorer, decode_rgb))
+            pending = []
+    if pending:
+        rows.append(_embed(pending, scorer, decode_rgb))
+    rows = [row for row in rows if len(row)]
+    features = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    if len(features) < 2:
         raise InputError(f"--reference {path}: fewer than 2 readable images")
-    return [image for _, image in decoded]
+    return features
+
+
+def _embed(blobs: list[bytes], scorer: Any, decode: Any) -> np.ndarray:
+    decoded, _failed = decode(blobs)
+    if not decoded:
+        return np.zeros((0, 0), np.float32)
+    return scorer.image_features([image for _, image in decoded]).numpy()

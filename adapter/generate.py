@@ -22,6 +22,7 @@ class GenerateOptions:
     height: int | None = None
     width: int | None = None
     compare: bool = False
+    batch_size: int = 8  # images per pipeline call
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -32,20 +33,23 @@ def slug(text: str, length: int = 40) -> str:
 def generate_images(
     pipeline: Any, prompts: list[str], options: GenerateOptions, use_adapter: bool
 ) -> list[Any]:
-    """One image per (prompt, seed), prompt-major, in one pipeline call. Each image has its own
-    generator, so it is the same whatever else is in the batch."""
+    """One image per (prompt, seed), prompt-major, ``batch_size`` images per pipeline call.
+    Each image has its own generator, so it is the same whatever else is in its batch."""
     pairs = [(prompt, seed) for prompt in prompts for seed in options.seeds]
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in pairs]
-    return pipeline(
-        [prompt for prompt, _ in pairs],
-        negative_prompt=[options.negative_prompt] * len(pairs),
-        num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
-        height=options.height,
-        width=options.width,
-        generator=generators,
-        use_adapter=use_adapter,
-    ).images
+    images = []
+    for start in range(0, len(pairs), options.batch_size):
+        chunk = pairs[start : start + options.batch_size]
+        images += pipeline(
+            [prompt for prompt, _ in chunk],
+            negative_prompt=[options.negative_prompt] * len(chunk),
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
+            height=options.height,
+            width=options.width,
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk],
+            use_adapter=use_adapter,
+        ).images
+    return images
 
 
 def generate_for_prompt(

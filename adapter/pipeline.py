@@ -5,16 +5,21 @@ with the adapter.
 ``adapter``, and an ``encode_prompt`` that passes the text encoder's output through it, for the
 prompt and the negative prompt alike (at training time every UNet condition came through it).
 Everything else is diffusers': schedulers, guidance, seeds and generators, batches,
-``num_images_per_prompt``, dtypes, ``prompt_embeds`` given by the caller (they are treated as
-text-encoder output and adapted too). ``use_adapter=False`` on a call generates without it,
-for side-by-side comparisons with the same seeds.
+``num_images_per_prompt``, dtypes, model CPU offload. ``prompt_embeds`` /
+``negative_prompt_embeds`` given by the caller are used as they are: they are what this
+pipeline's ``encode_prompt`` returns, already adapted (the diffusers pattern of encoding once
+and generating many times). ``use_adapter=False`` on a call generates without the adapter, for
+side-by-side comparisons with the same seeds. The safety checker is not loaded.
 
-    pipe = load_pipeline("runwayml/stable-diffusion-v1-5", "runs/sur-adapter", device="cuda")
+    pipe = load_pipeline(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "runs/sur-adapter", device="cuda"
+    )
     image = pipe("three dogs playing in the snow", generator=torch.manual_seed(0)).images[0]
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ _Base = stable_diffusion_pipeline_class()
 
 class SURAdapterPipeline(_Base):  # type: ignore[misc, valid-type]
     _optional_components = [*_Base._optional_components, "adapter"]
+    model_cpu_offload_seq = "text_encoder->adapter->image_encoder->unet->vae"
 
     def __init__(
         self,
@@ -65,18 +71,24 @@ class SURAdapterPipeline(_Base):  # type: ignore[misc, valid-type]
         self.use_adapter = True
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """diffusers' encoding, then the adapter on what was encoded here (embeddings the caller
+        passed in are returned as they are)."""
+        given = inspect.signature(_Base.encode_prompt).bind(self, *args, **kwargs).arguments
         prompt_embeds, negative_embeds = super().encode_prompt(*args, **kwargs)
         if self.adapter is None or not self.use_adapter:
             return prompt_embeds, negative_embeds
-        return self.adapt(prompt_embeds), self.adapt(negative_embeds)
+        if given.get("prompt_embeds") is None:
+            prompt_embeds = self.adapt(prompt_embeds)
+        if given.get("negative_prompt_embeds") is None:
+            negative_embeds = self.adapt(negative_embeds)
+        return prompt_embeds, negative_embeds
 
     def adapt(self, embeds: Any) -> Any:
         """The adapter's output for text-encoder embeddings, in their dtype (the adapter runs
-        in its own dtype, float32 unless cast)."""
+        in its own dtype, float32 as saved). Devices are left to ``.to`` and offload hooks."""
         if embeds is None:
             return None
-        weight = next(self.adapter.parameters())
-        return self.adapter(embeds.to(weight.device, weight.dtype)).prompt_embeds.to(embeds.dtype)
+        return self.adapter(embeds.to(self.adapter.dtype)).prompt_embeds.to(embeds.dtype)
 
     def __call__(self, *args: Any, use_adapter: bool = True, **kwargs: Any) -> Any:
         """diffusers' call; ``use_adapter=False`` leaves the adapter out of this one."""
@@ -115,18 +127,23 @@ def load_pipeline(
         if not (path / "config.json").is_file():
             raise InputError(f"--adapter {adapter}: no adapter there (config.json is missing)")
         model = SURAdapter.from_pretrained(path).eval()
+    bars_were_on = diffusers.utils.logging.is_progress_bar_enabled()
     diffusers.utils.logging.disable_progress_bar()  # surd draws its own progress
-    pipeline = load_pretrained(
-        SURAdapterPipeline.from_pretrained,
-        base_model,
-        "base model",
-        adapter=model,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        dtype=torch_dtype,
-        variant=variant,
-    )
+    try:
+        pipeline = load_pretrained(
+            SURAdapterPipeline.from_pretrained,
+            base_model,
+            "base model",
+            adapter=model,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            dtype=torch_dtype,
+            variant=variant,
+        )
+    finally:
+        if bars_were_on:
+            diffusers.utils.logging.enable_progress_bar()
     if model is not None:
         from adapter.stable_diffusion import StableDiffusionParts
 

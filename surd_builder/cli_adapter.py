@@ -42,6 +42,7 @@ def generate(
         bool, typer.Option(help="Also write a grid: the same seeds without | with the adapter.")
     ] = False,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 8,
     steps: StepsOption = 30,
     guidance_scale: GuidanceOption = 7.5,
     scheduler: SchedulerOption = "dpm",
@@ -61,6 +62,7 @@ def generate(
     options = GenerateOptions(
         seeds=seed or [0], num_inference_steps=steps, guidance_scale=guidance_scale,
         negative_prompt=negative_prompt, height=height, width=width, compare=compare,
+        batch_size=batch_size,
     )  # fmt: skip
     with progress_bar("generating", total=len(prompts), enabled=progress) as advance:
         written = run_generate(pipeline, prompts, output, options, advance)
@@ -77,9 +79,17 @@ def evaluate(
         "surd-eval"
     ),
     prompts: Annotated[
-        Path | None,
-        typer.Option(help="A TOML prompt suite to use instead of the shipped one (same format)."),
-    ] = None,
+        list[Path] | None,
+        typer.Option(
+            help="A TOML prompt suite in the shipped one's format, added to it (repeatable)."
+        ),
+    ] = None,  # fmt: skip
+    default_prompts: Annotated[
+        bool, typer.Option(help="Include the shipped suite (action, colour, counting).")
+    ] = True,
+    clip_dtype: Annotated[
+        str, typer.Option(help="dtype of the judging CLIP; float32 keeps scores comparable.")
+    ] = "float32",
     data: Annotated[
         str | None,
         typer.Option(help="Also evaluate narrative prompts of this dataset's --split."),
@@ -110,31 +120,41 @@ def evaluate(
 ) -> None:
     """Generate with and without the adapter under the same seeds and compare: CLIP score,
     semantic accuracy per category, CLIP-IQA, FID/KID against reference images."""
-    from adapter.data import load_split
-    from adapter.evaluate import EvalCase, EvalOptions, load_reference_images, load_suite
+    from adapter.data import narrative_prompts
+    from adapter.evaluate import EvalCase, EvalOptions, load_suite, reference_features
     from adapter.evaluate import evaluate as run_evaluate
     from adapter.pipeline import load_pipeline
     from surd_builder.clip import ClipScorer
     from surd_builder.errors import InputError
     from surd_builder.progress import progress_bar
 
-    cases = load_suite(prompts)
+    cases = load_suite() if default_prompts else []
+    for path in prompts or []:
+        cases += load_suite(path)
     if data is not None:
-        rows = load_split(data, split)
-        if rows is None:
+        narratives = narrative_prompts(data, split)
+        if narratives is None:
             raise InputError(f"--data {data} has no {split!r} split")
-        narratives = list(dict.fromkeys(rows.narrative_prompts))[:data_prompts]
-        cases += [EvalCase(prompt, "test") for prompt in narratives]
-    reference_images = load_reference_images(reference, reference_limit) if reference else None
-    pipeline = load_pipeline(base_model, adapter, device, dtype, scheduler)
-    scorer = ClipScorer(clip_model, device=device)
+        cases += [EvalCase(prompt, "test") for prompt in narratives[:data_prompts]]
+    if not cases:
+        raise InputError("nothing to evaluate: no prompts (--no-default-prompts without others)")
+    scorer = ClipScorer(clip_model, device=device, dtype=clip_dtype)
     scorer.load()  # a wrong model fails before any generating
+    references = reference_features(reference, reference_limit, scorer) if reference else None
+    pipeline = load_pipeline(base_model, adapter, device, dtype, scheduler)
     options = EvalOptions(
         seeds=seed or [0, 1], num_inference_steps=steps, guidance_scale=guidance_scale,
         height=height, width=width, batch_size=batch_size,
     )  # fmt: skip
     with progress_bar("evaluating", total=len(cases), enabled=progress) as advance:
-        result = run_evaluate(pipeline, scorer, cases, output, options, reference_images, advance)
+        settings = {
+            "base_model": base_model, "adapter": str(adapter), "clip_model": clip_model,
+            "clip_dtype": clip_dtype, "scheduler": scheduler, "dtype": dtype,
+            "reference": None if reference is None else str(reference),
+        }  # fmt: skip
+        result = run_evaluate(
+            pipeline, scorer, cases, output, options, references, advance, settings
+        )
     typer.echo(f"{result.cases} prompts x {len(options.seeds)} seeds, with and without the adapter")
     names = list(result.metrics["with"].keys())
     for name in names:

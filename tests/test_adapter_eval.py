@@ -27,6 +27,7 @@ from adapter.model import SURAdapter
 from adapter.pipeline import load_pipeline
 from surd_builder.cli import app
 from surd_builder.clip import ClipScorer
+from tests.conftest import write_demo_dataset
 from tests.tiny_models import save_tiny_clip, save_tiny_stable_diffusion
 
 
@@ -78,6 +79,13 @@ def test_the_pipeline_applies_the_adapter_exactly_when_its_weight_is_non_zero(mo
     assert torch.allclose(raw, adapter(plain).prompt_embeds, atol=1e-5)
     assert torch.allclose(raw_negative, adapter(plain_negative).prompt_embeds, atol=1e-5)
 
+    # embeddings from this pipeline's encode_prompt are used as given, not adapted twice
+    from_embeds = active(
+        prompt_embeds=raw, negative_prompt_embeds=raw_negative, num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="np",
+    ).images  # fmt: skip
+    assert np.allclose(from_embeds, with_adapter, atol=1e-5)
+
     # an image does not depend on the other prompts of its batch (no batch mixing, also
     # between the conditional and unconditional halves of classifier-free guidance)
     alone = images(active, prompts[:1], [0])
@@ -102,9 +110,15 @@ def test_generate_writes_images_and_a_side_by_side_grid(models, tmp_path) -> Non
     ]
     grid = Image.open(tmp_path / "out" / names[0])
     assert grid.size == (64, 64)  # 2 columns (without | with) x 2 seeds of 32 px
-    right_top = np.asarray(grid)[:32, 32:]
+    right_top, left_top = np.asarray(grid)[:32, 32:], np.asarray(grid)[:32, :32]
     seed3 = np.asarray(Image.open(tmp_path / "out" / names[1]))
     assert np.array_equal(right_top, seed3)  # the grid's right column is the adapter's image
+    pipeline = load_pipeline(str(models["sd"]), models["active"], device="cpu")
+    without = pipeline(
+        "three dogs playing in the snow", num_inference_steps=2, use_adapter=False,
+        generator=torch.Generator().manual_seed(3), negative_prompt="",
+    ).images[0]  # fmt: skip
+    assert np.array_equal(left_top, np.asarray(without))  # ... the left one is without it
 
     missing = CliRunner().invoke(
         app,
@@ -131,6 +145,25 @@ def test_attribute_accuracy_and_the_scores_on_constructed_embeddings() -> None:
     shifted = same + np.array([2.0, 0.0, 0.0])
     assert frechet_distance(sample, same) < 0.1
     assert frechet_distance(sample, shifted) == pytest.approx(4.0, abs=0.5)  # mean shift^2
+    # covariance counts too: S vs 4S gives tr(5S - 2 * 2S) = tr(S), about 3 here
+    assert frechet_distance(same, 2 * same) == pytest.approx(np.trace(np.cov(same.T)), rel=0.01)
+    assert frechet_distance(sample[:1], same) is None and kernel_distance(sample[:1], same) == (
+        None,
+        None,
+    )
+
+    # a case with fewer alternatives than another is judged among its own options only: the
+    # padding repeats one of its alternatives (a zero vector would win every negative contest)
+    from adapter.evaluate import _pad_options
+
+    attribute, alternative = np.array([1.0, 0, 0, 0]), np.array([0, 1.0, 0, 0])
+    padded = _pad_options(
+        np.stack([attribute, alternative, attribute, alternative, basis[2], basis[3]]),
+        [EvalCase("a", "x", "a", ("b",)), EvalCase("c", "x", "a", ("b", "c", "d"))],
+        width=4,
+    )
+    image = -np.array([0.5, 0.9, 0.9, 0.9]) / np.linalg.norm([0.5, 0.9, 0.9, 0.9])
+    assert attribute_correct(image[None], padded[:1]).tolist() == [True]
     assert abs(kernel_distance(sample, same)[0]) < 0.01
     assert kernel_distance(sample, shifted)[0] > 0.1
 
@@ -157,8 +190,10 @@ def test_eval_writes_metrics_and_a_report_that_references_only_existing_files(
     ]
     reference = [Image.new("RGB", (32, 32), (i * 20, 100, 200 - i * 20)) for i in range(6)]
     out = tmp_path / "eval"
-    options = EvalOptions(seeds=[0, 1], num_inference_steps=2)
-    result = evaluate(pipeline, scorer, cases, out, options, reference)
+    options = EvalOptions(seeds=[0, 1], num_inference_steps=2, batch_size=3)
+    result = evaluate(
+        pipeline, scorer, cases, out, options, scorer.image_features(reference).numpy()
+    )
     assert result.images_per_variant == 6
     document = json.loads((out / "metrics.json").read_text())
     for variant in ("with", "without"):
@@ -182,13 +217,49 @@ def test_eval_writes_metrics_and_a_report_that_references_only_existing_files(
     assert "missing" not in page
 
 
+def eval_args(models, *extra: str) -> list[str]:
+    return [
+        "eval", "--base-model", str(models["sd"]), "--adapter", str(models["active"]),
+        "--clip-model", str(models["clip"]), "--device", "cpu", "--steps", "2", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
 def test_a_bad_prompt_file_is_a_one_line_error(models, tmp_path) -> None:
     suite = tmp_path / "suite.toml"
     suite.write_text('[[case]]\nprompt = "two cats"\n')
-    result = CliRunner().invoke(
-        app,
-        ["eval", "--base-model", str(models["sd"]), "--adapter", str(models["active"]),
-         "--clip-model", str(models["clip"]), "--prompts", str(suite), "--device", "cpu"],
-    )  # fmt: skip
+    result = CliRunner().invoke(app, eval_args(models, "--prompts", str(suite)))
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: {suite}: case 1 lacks category"]
+    suite.write_text(
+        '[[case]]\nprompt = "two cats"\ncategory = "counting"\nattribute = "two cats"\n'
+        'alternatives = "one cat"\n'
+    )
+    result = CliRunner().invoke(app, eval_args(models, "--prompts", str(suite)))
+    assert result.exit_code == 2 and "must be a list of strings" in result.output
+
+
+def test_eval_from_the_command_line_with_test_prompts_and_reference_images(
+    models, tmp_path
+) -> None:
+    data = write_demo_dataset(tmp_path / "demo", count=24, held_out=6)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(
+        '[[case]]\nprompt = "two red circles"\ncategory = "counting"\n'
+        'attribute = "two circles"\nalternatives = ["one circle", "three circles"]\n'
+    )
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(
+        app,
+        eval_args(
+            models, "--no-default-prompts", "--prompts", str(suite), "--data", str(data),
+            "--data-prompts", "2", "--reference", str(data), "--seed", "5", "--output", str(out),
+        ),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "metrics.json").read_text())
+    assert [case["category"] for case in document["cases"]] == ["counting", "test", "test"]
+    assert document["reference_images"] == 24  # both splits' images
+    assert document["settings"]["clip_dtype"] == "float32"
+    assert document["metrics"]["with"]["kid_clip"] is not None
+    assert "clip_score" in result.output and "report:" in result.output

@@ -20,7 +20,7 @@ from adapter.data import load_split
 from adapter.model import SURAdapter
 from adapter.train import TrainConfig, train
 from surd_builder.cli import app
-from surd_builder.demo import make_demo_folder
+from tests.conftest import write_demo_dataset
 from tests.tiny_models import save_tiny_causal_lm, save_tiny_stable_diffusion
 
 SMALL_ADAPTER = dict(adapter_heads=4, adapter_feedforward=64, adapter_mlp=64)
@@ -32,32 +32,6 @@ class Stack:
     llm: Path
     data: Path
     cache: Path
-
-
-def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Path:
-    """The demo shapes as an export-style dataset: data/{train,test}-*.parquet, HF image
-    structs, 32 px images."""
-    images = folder / "images"
-    make_demo_folder(images, count=count, size=32)
-    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
-
-    def table(selected: list[dict]) -> pa.Table:
-        return pa.table(
-            {
-                "narrative_prompt": [row["narrative_prompt"] for row in selected],
-                "complex_prompt": [row["complex_prompt"] for row in selected],
-                "image": [
-                    {"bytes": (images / row["file_name"]).read_bytes(), "path": row["file_name"]}
-                    for row in selected
-                ],
-            }
-        )
-
-    data = folder / "export" / "data"
-    data.mkdir(parents=True)
-    pq.write_table(table(rows[:-held_out]), data / "train-00000-of-00001.parquet")
-    pq.write_table(table(rows[-held_out:]), data / "test-00000-of-00001.parquet")
-    return folder / "export"
 
 
 @pytest.fixture(scope="module")
