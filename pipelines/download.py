@@ -47,6 +47,7 @@ class FetchOptions:
     allow_private: bool = False
     per_host_rate: float = 0.0  # requests per second per host; 0: no limit
     user_agent: str = DEFAULT_USER_AGENT
+    respect_opt_out: bool = True  # X-Robots-Tag on images, robots.txt for URL lists
 
 
 class FetchError(Exception):
@@ -92,6 +93,8 @@ class Fetched:
     data: bytes
     url: str  # after redirects
     content_type: str  # media type, lower case, without parameters
+    robots_tags: tuple[str, ...] = ()  # the X-Robots-Tag header values, one per header
+    cache_control: str = ""
 
 
 class HostRateLimiter:
@@ -178,6 +181,21 @@ def _private_address(host: str) -> str | None:
     return None
 
 
+def _header_values(response, name: str) -> tuple[str, ...]:
+    """Every value of a repeated header, one per header line (requests joins them with commas,
+    which would blur an ``agent:`` scope into the next header)."""
+    raw_headers = getattr(getattr(response, "raw", None), "headers", None)
+    if raw_headers is not None and hasattr(raw_headers, "getlist"):
+        return tuple(raw_headers.getlist(name))
+    value = response.headers.get(name)
+    return (value,) if value else ()
+
+
+def user_agent_for(contact: str | None) -> str:
+    """``surd/<version> (+<contact>)``: every request says what it is and whom to ask."""
+    return f"surd/{__version__} (+{contact})" if contact else DEFAULT_USER_AGENT
+
+
 class Fetcher:
     """GETs with retries, limits and checks; safe to share between threads."""
 
@@ -216,6 +234,28 @@ class Fetcher:
     def get(self, url: str, params: dict[str, Any] | None = None) -> Fetched:
         """The body of ``url``, retried as described in the module docstring."""
         return self._get(url, params, None, self.options.max_bytes)
+
+    def get_image(self, url: str) -> Fetched:
+        """:meth:`get` for an image to keep: an ``X-Robots-Tag`` opt-out that applies to surd
+        (see ``pipelines.optout``) raises ``opted-out`` unless opt-outs are ignored."""
+        from pipelines.optout import OptedOut, x_robots_opt_outs
+
+        fetched = self.get(url)
+        if self.options.respect_opt_out:
+            directives = x_robots_opt_outs(list(fetched.robots_tags))
+            if directives:
+                raise OptedOut("opted-out", f"{fetched.url}: X-Robots-Tag {', '.join(directives)}")
+        return fetched
+
+    @property
+    def robots(self):
+        """This fetcher's robots.txt rules per host (``pipelines.optout.RobotsPolicy``)."""
+        robots = getattr(self, "_robots", None)
+        if robots is None:
+            from pipelines.optout import RobotsPolicy
+
+            robots = self._robots = RobotsPolicy(self)
+        return robots
 
     def download_to(self, url: str, path: Path, max_bytes: int) -> int:
         """Stream ``url`` into the file ``path``, atomically: for archives too big for memory.
@@ -312,4 +352,10 @@ class Fetcher:
         except requests.exceptions.ContentDecodingError:
             raise FetchError("bad-encoding", url) from None
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        return Fetched(b"".join(chunks), response.url or url, media_type)
+        return Fetched(
+            b"".join(chunks),
+            response.url or url,
+            media_type,
+            _header_values(response, "X-Robots-Tag"),
+            response.headers.get("Cache-Control", ""),
+        )

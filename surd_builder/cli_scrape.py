@@ -49,6 +49,21 @@ DecodeOption = Annotated[
         help="Decode every image to reject corrupt data (off: header check only, ~25% faster)."
     ),
 ]
+IgnoreOptOutOption = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-opt-out",
+        help="Store images whose X-Robots-Tag opts out of AI use or indexing, and ignore "
+        "robots.txt. Off by default; use only with the owners' permission.",
+    ),
+]
+ContactOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A URL or e-mail for site owners, sent in the user agent: surd/<version> "
+        "(+CONTACT) (default: the project's page)."
+    ),
+]
 LimitOption = Annotated[
     int | None, typer.Option(min=1, help="Download at most this many new items.")
 ]
@@ -72,9 +87,11 @@ def _scrape(
     limit: int | None,
     progress: bool,
     auth_headers: dict[str, str] | None = None,
+    ignore_opt_out: bool = False,
+    contact: str | None = None,
 ) -> None:
     """What every scrape command does once it has its source: download, report, warn."""
-    from pipelines.download import FetchOptions
+    from pipelines.download import FetchOptions, user_agent_for
     from pipelines.runner import RunOptions, run_stage
     from pipelines.scrape import ScrapeStage
     from surd_builder.workspace import Workspace
@@ -85,6 +102,8 @@ def _scrape(
         max_bytes=int(max_image_mb * 2**20),
         per_host_rate=per_host_rate,
         allow_private=allow_private,
+        respect_opt_out=not ignore_opt_out,
+        user_agent=user_agent_for(contact),
     )
     stage = ScrapeStage(
         source,
@@ -140,6 +159,8 @@ def urls(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    ignore_opt_out: IgnoreOptOutOption = False,
+    contact: ContactOption = None,
 ) -> None:
     """Download images listed in a file of URLs and prompts (like img2dataset's input)."""
     from pipelines.sources.urls import UrlListSource
@@ -163,6 +184,8 @@ def urls(
         force=force,
         limit=limit,
         progress=progress,
+        ignore_opt_out=ignore_opt_out,
+        contact=contact,
     )
 
 
@@ -223,6 +246,8 @@ def civitai(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    ignore_opt_out: IgnoreOptOutOption = False,
+    contact: ContactOption = None,
 ) -> None:
     """Images with their prompts from Civitai's REST API; token from CIVITAI_API_TOKEN."""
     from pipelines.sources.civitai import CivitaiImages, CivitaiModels, token_headers
@@ -266,6 +291,8 @@ def civitai(
         force=force,
         limit=limit,
         progress=progress,
+        ignore_opt_out=ignore_opt_out,
+        contact=contact,
         auth_headers=token_headers(os.environ),
     )
 
@@ -291,6 +318,8 @@ def lexica(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    ignore_opt_out: IgnoreOptOutOption = False,
+    contact: ContactOption = None,
 ) -> None:
     """Images with their prompts from Lexica's search API (about 50 per query)."""
     from pipelines.sources.lexica import LexicaSearch
@@ -314,6 +343,8 @@ def lexica(
         force=force,
         limit=limit,
         progress=progress,
+        ignore_opt_out=ignore_opt_out,
+        contact=contact,
     )
 
 
@@ -344,6 +375,8 @@ def diffusiondb(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    ignore_opt_out: IgnoreOptOutOption = False,
+    contact: ContactOption = None,
 ) -> None:
     """Images with prompts from the DiffusionDB layout (part zips + their JSON)."""
     from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
@@ -367,4 +400,6 @@ def diffusiondb(
         force=force,
         limit=limit,
         progress=progress,
+        ignore_opt_out=ignore_opt_out,
+        contact=contact,
     )

@@ -14,6 +14,9 @@ Routes (``n`` is any number, used to make distinct URLs):
 - ``/hold/n.jpg``: blocks until the test releases it (``server.release``), then the image
 - any path in ``server.documents``: that JSON document (``bytes``: served as an HTML page)
 - any path in ``server.files``: that (body, content type)
+- ``server.statuses[path]``: answer that status; ``server.delays[path]``: wait that many seconds
+  first; ``server.redirects[path]``: 302 to that URL; ``server.extra_headers[path]``: add those
+  (name, value) headers to the answer (repeated names stay separate header lines)
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class FaultyServer(ThreadingHTTPServer):
         self.queries: list[tuple[str, str]] = []
         self.files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type)
         self.documents: dict[str, object] = {}
+        self.statuses: dict[str, int] = {}
+        self.delays: dict[str, float] = {}
+        self.redirects: dict[str, str] = {}
+        self.extra_headers: dict[str, list[tuple[str, str]]] = {}
         self.held = threading.Event()  # set when a /hold/ request is waiting
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -80,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
+        for name, value in [*headers, *self.server.extra_headers.get(self._path, [])]:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
@@ -93,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, jpeg(number), "image/jpeg")
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        path = self.path.split("?", 1)[0]
+        path = self._path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         hit = self.server.count(path)
         self.server.user_agents.add(self.headers.get("User-Agent", ""))
@@ -101,6 +108,14 @@ class _Handler(BaseHTTPRequestHandler):
         host = self.headers.get("Host", "").rsplit(":", 1)[0]
         self.server.auth_by_host.add((host, self.headers.get("Authorization", "")))
         self.server.queries.append((path, self.path.partition("?")[2]))
+        if path in self.server.delays:
+            time.sleep(self.server.delays[path])
+        if path in self.server.statuses:
+            self._send(self.server.statuses[path], b"status", "text/plain")
+            return
+        if path in self.server.redirects:
+            self._send(302, b"", "text/plain", [("Location", self.server.redirects[path])])
+            return
         if path in self.server.files:
             self._send(200, *self.server.files[path])
             return

@@ -65,7 +65,7 @@ class Source(ABC):
     def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
         """(image bytes, URL to record as ``source_url``, media type) of one listed item; raises
         ``FetchError``. Runs in the scrape stage's worker threads. Default: an HTTP GET."""
-        fetched = fetcher.get(item["image_url"])
+        fetched = fetcher.get_image(item["image_url"])
         return fetched.data, fetched.url, fetched.content_type
 
 

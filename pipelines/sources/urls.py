@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -46,6 +47,18 @@ class UrlListSource(Source):
         self.name = name or "urls"
         self.url_column, self.prompt_column, self.id_column = url_column, prompt_column, id_column
         self.narrative_column = narrative_column
+
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
+        """The open web: robots.txt of the image's host (and of the host a redirect ends on)
+        is honoured on top of ``X-Robots-Tag``; see ``pipelines.optout``."""
+        url = item["image_url"]
+        respect = fetcher.options.respect_opt_out
+        if respect:
+            fetcher.robots.check(url)
+        fetched = fetcher.get_image(url)
+        if respect and urlsplit(fetched.url).netloc != urlsplit(url).netloc:
+            fetcher.robots.check(fetched.url)  # fetched, but not kept if that host says no
+        return fetched.data, fetched.url, fetched.content_type
 
     def params(self) -> dict[str, Any]:
         return {"source": self.name, "file": str(self.path), "url_column": self.url_column}

@@ -1,0 +1,138 @@
+"""Opt-out at collection time: ``X-Robots-Tag`` headers and ``robots.txt``.
+
+Both are on by default; ``surd build scrape ... --ignore-opt-out`` is the only way to turn them
+off. An item that is opted out is not stored and ends as a failure with reason ``opted-out``.
+
+**X-Robots-Tag** (every source's image responses): the directives ``noai``, ``noimageai``,
+``noindex``, ``noimageindex`` and ``none`` opt out, when unscoped or scoped to surd (``surd:
+noai``) or to every agent (``*: noai``); directives scoped to another agent (``googlebot:
+noindex``) do not apply. Several headers are read one by one; in one header, an ``agent:`` prefix
+applies to the directives after it.
+
+**robots.txt** (the ``urls`` source, whose items are pages of the open web; API sources are
+governed by their API terms): fetched once per host (scheme, host and port), following up to 5
+redirects, kept for its ``Cache-Control: max-age`` or 24 hours, and evaluated for the product
+token ``surd`` (``User-agent: surd`` rules, else ``*``) with Python's ``urllib.robotparser``.
+As RFC 9309 and the major crawlers do:
+
+- a 2xx answer is parsed; lines that are not rules are ignored, so a malformed file allows what
+  it does not clearly disallow;
+- a 4xx answer (404, 403...) means no rules: everything is allowed;
+- a 5xx answer, a timeout or an unreachable host means "disallowed for now": the item fails
+  with ``robots-unavailable`` (not ``opted-out``), is retried on the next run, and the host is
+  asked again after 5 minutes.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.robotparser import RobotFileParser
+
+from pipelines.download import FetchError, check_url
+
+if TYPE_CHECKING:
+    from pipelines.download import Fetcher
+
+PRODUCT_TOKEN = "surd"
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex", "none"})
+# directives that carry a value after a colon, so "name: value" is not an agent scope
+VALUED_DIRECTIVES = frozenset(
+    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+)
+ROBOTS_TTL_SECONDS = 24 * 3600.0
+UNAVAILABLE_TTL_SECONDS = 300.0
+
+
+def x_robots_opt_outs(header_values: list[str], agent: str = PRODUCT_TOKEN) -> list[str]:
+    """The opt-out directives among ``X-Robots-Tag`` header values that apply to ``agent``."""
+    found: list[str] = []
+    for value in header_values:
+        scope: str | None = None  # None: every agent
+        for piece in value.split(","):
+            piece = piece.strip().lower()
+            name, colon, rest = piece.partition(":")
+            if colon and name.strip() not in VALUED_DIRECTIVES:
+                scope, piece = name.strip(), rest.strip()
+            if piece in OPT_OUT_DIRECTIVES and scope in (None, "*", agent):
+                found.append(piece if scope is None else f"{scope}: {piece}")
+    return list(dict.fromkeys(found))
+
+
+class OptedOut(FetchError):
+    """The item's owner opted out (``reason`` ``opted-out``) or robots.txt could not be read
+    (``robots-unavailable``); ``detail`` says how. A ``FetchError``, so it becomes the item's
+    failure reason like any other."""
+
+
+@dataclass
+class _Rules:
+    parser: RobotFileParser | None  # None: robots.txt could not be read
+    expires: float
+    detail: str
+
+
+def _max_age(cache_control: str) -> float | None:
+    match = re.search(r"max-age\s*=\s*(\d+)", cache_control or "")
+    return float(match.group(1)) if match else None
+
+
+class RobotsPolicy:
+    """robots.txt rules per host, fetched once (one request per host even with many threads)."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        agent: str = PRODUCT_TOKEN,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.fetcher, self.agent, self.clock = fetcher, agent, clock
+        self._rules: dict[str, _Rules] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.fetches = 0  # robots.txt requests made (tests, reports)
+
+    def check(self, url: str) -> None:
+        """Raise :class:`OptedOut` unless robots.txt lets surd fetch ``url`` (a URL that cannot
+        be fetched at all raises its own ``FetchError`` first, e.g. ``bad-url``)."""
+        check_url(url, self.fetcher.options.allow_private)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            return
+        origin = f"{parts.scheme}://{parts.netloc}"
+        rules = self._rules_for(origin)
+        if rules.parser is None:
+            raise OptedOut("robots-unavailable", f"{origin}/robots.txt: {rules.detail}")
+        if not rules.parser.can_fetch(self.agent, url):
+            raise OptedOut("opted-out", f"robots.txt of {origin} disallows {parts.path or '/'}")
+
+    def _rules_for(self, origin: str) -> _Rules:
+        with self._guard:
+            lock = self._locks.setdefault(origin, threading.Lock())
+        with lock:
+            rules = self._rules.get(origin)
+            if rules is None or rules.expires <= self.clock():
+                rules = self._rules[origin] = self._fetch(origin)
+            return rules
+
+    def _fetch(self, origin: str) -> _Rules:
+        self.fetches += 1
+        now = self.clock()
+        try:
+            fetched = self.fetcher.get(f"{origin}/robots.txt")
+        except FetchError as error:
+            status = error.reason.removeprefix("http-")
+            if status.isdigit() and 400 <= int(status) < 500:
+                parser = RobotFileParser()
+                parser.parse([])  # no rules: everything allowed
+                return _Rules(parser, now + ROBOTS_TTL_SECONDS, error.reason)
+            return _Rules(None, now + UNAVAILABLE_TTL_SECONDS, error.reason)
+        parser = RobotFileParser()
+        parser.parse(fetched.data.decode("utf-8", errors="replace").splitlines())
+        ttl = _max_age(fetched.cache_control)
+        return _Rules(parser, now + (ROBOTS_TTL_SECONDS if ttl is None else ttl), "ok")

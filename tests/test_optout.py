@@ -1,0 +1,152 @@
+"""Opt-out at collection: X-Robots-Tag headers and robots.txt, against a loopback server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from pipelines.download import Fetcher, FetchOptions, user_agent_for
+from pipelines.optout import RobotsPolicy, x_robots_opt_outs
+from pipelines.runner import RunOptions, run_stage
+from pipelines.scrape import ScrapeStage
+from pipelines.sources.urls import UrlListSource
+from tests.http_fixture import FaultyServer
+
+QUIET = RunOptions(batch_size=8, show_progress=False)
+LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=1.0)
+
+
+@pytest.fixture
+def server():
+    with FaultyServer() as running:
+        yield running
+
+
+def scrape(workspace, tmp_path, urls: list[str], options: FetchOptions = LOOPBACK):
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("\n".join(json.dumps({"url": u, "prompt": "a cat, 8k"}) for u in urls))
+    report = run_stage(ScrapeStage(UrlListSource(listing), options), workspace, QUIET)
+    outstanding = workspace.read_failures(outstanding_in="samples").to_pylist()
+    return report, {row["source_item_id"]: row["reason"] for row in outstanding}
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (["noai"], ["noai"]),
+        (["noimageai, max-image-preview: large"], ["noimageai"]),
+        (["NoIndex"], ["noindex"]),
+        (["noimageindex"], ["noimageindex"]),
+        (["none"], ["none"]),
+        (["googlebot: noindex"], []),
+        (["surd: noai"], ["surd: noai"]),
+        (["*: noimageai"], ["*: noimageai"]),
+        (["googlebot: noindex", "noai"], ["noai"]),  # separate headers, separate scopes
+        (["googlebot: nofollow, surd: noindex"], ["surd: noindex"]),
+        (["unavailable_after: 25 Jun 2030 15:00:00 PST", "index, follow"], []),
+        ([], []),
+    ],
+)
+def test_which_x_robots_tag_values_opt_out(headers, expected) -> None:
+    assert x_robots_opt_outs(headers) == expected
+
+
+def test_x_robots_tag_opt_outs_are_not_stored(server, workspace, tmp_path) -> None:
+    cases = {
+        "/img/1.jpg": [("X-Robots-Tag", "noai")],
+        "/img/2.jpg": [("X-Robots-Tag", "googlebot: noindex")],
+        "/img/3.jpg": [("X-Robots-Tag", "googlebot: noindex"), ("X-Robots-Tag", "noimageai")],
+        "/img/4.jpg": [("X-Robots-Tag", "surd: none")],
+        "/img/5.jpg": [],
+    }
+    server.extra_headers.update(cases)
+    urls = [server.base + path for path in cases]
+    report, reasons = scrape(workspace, tmp_path, urls)
+    assert report.failures_by_reason == {"opted-out": 3}
+    assert sorted(reasons) == [urls[0], urls[2], urls[3]]
+    stored = workspace.read_table("samples")["source_item_id"].to_pylist()
+    assert sorted(stored) == [urls[1], urls[4]]
+    assert len(list((workspace.root / "images").glob("*.parquet"))) >= 1
+
+    # the explicit switch stores them (the owners agreed, say)
+    report, _ = scrape(workspace, tmp_path, urls, replace(LOOPBACK, respect_opt_out=False))
+    assert report.failures_by_reason == {}
+    assert len(workspace.read_table("samples")) == 5
+
+
+def test_robots_txt_rules_per_agent_and_path(server, workspace, tmp_path) -> None:
+    robots = (
+        "User-agent: *\nDisallow: /img/1\n\n"
+        "User-agent: surd\nDisallow: /img/2\nAllow: /img/1\n\n"
+        "User-agent: otherbot\nDisallow: /\n"
+    )
+    server.files["/robots.txt"] = (robots.encode(), "text/plain")
+    urls = [f"{server.base}/img/{n}.jpg" for n in (1, 2, 3, 4)]
+    report, reasons = scrape(workspace, tmp_path, urls)
+    # surd's own group applies (not "*"): /img/2 is disallowed, /img/1 allowed
+    assert reasons == {urls[1]: "opted-out"}
+    assert report.failures_by_reason == {"opted-out": 1}
+    assert server.hits["/robots.txt"] == 1  # once per host, however many items
+    assert server.hits["/img/2.jpg"] == 0  # a disallowed image is never requested
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        (lambda s: None, None),  # 404: no rules
+        (lambda s: s.statuses.__setitem__("/robots.txt", 403), None),  # 4xx: allowed
+        (lambda s: s.statuses.__setitem__("/robots.txt", 500), "robots-unavailable"),
+        (lambda s: s.delays.__setitem__("/robots.txt", 2.0), "robots-unavailable"),  # timeout
+        (
+            lambda s: s.files.__setitem__(
+                "/robots.txt",
+                (
+                    b"\xff\xfe garbage {{\nDisallow /nothing\nUser-agent: *\nDisallow: /img/\n",
+                    "text/plain",
+                ),
+            ),  # fmt: skip
+            "opted-out",  # junk lines are skipped; the rule it does state holds
+        ),
+    ],
+)
+def test_robots_txt_availability_policy(server, workspace, tmp_path, setup, reason) -> None:
+    setup(server)
+    url = f"{server.base}/img/7.jpg"
+    report, reasons = scrape(workspace, tmp_path, [url])
+    assert reasons == ({url: reason} if reason else {})
+    if reason == "robots-unavailable":
+        # not a refusal: the item stays a failure to retry, and a later run may store it
+        server.statuses.pop("/robots.txt", None)
+        server.delays.pop("/robots.txt", None)
+        again, reasons = scrape(workspace, tmp_path, [url])
+        assert again.failures_by_reason == {} and again.written == 1
+
+
+def test_a_redirect_to_a_host_that_opts_out_is_not_stored(workspace, tmp_path) -> None:
+    with FaultyServer() as first, FaultyServer() as second:
+        second.files["/robots.txt"] = (b"User-agent: *\nDisallow: /img/\n", "text/plain")
+        first.redirects["/moved/1.jpg"] = f"{second.base}/img/1.jpg"
+        url = f"{first.base}/moved/1.jpg"
+        report, reasons = scrape(workspace, tmp_path, [url])
+        assert reasons == {url: "opted-out"}
+        assert first.hits["/robots.txt"] == 1 and second.hits["/robots.txt"] == 1
+
+
+def test_requests_say_who_is_asking_and_robots_txt_expires(server) -> None:
+    options = replace(LOOPBACK, user_agent=user_agent_for("mailto:data@example.org"))
+    fetcher = Fetcher(options)
+    server.files["/robots.txt"] = (b"User-agent: *\nAllow: /\n", "text/plain")
+    server.extra_headers["/robots.txt"] = [("Cache-Control", "max-age=60")]
+    now = [0.0]
+    policy = RobotsPolicy(fetcher, clock=lambda: now[0])
+    policy.check(f"{server.base}/img/1.jpg")
+    policy.check(f"{server.base}/img/2.jpg")
+    assert policy.fetches == 1
+    now[0] = 61.0  # past its max-age: asked again
+    policy.check(f"{server.base}/img/3.jpg")
+    assert policy.fetches == 2
+    agents = server.user_agents - {""}
+    assert agents == {user_agent_for("mailto:data@example.org")}
+    assert next(iter(agents)).startswith("surd/") and "(+mailto:data@example.org)" in agents.pop()
