@@ -92,12 +92,16 @@ class ExportReport:
 
 
 def select_samples(
-    dataset: pa.Table, options: ExportOptions, stored_images: Iterable[str] | None = None
+    dataset: pa.Table,
+    options: ExportOptions,
+    stored_images: Iterable[str] | None = None,
+    removed: Iterable[str] = (),
 ) -> tuple[pa.Table, Counter[str]]:
     """The samples to export, with their ``split``, and counts of those left out by reason. Pure.
 
     With ``stored_images`` (the sha256s in the image store), rows whose image is not stored are
-    left out as ``image-missing`` instead of failing the export."""
+    left out as ``image-missing`` instead of failing the export. ``removed``: sample ids taken
+    down (``pipelines.takedown``), always left out as ``taken-down``."""
     skipped: Counter[str] = Counter()
 
     def keep(mask: pa.ChunkedArray | pa.Array, reason: str) -> None:
@@ -106,6 +110,8 @@ def select_samples(
         skipped[reason] += dataset.num_rows - pc.sum(mask.cast(pa.int64()), min_count=0).as_py()
         dataset = dataset.filter(mask)
 
+    removed = pa.array(sorted(removed), pa.string())
+    keep(pc.invert(pc.is_in(dataset["sample_id"], value_set=removed)), "taken-down")
     keep(pc.is_valid(dataset["image_sha256"]), "no-image")
     if stored_images is not None:
         stored = pa.array(list(stored_images), pa.string())
@@ -213,7 +219,11 @@ def export_dataset(
     report = ExportReport(out=out, in_workspace=dataset.num_rows)
     if dataset.num_rows == 0:
         raise InputError("the workspace has no samples yet: run `surd build ingest` first")
-    selected, skipped = select_samples(dataset, options, workspace.image_index())
+    from pipelines.takedown import removed_ids
+
+    selected, skipped = select_samples(
+        dataset, options, workspace.image_index(), removed_ids(workspace)
+    )
     report.skipped = dict(skipped)
     if selected.num_rows == 0:
         raise InputError(f"no sample passes the export filters (left out: {dict(skipped)})")

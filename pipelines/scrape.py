@@ -51,6 +51,8 @@ class ScrapeStage(Stage):
         self.decode_check = decode_check
         self._auth_headers = auth_headers or {}
         self._fetcher: Fetcher | None = None
+        self._takedowns: list = []  # takedown requests, read by plan()
+        self._removed: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -76,7 +78,18 @@ class ScrapeStage(Stage):
         }
 
     def plan(self, workspace: Workspace) -> pa.Table:
+        from pipelines.takedown import read_requests, removed_ids
+
+        self._takedowns, self._removed = read_requests(workspace), removed_ids(workspace)
         return self.source.plan(workspace, self.fetcher)
+
+    def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
+        """Stored samples, and items taken down: removed ones and those a takedown request
+        names by URL, source item or sample id are never downloaded again."""
+        from pipelines.takedown import match_rows
+
+        named = match_rows(items.to_pylist(), self._takedowns) if self._takedowns else {}
+        return super().done_ids(workspace, items) | self._removed | set(named)
 
     def process(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
@@ -101,9 +114,26 @@ class ScrapeStage(Stage):
                 raise ItemRejected(error.reason, error.detail) from None
             if media_type and not media_type.startswith(IMAGE_MEDIA_TYPES):
                 raise ItemRejected("not-an-image", f"{url}: served as {media_type}")
+            self._check_taken_down(data, url)
             fields["source_url"] = final_url
             return collected_row(
                 identity, fields, prompt, data, url, self.resize_max_side, self.decode_check
             )
         except ItemRejected as rejected:
             return failed_row(identity, rejected)
+
+    def _check_taken_down(self, data: bytes, url: str) -> None:
+        """A downloaded image close to a taken-down one is not stored (a re-upload, a
+        re-encode), whatever its id."""
+        if not any(request.kind == "image" for request in self._takedowns):
+            return
+        from pipelines.dedupe import image_hash
+        from pipelines.takedown import image_matches
+
+        try:
+            phash = image_hash(data, draft=False)
+        except Exception:  # noqa: BLE001, S110 (not decodable: the decode check reports it)
+            return
+        request = image_matches(phash, self._takedowns)
+        if request is not None:
+            raise ItemRejected("taken-down", f"{url}: matches taken-down image {request.label}")

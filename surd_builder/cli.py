@@ -196,6 +196,7 @@ def _register_groups() -> None:
     from surd_builder import (  # noqa: F401 (they register build commands)
         cli_dedupe,
         cli_narratives,
+        cli_takedown,
     )
     from surd_builder.cli_adapter import evaluate, generate
     from surd_builder.cli_annotate import annotate_app

@@ -1,0 +1,236 @@
+"""Takedown: remove samples on request, and keep them out for good.
+
+A request names what to remove: an image or page URL (``url``), a source item (``source-item``,
+``SOURCE:ITEM_ID``), a ``sample-id``, or an image (``image``, matched by perceptual hash within
+``MAX_DISTANCE`` bits, so re-encodes, resizes and re-uploads are caught). ``surd build takedown``
+stores every request in ``takedown/requests-*.parquet`` and every sample it matched in
+``takedown/removed-*.parquet`` (reason, date, which request), atomically; nothing is ever
+deleted from the list. Then:
+
+- ``surd build export`` leaves removed samples out (counted as ``taken-down``);
+- ``surd build scrape`` never downloads an item that a request names (by URL, source item or
+  sample id), nor one that was removed, and does not store a downloaded image whose hash is
+  within ``MAX_DISTANCE`` of a requested image (failure ``taken-down``), so a later scrape never
+  brings them back, whatever id a re-upload has.
+
+The image bytes of removed samples stay in the workspace's image store (shards are immutable);
+they are unreachable from exports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from surd_builder.atomic import write_parquet_atomic
+from surd_builder.errors import InputError
+from surd_builder.workspace import Workspace, part_name
+
+KINDS = ("url", "source-item", "sample-id", "image")
+MAX_DISTANCE = 6  # pHash bits: no false positives among 499,500 distinct pairs (FACTS.md)
+FOLDER = "takedown"
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("value", pa.string()),  # for images: the pHash (hex)
+        ("label", pa.string()),  # what the user gave (a URL, an id, an image file name)
+        ("reason", pa.string()),
+        ("requested_at", pa.string()),
+    ]
+)
+REMOVED_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("kind", pa.string()),
+        ("label", pa.string()),
+        ("reason", pa.string()),
+        ("removed_at", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TakedownRequest:
+    kind: str
+    value: str
+    label: str
+    reason: str
+    requested_at: str
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_request(kind: str, given: str, reason: str, requested_at: str) -> TakedownRequest:
+    """A request from what the user gave; an image file is hashed here."""
+    given = given.strip()
+    if kind not in KINDS:
+        raise InputError(f"unknown takedown kind {kind!r} (use one of: {', '.join(KINDS)})")
+    if not given:
+        raise InputError(f"an empty {kind} in the takedown request")
+    if kind == "source-item" and ":" not in given:
+        raise InputError(f"--source-item {given!r}: give SOURCE:ITEM_ID, e.g. civitai:123456")
+    if kind == "image":
+        from pipelines.dedupe import image_hash
+
+        path = Path(given)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise InputError(f"--image {given}: {error.strerror or error}") from None
+        try:
+            value = image_hash(data, draft=False)
+        except Exception:  # noqa: BLE001 (PIL raises many kinds for a non-image)
+            raise InputError(f"--image {given}: not an image surd can read") from None
+        return TakedownRequest(kind, value, path.name, reason, requested_at)
+    return TakedownRequest(kind, given, given, reason, requested_at)
+
+
+def read_request_file(path: Path, reason: str, requested_at: str) -> list[TakedownRequest]:
+    """Lines ``KIND VALUE`` (``url https://...``, ``image ./copy.jpg``); ``#`` comments."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise InputError(f"--from-file {path}: {error.strerror}") from None
+    requests = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kind, _, value = line.partition(" ")
+        if kind not in KINDS:
+            raise InputError(f"{path}:{number}: start the line with one of {', '.join(KINDS)}")
+        requests.append(make_request(kind, value, reason, requested_at))
+    return requests
+
+
+def _folder(workspace: Workspace) -> Path:
+    return workspace.root / FOLDER
+
+
+def _read(workspace: Workspace, prefix: str, schema: pa.Schema) -> list[dict[str, Any]]:
+    parts = sorted(_folder(workspace).glob(f"{prefix}-*.parquet"))
+    return [row for part in parts for row in pq.read_table(part, schema=schema).to_pylist()]
+
+
+def read_requests(workspace: Workspace) -> list[TakedownRequest]:
+    return [TakedownRequest(**row) for row in _read(workspace, "requests", REQUEST_SCHEMA)]
+
+
+def read_removed(workspace: Workspace) -> list[dict[str, Any]]:
+    """Removed samples, first removal of each."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in _read(workspace, "removed", REMOVED_SCHEMA):
+        first.setdefault(row["sample_id"], row)
+    return list(first.values())
+
+
+def removed_ids(workspace: Workspace) -> set[str]:
+    return {row["sample_id"] for row in read_removed(workspace)}
+
+
+def hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def image_matches(phash: str, requests: list[TakedownRequest]) -> TakedownRequest | None:
+    for request in requests:
+        if request.kind == "image" and hamming(phash, request.value) <= MAX_DISTANCE:
+            return request
+    return None
+
+
+def match_rows(
+    rows: list[dict[str, Any]],
+    requests: list[TakedownRequest],
+    phashes: dict[str, str] | None = None,
+) -> dict[str, TakedownRequest]:
+    """sample_id -> the first request matching it. Pure. ``rows`` carry sample_id, source,
+    source_item_id and URLs; ``phashes`` maps image sha256 to pHash for image requests."""
+    by_kind: dict[str, dict[str, TakedownRequest]] = {}
+    for request in requests:
+        by_kind.setdefault(request.kind, {}).setdefault(request.value, request)
+    matched: dict[str, TakedownRequest] = {}
+    for row in rows:
+        keys = {
+            "sample-id": [row.get("sample_id")],
+            "source-item": [f"{row.get('source')}:{row.get('source_item_id')}"],
+            "url": [row.get(k) for k in ("source_url", "page_url", "image_url") if row.get(k)],
+        }
+        found = None
+        for kind, values in keys.items():
+            for value in values:
+                found = found or by_kind.get(kind, {}).get(value)
+        if found is None and phashes is not None and row.get("image_sha256") in phashes:
+            found = image_matches(phashes[row["image_sha256"]], requests)
+        if found is not None:
+            matched[row["sample_id"]] = found
+    return matched
+
+
+@dataclass
+class TakedownReport:
+    requests: int
+    removed: list[tuple[str, TakedownRequest]]  # newly removed samples
+    already_removed: int
+    unmatched: list[TakedownRequest]
+
+
+def take_down(workspace: Workspace, requests: list[TakedownRequest]) -> TakedownReport:
+    """Store the requests, match them against the whole workspace, store the removals."""
+    if not requests:
+        raise InputError("nothing to take down: give --url, --source-item, --sample-id, --image "
+                         "or --from-file")  # fmt: skip
+    folder = _folder(workspace)
+    folder.mkdir(exist_ok=True)
+    write_parquet_atomic(
+        pa.Table.from_pylist([r.__dict__ for r in requests], schema=REQUEST_SCHEMA),
+        folder / part_name("requests"),
+    )
+    columns = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
+    rows = workspace.read_table("samples", columns).to_pylist()
+    phashes = None
+    if any(r.kind == "image" for r in requests):
+        phashes = _stored_phashes(workspace, [row["image_sha256"] for row in rows])
+    matched = match_rows(rows, requests, phashes)
+    before = removed_ids(workspace)
+    new = [(sid, request) for sid, request in sorted(matched.items()) if sid not in before]
+    if new:
+        stamp = now_iso()
+        table = pa.Table.from_pylist(
+            [
+                {"sample_id": sid, "kind": r.kind, "label": r.label, "reason": r.reason,
+                 "removed_at": stamp}
+                for sid, r in new
+            ],
+            schema=REMOVED_SCHEMA,
+        )  # fmt: skip
+        write_parquet_atomic(table, folder / part_name("removed"))
+    used = {id(request) for request in matched.values()}
+    return TakedownReport(
+        requests=len(requests),
+        removed=new,
+        already_removed=len(matched) - len(new),
+        unmatched=[r for r in requests if id(r) not in used],
+    )
+
+
+def _stored_phashes(workspace: Workspace, shas: list[str]) -> dict[str, str]:
+    from pipelines.dedupe import image_hash
+
+    present = [sha for sha in dict.fromkeys(shas) if sha and sha in workspace.image_index()]
+    out: dict[str, str] = {}
+    for start in range(0, len(present), 512):
+        chunk = present[start : start + 512]
+        for sha, data in workspace.read_images(chunk).items():
+            try:
+                out[sha] = image_hash(data, draft=False)
+            except Exception:  # noqa: BLE001, S112 (an unreadable stored image cannot match)
+                continue
+    return out
