@@ -134,9 +134,42 @@ def card_markdown(report, marker: dict[str, Any], stats: dict[str, Any]) -> str:
             for name in ("narrative_prompt", "complex_prompt")
         ),
         "See `report.html` for charts. Provenance per sample: `source`, `source_item_id`, "
-        "`source_url`, `page_url`, `creator`, `license`.\n",
+        "`source_url`, `page_url`, `creator`, `license`, `robots_tags` (the X-Robots-Tag "
+        "headers seen), `collected_at`.\n",
+        *_collection_section(marker.get("collection")),
     ]
     return "\n".join(parts)
+
+
+def _collection_section(collection: dict[str, Any] | None) -> list[str]:
+    """Opt-out policy and takedowns, with counts (absent for exports made without them)."""
+    if not collection:
+        return []
+    runs, honoured = collection["scrape_runs"], collection["scrape_runs_honouring_opt_outs"]
+    if runs == 0:
+        policy = "No scrape runs: the samples were ingested from local files."
+    elif honoured == runs:
+        policy = (
+            f"All {runs} scrape run(s) honoured opt-outs: X-Robots-Tag `noai`, `noimageai`, "
+            "`noindex`, `noimageindex`, `none` on image responses, and robots.txt for URL lists "
+            "(evaluated for the user agent `surd`)."
+        )
+    else:
+        policy = (
+            f"{runs - honoured} of {runs} scrape run(s) ignored opt-outs (`--ignore-opt-out`, "
+            "used only with the owners' permission); the others honoured them."
+        )
+    return [
+        "## Opt-out and takedown\n",
+        f"- {policy}\n"
+        f"- Kept out at collection: {collection['opted_out']:,} opted out, "
+        f"{collection['robots_unavailable']:,} waiting for an unreachable robots.txt, "
+        f"{collection['taken_down_at_scrape']:,} matching a taken-down image.\n"
+        f"- Takedown: {collection['takedown_requests']:,} request(s), "
+        f"{collection['removed_by_takedown']:,} sample(s) removed and left out of this export. "
+        "To ask for removal, contact the dataset's maintainers with the image, its URL or its "
+        "`sample_id`.\n",
+    ]
 
 
 def _bars(title: str, counts: dict[str, int]) -> str:

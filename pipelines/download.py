@@ -91,7 +91,7 @@ def with_retries(
 @dataclass(frozen=True)
 class Fetched:
     data: bytes
-    url: str  # after redirects
+    url: str | None  # after redirects (None: not fetched over HTTP)
     content_type: str  # media type, lower case, without parameters
     robots_tags: tuple[str, ...] = ()  # the X-Robots-Tag header values, one per header
     cache_control: str = ""

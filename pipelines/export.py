@@ -236,7 +236,10 @@ def export_dataset(
         (staging / "data").mkdir(parents=True)
         _write_splits(workspace, selected, staging / "data", options, report)
         write_json_atomic(_marker(report, options), staging / EXPORT_MARKER)
-        write_card(staging, selected, report, _marker(report, options))
+        from pipelines.takedown import collection_summary
+
+        marker = {**_marker(report, options), "collection": collection_summary(workspace)}
+        write_card(staging, selected, report, marker)
         _swap_into_place(staging, out)
     except OSError as error:
         raise OutputError(f"cannot write the export to {out}: {error.strerror or error}") from None

@@ -109,13 +109,15 @@ class ScrapeStage(Stage):
             if not url:
                 raise ItemRejected("no-url", "the source gives no image URL for this item")
             try:
-                data, final_url, media_type = self.source.fetch_image(item, self.fetcher)
+                fetched = self.source.fetch_image(item, self.fetcher)
+                data, final_url, media_type = fetched.data, fetched.url, fetched.content_type
             except FetchError as error:
                 raise ItemRejected(error.reason, error.detail) from None
             if media_type and not media_type.startswith(IMAGE_MEDIA_TYPES):
                 raise ItemRejected("not-an-image", f"{url}: served as {media_type}")
             self._check_taken_down(data, url)
             fields["source_url"] = final_url
+            fields["robots_tags"] = "; ".join(fetched.robots_tags) or None
             return collected_row(
                 identity, fields, prompt, data, url, self.resize_max_side, self.decode_check
             )

@@ -234,3 +234,23 @@ def _stored_phashes(workspace: Workspace, shas: list[str]) -> dict[str, str]:
             except Exception:  # noqa: BLE001, S112 (an unreadable stored image cannot match)
                 continue
     return out
+
+
+def collection_summary(workspace: Workspace) -> dict[str, Any]:
+    """How the workspace's samples were collected, for the dataset card: the opt-out policy of
+    its scrape runs and what opt-outs and takedowns kept out, with counts."""
+    from collections import Counter
+
+    runs = [run for run in workspace.runs() if str(run.get("stage", "")).startswith("scrape-")]
+    honoured = sum(1 for run in runs if run.get("params", {}).get("respect_opt_out", True))
+    failures = workspace.read_failures(outstanding_in="samples")
+    reasons = Counter(failures["reason"].to_pylist()) if failures.num_rows else Counter()
+    return {
+        "scrape_runs": len(runs),
+        "scrape_runs_honouring_opt_outs": honoured,
+        "opted_out": reasons["opted-out"],
+        "robots_unavailable": reasons["robots-unavailable"],
+        "taken_down_at_scrape": reasons["taken-down"],
+        "removed_by_takedown": len(removed_ids(workspace)),
+        "takedown_requests": len(read_requests(workspace)),
+    }

@@ -42,6 +42,12 @@ SAMPLE_SCHEMA = pa.schema(
         _field("page_url", pa.string(), "human-facing page of the item at its source"),
         _field("creator", pa.string(), "creator or username at the source"),
         _field("license", pa.string(), "licence of the image as the source states it"),
+        _field(
+            "robots_tags",
+            pa.string(),
+            "X-Robots-Tag headers seen on the image's response ('; '-joined); none of them opted "
+            "out of surd, or the image would not be here",
+        ),
         # the image (bytes live once in the image store, addressed by image_sha256)
         _field("image_sha256", pa.string(), "sha256 of the stored image bytes"),
         _field("width", pa.int32(), "image width in pixels"),
@@ -128,6 +134,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
                 "page_url",
                 "creator",
                 "license",
+                "robots_tags",
                 "image_sha256",
                 "width",
                 "height",
@@ -313,6 +320,7 @@ EXPORT_COLUMNS = (
     "page_url",
     "creator",
     "license",
+    "robots_tags",
     "model_name",
     "sampler",
     "steps",

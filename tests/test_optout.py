@@ -66,8 +66,11 @@ def test_x_robots_tag_opt_outs_are_not_stored(server, workspace, tmp_path) -> No
     report, reasons = scrape(workspace, tmp_path, urls)
     assert report.failures_by_reason == {"opted-out": 3}
     assert sorted(reasons) == [urls[0], urls[2], urls[3]]
-    stored = workspace.read_table("samples")["source_item_id"].to_pylist()
-    assert sorted(stored) == [urls[1], urls[4]]
+    samples = workspace.read_table("samples").to_pylist()
+    assert sorted(row["source_item_id"] for row in samples) == [urls[1], urls[4]]
+    # provenance: the headers seen on what was kept
+    tags = {row["source_item_id"]: row["robots_tags"] for row in samples}
+    assert tags == {urls[1]: "googlebot: noindex", urls[4]: None}
     assert len(list((workspace.root / "images").glob("*.parquet"))) >= 1
 
     # the explicit switch stores them (the owners agreed, say)

@@ -113,6 +113,11 @@ def test_a_re_encoded_copy_takes_the_original_down_for_good(server, workspace, t
     assert mirror.failures_by_reason == {"taken-down": 1}
     ids, _ = exported_ids(workspace, tmp_path / "export")
     assert target not in ids and len(ids) == 3  # the other new image is in
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Opt-out and takedown" in card
+    assert "All 3 scrape run(s) honoured opt-outs" in card
+    assert "1 matching a taken-down image" in card
+    assert "1 request(s), 1 sample(s) removed" in card
 
     listing = CliRunner().invoke(app, ["build", "takedown", "-w", str(workspace.root), "--list"])
     assert listing.exit_code == 0 and target in listing.output

@@ -27,7 +27,7 @@ from surd_builder.ids import make_sample_id
 from surd_builder.schema import LISTING_SCHEMA
 
 if TYPE_CHECKING:
-    from pipelines.download import Fetcher
+    from pipelines.download import Fetched, Fetcher
     from surd_builder.workspace import Workspace
 
 
@@ -62,11 +62,11 @@ class Source(ABC):
         """What the manifest records about this source (never tokens)."""
         return {"source": self.name}
 
-    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
-        """(image bytes, URL to record as ``source_url``, media type) of one listed item; raises
-        ``FetchError``. Runs in the scrape stage's worker threads. Default: an HTTP GET."""
-        fetched = fetcher.get_image(item["image_url"])
-        return fetched.data, fetched.url, fetched.content_type
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> Fetched:
+        """The image of one listed item: bytes, the URL to record as ``source_url``, media type
+        and the ``X-Robots-Tag`` values seen; raises ``FetchError``. Runs in the scrape stage's
+        worker threads. Default: an HTTP GET that honours opt-outs."""
+        return fetcher.get_image(item["image_url"])
 
 
 class PagedSource(Source):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.download import FetchError
+from pipelines.download import Fetched, FetchError
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 from surd_builder.schema import LISTING_SCHEMA
@@ -176,7 +176,7 @@ class DiffusionDB(Source):
             yield image_name, remote if self.remote else f"part-{part:06d}/{image_name}", fields
 
     # ----------------------------------------------------------------- images (worker threads)
-    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> Fetched:
         fields = json.loads(item["metadata_json"])
         container, member = Path(fields["_container"]), fields["_member"]
         try:
@@ -186,7 +186,7 @@ class DiffusionDB(Source):
                 data = self._archive(container).read(member)
         except (OSError, KeyError, zipfile.BadZipFile) as error:
             raise FetchError("missing-file", f"{member}: {error}") from None
-        return data, item["image_url"] if self.remote else None, ""
+        return Fetched(data, item["image_url"] if self.remote else None, "")
 
     def _archive(self, path: Path) -> zipfile.ZipFile:
         """One open ZipFile per thread and archive: ZipFile objects are not thread-safe."""

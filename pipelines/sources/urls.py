@@ -18,7 +18,7 @@ from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 
 if TYPE_CHECKING:
-    from pipelines.download import Fetcher
+    from pipelines.download import Fetched, Fetcher
     from surd_builder.workspace import Workspace
 
 FORMATS = (".csv", ".jsonl", ".json", ".parquet")
@@ -48,7 +48,7 @@ class UrlListSource(Source):
         self.url_column, self.prompt_column, self.id_column = url_column, prompt_column, id_column
         self.narrative_column = narrative_column
 
-    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> tuple[bytes, str | None, str]:
+    def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> Fetched:
         """The open web: robots.txt of the image's host (and of the host a redirect ends on)
         is honoured on top of ``X-Robots-Tag``; see ``pipelines.optout``."""
         url = item["image_url"]
@@ -58,7 +58,7 @@ class UrlListSource(Source):
         fetched = fetcher.get_image(url)
         if respect and urlsplit(fetched.url).netloc != urlsplit(url).netloc:
             fetcher.robots.check(fetched.url)  # fetched, but not kept if that host says no
-        return fetched.data, fetched.url, fetched.content_type
+        return fetched
 
     def params(self) -> dict[str, Any]:
         return {"source": self.name, "file": str(self.path), "url_column": self.url_column}
