@@ -16,6 +16,7 @@ from PIL import Image
 
 from surd_builder.demo import make_demo_folder
 from surd_builder.workspace import Workspace
+from tests.http_fixture import FaultyServer
 from tests.label_studio import label_studio  # noqa: F401 (a session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +92,10 @@ def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Pa
     pq.write_table(table(rows[:-held_out]), data / "train-00000-of-00001.parquet")
     pq.write_table(table(rows[-held_out:]), data / "test-00000-of-00001.parquet")
     return folder / "export"
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 with the faults real servers have (http_fixture.py)."""
+    with FaultyServer() as running:
+        yield running

@@ -18,12 +18,6 @@ QUIET = RunOptions(batch_size=8, show_progress=False)
 LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=1.0)
 
 
-@pytest.fixture
-def server():
-    with FaultyServer() as running:
-        yield running
-
-
 def scrape(workspace, tmp_path, urls: list[str], options: FetchOptions = LOOPBACK):
     listing = tmp_path / "list.jsonl"
     listing.write_text("\n".join(json.dumps({"url": u, "prompt": "a cat, 8k"}) for u in urls))

@@ -14,16 +14,10 @@ from pipelines.scrape import ScrapeStage
 from pipelines.sources.urls import UrlListSource
 from surd_builder.errors import InputError
 from tests.conftest import run_surd
-from tests.http_fixture import FaultyServer, jpeg
+from tests.http_fixture import jpeg
 
 QUIET = RunOptions(batch_size=8, show_progress=False)
 LOOPBACK = FetchOptions(allow_private=True, retries=2, backoff_seconds=0.0, read_timeout=2.0)
-
-
-@pytest.fixture
-def server():
-    with FaultyServer() as running:
-        yield running
 
 
 def test_retries_honour_retry_after_and_back_off(server):

@@ -16,7 +16,6 @@ from pipelines.scrape import ScrapeStage
 from pipelines.sources.urls import UrlListSource
 from pipelines.takedown import TakedownRequest, match_rows, read_removed, take_down
 from surd_builder.cli import app
-from tests.http_fixture import FaultyServer
 
 QUIET = RunOptions(batch_size=8, show_progress=False)
 LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=2.0)
@@ -70,11 +69,11 @@ def exported_ids(workspace, out) -> set[str]:
 
 
 @pytest.fixture
-def server():
-    with FaultyServer() as running:
-        for number in range(3):
-            running.files[f"/pic/{number}.jpg"] = (picture(number), "image/jpeg")
-        yield running
+def server(server):
+    """The loopback server (conftest), serving three distinct pictures."""
+    for number in range(3):
+        server.files[f"/pic/{number}.jpg"] = (picture(number), "image/jpeg")
+    return server
 
 
 def test_a_re_encoded_copy_takes_the_original_down_for_good(server, workspace, tmp_path) -> None:
