@@ -146,8 +146,14 @@ def _collection_section(collection: dict[str, Any] | None) -> list[str]:
     if not collection:
         return []
     runs, honoured = collection["scrape_runs"], collection["scrape_runs_honouring_opt_outs"]
+    before = collection.get("scrape_runs_before_opt_out_support", 0)
     if runs == 0:
         policy = "No scrape runs: the samples were ingested from local files."
+    elif before:
+        policy = (
+            f"{before} of {runs} scrape run(s) were made by a surd without opt-out support; "
+            f"{honoured} honoured opt-outs."
+        )
     elif honoured == runs:
         policy = (
             f"All {runs} scrape run(s) honoured opt-outs: X-Robots-Tag `noai`, `noimageai`, "

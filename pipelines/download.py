@@ -235,12 +235,13 @@ class Fetcher:
         """The body of ``url``, retried as described in the module docstring."""
         return self._get(url, params, None, self.options.max_bytes)
 
-    def get_image(self, url: str) -> Fetched:
+    def get_image(self, url: str, before_each_hop: Callable[[str], None] | None = None) -> Fetched:
         """:meth:`get` for an image to keep: an ``X-Robots-Tag`` opt-out that applies to surd
-        (see ``pipelines.optout``) raises ``opted-out`` unless opt-outs are ignored."""
+        (see ``pipelines.optout``) raises ``opted-out`` unless opt-outs are ignored.
+        ``before_each_hop(url)`` runs before every request, redirects included (robots.txt)."""
         from pipelines.optout import OptedOut, x_robots_opt_outs
 
-        fetched = self.get(url)
+        fetched = self._get(url, None, None, self.options.max_bytes, before_each_hop)
         if self.options.respect_opt_out:
             directives = x_robots_opt_outs(list(fetched.robots_tags))
             if directives:
@@ -249,13 +250,11 @@ class Fetcher:
 
     @property
     def robots(self):
-        """This fetcher's robots.txt rules per host (``pipelines.optout.RobotsPolicy``)."""
-        robots = getattr(self, "_robots", None)
-        if robots is None:
-            from pipelines.optout import RobotsPolicy
+        """robots.txt rules per origin (``pipelines.optout.RobotsPolicy``), shared by every
+        fetcher of this process with the same settings."""
+        from pipelines.optout import shared_policy
 
-            robots = self._robots = RobotsPolicy(self)
-        return robots
+        return shared_policy(self)
 
     def download_to(self, url: str, path: Path, max_bytes: int) -> int:
         """Stream ``url`` into the file ``path``, atomically: for archives too big for memory.
@@ -265,10 +264,17 @@ class Fetcher:
             handle.flush()
             return handle.tell()
 
-    def _get(self, url: str, params, sink: BinaryIO | None, max_bytes: int) -> Fetched:
+    def _get(
+        self,
+        url: str,
+        params,
+        sink: BinaryIO | None,
+        max_bytes: int,
+        before_each_hop: Callable[[str], None] | None = None,
+    ) -> Fetched:
         options = self.options
         return with_retries(
-            lambda: self._get_once(url, params, sink, max_bytes),
+            lambda: self._get_once(url, params, sink, max_bytes, before_each_hop),
             options.retries,
             options.backoff_seconds,
             options.max_wait_seconds,
@@ -286,7 +292,12 @@ class Fetcher:
             raise FetchError("bad-json", f"{fetched.url} did not return JSON ({kind})") from None
 
     def _get_once(
-        self, url: str, params: dict[str, Any] | None, sink: BinaryIO | None, max_bytes: int
+        self,
+        url: str,
+        params: dict[str, Any] | None,
+        sink: BinaryIO | None,
+        max_bytes: int,
+        before_each_hop: Callable[[str], None] | None = None,
     ) -> Fetched:
         import requests
 
@@ -294,6 +305,8 @@ class Fetcher:
         current = url
         for _ in range(options.max_redirects + 1):
             host = check_url(current, options.allow_private)
+            if before_each_hop is not None:
+                before_each_hop(current)
             self._limiter.wait(host)
             try:
                 response = self._session().get(

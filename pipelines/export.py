@@ -219,8 +219,9 @@ def export_dataset(
     report = ExportReport(out=out, in_workspace=dataset.num_rows)
     if dataset.num_rows == 0:
         raise InputError("the workspace has no samples yet: run `surd build ingest` first")
-    from pipelines.takedown import removed_ids
+    from pipelines.takedown import apply_takedowns, removed_ids
 
+    apply_takedowns(workspace)  # samples that arrived after a request are removed now
     selected, skipped = select_samples(
         dataset, options, workspace.image_index(), removed_ids(workspace)
     )

@@ -10,17 +10,18 @@ noindex``) do not apply. Several headers are read one by one; in one header, an 
 applies to the directives after it.
 
 **robots.txt** (the ``urls`` source, whose items are pages of the open web; API sources are
-governed by their API terms): fetched once per host (scheme, host and port), following up to 5
-redirects, kept for its ``Cache-Control: max-age`` or 24 hours, and evaluated for the product
-token ``surd`` (``User-agent: surd`` rules, else ``*``) with Python's ``urllib.robotparser``.
-As RFC 9309 and the major crawlers do:
+governed by their API terms): fetched once per origin (scheme, host and port) per process,
+following up to 5 redirects, kept for its ``Cache-Control: max-age`` clamped to 1 minute..24
+hours (24 hours without one), and evaluated for the product token ``surd`` with ``protego``
+(RFC 9309: longest match wins, ``*`` and ``$`` patterns, groups of one agent merged). Every hop
+of a redirect is checked before it is requested. As RFC 9309 and the major crawlers do:
 
-- a 2xx answer is parsed; lines that are not rules are ignored, so a malformed file allows what
-  it does not clearly disallow;
-- a 4xx answer (404, 403...) means no rules: everything is allowed;
-- a 5xx answer, a timeout or an unreachable host means "disallowed for now": the item fails
-  with ``robots-unavailable`` (not ``opted-out``), is retried on the next run, and the host is
-  asked again after 5 minutes.
+- a 2xx answer is parsed (a UTF-8 byte-order mark is dropped); lines that are not rules are
+  ignored, so a malformed file allows what it does not clearly disallow;
+- a 4xx answer (404, 403...) other than 429 means no rules: everything is allowed;
+- a 429 or 5xx answer, a timeout or an unreachable host means "disallowed for now": the item
+  fails with ``robots-unavailable`` (not ``opted-out``), is retried on the next run, and the
+  origin is asked again after 5 minutes.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-from urllib.robotparser import RobotFileParser
 
 from pipelines.download import FetchError, check_url
 
@@ -46,7 +46,11 @@ VALUED_DIRECTIVES = frozenset(
     {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 )
 ROBOTS_TTL_SECONDS = 24 * 3600.0
+MIN_TTL_SECONDS = 60.0
 UNAVAILABLE_TTL_SECONDS = 300.0
+# a product token scoping X-Robots-Tag directives ("googlebot: noindex"); a date fragment of
+# "unavailable_after: Friday, 25-Jun-30 15:00:00 GMT" has spaces, so it is never one
+AGENT_TOKEN = re.compile(r"^[a-z0-9_*.-]+$")
 
 
 def x_robots_opt_outs(header_values: list[str], agent: str = PRODUCT_TOKEN) -> list[str]:
@@ -57,8 +61,9 @@ def x_robots_opt_outs(header_values: list[str], agent: str = PRODUCT_TOKEN) -> l
         for piece in value.split(","):
             piece = piece.strip().lower()
             name, colon, rest = piece.partition(":")
-            if colon and name.strip() not in VALUED_DIRECTIVES:
-                scope, piece = name.strip(), rest.strip()
+            name = name.strip()
+            if colon and name not in VALUED_DIRECTIVES and AGENT_TOKEN.match(name):
+                scope, piece = name, rest.strip()
             if piece in OPT_OUT_DIRECTIVES and scope in (None, "*", agent):
                 found.append(piece if scope is None else f"{scope}: {piece}")
     return list(dict.fromkeys(found))
@@ -72,7 +77,7 @@ class OptedOut(FetchError):
 
 @dataclass
 class _Rules:
-    parser: RobotFileParser | None  # None: robots.txt could not be read
+    parser: Any | None  # a protego.Protego; None: robots.txt could not be read
     expires: float
     detail: str
 
@@ -108,7 +113,7 @@ class RobotsPolicy:
         rules = self._rules_for(origin)
         if rules.parser is None:
             raise OptedOut("robots-unavailable", f"{origin}/robots.txt: {rules.detail}")
-        if not rules.parser.can_fetch(self.agent, url):
+        if not rules.parser.can_fetch(url, self.agent):
             raise OptedOut("opted-out", f"robots.txt of {origin} disallows {parts.path or '/'}")
 
     def _rules_for(self, origin: str) -> _Rules:
@@ -121,18 +126,44 @@ class RobotsPolicy:
             return rules
 
     def _fetch(self, origin: str) -> _Rules:
+        from protego import Protego
+
         self.fetches += 1
         now = self.clock()
         try:
             fetched = self.fetcher.get(f"{origin}/robots.txt")
         except FetchError as error:
             status = error.reason.removeprefix("http-")
-            if status.isdigit() and 400 <= int(status) < 500:
-                parser = RobotFileParser()
-                parser.parse([])  # no rules: everything allowed
-                return _Rules(parser, now + ROBOTS_TTL_SECONDS, error.reason)
+            if status.isdigit() and 400 <= int(status) < 500 and status != "429":
+                # no rules: everything allowed
+                return _Rules(Protego.parse(""), now + ROBOTS_TTL_SECONDS, error.reason)
             return _Rules(None, now + UNAVAILABLE_TTL_SECONDS, error.reason)
-        parser = RobotFileParser()
-        parser.parse(fetched.data.decode("utf-8", errors="replace").splitlines())
+        parser = Protego.parse(fetched.data.decode("utf-8-sig", errors="replace"))
         ttl = _max_age(fetched.cache_control)
-        return _Rules(parser, now + (ROBOTS_TTL_SECONDS if ttl is None else ttl), "ok")
+        ttl = (
+            ROBOTS_TTL_SECONDS
+            if ttl is None
+            else min(max(ttl, MIN_TTL_SECONDS), ROBOTS_TTL_SECONDS)
+        )
+        return _Rules(parser, now + ttl, "ok")
+
+
+_POLICIES: dict[str, RobotsPolicy] = {}
+_POLICIES_LOCK = threading.Lock()
+
+
+def shared_policy(fetcher: Fetcher) -> RobotsPolicy:
+    """One policy per process and fetch settings, so a worker process asks each origin once
+    however many batches (and stage copies) it runs."""
+    key = repr(fetcher.options)
+    with _POLICIES_LOCK:
+        policy = _POLICIES.get(key)
+        if policy is None:
+            policy = _POLICIES[key] = RobotsPolicy(fetcher)
+        return policy
+
+
+def forget_robots_rules() -> None:
+    """Drop every cached robots.txt (as a new process starts with none)."""
+    with _POLICIES_LOCK:
+        _POLICIES.clear()

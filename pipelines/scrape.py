@@ -86,10 +86,15 @@ class ScrapeStage(Stage):
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
         """Stored samples, and items taken down: removed ones and those a takedown request
         names by URL, source item or sample id are never downloaded again."""
-        from pipelines.takedown import match_rows
+        return super().done_ids(workspace, items) | self._taken_down_ids(items.to_pylist())
 
-        named = match_rows(items.to_pylist(), self._takedowns) if self._takedowns else {}
-        return super().done_ids(workspace, items) | self._removed | set(named)
+    def _taken_down_ids(self, items: list[dict[str, Any]]) -> set[str]:
+        from pipelines.takedown import item_rows, match_rows
+
+        named = match_rows(item_rows(items), self._takedowns) if self._takedowns else {}
+        return {item["sample_id"] for item in items if item["sample_id"] in self._removed} | set(
+            named
+        )
 
     def process(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
@@ -101,6 +106,9 @@ class ScrapeStage(Stage):
         identity = {k: item[k] for k in ("sample_id", "source", "source_item_id")}
         try:
             metadata = json.loads(item["metadata_json"])
+            if (self._takedowns or self._removed) and self._taken_down_ids([item]):
+                # also under --force, which does not skip done items
+                raise ItemRejected("taken-down", "a takedown request names this item")
             prompt = clean_prompt(metadata.get("complex_prompt"))
             if prompt is None:  # checked first: no download for an item that cannot be a sample
                 raise ItemRejected("no-prompt", "the source gives no prompt for this item")

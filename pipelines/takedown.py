@@ -33,6 +33,9 @@ from surd_builder.workspace import Workspace, part_name
 
 KINDS = ("url", "source-item", "sample-id", "image")
 MAX_DISTANCE = 6  # pHash bits: no false positives among 499,500 distinct pairs (FACTS.md)
+# a pHash with fewer set (or unset) bits than this comes from a nearly flat image: every flat
+# image hashes alike, so such an image request would remove unrelated samples
+MIN_STRUCTURE_BITS = 8
 FOLDER = "takedown"
 REQUEST_SCHEMA = pa.schema(
     [
@@ -76,6 +79,8 @@ def make_request(kind: str, given: str, reason: str, requested_at: str) -> Taked
         raise InputError(f"an empty {kind} in the takedown request")
     if kind == "source-item" and ":" not in given:
         raise InputError(f"--source-item {given!r}: give SOURCE:ITEM_ID, e.g. civitai:123456")
+    if kind == "url":
+        return TakedownRequest(kind, normalise_url(given), given, reason, requested_at)
     if kind == "image":
         from pipelines.dedupe import image_hash
 
@@ -88,6 +93,11 @@ def make_request(kind: str, given: str, reason: str, requested_at: str) -> Taked
             value = image_hash(data, draft=False)
         except Exception:  # noqa: BLE001 (PIL raises many kinds for a non-image)
             raise InputError(f"--image {given}: not an image surd can read") from None
+        if not MIN_STRUCTURE_BITS <= bin(int(value, 16)).count("1") <= 64 - MIN_STRUCTURE_BITS:
+            raise InputError(
+                f"--image {given} has too little structure to match safely (flat colours match "
+                "each other): give its --url or --sample-id instead"
+            )
         return TakedownRequest(kind, value, path.name, reason, requested_at)
     return TakedownRequest(kind, given, given, reason, requested_at)
 
@@ -146,6 +156,41 @@ def image_matches(phash: str, requests: list[TakedownRequest]) -> TakedownReques
     return None
 
 
+URL_FIELDS = ("source_url", "page_url", "image_url")
+
+
+def normalise_url(url: str) -> str:
+    """Scheme and host in lower case, no default port, no fragment: the same resource written
+    two ways matches."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError:
+        return url.strip()
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    if parts.username or parts.password:
+        netloc = f"{parts.username or ''}{':' + parts.password if parts.password else ''}@{netloc}"
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, ""))
+
+
+def item_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Listed items as rows :func:`match_rows` reads: the page URL comes from the metadata."""
+    import json
+
+    rows = []
+    for item in items:
+        try:
+            metadata = json.loads(item.get("metadata_json") or "{}")
+        except ValueError:
+            metadata = {}
+        rows.append({**item, "page_url": metadata.get("page_url")})
+    return rows
+
+
 def match_rows(
     rows: list[dict[str, Any]],
     requests: list[TakedownRequest],
@@ -161,7 +206,11 @@ def match_rows(
         keys = {
             "sample-id": [row.get("sample_id")],
             "source-item": [f"{row.get('source')}:{row.get('source_item_id')}"],
-            "url": [row.get(k) for k in ("source_url", "page_url", "image_url") if row.get(k)],
+            "url": [
+                normalise_url(value)
+                for value in (*(row.get(k) for k in URL_FIELDS), row.get("source_item_id"))
+                if isinstance(value, str) and "://" in value
+            ],
         }
         found = None
         for kind, values in keys.items():
@@ -182,25 +231,26 @@ class TakedownReport:
     unmatched: list[TakedownRequest]
 
 
-def take_down(workspace: Workspace, requests: list[TakedownRequest]) -> TakedownReport:
-    """Store the requests, match them against the whole workspace, store the removals."""
+def apply_takedowns(
+    workspace: Workspace, requests: list[TakedownRequest] | None = None
+) -> list[tuple[str, TakedownRequest]]:
+    """Match every stored request against the samples not removed yet and record the new
+    removals; returns them. Export runs it first, so samples that arrived after a request (an
+    ingest, a forced scrape, a scrape running at the time) are removed too."""
+    requests = read_requests(workspace) if requests is None else requests
     if not requests:
-        raise InputError("nothing to take down: give --url, --source-item, --sample-id, --image "
-                         "or --from-file")  # fmt: skip
-    folder = _folder(workspace)
-    folder.mkdir(exist_ok=True)
-    write_parquet_atomic(
-        pa.Table.from_pylist([r.__dict__ for r in requests], schema=REQUEST_SCHEMA),
-        folder / part_name("requests"),
-    )
+        return []
+    before = removed_ids(workspace)
     columns = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
-    rows = workspace.read_table("samples", columns).to_pylist()
+    rows = [
+        row
+        for row in workspace.read_table("samples", columns).to_pylist()
+        if row["sample_id"] not in before
+    ]
     phashes = None
     if any(r.kind == "image" for r in requests):
         phashes = _stored_phashes(workspace, [row["image_sha256"] for row in rows])
-    matched = match_rows(rows, requests, phashes)
-    before = removed_ids(workspace)
-    new = [(sid, request) for sid, request in sorted(matched.items()) if sid not in before]
+    new = sorted(match_rows(rows, requests, phashes).items())
     if new:
         stamp = now_iso()
         table = pa.Table.from_pylist(
@@ -211,14 +261,57 @@ def take_down(workspace: Workspace, requests: list[TakedownRequest]) -> Takedown
             ],
             schema=REMOVED_SCHEMA,
         )  # fmt: skip
-        write_parquet_atomic(table, folder / part_name("removed"))
-    used = {id(request) for request in matched.values()}
+        write_parquet_atomic(table, _folder(workspace) / part_name("removed"))
+    return new
+
+
+def take_down(workspace: Workspace, requests: list[TakedownRequest]) -> TakedownReport:
+    """Store the requests, then remove every sample that a stored request matches."""
+    if not requests:
+        raise InputError("nothing to take down: give --url, --source-item, --sample-id, --image "
+                         "or --from-file")  # fmt: skip
+    folder = _folder(workspace)
+    folder.mkdir(exist_ok=True)
+    write_parquet_atomic(
+        pa.Table.from_pylist([r.__dict__ for r in requests], schema=REQUEST_SCHEMA),
+        folder / part_name("requests"),
+    )
+    already = {row["sample_id"]: row for row in read_removed(workspace)}
+    new = apply_takedowns(workspace)
+    new_ids = {sid for sid, _ in new}
+    # which of these requests match something (now or before), for the report
+    given = {(r.kind, r.value) for r in requests}
+    by_these = [(sid, r) for sid, r in new if (r.kind, r.value) in given]
+    matched_before = {
+        (row["kind"], row["label"]) for sid, row in already.items() if sid not in new_ids
+    }
+    used = {(r.kind, r.value) for _, r in by_these}
+    unmatched = [
+        r
+        for r in requests
+        if (r.kind, r.value) not in used and (r.kind, r.label) not in matched_before
+    ]
     return TakedownReport(
         requests=len(requests),
-        removed=new,
-        already_removed=len(matched) - len(new),
-        unmatched=[r for r in requests if id(r) not in used],
+        removed=by_these,
+        already_removed=len(_matches_already_removed(workspace, requests, set(already))),
+        unmatched=unmatched,
     )
+
+
+def _matches_already_removed(
+    workspace: Workspace, requests: list[TakedownRequest], removed: set[str]
+) -> set[str]:
+    """Samples removed before that these (non-image) requests name: a repeated request."""
+    if not removed:
+        return set()
+    columns = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
+    rows = [
+        row
+        for row in workspace.read_table("samples", columns).to_pylist()
+        if row["sample_id"] in removed
+    ]
+    return set(match_rows(rows, [r for r in requests if r.kind != "image"]))
 
 
 def _stored_phashes(workspace: Workspace, shas: list[str]) -> dict[str, str]:
@@ -242,12 +335,15 @@ def collection_summary(workspace: Workspace) -> dict[str, Any]:
     from collections import Counter
 
     runs = [run for run in workspace.runs() if str(run.get("stage", "")).startswith("scrape-")]
-    honoured = sum(1 for run in runs if run.get("params", {}).get("respect_opt_out", True))
+    policies = [run.get("params", {}).get("respect_opt_out") for run in runs]
+    honoured = sum(1 for policy in policies if policy is True)
+    unknown = sum(1 for policy in policies if policy is None)  # runs of a surd before opt-outs
     failures = workspace.read_failures(outstanding_in="samples")
     reasons = Counter(failures["reason"].to_pylist()) if failures.num_rows else Counter()
     return {
         "scrape_runs": len(runs),
         "scrape_runs_honouring_opt_outs": honoured,
+        "scrape_runs_before_opt_out_support": unknown,
         "opted_out": reasons["opted-out"],
         "robots_unavailable": reasons["robots-unavailable"],
         "taken_down_at_scrape": reasons["taken-down"],

@@ -92,6 +92,12 @@ def _scrape(
 ) -> None:
     """What every scrape command does once it has its source: download, report, warn."""
     from pipelines.download import FetchOptions, user_agent_for
+    from surd_builder.errors import InputError
+
+    if contact is not None and not (
+        contact.isascii() and contact.isprintable() and contact.strip()
+    ):
+        raise InputError("--contact must be a printable ASCII URL or e-mail address")
     from pipelines.runner import RunOptions, run_stage
     from pipelines.scrape import ScrapeStage
     from surd_builder.workspace import Workspace

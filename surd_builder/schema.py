@@ -45,8 +45,8 @@ SAMPLE_SCHEMA = pa.schema(
         _field(
             "robots_tags",
             pa.string(),
-            "X-Robots-Tag headers seen on the image's response ('; '-joined); none of them opted "
-            "out of surd, or the image would not be here",
+            "X-Robots-Tag headers seen on the image's response ('; '-joined); unless the scrape "
+            "ran with --ignore-opt-out, none of them opted out of surd",
         ),
         # the image (bytes live once in the image store, addressed by image_sha256)
         _field("image_sha256", pa.string(), "sha256 of the stored image bytes"),

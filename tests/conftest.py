@@ -96,6 +96,10 @@ def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Pa
 
 @pytest.fixture
 def server():
-    """A real HTTP server on 127.0.0.1 with the faults real servers have (http_fixture.py)."""
+    """A real HTTP server on 127.0.0.1 with the faults real servers have (http_fixture.py).
+    robots.txt rules cached by earlier tests are dropped: ports are reused."""
+    from pipelines.optout import forget_robots_rules
+
+    forget_robots_rules()
     with FaultyServer() as running:
         yield running

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from pipelines.download import Fetcher, FetchOptions, user_agent_for
-from pipelines.optout import RobotsPolicy, x_robots_opt_outs
+from pipelines.optout import RobotsPolicy, forget_robots_rules, x_robots_opt_outs
 from pipelines.runner import RunOptions, run_stage
 from pipelines.scrape import ScrapeStage
 from pipelines.sources.urls import UrlListSource
@@ -117,11 +117,13 @@ def test_robots_txt_availability_policy(server, workspace, tmp_path, setup, reas
         # not a refusal: the item stays a failure to retry, and a later run may store it
         server.statuses.pop("/robots.txt", None)
         server.delays.pop("/robots.txt", None)
+        forget_robots_rules()  # the next run is a new process
         again, reasons = scrape(workspace, tmp_path, [url])
         assert again.failures_by_reason == {} and again.written == 1
 
 
 def test_a_redirect_to_a_host_that_opts_out_is_not_stored(workspace, tmp_path) -> None:
+    forget_robots_rules()
     with FaultyServer() as first, FaultyServer() as second:
         second.files["/robots.txt"] = (b"User-agent: *\nDisallow: /img/\n", "text/plain")
         first.redirects["/moved/1.jpg"] = f"{second.base}/img/1.jpg"
@@ -147,3 +149,61 @@ def test_requests_say_who_is_asking_and_robots_txt_expires(server) -> None:
     agents = server.user_agents - {""}
     assert agents == {user_agent_for("mailto:data@example.org")}
     assert next(iter(agents)).startswith("surd/") and "(+mailto:data@example.org)" in agents.pop()
+
+
+@pytest.mark.parametrize(
+    ("robots", "allowed"),
+    [
+        (b"User-agent: *\nAllow: /\nDisallow: /img/\n", False),  # longest match, not first
+        (b"User-agent: *\nDisallow: /*.jpg$\n", False),  # wildcards
+        (b"\xef\xbb\xbfUser-agent: *\nDisallow: /\n", False),  # a byte-order mark
+        (b"User-agent: surd\nDisallow: /a\n\nUser-agent: surd\nDisallow: /img\n", False),
+        (b"User-agent: *\nDisallow: /img/\nAllow: /img/7.jpg\n", True),  # the longer rule
+    ],
+)
+def test_robots_txt_is_read_as_rfc_9309_says(server, workspace, tmp_path, robots, allowed):
+    server.files["/robots.txt"] = (robots, "text/plain")
+    url = f"{server.base}/img/7.jpg"
+    _, reasons = scrape(workspace, tmp_path, [url])
+    assert reasons == ({} if allowed else {url: "opted-out"})
+    assert server.hits["/img/7.jpg"] == (1 if allowed else 0)
+
+
+def test_a_429_robots_txt_is_not_a_licence(server, workspace, tmp_path) -> None:
+    server.statuses["/robots.txt"] = 429
+    url = f"{server.base}/img/7.jpg"
+    _, reasons = scrape(workspace, tmp_path, [url], replace(LOOPBACK, retries=0))
+    assert reasons == {url: "robots-unavailable"}
+
+
+def test_every_redirect_hop_is_checked_before_it_is_requested(workspace, tmp_path) -> None:
+    forget_robots_rules()
+    with FaultyServer() as first, FaultyServer() as second:
+        first.files["/robots.txt"] = (b"User-agent: *\nDisallow: /private/\n", "text/plain")
+        second.files["/robots.txt"] = (b"User-agent: *\nDisallow: /\n", "text/plain")
+        first.redirects["/pub/1.jpg"] = "/private/1.jpg"  # same host, disallowed path
+        first.redirects["/pub/2.jpg"] = f"{second.base}/hop/2.jpg"  # via a host that says no
+        second.redirects["/hop/2.jpg"] = f"{first.base}/img/2.jpg"
+        urls = [f"{first.base}/pub/1.jpg", f"{first.base}/pub/2.jpg"]
+        _, reasons = scrape(workspace, tmp_path, urls)
+        assert reasons == {urls[0]: "opted-out", urls[1]: "opted-out"}
+        assert first.hits["/private/1.jpg"] == 0 and second.hits["/hop/2.jpg"] == 0
+        assert first.hits["/img/2.jpg"] == 0
+
+
+def test_a_contact_that_cannot_go_in_a_header_is_a_one_line_error(workspace, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from surd_builder.cli import app
+
+    listing = tmp_path / "list.jsonl"
+    listing.write_text(json.dumps({"url": "http://example.org/a.jpg", "prompt": "a cat"}))
+    result = CliRunner().invoke(
+        app,
+        ["build", "scrape", "urls", str(listing), "-w", str(workspace.root),
+         "--contact", "mailto:\u738b@example.org"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --contact must be a printable ASCII URL or e-mail address"
+    ]

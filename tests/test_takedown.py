@@ -162,3 +162,52 @@ def test_bad_takedown_input_is_a_one_line_error(workspace, tmp_path) -> None:
     result = CliRunner().invoke(app, [*base, "--from-file", str(lines)])
     assert result.exit_code == 2 and "requests.txt:3" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_requests_hold_under_force_and_match_urls_written_another_way(
+    server, workspace, tmp_path
+) -> None:
+    server.redirects["/listed/5.jpg"] = "/pic/2.jpg"
+    listed = f"{server.base}/listed/5.jpg"
+    urls = [f"{server.base}/pic/0.jpg", listed]
+    # taken down before it was ever scraped, written with an upper-case scheme and a fragment
+    shouted = f"HTTP://{server.base.removeprefix('http://')}/pic/0.jpg#top"
+    result = CliRunner().invoke(
+        app, ["build", "takedown", "-w", str(workspace.root), "--url", shouted, "--url", listed]
+    )
+    assert result.exit_code == 0 and "2 matched nothing yet" in result.output
+    report = run_stage(
+        ScrapeStage(UrlListSource(_listing(tmp_path, urls)), LOOPBACK),
+        workspace,
+        RunOptions(batch_size=8, show_progress=False, force=True),
+    )
+    assert report.written == 0 and report.failures_by_reason == {"taken-down": 2}
+    assert server.hits["/pic/0.jpg"] == 0 and server.hits["/listed/5.jpg"] == 0
+
+
+def test_an_ingested_sample_is_removed_at_export_and_flat_images_are_refused(
+    server, workspace, tmp_path
+) -> None:
+    url, kept = f"{server.base}/pic/1.jpg", f"{server.base}/pic/0.jpg"
+    take_down(workspace, [TakedownRequest("url", url, url, "r", "2026-11-25T00:00:00Z")])
+    listing = _listing(tmp_path, [url, kept])
+    scrape_stage = ScrapeStage(UrlListSource(listing), LOOPBACK)
+    # a scrape that read the (empty) takedown list before the request came in
+    scrape_stage.plan = lambda ws: UrlListSource(listing).plan(ws)
+    assert run_stage(scrape_stage, workspace, QUIET).written == 2
+    ids, report = exported_ids(workspace, tmp_path / "export")
+    assert len(ids) == 1 and report.skipped["taken-down"] == 1
+    assert len(read_removed(workspace)) == 1  # recorded, so --list shows it
+
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(flat)
+    result = CliRunner().invoke(
+        app, ["build", "takedown", "-w", str(workspace.root), "--image", str(flat)]
+    )
+    assert result.exit_code == 2 and "too little structure" in result.output
+
+
+def _listing(tmp_path, urls):
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("\n".join(json.dumps({"url": u, "prompt": "a cat, 8k"}) for u in urls))
+    return listing

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -49,16 +48,10 @@ class UrlListSource(Source):
         self.narrative_column = narrative_column
 
     def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> Fetched:
-        """The open web: robots.txt of the image's host (and of the host a redirect ends on)
-        is honoured on top of ``X-Robots-Tag``; see ``pipelines.optout``."""
-        url = item["image_url"]
-        respect = fetcher.options.respect_opt_out
-        if respect:
-            fetcher.robots.check(url)
-        fetched = fetcher.get_image(url)
-        if respect and urlsplit(fetched.url).netloc != urlsplit(url).netloc:
-            fetcher.robots.check(fetched.url)  # fetched, but not kept if that host says no
-        return fetched
+        """The open web: robots.txt is checked before every request, redirect hops included,
+        on top of ``X-Robots-Tag``; see ``pipelines.optout``."""
+        robots = fetcher.robots.check if fetcher.options.respect_opt_out else None
+        return fetcher.get_image(item["image_url"], before_each_hop=robots)
 
     def params(self) -> dict[str, Any]:
         return {"source": self.name, "file": str(self.path), "url_column": self.url_column}
