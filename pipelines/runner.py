@@ -227,6 +227,21 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _without_taken_down(stage: Stage, workspace: Workspace, items: pa.Table) -> pa.Table:
+    """Stages that work on collected samples (rewrite, screen, hash...) leave removed ones alone:
+    a taken-down sample's prompt is never sent to a rewriter again. Collection stages (output
+    ``samples``) apply takedown requests themselves (``pipelines.takedown``)."""
+    if stage.output_table == "samples" or not items.num_rows:
+        return items
+    from pipelines.takedown import removed_ids
+
+    removed = removed_ids(workspace)
+    if not removed:
+        return items
+    value_set = pa.array(sorted(removed), pa.string())
+    return items.filter(pc.invert(pc.is_in(items["sample_id"], value_set=value_set)))
+
+
 def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = None) -> RunReport:
     """Run ``stage`` on every planned item not yet in its output table; return the counts.
 
@@ -238,7 +253,7 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         raise InputError("batch size and workers must be at least 1")
     with workspace.stage_lock(stage.name):
         started = time.perf_counter()
-        items = stage.plan(workspace)
+        items = _without_taken_down(stage, workspace, stage.plan(workspace))
         planned = items.num_rows
         if not options.force and planned:
             done = pa.array(sorted(stage.done_ids(workspace, items)), pa.string())

@@ -198,6 +198,14 @@ def test_an_ingested_sample_is_removed_at_export_and_flat_images_are_refused(
     ids, report = exported_ids(workspace, tmp_path / "export")
     assert len(ids) == 1 and report.skipped["taken-down"] == 1
     assert len(read_removed(workspace)) == 1  # recorded, so --list shows it
+    # later stages leave the removed sample alone (its prompt goes to no rewriter)
+    from pipelines.rewrite import RewriteStage
+    from pipelines.rewriters import make_rewriter
+
+    rewrite = run_stage(RewriteStage(make_rewriter("rules")), workspace, QUIET)
+    assert rewrite.written == 1
+    rewritten = workspace.read_table("narratives", ["narrative_prompt"])["sample_id"].to_pylist()
+    assert rewritten == sorted(ids)
 
     flat = tmp_path / "flat.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(flat)
