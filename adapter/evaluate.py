@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import html
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from surd_builder.errors import InputError
+
+if TYPE_CHECKING:
+    from adapter.generate import GenerateOptions
 
 CATEGORIES = ("action", "colour", "counting")
 IQA_PROMPTS = ("Good photo.", "Bad photo.")
@@ -152,16 +155,6 @@ def kernel_distance(
 
 
 @dataclass
-class EvalOptions:
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 8  # images per pipeline call (whole prompts: all seeds of each)
-
-
-@dataclass
 class EvalResult:
     cases: int
     images_per_variant: int
@@ -180,31 +173,23 @@ def evaluate(
     scorer: Any,
     cases: list[EvalCase],
     out: Path,
-    options: EvalOptions,
+    options: GenerateOptions,
     reference_features: np.ndarray | None = None,
     progress: Any = None,
     settings: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate, measure, write ``metrics.json`` and ``report.html`` into ``out``."""
-    from adapter.generate import GenerateOptions, generate_images, save_png
+    from adapter.generate import generate_images, save_png
 
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []  # one per (case, seed)
     features: dict[str, list[np.ndarray]] = {"with": [], "without": []}
-    generation = GenerateOptions(
-        seeds=options.seeds,
-        num_inference_steps=options.num_inference_steps,
-        guidance_scale=options.guidance_scale,
-        height=options.height,
-        width=options.width,
-        batch_size=options.batch_size,
-    )
     per_call = max(1, options.batch_size // len(options.seeds))  # prompts per chunk
     for first in range(0, len(cases), per_call):
         chunk = list(range(first, min(first + per_call, len(cases))))
         for variant, use_adapter in (("without", False), ("with", True)):
             prompts = [cases[number].prompt for number in chunk]
-            images = generate_images(pipeline, prompts, generation, use_adapter)
+            images = generate_images(pipeline, prompts, options, use_adapter)
             keys = [(number, seed) for number in chunk for seed in options.seeds]
             for (number, seed), image in zip(keys, images, strict=True):
                 path = out / "images" / variant / f"case-{number:03d}-seed{seed}.png"

@@ -640,7 +640,7 @@ def train(config: TrainConfig) -> TrainReport:
             if done % config.validation_steps == 0 or done == steps:
                 last_held = evaluate(done) or last_held
                 if main and config.validation_prompts:
-                    _validation_images(accelerator, config, parts, unet, adapter, done, device)
+                    _validation_images(accelerator, config, parts, unet, adapter, done)
             if done % config.checkpointing_steps == 0 or done == steps:
                 save_checkpoint(accelerator, config, done)
             if done == _crash_after_step():
@@ -713,9 +713,8 @@ class _TrainProgress:
 
 
 def _validation_images(
-    accelerator: Any, config: TrainConfig, parts: Any, unet: Any, adapter: Any, step: int,
-    device: Any,
-) -> None:  # fmt: skip
+    accelerator: Any, config: TrainConfig, parts: Any, unet: Any, adapter: Any, step: int
+) -> None:
     from adapter.pipeline import SURAdapterPipeline
     from adapter.validation import validation_grid
 

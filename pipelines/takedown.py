@@ -157,6 +157,8 @@ def image_matches(phash: str, requests: list[TakedownRequest]) -> TakedownReques
 
 
 URL_FIELDS = ("source_url", "page_url", "image_url")
+# the samples columns a request can match (sample_id comes with every table read)
+MATCH_COLUMNS = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
 
 
 def normalise_url(url: str) -> str:
@@ -241,10 +243,9 @@ def apply_takedowns(
     if not requests:
         return []
     before = removed_ids(workspace)
-    columns = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
     rows = [
         row
-        for row in workspace.read_table("samples", columns).to_pylist()
+        for row in workspace.read_table("samples", MATCH_COLUMNS).to_pylist()
         if row["sample_id"] not in before
     ]
     phashes = None
@@ -278,13 +279,10 @@ def take_down(workspace: Workspace, requests: list[TakedownRequest]) -> Takedown
     )
     already = {row["sample_id"]: row for row in read_removed(workspace)}
     new = apply_takedowns(workspace)
-    new_ids = {sid for sid, _ in new}
     # which of these requests match something (now or before), for the report
     given = {(r.kind, r.value) for r in requests}
     by_these = [(sid, r) for sid, r in new if (r.kind, r.value) in given]
-    matched_before = {
-        (row["kind"], row["label"]) for sid, row in already.items() if sid not in new_ids
-    }
+    matched_before = {(row["kind"], row["label"]) for row in already.values()}
     used = {(r.kind, r.value) for _, r in by_these}
     unmatched = [
         r
@@ -305,10 +303,9 @@ def _matches_already_removed(
     """Samples removed before that these (non-image) requests name: a repeated request."""
     if not removed:
         return set()
-    columns = ["source", "source_item_id", "source_url", "page_url", "image_sha256"]
     rows = [
         row
-        for row in workspace.read_table("samples", columns).to_pylist()
+        for row in workspace.read_table("samples", MATCH_COLUMNS).to_pylist()
         if row["sample_id"] in removed
     ]
     return set(match_rows(rows, [r for r in requests if r.kind != "image"]))

@@ -121,8 +121,9 @@ def evaluate(
     """Generate with and without the adapter under the same seeds and compare: CLIP score,
     semantic accuracy per category, CLIP-IQA, FID/KID against reference images."""
     from adapter.data import narrative_prompts
-    from adapter.evaluate import EvalCase, EvalOptions, load_suite, reference_features
+    from adapter.evaluate import EvalCase, load_suite, reference_features
     from adapter.evaluate import evaluate as run_evaluate
+    from adapter.generate import GenerateOptions
     from adapter.pipeline import load_pipeline
     from surd_builder.clip import ClipScorer
     from surd_builder.errors import InputError
@@ -142,7 +143,7 @@ def evaluate(
     scorer.load()  # a wrong model fails before any generating
     references = reference_features(reference, reference_limit, scorer) if reference else None
     pipeline = load_pipeline(base_model, adapter, device, dtype, scheduler)
-    options = EvalOptions(
+    options = GenerateOptions(
         seeds=seed or [0, 1], num_inference_steps=steps, guidance_scale=guidance_scale,
         height=height, width=width, batch_size=batch_size,
     )  # fmt: skip

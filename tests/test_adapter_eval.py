@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from adapter.evaluate import (
     EvalCase,
-    EvalOptions,
     attribute_correct,
     clip_iqa,
     clip_score,
@@ -23,6 +22,7 @@ from adapter.evaluate import (
     kernel_distance,
     load_suite,
 )
+from adapter.generate import GenerateOptions
 from adapter.model import SURAdapter
 from adapter.pipeline import load_pipeline
 from surd_builder.cli import app
@@ -190,7 +190,7 @@ def test_eval_writes_metrics_and_a_report_that_references_only_existing_files(
     ]
     reference = [Image.new("RGB", (32, 32), (i * 20, 100, 200 - i * 20)) for i in range(6)]
     out = tmp_path / "eval"
-    options = EvalOptions(seeds=[0, 1], num_inference_steps=2, batch_size=3)
+    options = GenerateOptions(seeds=[0, 1], num_inference_steps=2, batch_size=3)
     result = evaluate(
         pipeline, scorer, cases, out, options, scorer.image_features(reference).numpy()
     )
