@@ -13,19 +13,22 @@ batch, so a killed build keeps every finished batch and the next run computes on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from surd_builder.atomic import write_parquet_atomic
+from surd_builder.errors import OutputError
 from surd_builder.models import batched
 from surd_builder.progress import progress_bar
+from surd_builder.ray_engine import RayOptions
 from surd_builder.workspace import part_name
 
 T = TypeVar("T")
@@ -146,4 +149,60 @@ def fill_cache(
         for chunk in batched(missing, batch_size):
             cache.write(chunk, compute([input_of[key] for key in chunk]))
             advance(len(chunk))
+    return len(missing)
+
+
+class _RayCacheWorker:
+    """A Ray actor's work for :func:`fill_cache_on_ray`: one encoder per actor, each batch
+    computed and written into the (shared) cache folder as a part of its own."""
+
+    def __init__(self, folder: str, make_encoder: Callable[[], Callable[[list], np.ndarray]]):
+        if not Path(folder).is_dir():
+            import socket
+
+            raise OutputError(
+                f"the cache folder {folder} is not visible on Ray node {socket.gethostname()}: "
+                "put --cache-dir on storage every node mounts at that path"
+            )
+        self.cache, self.encoder = ArrayCache(folder), make_encoder()
+
+    def __call__(self, batch: pa.Table) -> int:
+        keys = batch["key"].to_pylist()
+        self.cache.write(keys, self.encoder(batch["input"].to_pylist()))
+        return len(keys)
+
+
+def fill_cache_on_ray(
+    cache: ArrayCache,
+    keys: Sequence[str],
+    inputs: Sequence[Any],
+    make_encoder: Callable[[], Callable[[list], np.ndarray]],
+    batch_size: int,
+    description: str,
+    show_progress: bool = True,
+    ray: RayOptions | None = None,
+) -> int:
+    """:func:`fill_cache` with the missing batches computed on a Ray cluster: each worker (a
+    GPU each when the cluster has GPUs) builds its encoder from ``make_encoder`` (a picklable
+    recipe, e.g. ``TextEmbeddings.remote_factory()``) and writes its parts into ``cache``
+    itself, so the folder must be on storage every node sees. Returns how many were computed."""
+    from surd_builder import ray_engine
+
+    ray = ray or RayOptions()
+    present = cache.keys()
+    input_of = dict(zip(keys, inputs, strict=True))
+    missing = [key for key in input_of if key not in present]
+    if not missing:
+        return 0
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    ray_engine.connect(ray.address)
+    kind = pa.binary() if isinstance(input_of[missing[0]], bytes) else pa.string()
+    batches = [
+        pa.table({"key": chunk, "input": pa.array([input_of[key] for key in chunk], kind)})
+        for chunk in batched(missing, batch_size)
+    ]
+    worker = functools.partial(_RayCacheWorker, str(cache.folder.resolve()), make_encoder)
+    with progress_bar(description, total=len(missing), enabled=show_progress) as advance:
+        for done in ray_engine.map_batches(batches, worker, device="auto", workers=ray.workers):
+            advance(done)
     return len(missing)

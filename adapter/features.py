@@ -12,6 +12,8 @@ layer, pooling, dtype), like the Stable Diffusion inputs in :mod:`adapter.frozen
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,19 @@ class LLMFeatureExtractor:
         dtype = resolve_dtype(self.dtype_option, resolve_device(self.device_option))
         model = model_fingerprint(self.model)
         return f"llm\x1f{model}\x1f{self.layer}\x1f{self.pooling}\x1f{dtype}"
+
+    def resolved_dtype_name(self) -> str:
+        """The dtype the cache identity names (``auto`` resolved on this machine)."""
+        dtype = resolve_dtype(self.dtype_option, resolve_device(self.device_option))
+        return str(dtype).removeprefix("torch.")
+
+    def remote_factory(self) -> Callable[[], LLMFeatureExtractor]:
+        """A picklable recipe for this extractor in another process (a Ray worker): the dtype
+        its cache identity names (resolved here), on that worker's GPU if it has one."""
+        return functools.partial(
+            LLMFeatureExtractor, self.model, self.layer, self.pooling, self.batch_size,
+            device="auto", dtype=self.resolved_dtype_name(),
+        )  # fmt: skip
 
     def hidden_size(self) -> int:
         _tokenizer, model, _device = self.load()

@@ -14,12 +14,34 @@ per content and keep the result.
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from adapter.stable_diffusion import StableDiffusionParts
+from adapter.stable_diffusion import StableDiffusionParts, load_stable_diffusion
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype that pickles as plain text."""
+    return str(dtype).removeprefix("torch.")
+
+
+def local_device() -> str:
+    """The device of a worker on another machine: its GPU (Ray gives it one), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parts_here(parts: StableDiffusionParts, components: tuple[str, ...], dtype: str):
+    import torch
+
+    return load_stable_diffusion(
+        parts.base_model, getattr(torch, dtype), parts.variant, parts.revision, components
+    )
 
 
 def preprocess_image(data: bytes, resolution: int, flip: bool) -> np.ndarray | None:
@@ -55,6 +77,11 @@ class TextEmbeddings:
         model = self.parts.fingerprint(("tokenizer", "text_encoder"))
         return f"clip-text\x1f{model}\x1f{self.dtype}"
 
+    def remote_factory(self) -> Callable[[], TextEmbeddings]:
+        """A picklable recipe for this encoder in another process (a Ray worker): the same
+        model and dtype, so the values its cache identity promises, on that worker's GPU."""
+        return functools.partial(_text_embeddings_here, _light(self.parts), dtype_name(self.dtype))
+
     def __call__(self, texts: list[str]) -> np.ndarray:
         import torch
 
@@ -89,6 +116,13 @@ class LatentMoments:
             f"flip={self.flip}\x1f{self.dtype}"
         )
 
+    def remote_factory(self) -> Callable[[], LatentMoments]:
+        """See :meth:`TextEmbeddings.remote_factory`."""
+        return functools.partial(
+            _latent_moments_here, _light(self.parts), self.resolution, self.flip,
+            dtype_name(self.dtype),
+        )  # fmt: skip
+
     def __call__(self, images: list[bytes]) -> np.ndarray:
         import torch
 
@@ -105,3 +139,26 @@ class LatentMoments:
                 moments = torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy()
             out[readable] = moments.astype(np.float16)
         return out
+
+
+def _light(parts: StableDiffusionParts) -> StableDiffusionParts:
+    """Where ``parts`` came from, without the loaded models (what a recipe ships)."""
+    return StableDiffusionParts(
+        parts.base_model, None, None, None, None, None, parts.revision, parts.variant
+    )
+
+
+def _text_embeddings_here(parts: StableDiffusionParts, dtype: str) -> TextEmbeddings:
+    loaded = _parts_here(parts, ("tokenizer", "text_encoder"), dtype)
+    device = local_device()
+    loaded.text_encoder.to(device)
+    return TextEmbeddings(loaded, device, loaded.text_encoder.dtype)
+
+
+def _latent_moments_here(
+    parts: StableDiffusionParts, resolution: int, flip: bool, dtype: str
+) -> LatentMoments:
+    loaded = _parts_here(parts, ("vae",), dtype)
+    device = local_device()
+    loaded.vae.to(device)
+    return LatentMoments(loaded, resolution, flip, device, loaded.vae.dtype)

@@ -46,59 +46,60 @@ class StableDiffusionParts:
         return DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
 
 
+ALL_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
 def load_stable_diffusion(
-    base_model: str, dtype: Any = None, variant: str | None = None, revision: str | None = None
+    base_model: str,
+    dtype: Any = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    components: tuple[str, ...] = ALL_PARTS,
 ) -> StableDiffusionParts:
-    """All five parts in ``dtype`` (default float32) on the CPU (the caller moves them), frozen,
-    with the text width checked against the UNet's cross-attention width."""
+    """The parts in ``components`` (default all five; the others are ``None``) in ``dtype``
+    (default float32) on the CPU (the caller moves them), frozen, with the text width checked
+    against the UNet's cross-attention width when both are loaded. A worker filling one cache
+    loads only what it needs (the text encoder, or the VAE)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     where = {"revision": revision}
     weights = {**where, "variant": variant, "dtype": dtype or torch.float32}
-    tokenizer = load_pretrained(
-        CLIPTokenizer.from_pretrained,
-        base_model,
-        "base model tokenizer",
-        subfolder="tokenizer",
-        **where,
-    )
-    text_encoder = load_pretrained(
-        CLIPTextModel.from_pretrained,
-        base_model,
-        "base model text encoder",
-        subfolder="text_encoder",
-        **weights,
-    )
-    vae = load_pretrained(
-        AutoencoderKL.from_pretrained, base_model, "base model VAE", subfolder="vae", **weights
-    )
-    unet = load_pretrained(
-        UNet2DConditionModel.from_pretrained,
-        base_model,
-        "base model UNet",
-        subfolder="unet",
-        **weights,
-    )
-    noise_scheduler = load_pretrained(
-        DDPMScheduler.from_pretrained,
-        base_model,
-        "base model scheduler",
-        subfolder="scheduler",
-        **where,
-    )
-    parts = StableDiffusionParts(
-        base_model, tokenizer, text_encoder, vae, unet, noise_scheduler, revision, variant
-    )
-    cross_width = unet.config.cross_attention_dim
-    if cross_width != parts.text_width:
-        raise InputError(
-            f"{base_model}: the text encoder's width {parts.text_width} does not match the UNet's "
-            f"cross-attention width {cross_width} (not a Stable Diffusion 1.x/2.x model?)"
+    loaders = {
+        "tokenizer": (CLIPTokenizer, "base model tokenizer", where),
+        "text_encoder": (CLIPTextModel, "base model text encoder", weights),
+        "vae": (AutoencoderKL, "base model VAE", weights),
+        "unet": (UNet2DConditionModel, "base model UNet", weights),
+        "scheduler": (DDPMScheduler, "base model scheduler", where),
+    }
+    loaded = {}
+    for name in components:
+        cls, what, options = loaders[name]
+        loaded[name] = load_pretrained(
+            cls.from_pretrained, base_model, what, subfolder=name, **options
         )
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False).eval()
+    parts = StableDiffusionParts(
+        base_model,
+        loaded.get("tokenizer"),
+        loaded.get("text_encoder"),
+        loaded.get("vae"),
+        loaded.get("unet"),
+        loaded.get("scheduler"),
+        revision,
+        variant,
+    )
+    if parts.unet is not None and parts.text_encoder is not None:
+        cross_width = parts.unet.config.cross_attention_dim
+        if cross_width != parts.text_width:
+            raise InputError(
+                f"{base_model}: the text encoder's width {parts.text_width} does not match the "
+                f"UNet's cross-attention width {cross_width} (not a Stable Diffusion 1.x/2.x "
+                "model?)"
+            )
+    for module in (parts.text_encoder, parts.vae, parts.unet):
+        if module is not None:
+            module.requires_grad_(False).eval()
     return parts
 
 

@@ -1,9 +1,19 @@
 """One training step of the SUR-adapter from cached inputs, and the order samples are seen in.
 
-Everything random in a step (which samples, mirrored or not, the latent sample, the noise, the
-timesteps) comes from :func:`step_generator`, seeded by (seed, micro-batch, rank). A run resumed
-from a checkpoint at step ``s`` therefore sees exactly what an uninterrupted run saw after ``s``:
-no sampler or RNG state has to be saved for that.
+Everything random in a step is a function of (seed, global micro-batch) alone: which samples
+(:func:`micro_batch_indices`, a seeded permutation per epoch) and, from :func:`step_generator`,
+the random inputs of the whole global micro-batch (:func:`draw_step_noise`: mirrored or not, the
+latent sample, the noise, the timesteps), of which each process takes the rows of its samples.
+Hence:
+
+- a run resumed from a checkpoint at step ``s`` sees exactly what an uninterrupted run saw after
+  ``s``: no sampler or RNG state has to be saved for that;
+- ``N`` processes with batch ``B`` see bit-identical samples and random inputs to one process
+  with batch ``N * B``, so they train the same adapter up to the order of the gradient
+  all-reduce's sums (dropout aside: it draws from each process's own RNG).
+
+Each process draws ``N`` times the random numbers it uses; they are a few small tensors per
+sample, nothing next to a UNet step.
 """
 
 from __future__ import annotations
@@ -54,9 +64,54 @@ class CachedSet:
         return {name: value.to(device, non_blocking=True) for name, value in tensors.items()}
 
 
-def step_generator(seed: int, micro_batch: int, rank: int, device: Any) -> torch.Generator:
-    mixed = (seed * 1_000_003 + micro_batch) * 4099 + rank
+def step_generator(
+    seed: int, micro_batch: int, stream: int = 0, device: Any = "cpu"
+) -> torch.Generator:
+    """A generator seeded by (seed, micro-batch, stream). Training uses stream 0 on every
+    process (all draw the global micro-batch's randomness, see :func:`draw_step_noise`); other
+    streams are independent of it."""
+    mixed = (seed * 1_000_003 + micro_batch) * 4099 + stream
     return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+
+
+@dataclass
+class StepNoise:
+    """The random inputs of a micro-batch, one row per sample."""
+
+    flips: torch.Tensor | None  # (rows,) bool: mirror the image (random flip on)
+    latent_noise: torch.Tensor  # (rows, C, h, w): samples the cached latent distribution
+    noise: torch.Tensor  # (rows, C, h, w): the diffusion noise
+    timesteps: torch.Tensor  # (rows,) int64
+
+    def rows(self, start: int, stop: int) -> StepNoise:
+        flips = None if self.flips is None else self.flips[start:stop]
+        return StepNoise(
+            flips, self.latent_noise[start:stop], self.noise[start:stop],
+            self.timesteps[start:stop],
+        )  # fmt: skip
+
+
+def draw_step_noise(
+    generator: torch.Generator,
+    rows: int,
+    latent_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    random_flip: bool,
+    device: Any,
+) -> StepNoise:
+    """The random inputs of ``rows`` samples, drawn in a fixed order (flips, latent sample,
+    noise, timesteps). Training draws those of the whole global micro-batch on every process
+    and each process keeps its rows (:meth:`StepNoise.rows`), so what a sample gets does not
+    depend on the number of processes. One process draws exactly what it did when every process
+    drew only its own rows."""
+    flips = None
+    if random_flip:
+        flips = torch.rand(rows, generator=generator, device=device) < 0.5
+    shape = (rows, *latent_shape)
+    latent_noise = torch.randn(shape, generator=generator, device=device)
+    noise = torch.randn(shape, generator=generator, device=device)
+    timesteps = torch.randint(0, num_train_timesteps, (rows,), generator=generator, device=device)
+    return StepNoise(flips, latent_noise, noise, timesteps)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,11 +150,17 @@ class LossSettings:
 
 
 def sample_latents(
-    moments: torch.Tensor, generator: torch.Generator, scaling: float, shift: float | None
+    moments: torch.Tensor,
+    generator: torch.Generator | None,
+    scaling: float,
+    shift: float | None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A sample of the cached latent distribution, scaled as the UNet expects."""
+    """A sample of the cached latent distribution, scaled as the UNet expects: with ``noise``
+    (a standard normal of the latents' shape) if given, else with a draw from ``generator``."""
     mean, logvar = moments.float().chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
     latents = mean + torch.exp(0.5 * logvar) * noise
     if shift is not None:
         latents = latents - shift
@@ -111,19 +172,27 @@ def compute_losses(
     unet: Any,
     noise_scheduler: Any,
     batch: dict[str, torch.Tensor],
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     settings: LossSettings,
     scaling: float,
     shift: float | None = None,
+    step_noise: StepNoise | None = None,
 ) -> LossTerms:
     """The three losses of one micro-batch. ``adapter`` may be wrapped (DDP); the graph runs
-    from the adapter's output through the frozen UNet, so the quality loss trains the adapter."""
-    latents = sample_latents(batch["latent_moments"], generator, scaling, shift)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(
-        0, steps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+    from the adapter's output through the frozen UNet, so the quality loss trains the adapter.
+
+    The random inputs are ``step_noise`` (its rows match the batch's) if given, else drawn from
+    ``generator`` in :func:`draw_step_noise`'s order (training passes the rows of the global
+    draw; held-out losses and benchmarks pass a generator)."""
+    moments = batch["latent_moments"]
+    if step_noise is None:
+        channels, *spatial = moments.shape[1:]
+        step_noise = draw_step_noise(
+            generator, moments.shape[0], (channels // 2, *spatial),
+            noise_scheduler.config.num_train_timesteps, False, moments.device,
+        )  # fmt: skip
+    latents = sample_latents(moments, None, scaling, shift, step_noise.latent_noise)
+    noise, timesteps = step_noise.noise, step_noise.timesteps
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if settings.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)

@@ -7,7 +7,12 @@ weight dtype -> cached inputs -> the trainable adapter in float32 -> loop -> sav
   computed once into caches (:mod:`adapter.cache`), so a step is one UNet forward and backward to
   the condition;
 - the randomness of step ``s`` is a function of (seed, ``s``) (:mod:`adapter.step`), so a run
-  resumed from ``checkpoint-s`` continues exactly as the uninterrupted run would have;
+  resumed from ``checkpoint-s`` continues exactly as the uninterrupted run would have, and it
+  does not depend on the number of processes: ``N`` processes with ``--batch-size B`` train the
+  adapter one process with ``N * B`` does (up to float sums, with ``--adapter-dropout 0``);
+- under ``accelerate launch`` caches are filled once, split over the processes that see the
+  same cache folder (all of them on a shared filesystem, each node's own otherwise), and every
+  process must see the same ``--output``;
 - checkpoints are written to a temporary folder and renamed, so a kill never leaves a half one.
 
 Output folder: the trained adapter (``config.json`` + safetensors, loadable with
@@ -22,9 +27,11 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -32,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from adapter.cache import ArrayCache, cache_key, fill_cache
+from adapter.cache import ArrayCache, cache_key, fill_cache, fill_cache_on_ray
 from adapter.data import Columns, SplitRows, load_split
 from adapter.step import LossSettings
 from adapter.validation import DEFAULT_VALIDATION_PROMPTS
 from surd_builder.errors import InputError, OutputError
+from surd_builder.ray_engine import RayOptions
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -49,8 +57,10 @@ RESUME_KEYS = (
     "seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_weight_decay",
     "max_grad_norm", "eta_llm", "eta_prompt", "temperature", "min_snr_gamma", "prediction_type",
     "adapter_weight", "adapter_layers", "adapter_heads", "adapter_feedforward", "adapter_mlp",
-    "train_llm_projection", "init_adapter", "mixed_precision",
+    "adapter_dropout", "train_llm_projection", "init_adapter", "mixed_precision",
 )  # fmt: skip
+# settings added to RESUME_KEYS later, with the value that checkpoints written before had
+ADDED_RESUME_KEYS = {"adapter_dropout": 0.1}
 
 
 @dataclass
@@ -88,6 +98,7 @@ class TrainConfig:
     adapter_heads: int = 8
     adapter_feedforward: int = 2048
     adapter_mlp: int = 768
+    adapter_dropout: float = 0.1  # PyTorch's default, which the released code used
     train_llm_projection: bool = False
     init_adapter: str | None = None
     mixed_precision: str = "auto"
@@ -105,6 +116,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     encode_batch_size: int = 32
+    cache_engine: str = "local"  # or "ray": caches filled by Ray workers (GPUs of a cluster)
+    ray_address: str | None = None  # with cache_engine "ray": the cluster (None: RAY_ADDRESS/local)
+    ray_workers: int | None = None  # with cache_engine "ray": workers (None: one per GPU or CPU)
+    caches_only: bool = False  # fill the caches, then stop (no training)
     llm_batch_size: int = 16
     show_progress: bool = True
 
@@ -129,6 +144,10 @@ class TrainConfig:
             (self.checkpointing_steps >= 1 and self.validation_steps >= 1,
              "--checkpointing-steps and --validation-steps must be >= 1"),
             (0.0 <= self.adapter_weight <= 1.0, "--adapter-weight must be in [0, 1]"),
+            (0.0 <= self.adapter_dropout < 1.0, "--adapter-dropout must be in [0, 1)"),
+            (self.cache_engine in ("local", "ray"), "--cache-engine must be local or ray"),
+            (self.cache_engine == "ray" or (self.ray_address, self.ray_workers) == (None, None),
+             "--ray-address and --ray-workers need --cache-engine ray"),
             (self.llm_layer >= 1, "--llm-layer counts blocks from 1"),
             (self.seed >= 0, "--seed must be >= 0"),
             (self.lr_warmup_steps == 0 or self.lr_scheduler != "constant",
@@ -160,6 +179,9 @@ class TrainReport:
     last_held_out: dict[str, float]
     device: str
     main_process: bool = True  # under accelerate launch, only the main process reports
+    # the dtypes the cache identities name: another run finds these caches when it resolves
+    # the same (auto: bf16 on a GPU, float32 on a CPU)
+    cache_dtypes: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- accelerator and precision
@@ -210,6 +232,45 @@ def default_cache_dir() -> Path:
     return Path(root) / "train-inputs"
 
 
+def ranks_sharing(accelerator: Any, folder: Path) -> list[tuple[int, ...]]:
+    """For each process (by global rank), the ranks that see the same ``folder``: all of them
+    on a shared filesystem, a node's own ones for a node-local path. Each process writes a
+    marker named by a token from the main process and its rank, all wait, each looks up every
+    rank's marker by name (a lookup, not a directory listing, so that network filesystems
+    answer it fresh), and the answers are gathered, so every process decides alike. A collective
+    call: every process must make it."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    token = broadcast_object_list([secrets.token_hex(8) if accelerator.is_main_process else ""])
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".surd-rank-{token[0]}-{rank}"
+    marker.touch()
+    accelerator.wait_for_everyone()
+    seen = tuple(r for r in range(world) if (folder / f".surd-rank-{token[0]}-{r}").exists())
+    groups = [tuple(group) for group in gather_object([seen])]
+    marker.unlink()  # every process has looked: gather_object returned
+    return groups
+
+
+def cache_share(groups: list[tuple[int, ...]], rank: int) -> tuple[int, int]:
+    """``rank``'s share (index, count) of the missing cache keys, given :func:`ranks_sharing`'s
+    groups: split among the processes that see the same folder, so each folder is filled once
+    and completely by its own processes. If what they see does not add up to separate groups
+    (a filesystem showing files late), every process fills what its folder lacks: more work,
+    never a missing key."""
+    separate = all(r in group for r, group in enumerate(groups)) and all(
+        groups[other] == group for group in groups for other in group
+    )
+    if separate:
+        return groups[rank].index(rank), len(groups[rank])
+    warnings.warn(
+        "processes disagree on which of them share the cache folder; each fills its own",
+        stacklevel=2,
+    )
+    return 0, 1
+
+
 def build_cached_sets(
     row_sets: list[SplitRows], parts: Any, llm: Any, config: TrainConfig, device: Any,
     dtype: Any, computed: dict[str, int], show_progress: bool, accelerator: Any,
@@ -217,8 +278,11 @@ def build_cached_sets(
     """Fill the caches for all ``row_sets`` together (one progress bar per kind of input), then
     a (CachedSet, samples dropped because their image did not decode) for each.
 
-    With several processes each computes its share of what is missing (on its own GPU), then
-    all wait for each other and read the complete cache."""
+    With several processes each computes its share of what is missing (on its own GPU): the
+    processes that see the same cache folder (all on a shared filesystem, a node's own with a
+    node-local ``--cache-dir``) split its missing keys by key hash, so each folder is filled
+    once. Then all wait for each other (no process reads before every writer of its folder has
+    finished) and read the complete cache."""
     import hashlib
 
     import torch
@@ -232,16 +296,35 @@ def build_cached_sets(
     images = [data for rows in row_sets for data in rows.images]
     image_hashes = [hashlib.sha256(data).hexdigest() for data in images]
 
-    share = (accelerator.process_index, accelerator.num_processes)
+    on_ray = config.cache_engine == "ray"
+    share = (0, 1)
+    if accelerator.num_processes > 1:
+        groups = ranks_sharing(accelerator, root)
+        if on_ray and any(len(group) < accelerator.num_processes for group in groups):
+            raise InputError(
+                f"--cache-engine ray fills one cache folder for every process: put --cache-dir "
+                f"{root} on storage all nodes share"
+            )
+        share = cache_share(groups, accelerator.process_index)
 
     def cached(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> np.ndarray:
         identity = encoder.cache_identity()
         keys = [cache_key(identity, content) for content in contents]
         # one folder per identity: a run reads only the parts of its own models and settings
         cache = ArrayCache(root / kind / cache_key(identity, "")[:16])
-        computed[kind] = computed.get(kind, 0) + fill_cache(
-            cache, keys, inputs, encoder, size, f"caching {kind}", show_progress, share
-        )
+        if not on_ray:
+            count = fill_cache(
+                cache, keys, inputs, encoder, size, f"caching {kind}", show_progress, share
+            )
+        elif accelerator.is_main_process:  # the other processes wait for the cluster's work
+            ray = RayOptions(config.ray_address, config.ray_workers)
+            count = fill_cache_on_ray(
+                cache, keys, inputs, encoder.remote_factory(), size, f"caching {kind} on Ray",
+                show_progress, ray,
+            )  # fmt: skip
+        else:
+            count = 0
+        computed[kind] = computed.get(kind, 0) + count
         accelerator.wait_for_everyone()
         return cache.load(keys)
 
@@ -290,7 +373,7 @@ def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any)
             path = path / "adapter"
         if not (path / "config.json").is_file():
             raise InputError(f"--init-adapter {path}: no adapter there (config.json is missing)")
-        adapter = SURAdapter.from_pretrained(path)
+        adapter = SURAdapter.from_pretrained(path, dropout=config.adapter_dropout)
         check_adapter_width(adapter.config.embed_dim, parts, f"--init-adapter {path}")
         if adapter.config.llm_dim != llm_dim:
             raise InputError(
@@ -309,6 +392,7 @@ def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any)
         num_heads=config.adapter_heads,
         feedforward_dim=config.adapter_feedforward,
         mlp_dim=config.adapter_mlp,
+        dropout=config.adapter_dropout,
         adapter_weight=config.adapter_weight,
         llm_dim=llm_dim,
         train_llm_projection=config.train_llm_projection,
@@ -347,6 +431,7 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
 def check_resume_settings(path: Path, config: TrainConfig, num_processes: int) -> int:
     state = json.loads((path / STATE_FILE).read_text())
     saved, now = state["settings"], config.settings_for_resume(num_processes)
+    saved = {**ADDED_RESUME_KEYS, **saved}
     changed = [key for key in now if saved.get(key) != now[key]]
     if changed:
         raise InputError(
@@ -481,10 +566,20 @@ def train(config: TrainConfig) -> TrainReport:
     from diffusers.optimization import get_scheduler
 
     from adapter.features import LLMFeatureExtractor
+    from adapter.frozen_inputs import dtype_name
     from adapter.stable_diffusion import load_stable_diffusion
-    from adapter.step import compute_losses, micro_batch_indices, step_generator
+    from adapter.step import (
+        compute_losses,
+        draw_step_noise,
+        micro_batch_indices,
+        step_generator,
+    )
     from adapter.validation import held_out_losses
 
+    if config.cache_engine == "ray":
+        from surd_builder.ray_engine import require_ray
+
+        require_ray()  # before hours of loading, not after
     accelerator, weight_dtype = make_accelerator(config)
     device = accelerator.device
     main = accelerator.is_main_process
@@ -493,10 +588,16 @@ def train(config: TrainConfig) -> TrainReport:
         config.output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create --output {config.output}: {error.strerror}") from None
-    resume_path = find_resume_checkpoint(config)
     world = accelerator.num_processes
+    if world > 1 and any(len(group) < world for group in ranks_sharing(accelerator, config.output)):
+        # checkpoints hold every process's RNG state and all must resume from the same one
+        raise InputError(
+            f"--output {config.output} is not one folder for all {world} processes: with "
+            "several nodes put it on a filesystem they share"
+        )
+    resume_path = None if config.caches_only else find_resume_checkpoint(config)
     resume_step = check_resume_settings(resume_path, config, world) if resume_path else 0
-    if config.resume == "none" and main:
+    if config.resume == "none" and main and not config.caches_only:
         moved = set_aside_checkpoints(config.output)
         if moved is not None and show:
             from surd_builder.progress import stderr_console
@@ -511,6 +612,7 @@ def train(config: TrainConfig) -> TrainReport:
         device=str(device), dtype=config.llm_dtype,
     )  # fmt: skip
     llm.check_layer()
+    llm_dtype_name = llm.resolved_dtype_name()
     if config.init_adapter is None and parts.text_width % config.adapter_heads:
         make_adapter(config, parts.text_width, 0, parts)  # fails fast, before any caching
     parts.text_encoder.to(device)
@@ -527,6 +629,15 @@ def train(config: TrainConfig) -> TrainReport:
         torch.cuda.empty_cache()
     if unreadable:
         skipped["unreadable image"] = unreadable
+    if config.caches_only:  # e.g. filled on a Ray cluster's GPUs before a long training run
+        return TrainReport(
+            output=config.output, steps=0, resumed_from=0, train_samples=len(train_set),
+            held_out_samples=len(held_set) if held_set is not None else 0, skipped=skipped,
+            computed=computed, samples_per_second=0.0, final_losses={}, first_held_out={},
+            last_held_out={}, device=str(device), main_process=main,
+            cache_dtypes={"text encoder and VAE": dtype_name(weight_dtype),
+                          "LLM": llm_dtype_name},
+        )  # fmt: skip
     if not len(train_set):
         raise InputError(f"--data {config.data}: none of the {config.split!r} images decode")
 
@@ -558,8 +669,12 @@ def train(config: TrainConfig) -> TrainReport:
     adapter, optimizer = accelerator.prepare(adapter, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     register_adapter_hooks(accelerator)
+    if accelerator.process_index > 0:
+        # dropout draws from the global RNG, the same on every process after the seeded init:
+        # other processes get their own masks (the main one keeps a single process's)
+        torch.manual_seed((config.seed * 1_000_003 + accelerator.process_index) % (2**63 - 1))
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        accelerator.load_state(str(resume_path))  # restores each process's RNG state
     if resume_step >= steps:
         raise InputError(
             f"{resume_path} is at step {resume_step}, the run has {steps} steps: nothing to do "
@@ -588,6 +703,8 @@ def train(config: TrainConfig) -> TrainReport:
     last_held: dict[str, float] = {}
     rank, batch = accelerator.process_index, config.batch_size
     accumulation = config.gradient_accumulation_steps
+    latent_shape = (train_set.latent_moments.shape[1] // 2, *train_set.latent_moments.shape[2:])
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     samples_per_step = batch * accumulation * world
     last_terms: dict[str, float] = {}
     timings: list[float] = []
@@ -598,21 +715,24 @@ def train(config: TrainConfig) -> TrainReport:
             totals = dict.fromkeys(("total", "quality", "distillation", "prompt_alignment"), 0.0)
             for micro in range(accumulation):
                 number = step * accumulation + micro
-                generator = step_generator(config.seed, number, rank, device)
+                # the random inputs of the global micro-batch, the same on every process; this
+                # one's rows are those of its samples, so the process count changes nothing
+                generator = step_generator(config.seed, number, 0, device)
+                step_noise = draw_step_noise(
+                    generator, batch * world, latent_shape, num_train_timesteps,
+                    config.random_flip, device,
+                ).rows(rank * batch, (rank + 1) * batch)  # fmt: skip
                 indices = micro_batch_indices(
                     number, batch, world, rank, len(train_set), config.seed
                 )
-                flips = None
-                if config.random_flip:
-                    flips = torch.rand(batch, generator=generator, device=device) < 0.5
-                    flips = flips.cpu()
+                flips = None if step_noise.flips is None else step_noise.flips.cpu()
                 tensors = train_set.batch(torch.from_numpy(indices), flips, device)
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(adapter):
                     with accelerator.autocast():
                         terms = compute_losses(
-                            adapter, unet, noise_scheduler, tensors, generator, settings,
-                            scaling, shift,
+                            adapter, unet, noise_scheduler, tensors, None, settings,
+                            scaling, shift, step_noise,
                         )  # fmt: skip
                     accelerator.backward(terms.total / accumulation)
                 for name in totals:

@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from adapter.step import CachedSet, LossSettings, compute_losses, step_generator
+from adapter.step import (
+    CachedSet,
+    LossSettings,
+    compute_losses,
+    draw_step_noise,
+    step_generator,
+)
 
 DEFAULT_VALIDATION_PROMPTS = (
     "three dogs playing in the snow",
@@ -38,16 +44,26 @@ def held_out_losses(
     """Mean of each loss term over the held-out set, sample-weighted."""
     sums = {"quality": 0.0, "distillation": 0.0, "prompt_alignment": 0.0, "total": 0.0}
     count = len(held_out)
-    for number, start in enumerate(range(0, count, batch_size)):
-        indices = torch.arange(start, min(start + batch_size, count))
-        batch = held_out.batch(indices, None, device)
-        generator = step_generator(HELD_OUT_SEED, number, 0, device)
+    if not count:
+        return {}
+    # one draw for the whole set, then chunks of it: a sample's noise is the same whatever the
+    # batch size, so runs with other --batch-size or process counts report comparable losses
+    moments = held_out.latent_moments
+    noise = draw_step_noise(
+        step_generator(HELD_OUT_SEED, 0, 0, device), count,
+        (moments.shape[1] // 2, *moments.shape[2:]),
+        noise_scheduler.config.num_train_timesteps, False, device,
+    )  # fmt: skip
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        batch = held_out.batch(torch.arange(start, stop), None, device)
         with autocast():
             terms = compute_losses(
-                adapter, unet, noise_scheduler, batch, generator, settings, scaling, shift
-            )
+                adapter, unet, noise_scheduler, batch, None, settings, scaling, shift,
+                noise.rows(start, stop),
+            )  # fmt: skip
         for name in sums:
-            sums[name] += float(getattr(terms, name)) * len(indices)
+            sums[name] += float(getattr(terms, name)) * (stop - start)
     return {name: value / count for name, value in sums.items()} if count else {}
 
 

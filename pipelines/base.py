@@ -28,7 +28,14 @@ A stage turns work items into rows of one stage table. It has two parts:
 The runner (``pipelines/runner.py``) owns everything else: skipping items already done (see
 ``done_ids``; ``force`` redoes them), batching, workers, progress, atomic writes (its
 ``commit_batch`` can run wherever the batch was processed), ``updated_at`` when a stage leaves it
-unset, counts, and the manifest.
+unset, counts, and the manifest. It runs the same ``process`` on one of two engines: ``local``
+(in-process or a process pool) or ``ray`` (Ray Data ``map_batches`` over actors on a cluster).
+A stage never knows which; it only says what one worker needs (``worker_needs``) and, if it
+sends requests to other people's hosts, the per-host rate it keeps (``host_rate``).
+
+State a stage keeps on ``self`` during ``process`` lives in the worker that processed the batch.
+What the report should show (answers taken from a cache, items scored) goes through
+:meth:`Stage.count`: the runner adds those counts up from every worker, on either engine.
 
 A sample's row in a table is replaced whole by a newer one, so a stage writes every column of its
 output table (see ``surd_builder/schema.py``).
@@ -37,7 +44,9 @@ output table (see ``surd_builder/schema.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pyarrow as pa
 
@@ -48,6 +57,38 @@ if TYPE_CHECKING:
 IMAGE_BYTES = "image_bytes"
 FAILURE_REASON = "failure_reason"
 FAILURE_DETAIL = "failure_detail"
+
+
+@dataclass(frozen=True)
+class WorkerNeeds:
+    """What one worker of a stage asks a cluster engine for (the local engine ignores it)."""
+
+    #: CPU cores one worker keeps busy (a thread pool waiting on the network needs few)
+    cpus: float = 1.0
+    #: the device option of the models the stage runs (``auto``, ``cpu``, ``cuda``...), ``None``
+    #: when it runs none: the engine gives each worker a GPU for ``cuda``, and for ``auto`` when
+    #: the cluster has GPUs (a model on CPUs gets a few cores)
+    device: str | None = None
+    #: workers when the user names no number (``None``: as many as the cluster fits); a stage
+    #: whose work waits on one server says how many that server should see
+    default_workers: int | None = None
+
+
+def shared_device(*devices: str | None) -> str | None:
+    """The device one worker needs for several models: a GPU if any model asks for one
+    (``cuda``), else ``auto`` if any may use one, else the CPU; ``None`` without models."""
+    given = [device for device in devices if device is not None]
+    if not given:
+        return None
+    if any(device.startswith("cuda") for device in given):
+        return "cuda"
+    return "auto" if "auto" in given else given[0]
+
+
+class HostLimiter(Protocol):
+    """Hands out request slots per host; ``wait`` returns when this request may be sent."""
+
+    def wait(self, host: str) -> None: ...
 
 
 class Stage(ABC):
@@ -80,3 +121,40 @@ class Stage(ABC):
     def params(self) -> dict[str, Any]:
         """What this run was asked to do, recorded in the manifest (never secrets)."""
         return {}
+
+    def worker_needs(self) -> WorkerNeeds:
+        """Resources of one worker on a cluster engine; see :class:`WorkerNeeds`."""
+        return WorkerNeeds()
+
+    def environment(self) -> tuple[str, ...]:
+        """Names of environment variables ``process`` reads (an API key): an engine running it
+        on other machines gives their values from here to its workers, in memory."""
+        return ()
+
+    def host_rate(self) -> float:
+        """Requests per second per host this stage promises to keep (0: no limit). An engine
+        that runs it in several processes gives it one limiter they all share
+        (:meth:`use_host_limiter`), so the rate holds for the whole run, not per process."""
+        return 0.0
+
+    def use_host_limiter(self, limiter: HostLimiter | None) -> None:
+        """Take ``limiter`` for every request to other hosts (stages with a ``host_rate``);
+        ``None`` goes back to the stage's own one."""
+        raise NotImplementedError(f"stage {self.name!r} sends no requests to limit")
+
+    # ----------------------------------------------------------------- counts for the report
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to this stage's count ``name`` (reported as the run's stage counts)."""
+        self.__dict__.setdefault("_counts", Counter())[name] += amount
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Every count this stage object kept, in this process."""
+        return self.__dict__.setdefault("_counts", Counter())
+
+    def take_counts(self) -> dict[str, int]:
+        """The counts kept since the last call: what a worker sends back with each batch."""
+        taken = self.__dict__.setdefault("_taken", Counter())
+        new = self.counts - taken
+        taken.update(new)
+        return dict(new)

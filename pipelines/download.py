@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+from pipelines.base import HostLimiter
 from surd_builder import __version__
 from surd_builder.atomic import atomic_path
 
@@ -98,22 +99,37 @@ class Fetched:
 
 
 class HostRateLimiter:
-    """At most ``rate`` requests per second to each host, across threads."""
+    """At most ``rate`` requests per second to each host, across threads.
 
-    def __init__(self, rate: float, sleep: Callable[[float], None] = time.sleep):
-        self.rate, self._sleep = rate, sleep
+    :meth:`reserve` books the next free slot of a host and says how long to wait for it, so the
+    same object can serve other processes too: an engine running a stage on several workers
+    keeps one of these in one place (``surd_builder.ray_engine.SharedHostLimiter``) and every
+    worker asks it, which keeps the rate for the whole run."""
+
+    def __init__(
+        self,
+        rate: float,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.rate, self._sleep, self._clock = rate, sleep, clock
         self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def wait(self, host: str) -> None:
+    def reserve(self, host: str) -> float:
+        """Book the host's next slot; the seconds until it starts (0: now)."""
         if self.rate <= 0:
-            return
+            return 0.0
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             slot = max(now, self._next.get(host, now))
             self._next[host] = slot + 1.0 / self.rate
-        if slot > now:
-            self._sleep(slot - now)
+        return slot - now
+
+    def wait(self, host: str) -> None:
+        delay = self.reserve(host)
+        if delay > 0:
+            self._sleep(delay)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -205,14 +221,16 @@ class Fetcher:
         auth_headers: dict[str, str] | None = None,
         auth_host: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        limiter: HostLimiter | None = None,
     ):
         """``auth_headers`` (an API token) go only to ``auth_host``, never to image hosts or
-        redirect targets elsewhere."""
+        redirect targets elsewhere. ``limiter`` replaces this fetcher's own per-host rate
+        limiter with one shared by other fetchers (other processes of the same run)."""
         self.options = options or FetchOptions()
         self._headers = {"User-Agent": self.options.user_agent}
         self._auth_headers, self._auth_host = auth_headers or {}, auth_host
         self._sleep = sleep
-        self._limiter = HostRateLimiter(self.options.per_host_rate, sleep)
+        self._limiter = limiter or HostRateLimiter(self.options.per_host_rate, sleep)
         self._local = threading.local()
 
     def _session(self):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
+from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage, WorkerNeeds
 from pipelines.rewriters import ItemFailed, Rewriter, RewriteRequest
 from pipelines.rewriters.cleaning import ValidationBounds, clean_output, validation_problem
 
@@ -70,7 +70,18 @@ class RewriteStage(Stage):
         self.max_attempts = max_attempts if rewriter.can_retry else 1
         self.include_source_narratives = include_source_narratives
         self.needs_images = rewriter.uses_image
-        self.cache_hits = 0  # answers taken from the cache by this process (tests, reports)
+
+    @property
+    def cache_hits(self) -> int:
+        """Answers taken from the cache by this stage object (its run's report has the total
+        over every worker: ``stage_counts["cache_hits"]``)."""
+        return self.counts["cache_hits"]
+
+    def worker_needs(self) -> WorkerNeeds:
+        return self.rewriter.worker_needs()
+
+    def environment(self) -> tuple[str, ...]:
+        return self.rewriter.environment()
 
     def params(self) -> dict[str, Any]:
         return {
@@ -175,7 +186,7 @@ class RewriteStage(Stage):
             cached = row[CACHED_NARRATIVE]
             if cached and validation_problem(cached, row["complex_prompt"], self.bounds) is None:
                 answers[key] = cached
-                self.cache_hits += 1
+                self.count("cache_hits")
         pending = [key for key in first_row if key not in answers]
         for attempt in range(self.max_attempts):
             if not pending:

@@ -1,14 +1,24 @@
 """Runs a stage over a workspace: the only module that knows about batching, workers and writes.
 
-The local engine is the default (in-process, or a process pool with ``workers > 1`` whose workers
-commit their own batches). A distributed engine (Ray Data) plugs in at :func:`_run_batches`: it
-needs only ``stage.process`` and :func:`commit_batch`.
+Two engines run the same batches through the same ``stage.process`` and :func:`commit_batch`:
+
+- ``local`` (the default): in-process, or a process pool with ``workers > 1`` whose workers
+  commit their own batches;
+- ``ray``: Ray Data ``map_batches`` over a pool of actors on a Ray cluster (or a Ray started on
+  this machine), each asking for what :meth:`Stage.worker_needs` says (a GPU for model stages on
+  ``cuda``), committing its batches into the workspace itself (``surd_builder.ray_engine``).
+
+Planning, skipping what is done, the stage lock, progress, counts and the manifest stay on the
+driver for both, so a workspace built partly locally and partly on Ray is one workspace: the
+tables are the same whichever engine wrote a batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -16,15 +26,17 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
-from surd_builder.errors import InputError, Interrupted
+from surd_builder.errors import InputError, Interrupted, WorkspaceError
 from surd_builder.progress import progress_bar
+from surd_builder.ray_engine import RayOptions, check_engine
 from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, table_spec
-from surd_builder.workspace import Workspace, utc_now
+from surd_builder.workspace import MARKER_FILE, Workspace, read_shard_images, utc_now
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,8 @@ class RunOptions:
     force: bool = False
     limit: int | None = None
     show_progress: bool = True
+    engine: str = "local"  # or "ray"
+    ray: RayOptions = field(default_factory=RayOptions)  # with engine "ray"
 
 
 @dataclass
@@ -53,6 +67,7 @@ class RunReport:
     new_images: int = 0
     image_bytes: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    stage_counts: dict[str, int] = field(default_factory=dict)  # Stage.count, all workers
     seconds: float = 0.0
 
     def counts(self) -> dict:
@@ -118,6 +133,7 @@ class BatchCounts:
     new_images: int
     image_bytes: int
     failure_reasons: list[str]
+    stage_counts: dict[str, int] = field(default_factory=dict)
 
 
 def commit_batch(
@@ -147,14 +163,49 @@ def with_images(workspace: Workspace, batch: pa.Table) -> pa.Table:
     return batch.append_column(IMAGE_BYTES, column)
 
 
-def process_batch(stage: Stage, batch: pa.Table, workspace: Workspace) -> pa.Table:
-    """Run ``stage.process`` on one batch, after the input I/O the stage asked for."""
-    if stage.needs_images:
-        batch = with_images(workspace, batch)
+# Where each item's image is, added by the driver for workers that read images themselves.
+IMAGE_SHARD = "__image_shard"
+
+
+def with_image_shards(workspace: Workspace, batch: pa.Table) -> pa.Table:
+    """``batch`` plus the name of the image shard holding each row's image (null: none), so a
+    worker reads the images it needs without building an index of the whole store."""
+    stored = workspace.image_index()
+    shards = [stored.get(sha) for sha in batch["image_sha256"].to_pylist()]
+    names = [shard.name if shard is not None else None for shard in shards]
+    return batch.append_column(IMAGE_SHARD, pa.array(names, pa.string()))
+
+
+def images_from_shards(root: str, batch: pa.Table) -> pa.Table:
+    """:func:`with_images` for a batch carrying :data:`IMAGE_SHARD` (the worker's side)."""
+    shas, shards = batch["image_sha256"].to_pylist(), batch[IMAGE_SHARD].to_pylist()
+    wanted: dict[str, list[str]] = {}
+    for sha, shard in zip(shas, shards, strict=True):
+        if shard is not None:
+            wanted.setdefault(shard, []).append(sha)
+    found: dict[str, bytes] = {}
+    for shard, shard_shas in wanted.items():
+        found.update(read_shard_images(Path(root) / "images" / shard, shard_shas))
+    column = pa.array([found.get(sha) for sha in shas], pa.binary())
+    return batch.drop_columns([IMAGE_SHARD]).append_column(IMAGE_BYTES, column)
+
+
+def _process(stage: Stage, batch: pa.Table) -> pa.Table:
     output = stage.process(batch)
     if stage.needs_images and IMAGE_BYTES in output.column_names:
         output = output.drop_columns([IMAGE_BYTES])  # input images are not new images to store
     return output
+
+
+def process_batch(stage: Stage, batch: pa.Table, workspace: Workspace) -> pa.Table:
+    """Run ``stage.process`` on one batch, after the input I/O the stage asked for."""
+    return _process(stage, with_images(workspace, batch) if stage.needs_images else batch)
+
+
+def _commit(workspace: Workspace, stage: Stage, output: pa.Table) -> BatchCounts:
+    counts = commit_batch(workspace, stage.name, stage.output_table, output)
+    counts.stage_counts = stage.take_counts()
+    return counts
 
 
 def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
@@ -172,8 +223,7 @@ def _process_and_commit(stage: Stage, batch: pa.Table, root: str) -> BatchCounts
     workspace = _worker_workspaces.get(root)
     if workspace is None:
         workspace = _worker_workspaces[root] = Workspace(root)
-    output = process_batch(stage, batch, workspace)
-    return commit_batch(workspace, stage.name, stage.output_table, output)
+    return _commit(workspace, stage, process_batch(stage, batch, workspace))
 
 
 def _run_batches(
@@ -181,10 +231,12 @@ def _run_batches(
 ) -> Iterator[tuple[int, BatchCounts]]:
     """Process and commit every batch; yield (input size, counts) per batch as each finishes
     (in any order with several workers)."""
+    if options.engine == "ray":
+        yield from _run_batches_on_ray(stage, items, options, workspace)
+        return
     if options.workers <= 1:
         for batch in _batches(items, options.batch_size):
-            output = process_batch(stage, batch, workspace)
-            yield batch.num_rows, commit_batch(workspace, stage.name, stage.output_table, output)
+            yield batch.num_rows, _commit(workspace, stage, process_batch(stage, batch, workspace))
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
     context = multiprocessing.get_context("spawn")
@@ -213,6 +265,74 @@ def _run_batches(
             top_up()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _RayStageWorker:
+    """What each Ray actor runs: ``stage.process`` and the commit, in the workspace at ``root``
+    (which every node must see at that path: a shared filesystem)."""
+
+    def __init__(self, stage: Stage, root: str):
+        if not (Path(root) / MARKER_FILE).is_file():
+            import socket
+
+            raise WorkspaceError(
+                f"the workspace {root} is not visible on Ray node {socket.gethostname()}: "
+                "with --engine ray it must be on a filesystem every node mounts at that path"
+            )
+        self.stage, self.workspace = stage, Workspace(Path(root))
+
+    def __call__(self, batch: pa.Table) -> tuple[int, BatchCounts]:
+        return batch.num_rows, _commit(self.workspace, self.stage, _process(self.stage, batch))
+
+
+def _check_ray(stage: Stage) -> None:
+    """What can be said against a Ray run before it starts (and is recorded)."""
+    from surd_builder import ray_engine
+
+    ray_engine.require_ray()
+    ray_engine.check_device(stage.worker_needs().device)
+
+
+def _run_batches_on_ray(
+    stage: Stage, items: pa.Table, options: RunOptions, workspace: Workspace
+) -> Iterator[tuple[int, BatchCounts]]:
+    """The batches as Ray Data blocks, mapped by actors that each process and commit theirs.
+    A stage that reads images gets them from CPU tasks when its workers hold GPUs (they then
+    only compute), else it reads them in the worker (no extra hop for the bytes)."""
+    if not items.num_rows:
+        return  # nothing to do: no cluster to join
+    from surd_builder import ray_engine
+
+    ray_engine.connect(options.ray.address)
+    needs = stage.worker_needs()
+    limiter = None
+    if stage.host_rate() > 0:
+        from pipelines.download import HostRateLimiter
+
+        limiter = ray_engine.SharedHostLimiter(
+            functools.partial(HostRateLimiter, stage.host_rate())
+        )
+        stage.use_host_limiter(limiter)
+    batches = list(_batches(items, options.batch_size))
+    root = str(workspace.root.resolve())
+    if stage.needs_images:
+        batches = [with_image_shards(workspace, batch) for batch in batches]
+    environment = {name: os.environ[name] for name in stage.environment() if name in os.environ}
+    try:
+        yield from ray_engine.map_batches(
+            batches,
+            functools.partial(_RayStageWorker, stage, root),
+            cpus=needs.cpus,
+            device=needs.device,
+            workers=options.ray.workers,
+            default_workers=needs.default_workers,
+            prepare=functools.partial(images_from_shards, root) if stage.needs_images else None,
+            environment=environment,
+        )
+    finally:
+        if limiter is not None:
+            stage.use_host_limiter(None)
+            limiter.close()
 
 
 @contextlib.contextmanager
@@ -251,8 +371,13 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
     options = options or RunOptions()
     if options.batch_size < 1 or options.workers < 1:
         raise InputError("batch size and workers must be at least 1")
+    check_engine(options.engine)
+    if options.engine == "ray":
+        _check_ray(stage)
     with workspace.stage_lock(stage.name):
         started = time.perf_counter()
+        # other processes (local workers, Ray workers) may have stored images since it was read
+        workspace.reload_image_index()
         items = _without_taken_down(stage, workspace, stage.plan(workspace))
         planned = items.num_rows
         if not options.force and planned:
@@ -264,9 +389,12 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
 
         params = {**stage.params(), **asdict(options)}
         params.pop("show_progress")
+        if options.engine != "ray":
+            params.pop("ray")
         run = workspace.start_run(stage.name, params, output_table=stage.output_table)
         report = RunReport(stage.name, run["run_id"], planned=planned, already_done=already_done)
         reasons: Counter[str] = Counter()
+        stage_counts: Counter[str] = Counter()
         report.status = "failed"  # until the loop completes or is interrupted
         try:
             bar = progress_bar(stage.name, items.num_rows, options.show_progress, show_failed=True)
@@ -279,6 +407,8 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
                     report.image_bytes += counts.image_bytes
                     reasons.update(counts.failure_reasons)
                     report.failures_by_reason = dict(sorted(reasons.items()))
+                    stage_counts.update(counts.stage_counts)
+                    report.stage_counts = dict(sorted(stage_counts.items()))
                     mib_per_s = (
                         report.image_bytes / 2**20 / max(time.perf_counter() - started, 1e-9)
                     )

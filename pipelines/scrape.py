@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.base import Stage
+from pipelines.base import HostLimiter, Stage, WorkerNeeds
 from pipelines.download import Fetcher, FetchError, FetchOptions
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
@@ -53,6 +53,7 @@ class ScrapeStage(Stage):
         self._fetcher: Fetcher | None = None
         self._takedowns: list = []  # takedown requests, read by plan()
         self._removed: set[str] = set()
+        self._host_limiter: HostLimiter | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -62,8 +63,20 @@ class ScrapeStage(Stage):
     @property
     def fetcher(self) -> Fetcher:
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.options, self._auth_headers, self.source.api_host)
+            self._fetcher = Fetcher(
+                self.options, self._auth_headers, self.source.api_host, limiter=self._host_limiter
+            )
         return self._fetcher
+
+    def worker_needs(self) -> WorkerNeeds:
+        # downloads wait on the network in threads; the decode check is what uses the core
+        return WorkerNeeds(cpus=1.0)
+
+    def host_rate(self) -> float:
+        return self.options.per_host_rate
+
+    def use_host_limiter(self, limiter: HostLimiter | None) -> None:
+        self._host_limiter, self._fetcher = limiter, None
 
     def params(self) -> dict[str, Any]:
         fetch = {k: v for k, v in self.options.__dict__.items() if k != "user_agent"}

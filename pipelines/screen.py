@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.base import IMAGE_BYTES, Stage
+from pipelines.base import IMAGE_BYTES, Stage, WorkerNeeds, shared_device
 from pipelines.rewriters.rules import strip_prompt_syntax
 from pipelines.scorers import ClipScorer, TextEmbedder
 from surd_builder.schema import SAMPLE_SCHEMA
@@ -76,7 +76,16 @@ class ScreenStage(Stage):
         self.clip, self.text = clip, text
         self.thresholds = thresholds or Thresholds()
         self.needs_images = clip is not None
-        self.scored = 0  # samples scored by a model in this process (not from the cache)
+
+    @property
+    def scored(self) -> int:
+        """Samples this stage object scored with a model (not from the cache); the run's
+        report has the total over every worker (``stage_counts["scored"]``)."""
+        return self.counts["scored"]
+
+    def worker_needs(self) -> WorkerNeeds:
+        models = [model for model in (self.clip, self.text) if model is not None]
+        return WorkerNeeds(device=shared_device(*(model.device_option for model in models)))
 
     def params(self) -> dict[str, Any]:
         return {
@@ -179,7 +188,7 @@ class ScreenStage(Stage):
             )
             for index, similarity in zip(with_keywords, similarities, strict=True):
                 text_scores[index] = similarity
-        self.scored += len(todo)
+        self.count("scored", len(todo))
 
         now = utc_now()
         tags = [self.thresholds.tags(c, t) for c, t in zip(clip_scores, text_scores, strict=True)]

@@ -17,6 +17,7 @@ from surd_builder.config import (
     load_config,
     resolve,
 )
+from surd_builder.errors import InputError
 
 build_app = typer.Typer(
     help="Collect, rewrite, screen, dedupe and export samples in a workspace.",
@@ -32,6 +33,60 @@ WorkspaceOption = Annotated[
 ]
 ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
+ENGINE_PANEL = "Engine (where the batches run)"
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        envvar="SURD_ENGINE",
+        help="local: this machine's processes; ray: Ray Data on a Ray cluster (pip install "
+        "'surd\\[ray]'), same tables either way. Default from surd.toml's \\[engine].",
+        rich_help_panel=ENGINE_PANEL,
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="RAY_ADDRESS",
+        help="With --engine ray: the cluster to join (ray://head:10001, head:6379, auto); "
+        "default: a new Ray on this machine. The workspace must be on storage every node sees.",
+        rich_help_panel=ENGINE_PANEL,
+        show_default=False,
+    ),
+]
+RayWorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="With --engine ray: workers (Ray actors); default: as many as the cluster's CPUs, "
+        "or GPUs for models on a GPU, fit.",
+        rich_help_panel=ENGINE_PANEL,
+        show_default=False,
+    ),
+]
+
+
+def engine_options(
+    ctx: typer.Context,
+    workspace_root: Path,
+    engine: str,
+    ray_address: str | None,
+    ray_workers: int | None,
+) -> dict:
+    """The ``RunOptions`` fields for a command's engine options, laid over the workspace's
+    ``[engine]`` settings."""
+    from surd_builder.ray_engine import RayOptions, check_engine
+
+    check_engine(engine)  # the command line's value: a usage error, not a bad surd.toml
+    given = {"engine": engine, "ray_address": ray_address or "", "ray_workers": ray_workers or 0}
+    from_command_line = _given_on_command_line(ctx)
+    settings = resolve(load_config(workspace_root).engine, given, from_command_line)
+    for name in ("ray_address", "ray_workers"):
+        if settings.engine != "ray" and ctx.get_parameter_source(name).name == "COMMANDLINE":
+            option = "--" + name.replace("_", "-")
+            raise InputError(f'{option} needs --engine ray (or engine = "ray" in surd.toml)')
+    ray = RayOptions(settings.ray_address or None, settings.ray_workers or None)
+    return {"engine": settings.engine, "ray": ray}
+
 
 def print_run_report(report) -> None:
     console.print(f"[bold]{report.stage}[/bold]: {report.status} in {report.seconds:.1f} s")
@@ -43,6 +98,8 @@ def print_run_report(report) -> None:
     table.add_row("image MiB", f"{report.image_bytes / 2**20:,.1f}")
     for reason, number in report.failures_by_reason.items():
         table.add_row(f"  failed: {reason}", f"{number:,}")
+    for name, number in report.stage_counts.items():
+        table.add_row(name.replace("_", " "), f"{number:,}")
     console.print(table)
 
 
@@ -110,8 +167,12 @@ def ingest(
         int | None, typer.Option(min=1, help="Process at most this many new items.")
     ] = None,
     progress: ProgressOption = True,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
-    """Ingest a local folder of images with prompts into the workspace (resumable)."""
+    """Ingest a local folder of images with prompts into the workspace (resumable). With
+    --engine ray the folder must be on storage every Ray node sees, at the same path."""
     from pipelines.ingest import IngestStage
     from pipelines.runner import RunOptions, run_stage
     from surd_builder.workspace import Workspace
@@ -135,6 +196,7 @@ def ingest(
         force=force,
         limit=limit,
         show_progress=progress,
+        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
     )
     print_run_report(run_stage(stage, ws, options))
 

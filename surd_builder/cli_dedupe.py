@@ -8,12 +8,22 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import ProgressOption, WorkspaceOption, build_app, print_run_report
+from surd_builder.cli_build import (
+    EngineOption,
+    ProgressOption,
+    RayAddressOption,
+    RayWorkersOption,
+    WorkspaceOption,
+    build_app,
+    engine_options,
+    print_run_report,
+)
 from surd_builder.config import MAX_BATCH_SIZE, MAX_WORKERS
 
 
 @build_app.command()
 def dedupe(
+    ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
     hash_kind: Annotated[
         str, typer.Option("--hash", help="Perceptual hash: phash, dhash, ahash or whash.")
@@ -64,8 +74,13 @@ def dedupe(
     ] = None,
     show: Annotated[int, typer.Option(min=0, help="Clusters to list.")] = 10,
     progress: ProgressOption = True,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
-    """Hash every image, find near-duplicates, keep the best sample of each cluster."""
+    """Hash every image, find near-duplicates, keep the best sample of each cluster. With
+    --engine ray the hashing runs on Ray; the pair search and clustering run here (1M hashes
+    take seconds)."""
     from pipelines.dedupe import (
         DEFAULT_MAX_DISTANCE,
         PROMPT_MODES,
@@ -83,7 +98,12 @@ def dedupe(
     criteria = check_keep(tuple(c.strip() for c in keep.split(",") if c.strip()))
     ws = Workspace.open(workspace)
     stage = HashStage(hash_kind, hash_size, draft)
-    options = RunOptions(batch_size=batch_size, workers=workers, show_progress=progress)
+    options = RunOptions(
+        batch_size=batch_size,
+        workers=workers,
+        show_progress=progress,
+        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
+    )
     print_run_report(run_stage(stage, ws, options))
     if max_distance is None:
         max_distance = round(DEFAULT_MAX_DISTANCE * hash_size**2 / 64)

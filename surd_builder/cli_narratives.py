@@ -9,10 +9,14 @@ from typing import Annotated
 import typer
 
 from surd_builder.cli_build import (
+    EngineOption,
     ProgressOption,
+    RayAddressOption,
+    RayWorkersOption,
     WorkspaceOption,
     _given_on_command_line,
     build_app,
+    engine_options,
     print_run_report,
 )
 from surd_builder.config import (
@@ -112,6 +116,9 @@ def rewrite(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Write a narrative prompt for every sample with a keyword prompt (resumable, cached)."""
     from pipelines.rewrite import RewriteStage
@@ -132,12 +139,14 @@ def rewrite(
         include_source_narratives=settings.include_source_narratives,
     )
     options = RunOptions(
-        batch_size=settings.batch_size, force=force, limit=limit, show_progress=progress
+        batch_size=settings.batch_size,
+        force=force,
+        limit=limit,
+        show_progress=progress,
+        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
     )
     report = run_stage(stage, ws, options)
     print_run_report(report)
-    if stage.cache_hits:
-        typer.echo(f"answers taken from the cache: {stage.cache_hits:,}")
     if report.planned == 0 and not settings.include_source_narratives:
         typer.echo(
             "nothing to rewrite: samples whose narrative came with the source are kept "
@@ -178,6 +187,9 @@ def screen(
     force: ForceOption = False,
     limit: LimitOption = None,
     progress: ProgressOption = True,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Score image <-> narrative (CLIP) and narrative <-> keywords; auto-reject by threshold."""
     from pipelines.runner import RunOptions, run_stage
@@ -202,6 +214,10 @@ def screen(
         clip, text, Thresholds(settings.min_clip_score, settings.min_text_similarity)
     )
     options = RunOptions(
-        batch_size=settings.batch_size, force=force, limit=limit, show_progress=progress
+        batch_size=settings.batch_size,
+        force=force,
+        limit=limit,
+        show_progress=progress,
+        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
     )
     print_run_report(run_stage(stage, ws, options))

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import ProgressOption, WorkspaceOption, print_run_report
+from surd_builder.cli_build import (
+    EngineOption,
+    ProgressOption,
+    RayAddressOption,
+    RayWorkersOption,
+    WorkspaceOption,
+    engine_options,
+    print_run_report,
+)
 
 scrape_app = typer.Typer(
     help="Download (image, prompt) pairs from a source into the workspace (resumable).",
@@ -32,7 +40,11 @@ TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Read timeout per re
 MaxImageOption = Annotated[float, typer.Option(min=0.001, help="Largest image accepted, MiB.")]
 RateOption = Annotated[
     float,
-    typer.Option(min=0.0, help="Requests per second per host (0: no limit; uses one worker)."),
+    typer.Option(
+        min=0.0,
+        help="Requests per second per host (0: no limit), for the whole run: locally it uses "
+        "one worker process; on Ray every worker books from one shared limiter.",
+    ),
 ]
 PrivateOption = Annotated[
     bool,
@@ -70,9 +82,13 @@ LimitOption = Annotated[
 
 
 def _scrape(
+    ctx: typer.Context,
     source,
     workspace: Path,
     *,
+    engine: str,
+    ray_address: str | None,
+    ray_workers: int | None,
     threads: int,
     workers: int,
     batch_size: int,
@@ -119,12 +135,18 @@ def _scrape(
         resize_max_side=resize_max_side,
         decode_check=decode_check,
     )
-    if per_host_rate > 0:
-        workers = 1  # the rate limit is kept per process: one process keeps it exact
-    options = RunOptions(
-        batch_size=batch_size, workers=workers, force=force, limit=limit, show_progress=progress
-    )
     ws = Workspace.open(workspace)
+    engine_fields = engine_options(ctx, ws.root, engine, ray_address, ray_workers)
+    if per_host_rate > 0 and engine_fields["engine"] == "local":
+        workers = 1  # the local rate limit is kept per process: one process keeps it exact
+    options = RunOptions(
+        batch_size=batch_size,
+        workers=workers,
+        force=force,
+        limit=limit,
+        show_progress=progress,
+        **engine_fields,
+    )
     try:
         print_run_report(run_stage(stage, ws, options))
     finally:
@@ -138,6 +160,7 @@ def _scrape(
 
 @scrape_app.command()
 def urls(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file with URLs and prompts.")],
     workspace: WorkspaceOption = Path("."),
     url_column: Annotated[str, typer.Option(help="Column with the image URL.")] = "url",
@@ -167,6 +190,9 @@ def urls(
     progress: ProgressOption = True,
     ignore_opt_out: IgnoreOptOutOption = False,
     contact: ContactOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Download images listed in a file of URLs and prompts (like img2dataset's input)."""
     from pipelines.sources.urls import UrlListSource
@@ -175,8 +201,12 @@ def urls(
         file, name=source, url_column=url_column, prompt_column=prompt_column, id_column=id_column
     )
     _scrape(
+        ctx,
         listing,
         workspace,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         threads=threads,
         workers=workers,
         batch_size=batch_size,
@@ -206,6 +236,7 @@ RelistOption = Annotated[
 
 @scrape_app.command()
 def civitai(
+    ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
     endpoint: Annotated[
         str, typer.Option(help="API route: 'images' (/api/v1/images) or 'models' (/api/v1/models).")
@@ -254,6 +285,9 @@ def civitai(
     progress: ProgressOption = True,
     ignore_opt_out: IgnoreOptOutOption = False,
     contact: ContactOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Images with their prompts from Civitai's REST API; token from CIVITAI_API_TOKEN."""
     from pipelines.sources.civitai import CivitaiImages, CivitaiModels, token_headers
@@ -282,8 +316,12 @@ def civitai(
         name=source,
     )
     _scrape(
+        ctx,
         listing,
         workspace,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         threads=threads,
         workers=workers,
         batch_size=batch_size,
@@ -305,6 +343,7 @@ def civitai(
 
 @scrape_app.command()
 def lexica(
+    ctx: typer.Context,
     query: Annotated[list[str], typer.Argument(help="Search queries; each gives one page.")],
     workspace: WorkspaceOption = Path("."),
     max_items: MaxItemsOption = None,
@@ -326,6 +365,9 @@ def lexica(
     progress: ProgressOption = True,
     ignore_opt_out: IgnoreOptOutOption = False,
     contact: ContactOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Images with their prompts from Lexica's search API (about 50 per query)."""
     from pipelines.sources.lexica import LexicaSearch
@@ -334,8 +376,12 @@ def lexica(
         query, base_url=base_url, max_items=max_items, relist=relist, name=source
     )
     _scrape(
+        ctx,
         listing,
         workspace,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         threads=threads,
         workers=workers,
         batch_size=batch_size,
@@ -356,6 +402,7 @@ def lexica(
 
 @scrape_app.command()
 def diffusiondb(
+    ctx: typer.Context,
     location: Annotated[
         str, typer.Argument(help="Local DiffusionDB folder, or base URL of a copy (a mirror).")
     ] = "https://huggingface.co/datasets/poloclub/diffusiondb/resolve/main",
@@ -383,6 +430,9 @@ def diffusiondb(
     progress: ProgressOption = True,
     ignore_opt_out: IgnoreOptOutOption = False,
     contact: ContactOption = None,
+    engine: EngineOption = "local",
+    ray_address: RayAddressOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Images with prompts from the DiffusionDB layout (part zips + their JSON)."""
     from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
@@ -391,8 +441,12 @@ def diffusiondb(
 
     listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
     _scrape(
+        ctx,
         listing,
         workspace,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         threads=threads,
         workers=workers,
         batch_size=batch_size,

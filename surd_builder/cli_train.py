@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-DATA, MODEL, OPT, LOSS, ADAPTER, RUN = (
+DATA, MODEL, OPT, LOSS, ADAPTER, RUN, CACHE = (
     "Data", "Models", "Optimisation", "Losses", "Adapter", "Run, checkpoints, validation",
+    "Cached inputs",
 )  # fmt: skip
 
 
@@ -86,11 +87,17 @@ def train(
         typer.Option(
             help="Cache of frozen inputs, shared by runs (default: train-inputs/ in "
             "$SURD_CACHE_DIR, else in ~/.cache/surd).",
-            rich_help_panel=DATA,
+            rich_help_panel=CACHE,
         ),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Samples per device per micro-batch.", rich_help_panel=OPT)
+        int,
+        typer.Option(
+            min=1,
+            help="Samples per process per micro-batch: the global batch is this x processes x "
+            "--gradient-accumulation-steps (as in diffusers' scripts).",
+            rich_help_panel=OPT,
+        ),
     ] = 16,
     gradient_accumulation_steps: Annotated[
         int, typer.Option(min=1, help="Micro-batches per optimizer step.", rich_help_panel=OPT)
@@ -159,6 +166,15 @@ def train(
             min=1, help="Hidden width of the MLP after cross-attention.", rich_help_panel=ADAPTER
         ),
     ] = 768,
+    adapter_dropout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Dropout in the adapter's encoder (released: 0.1). 0 makes runs with different "
+            "process counts agree up to float sums.",
+            rich_help_panel=ADAPTER,
+        ),
+    ] = 0.1,
     train_llm_projection: Annotated[
         bool,
         typer.Option(
@@ -230,6 +246,40 @@ def train(
     llm_batch_size: Annotated[
         int, typer.Option(min=1, help="Batch for caching LLM features.", rich_help_panel=RUN)
     ] = 16,
+    cache_engine: Annotated[
+        str,
+        typer.Option(
+            help="Where the caches are filled: local (this run's processes) or ray (workers "
+            "on a Ray cluster's GPUs; --cache-dir on storage they all see).",
+            rich_help_panel=CACHE,
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --cache-engine ray: the cluster to join (default: RAY_ADDRESS, else a "
+            "new Ray on this machine).",
+            rich_help_panel=CACHE,
+            show_default=False,
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="With --cache-engine ray: workers (default: one per GPU, or per CPU).",
+            rich_help_panel=CACHE,
+            show_default=False,
+        ),
+    ] = None,
+    caches_only: Annotated[
+        bool,
+        typer.Option(
+            "--caches-only",
+            help="Fill the caches and stop: a later run with the same settings computes nothing.",
+            rich_help_panel=CACHE,
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.", rich_help_panel=RUN)] = True,
 ) -> None:
     """Train the SUR-adapter on a frozen Stable Diffusion model, distilling from an LLM."""
@@ -253,6 +303,7 @@ def train(
         prediction_type=prediction_type, adapter_weight=adapter_weight,
         adapter_layers=adapter_layers, adapter_heads=adapter_heads,
         adapter_feedforward=adapter_feedforward, adapter_mlp=adapter_mlp,
+        adapter_dropout=adapter_dropout,
         train_llm_projection=train_llm_projection, init_adapter=init_adapter, device=device,
         mixed_precision=mixed_precision, seed=seed, checkpointing_steps=checkpointing_steps,
         checkpoints_total_limit=checkpoints_total_limit, resume=resume,
@@ -261,10 +312,23 @@ def train(
         validation_inference_steps=validation_inference_steps,
         gradient_checkpointing=gradient_checkpointing, compile=compile,
         encode_batch_size=encode_batch_size, llm_batch_size=llm_batch_size,
-        show_progress=progress,
+        cache_engine=cache_engine, ray_address=ray_address, ray_workers=ray_workers,
+        caches_only=caches_only, show_progress=progress,
     )  # fmt: skip
     report = run_training(config)
     if not report.main_process:
+        return
+    if caches_only:
+        computed = ", ".join(f"{kind} {count}" for kind, count in report.computed.items())
+        typer.echo(
+            f"caches filled for {report.train_samples} train and {report.held_out_samples} "
+            f"held-out samples: computed {computed or 'nothing'} (the rest were cached)"
+        )
+        dtypes = ", ".join(f"{part} in {dtype}" for part, dtype in report.cache_dtypes.items())
+        typer.echo(
+            f"cached for {dtypes}: a training run uses them when it resolves the same "
+            "(--mixed-precision, --llm-dtype; auto is bf16 on a GPU, float32 on a CPU)"
+        )
         return
     if report.resumed_from:
         typer.echo(f"resumed from step {report.resumed_from}")

@@ -123,6 +123,19 @@ class ScreenSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """Where the batch stages (ingest, scrape, rewrite, screen, dedupe's hashing) run."""
+
+    engine: str = "local"  # local | ray
+    ray_address: str = ""  # "": RAY_ADDRESS, else a Ray started on this machine
+    ray_workers: int = 0  # 0: as many as the cluster's CPUs or GPUs fit
+
+    def __post_init__(self) -> None:
+        _require(self.engine in ("local", "ray"), "engine must be local or ray")
+        _require(0 <= self.ray_workers <= 100_000, "ray_workers must be 0..100000 (0: auto)")
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """``surd build run``: surd command lines run in order (see ``surd_builder/run.py``)."""
 
@@ -135,6 +148,7 @@ class SurdConfig:
     rewrite: RewriteSettings = field(default_factory=RewriteSettings)
     screen: ScreenSettings = field(default_factory=ScreenSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
 
@@ -171,6 +185,12 @@ TEMPLATE = """\
 # max_shard_mb = 256
 # min_side = 0                # leave out images whose shorter side is smaller
 # nsfw = "include"            # include | exclude | only (samples marked nsfw)
+
+[engine]
+# engine = "local"            # or "ray": batch stages as Ray Data jobs (pip install 'surd[ray]')
+# ray_address = ""            # a cluster to join, e.g. "ray://head:10001" (default: RAY_ADDRESS,
+#                             # else a Ray on this machine); the workspace must be on shared storage
+# ray_workers = 0             # Ray workers per stage (0: as many as the CPUs or GPUs fit)
 
 [run]
 # `surd build run` runs these surd command lines in order on this workspace (each resumable);

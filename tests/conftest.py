@@ -47,6 +47,22 @@ def sidecar_folder(root: Path, count: int) -> dict[str, str]:
     return prompts
 
 
+def reset_accelerate_state() -> None:
+    """accelerate keeps one precision per process (the CLI runs one training per process);
+    tests run several in one, so its shared state is cleared after each, as its own tests do."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Use in test modules that train: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     return Workspace.create(tmp_path / "ws")

@@ -47,6 +47,7 @@ class FaultyServer(ThreadingHTTPServer):
         self.authorizations: set[str] = set()
         self.auth_by_host: set[tuple[str, str]] = set()
         self.queries: list[tuple[str, str]] = []
+        self.request_times: list[tuple[str, float]] = []  # (path, time.monotonic()) per request
         self.files: dict[str, tuple[bytes, str]] = {}  # path -> (body, content type)
         self.documents: dict[str, object] = {}
         self.statuses: dict[str, int] = {}
@@ -103,6 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._path = self.path.split("?", 1)[0]
         parts = path.strip("/").split("/")
         hit = self.server.count(path)
+        self.server.request_times.append((path, time.monotonic()))
         self.server.user_agents.add(self.headers.get("User-Agent", ""))
         self.server.authorizations.add(self.headers.get("Authorization", ""))
         host = self.headers.get("Host", "").rsplit(":", 1)[0]

@@ -20,8 +20,11 @@ from adapter.data import load_split
 from adapter.model import SURAdapter
 from adapter.train import TrainConfig, train
 from surd_builder.cli import app
+from surd_builder.errors import InputError
 from tests.conftest import write_demo_dataset
 from tests.tiny_models import save_tiny_causal_lm, save_tiny_stable_diffusion
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 SMALL_ADAPTER = dict(adapter_heads=4, adapter_feedforward=64, adapter_mlp=64)
 
@@ -34,9 +37,7 @@ class Stack:
     cache: Path
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
-    root = tmp_path_factory.mktemp("train")
+def make_stack(root: Path) -> Stack:
     return Stack(
         base_model=save_tiny_stable_diffusion(root / "sd"),
         llm=save_tiny_causal_lm(root / "lm"),
@@ -45,15 +46,9 @@ def stack(tmp_path_factory) -> Stack:
     )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one precision per process (the CLI runs one training per process);
-    tests run several in one, so its shared state is cleared after each, as its own tests do."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    return make_stack(tmp_path_factory.mktemp("train"))
 
 
 def config(stack: Stack, output: Path, **overrides) -> TrainConfig:
@@ -252,6 +247,9 @@ def test_user_mistakes_are_one_line_errors(stack, tmp_path) -> None:
     result = cli(*args, "--lr-warmup-steps", "10")
     assert result.exit_code == 2 and "constant has no warm-up" in one_error_line(result)
 
+    result = cli(*args, "--adapter-dropout", "1")
+    assert result.exit_code == 2 and "--adapter-dropout must be in [0, 1)" in one_error_line(result)
+
 
 def test_resuming_with_other_settings_is_refused_and_resume_none_sets_old_runs_aside(
     stack, tmp_path
@@ -272,6 +270,21 @@ def test_resuming_with_other_settings_is_refused_and_resume_none_sets_old_runs_a
     ]
     assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-1"]
     assert [row["step"] for row in history(output, "train")] == [1]
+
+
+def test_checkpoints_from_before_a_setting_existed_resume_with_its_old_value(
+    stack, tmp_path
+) -> None:
+    from adapter.train import STATE_FILE, check_resume_settings
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    settings = config(stack, tmp_path / "out").settings_for_resume(1)
+    del settings["adapter_dropout"]  # written before --adapter-dropout (always 0.1 then)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 3, "settings": settings}))
+    assert check_resume_settings(checkpoint, config(stack, tmp_path / "out"), 1) == 3
+    with pytest.raises(InputError, match=r"other settings \(adapter_dropout\)"):
+        check_resume_settings(checkpoint, config(stack, tmp_path / "out", adapter_dropout=0.0), 1)
 
 
 def test_the_bf16_path_trains_with_frozen_parts_in_bf16(stack, tmp_path) -> None:

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pipelines.base import WorkerNeeds
 from surd_builder.errors import ServiceError
 
 
@@ -76,3 +77,12 @@ class Rewriter(ABC):
     def params(self) -> dict[str, Any]:
         """What the manifest records about this rewriter (never secrets)."""
         return self.identity()
+
+    def worker_needs(self) -> WorkerNeeds:
+        """What one worker running this rewriter needs on a cluster (``Stage.worker_needs``):
+        one CPU by default; model backends name their device."""
+        return WorkerNeeds()
+
+    def environment(self) -> tuple[str, ...]:
+        """Environment variables it reads (``Stage.environment``)."""
+        return ()

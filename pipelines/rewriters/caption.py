@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from pipelines.base import WorkerNeeds, shared_device
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 from surd_builder.models import (
     batched,
@@ -59,6 +60,13 @@ class CaptionRewriter(Rewriter):
         if self.merge is None:
             return super().origin
         return f"{super().origin}+{self.merge.origin}"
+
+    def worker_needs(self) -> WorkerNeeds:
+        merge_device = self.merge.worker_needs().device if self.merge is not None else None
+        return WorkerNeeds(device=shared_device(self.options.device, merge_device))
+
+    def environment(self) -> tuple[str, ...]:
+        return self.merge.environment() if self.merge is not None else ()
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pipelines.base import WorkerNeeds
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from surd_builder.models import (
@@ -60,6 +61,9 @@ class HFCausalLMRewriter(Rewriter):
             "max_new_tokens": self.options.max_new_tokens,
             "dtype": self.options.dtype,
         }
+
+    def worker_needs(self) -> WorkerNeeds:
+        return WorkerNeeds(device=self.options.device)
 
     def load(self) -> tuple[Any, Any, str]:
         """(tokenizer, model, device), loaded on first use and kept."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from pipelines.base import WorkerNeeds
 from pipelines.download import FetchError, Retryable, retry_after_seconds, with_retries
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
@@ -87,6 +88,14 @@ class OpenAIChatRewriter(Rewriter):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+    def worker_needs(self) -> WorkerNeeds:
+        # threads waiting on one server: a worker hardly uses its CPU, and two workers (each
+        # with --concurrency requests in flight) keep the server busy between batches
+        return WorkerNeeds(cpus=0.25, default_workers=2)
+
+    def environment(self) -> tuple[str, ...]:
+        return (self.options.api_key_env,)
 
     def identity(self) -> dict[str, Any]:
         # the server's address is not part of it: the same model behind another URL answers alike
