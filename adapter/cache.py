@@ -157,13 +157,12 @@ class _RayCacheWorker:
     computed and written into the (shared) cache folder as a part of its own."""
 
     def __init__(self, folder: str, make_encoder: Callable[[], Callable[[list], np.ndarray]]):
-        if not Path(folder).is_dir():
-            import socket
+        from surd_builder.ray_engine import check_visible
 
-            raise OutputError(
-                f"the cache folder {folder} is not visible on Ray node {socket.gethostname()}: "
-                "put --cache-dir on storage every node mounts at that path"
-            )
+        check_visible(
+            Path(folder), "the cache folder", OutputError,
+            "put --cache-dir on storage every node mounts at that path",
+        )  # fmt: skip
         self.cache, self.encoder = ArrayCache(folder), make_encoder()
 
     def __call__(self, batch: pa.Table) -> int:

@@ -20,7 +20,13 @@ import numpy as np
 
 from adapter.cache import model_fingerprint
 from surd_builder.errors import InputError
-from surd_builder.models import batched, load_pretrained, resolve_device, resolve_dtype
+from surd_builder.models import (
+    batched,
+    dtype_name,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
 
 POOLINGS = ("mean", "last")
 
@@ -64,8 +70,7 @@ class LLMFeatureExtractor:
 
     def resolved_dtype_name(self) -> str:
         """The dtype the cache identity names (``auto`` resolved on this machine)."""
-        dtype = resolve_dtype(self.dtype_option, resolve_device(self.device_option))
-        return str(dtype).removeprefix("torch.")
+        return dtype_name(resolve_dtype(self.dtype_option, resolve_device(self.device_option)))
 
     def remote_factory(self) -> Callable[[], LLMFeatureExtractor]:
         """A picklable recipe for this extractor in another process (a Ray worker): the dtype

@@ -22,18 +22,7 @@ from typing import Any
 import numpy as np
 
 from adapter.stable_diffusion import StableDiffusionParts, load_stable_diffusion
-
-
-def dtype_name(dtype: Any) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype that pickles as plain text."""
-    return str(dtype).removeprefix("torch.")
-
-
-def local_device() -> str:
-    """The device of a worker on another machine: its GPU (Ray gives it one), else the CPU."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from surd_builder.models import dtype_name, resolve_device
 
 
 def _parts_here(parts: StableDiffusionParts, components: tuple[str, ...], dtype: str):
@@ -150,7 +139,7 @@ def _light(parts: StableDiffusionParts) -> StableDiffusionParts:
 
 def _text_embeddings_here(parts: StableDiffusionParts, dtype: str) -> TextEmbeddings:
     loaded = _parts_here(parts, ("tokenizer", "text_encoder"), dtype)
-    device = local_device()
+    device = resolve_device("auto")  # the GPU Ray gave this worker, else the CPU
     loaded.text_encoder.to(device)
     return TextEmbeddings(loaded, device, loaded.text_encoder.dtype)
 
@@ -159,6 +148,6 @@ def _latent_moments_here(
     parts: StableDiffusionParts, resolution: int, flip: bool, dtype: str
 ) -> LatentMoments:
     loaded = _parts_here(parts, ("vae",), dtype)
-    device = local_device()
+    device = resolve_device("auto")  # the GPU Ray gave this worker, else the CPU
     loaded.vae.to(device)
     return LatentMoments(loaded, resolution, flip, device, loaded.vae.dtype)

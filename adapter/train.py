@@ -44,7 +44,7 @@ from adapter.data import Columns, SplitRows, load_split
 from adapter.step import LossSettings
 from adapter.validation import DEFAULT_VALIDATION_PROMPTS
 from surd_builder.errors import InputError, OutputError
-from surd_builder.ray_engine import RayOptions
+from surd_builder.ray_engine import ENGINES, RayOptions
 
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -145,7 +145,7 @@ class TrainConfig:
              "--checkpointing-steps and --validation-steps must be >= 1"),
             (0.0 <= self.adapter_weight <= 1.0, "--adapter-weight must be in [0, 1]"),
             (0.0 <= self.adapter_dropout < 1.0, "--adapter-dropout must be in [0, 1)"),
-            (self.cache_engine in ("local", "ray"), "--cache-engine must be local or ray"),
+            (self.cache_engine in ENGINES, f"--cache-engine must be one of: {', '.join(ENGINES)}"),
             (self.cache_engine == "ray" or (self.ray_address, self.ray_workers) == (None, None),
              "--ray-address and --ray-workers need --cache-engine ray"),
             (self.llm_layer >= 1, "--llm-layer counts blocks from 1"),
@@ -566,7 +566,6 @@ def train(config: TrainConfig) -> TrainReport:
     from diffusers.optimization import get_scheduler
 
     from adapter.features import LLMFeatureExtractor
-    from adapter.frozen_inputs import dtype_name
     from adapter.stable_diffusion import load_stable_diffusion
     from adapter.step import (
         compute_losses,
@@ -575,6 +574,7 @@ def train(config: TrainConfig) -> TrainReport:
         step_generator,
     )
     from adapter.validation import held_out_losses
+    from surd_builder.models import dtype_name
 
     if config.cache_engine == "ray":
         from surd_builder.ray_engine import require_ray

@@ -145,7 +145,7 @@ class Stage(ABC):
     # ----------------------------------------------------------------- counts for the report
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to this stage's count ``name`` (reported as the run's stage counts)."""
-        self.__dict__.setdefault("_counts", Counter())[name] += amount
+        self.counts[name] += amount
 
     @property
     def counts(self) -> Counter[str]:

@@ -156,11 +156,7 @@ def with_images(workspace: Workspace, batch: pa.Table) -> pa.Table:
     """``batch`` plus an ``image_bytes`` column read from the image store (by ``image_sha256``;
     null where a row has none or the store lacks it: the stage fails that item, not the run),
     for stages with ``needs_images``."""
-    shas = batch["image_sha256"].to_pylist()
-    stored = workspace.image_index()
-    found = workspace.read_images(sha for sha in shas if sha in stored)
-    column = pa.array([found.get(sha) for sha in shas], pa.binary())
-    return batch.append_column(IMAGE_BYTES, column)
+    return images_from_shards(str(workspace.root), with_image_shards(workspace, batch))
 
 
 # Where each item's image is, added by the driver for workers that read images themselves.
@@ -177,7 +173,8 @@ def with_image_shards(workspace: Workspace, batch: pa.Table) -> pa.Table:
 
 
 def images_from_shards(root: str, batch: pa.Table) -> pa.Table:
-    """:func:`with_images` for a batch carrying :data:`IMAGE_SHARD` (the worker's side)."""
+    """A batch carrying :data:`IMAGE_SHARD` with ``image_bytes`` in its place, each shard read
+    once (the half of :func:`with_images` a worker without the store's index can do)."""
     shas, shards = batch["image_sha256"].to_pylist(), batch[IMAGE_SHARD].to_pylist()
     wanted: dict[str, list[str]] = {}
     for sha, shard in zip(shas, shards, strict=True):
@@ -272,13 +269,12 @@ class _RayStageWorker:
     (which every node must see at that path: a shared filesystem)."""
 
     def __init__(self, stage: Stage, root: str):
-        if not (Path(root) / MARKER_FILE).is_file():
-            import socket
+        from surd_builder.ray_engine import check_visible
 
-            raise WorkspaceError(
-                f"the workspace {root} is not visible on Ray node {socket.gethostname()}: "
-                "with --engine ray it must be on a filesystem every node mounts at that path"
-            )
+        check_visible(
+            Path(root) / MARKER_FILE, "the workspace marker", WorkspaceError,
+            "with --engine ray the workspace must be on a filesystem every node mounts there",
+        )  # fmt: skip
         self.stage, self.workspace = stage, Workspace(Path(root))
 
     def __call__(self, batch: pa.Table) -> tuple[int, BatchCounts]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.base import HostLimiter, Stage, WorkerNeeds
+from pipelines.base import HostLimiter, Stage
 from pipelines.download import Fetcher, FetchError, FetchOptions
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
@@ -67,10 +67,6 @@ class ScrapeStage(Stage):
                 self.options, self._auth_headers, self.source.api_host, limiter=self._host_limiter
             )
         return self._fetcher
-
-    def worker_needs(self) -> WorkerNeeds:
-        # downloads wait on the network in threads; the decode check is what uses the core
-        return WorkerNeeds(cpus=1.0)
 
     def host_rate(self) -> float:
         return self.options.per_host_rate

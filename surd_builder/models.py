@@ -58,6 +58,12 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: a dtype as plain text (it pickles, it prints), which
+    :func:`resolve_dtype` takes back."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_local_model(model: str, what: str) -> None:
     """Fail before any work (and before importing torch) when ``model`` is clearly a local path
     that does not exist; hub ids are checked when they load."""

@@ -149,6 +149,13 @@ def _quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def check_visible(path: Path, what: str, error: type[SurdError], hint: str) -> None:
+    """Raise ``error`` when ``path`` (shared storage the driver named) does not exist on the
+    node this worker runs on."""
+    if not path.exists():
+        raise error(f"{what} {path} is not visible on Ray node {socket.gethostname()}: {hint}")
+
+
 def cluster_resources() -> dict[str, float]:
     return dict(require_ray().cluster_resources())
 
@@ -282,7 +289,6 @@ def map_batches(
     workers' processes (values the work reads from the environment, e.g. an API key: they
     travel in memory with the job). A :class:`SurdError` or ``OSError`` raised in either is
     raised here, as itself."""
-    require_ray()
     if not batches:
         return
     connect()
