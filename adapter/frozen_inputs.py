@@ -38,8 +38,8 @@ def preprocess_image(data: bytes, resolution: int, flip: bool) -> np.ndarray | N
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:  # as shown: EXIF orientation applied
+            image = ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None  # one bad or oversized image is left out, never the whole build
     scale = resolution / min(image.size)

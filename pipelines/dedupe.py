@@ -39,6 +39,7 @@ from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
 from pipelines.neardup import clusters, hex_to_uint64, near_pairs
 from pipelines.rewriters.rules import strip_prompt_syntax
 from surd_builder.errors import InputError
+from surd_builder.ids import text_key
 
 if TYPE_CHECKING:
     from surd_builder.workspace import Workspace
@@ -126,7 +127,7 @@ def normalise_prompt(prompt: str) -> str:
     """Case, whitespace, punctuation spacing and weight syntax removed: prompts equal after this
     are the same prompt."""
     text = strip_prompt_syntax(prompt).lower()
-    pieces = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"[,;|\n]", text)]
+    pieces = [text_key(p) for p in re.split(r"[,;|\n]", text)]
     return ", ".join(p for p in pieces if p)
 
 

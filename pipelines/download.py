@@ -2,13 +2,20 @@
 
 - Retries with exponential backoff on connection errors, timeouts, truncated bodies, 429 and 5xx,
   honouring ``Retry-After`` (capped); other 4xx answers fail at once.
-- Connect and read timeouts; a byte cap checked against ``Content-Length`` and while streaming.
-- Redirects are followed by hand so every hop is checked: only ``http``/``https``, and, unless
-  ``allow_private``, no host that resolves to a private, loopback, link-local or reserved address
-  (URLs from a remote API must not make surd probe the local network).
+- Connect and read timeouts, and an overall deadline per attempt (``deadline_seconds``): a
+  server that trickles a byte now and then cannot hold a download past it. A byte cap checked
+  against ``Content-Length`` and while streaming (after decoding: a gzip bomb is cut too).
+- Redirects are followed by hand so every hop is checked: only ``http``/``https``; never a
+  link-local or cloud-metadata address (``forbidden-address``); and no other non-public address
+  (private, loopback, shared, reserved: ``private-address``) unless the URL's host is one the
+  user allowed (``allowed_hosts``, ``--allow-host HOST[:PORT]``, for a local mirror). Addresses
+  are checked as the host resolves, so every spelling of one (decimal, hex, IPv4-mapped IPv6...)
+  is the same address; an IPv6 address that carries an IPv4 one is checked as both.
 - A per-host request rate shared by all threads of the process.
-- Every request carries surd's user agent. Headers given to the fetcher (API tokens) are sent but
-  never appear in errors or failure details.
+- Every request carries surd's user agent. Headers given to the fetcher (API tokens) go only to
+  the exact origin (scheme, host, port) they belong to, never over plain http to a host that is
+  not loopback, and never to a redirect target on another origin; they never appear in errors
+  or failure details.
 
 Failures raise :class:`FetchError` with a short ``reason`` (``http-404``, ``timeout``,
 ``too-large``, ``private-address``...) that becomes the failure row's reason.
@@ -29,6 +36,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from pipelines.base import HostLimiter
+from pipelines.connection_guard import RequestGuard, guard_session
 from surd_builder import __version__
 from surd_builder.atomic import atomic_path
 
@@ -45,7 +53,10 @@ class FetchOptions:
     backoff_seconds: float = 1.0
     max_wait_seconds: float = 120.0
     max_redirects: int = 5
-    allow_private: bool = False
+    #: hosts that may resolve to private or loopback addresses: "host" (any port) or "host:port"
+    allowed_hosts: tuple[str, ...] = ()
+    #: seconds one attempt may take, redirects, headers and body together (checked between reads)
+    deadline_seconds: float = 120.0
     per_host_rate: float = 0.0  # requests per second per host; 0: no limit
     user_agent: str = DEFAULT_USER_AGENT
     respect_opt_out: bool = True  # X-Robots-Tag on images, robots.txt for URL lists
@@ -158,8 +169,84 @@ def _ca_bundle() -> str | None:
     return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
 
-def check_url(url: str, allow_private: bool) -> str:
-    """Return the host of ``url`` or raise: only http(s), and no private address unless allowed."""
+# Cloud metadata services (AWS, GCP and Azure at 169.254.169.254, AWS over IPv6, Alibaba): never
+# a download target, whatever the user allows; link-local addresses are refused as a whole.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo client, NAT64), if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def address_kind(text: str) -> str:
+    """``forbidden`` (link-local, cloud metadata, unspecified), ``private`` (any other address
+    that is not public: loopback, private, shared, reserved) or ``public``."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    candidates = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            candidates.append(embedded)
+    kinds = set()
+    for candidate in candidates:
+        if candidate in METADATA_ADDRESSES or candidate.is_link_local or candidate.is_unspecified:
+            kinds.add("forbidden")
+        elif not candidate.is_global:
+            kinds.add("private")
+    return "forbidden" if "forbidden" in kinds else "private" if kinds else "public"
+
+
+def url_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``url``, lower case, the default port made explicit."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if not host:
+        return None
+    return scheme, host, port if port is not None else {"http": 80, "https": 443}.get(scheme, 0)
+
+
+def parse_allowed_host(entry: str) -> tuple[str, int | None]:
+    """``"host"`` or ``"host:port"`` (``"[::1]:8080"`` for IPv6) -> (host, port or None)."""
+    text = entry.strip().lower()
+    if text.startswith("[") and "]" in text:
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None
+    if not host or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"{entry!r} is not HOST or HOST:PORT")
+    return host, None if port is None else int(port)
+
+
+def is_allowed_host(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    for entry in allowed_hosts:
+        allowed, allowed_port = parse_allowed_host(entry)
+        if allowed == host and allowed_port in (None, port):
+            return True
+    return False
+
+
+def check_url(url: str, allowed_hosts: tuple[str, ...] = ()) -> str:
+    """Return the host of ``url`` or raise: only http(s); never a forbidden address; no other
+    non-public address unless the host is allowed."""
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
@@ -169,32 +256,57 @@ def check_url(url: str, allow_private: bool) -> str:
         raise FetchError(
             "bad-url", f"only http and https URLs are fetched, not {parts.scheme or '?'}:"
         )
-    if not hostname:
-        raise FetchError("bad-url", "URL without a host")
-    if not allow_private:
-        private = _private_address(hostname)
-        if private:
-            raise FetchError(
-                "private-address",
-                f"{hostname} resolves to {private} (use --allow-private to permit)",
-            )
+    origin = url_origin(url)
+    if not hostname or origin is None:
+        raise FetchError("bad-url", "URL without a host, or with a bad port")
+    kind, address = _address_kind(hostname)
+    if kind == "forbidden":
+        raise FetchError(
+            "forbidden-address",
+            f"{hostname} resolves to {address} (link-local or cloud metadata: never fetched)",
+        )
+    if kind == "private" and not is_allowed_host(origin[1], origin[2], allowed_hosts):
+        raise FetchError(
+            "private-address",
+            f"{hostname} resolves to {address}; for a local mirror allow it with "
+            "--allow-host HOST[:PORT]",
+        )
     return hostname
 
 
+def check_peer(host: str, port: int, allowed_hosts: tuple[str, ...], address: str) -> None:
+    """Raise unless a connection for ``host`` may have reached ``address``: the rule of
+    :func:`check_url`, applied to the address the socket really connected to."""
+    kind = address_kind(address)
+    if kind == "forbidden":
+        raise FetchError(
+            "forbidden-address", f"{host} connected to {address} (link-local or cloud metadata)"
+        )
+    if kind == "private" and not is_allowed_host(host, port, allowed_hosts):
+        raise FetchError(
+            "private-address",
+            f"{host} connected to {address}; for a local mirror allow it with "
+            "--allow-host HOST[:PORT]",
+        )
+
+
 @functools.lru_cache(maxsize=4096)
-def _private_address(host: str) -> str | None:
-    """The first non-public address ``host`` resolves to, or ``None`` (cached per process: a
-    scrape asks about the same few hosts thousands of times)."""
+def _address_kind(host: str) -> tuple[str, str | None]:
+    """The most restricted kind among the addresses ``host`` resolves to, and that address
+    (cached per process: a scrape asks about the same few hosts thousands of times)."""
     try:
         addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
     except UnicodeError:
         raise FetchError("bad-url", f"{host!r} is not a valid host name") from None
     except OSError as error:
         raise FetchError("dns-error", f"{host}: {error.strerror or error}") from None
+    found: dict[str, str] = {}
     for address in addresses:
-        if not ipaddress.ip_address(address.split("%", 1)[0]).is_global:
-            return address
-    return None
+        found.setdefault(address_kind(address), address)
+    for kind in ("forbidden", "private"):
+        if kind in found:
+            return kind, found[kind]
+    return "public", None
 
 
 def _header_values(response, name: str) -> tuple[str, ...]:
@@ -205,6 +317,20 @@ def _header_values(response, name: str) -> tuple[str, ...]:
         return tuple(raw_headers.getlist(name))
     value = response.headers.get(name)
     return (value,) if value else ()
+
+
+@functools.lru_cache(maxsize=256)
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(
+            ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos
+        )
 
 
 def user_agent_for(contact: str | None) -> str:
@@ -219,19 +345,32 @@ class Fetcher:
         self,
         options: FetchOptions | None = None,
         auth_headers: dict[str, str] | None = None,
-        auth_host: str | None = None,
+        auth_origin: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         limiter: HostLimiter | None = None,
     ):
-        """``auth_headers`` (an API token) go only to ``auth_host``, never to image hosts or
-        redirect targets elsewhere. ``limiter`` replaces this fetcher's own per-host rate
-        limiter with one shared by other fetchers (other processes of the same run)."""
+        """``auth_headers`` (an API token) go only to URLs of ``auth_origin`` (the API's base
+        URL: its scheme, host and port), see :meth:`sends_auth`. ``limiter`` replaces this
+        fetcher's own per-host rate limiter with one shared by other fetchers (other processes
+        of the same run)."""
         self.options = options or FetchOptions()
         self._headers = {"User-Agent": self.options.user_agent}
-        self._auth_headers, self._auth_host = auth_headers or {}, auth_host
+        self._auth_headers = auth_headers or {}
+        self._auth_origin = url_origin(auth_origin) if auth_origin else None
         self._sleep = sleep
         self._limiter = limiter or HostRateLimiter(self.options.per_host_rate, sleep)
         self._local = threading.local()
+
+    def sends_auth(self, url: str) -> bool:
+        """Whether a request to ``url`` carries the auth headers: only to the exact origin of
+        the API, and over plain http only to a loopback host (a token in clear on a network is
+        a token given away)."""
+        if not self._auth_headers or self._auth_origin is None:
+            return False
+        origin = url_origin(url)
+        if origin != self._auth_origin:
+            return False
+        return origin[0] == "https" or _is_loopback(origin[1])
 
     def _session(self):
         session = getattr(self._local, "session", None)
@@ -240,6 +379,7 @@ class Fetcher:
 
             session = requests.Session()
             session.headers.update(self._headers)
+            guard_session(session)  # the deadline, and the address each connection reaches
             # requests re-reads the whole environment on every request for proxy and CA settings
             # (a third of the CPU of a loopback download): read the CA bundle once here, and let
             # requests look per request only when proxies are configured.
@@ -317,20 +457,58 @@ class Fetcher:
         max_bytes: int,
         before_each_hop: Callable[[str], None] | None = None,
     ) -> Fetched:
+
+        from pipelines.connection_guard import guarded_request
+
+        options = self.options
+        with guarded_request(options.deadline_seconds) as guard:
+            try:
+                return self._hops(url, params, sink, max_bytes, before_each_hop, guard)
+            except FetchError:
+                if not guard.expired:
+                    raise
+                raise Retryable(
+                    "timeout", f"{url}: not complete within {options.deadline_seconds:g} s"
+                ) from None
+
+    def _hops(
+        self,
+        url: str,
+        params: dict[str, Any] | None,
+        sink: BinaryIO | None,
+        max_bytes: int,
+        before_each_hop: Callable[[str], None] | None,
+        guard: RequestGuard,
+    ) -> Fetched:
+        """One attempt: the request and the redirects after it, every hop checked."""
         import requests
 
         options = self.options
+        deadline = guard.at
         current = url
         for _ in range(options.max_redirects + 1):
-            host = check_url(current, options.allow_private)
+            if time.monotonic() > deadline:
+                raise Retryable(
+                    "timeout", f"{url}: not complete within {options.deadline_seconds:g} s"
+                )
+            host = check_url(current, options.allowed_hosts)
             if before_each_hop is not None:
                 before_each_hop(current)
             self._limiter.wait(host)
+            session = self._session()
+            # the name is resolved again to connect: the address reached is checked too (a DNS
+            # answer that changed since check_url, or a proxy's, which is the user's own)
+            _, _, port = url_origin(current)
+            guard.check_peer = (
+                None
+                if session.trust_env  # set only when proxies are configured (see _session)
+                else functools.partial(check_peer, host.lower(), port, options.allowed_hosts)
+            )
             try:
-                response = self._session().get(
+                response = session.get(
                     current,
                     params=params,
-                    headers=self._auth_headers if host == self._auth_host else None,
+                    headers=self._auth_headers if self.sends_auth(current) else None,
                     stream=True,
                     allow_redirects=False,
                     timeout=(options.connect_timeout, options.read_timeout),
@@ -338,6 +516,8 @@ class Fetcher:
             except requests.Timeout:
                 raise Retryable("timeout", host) from None
             except requests.ConnectionError as error:
+                if guard.refused is not None:
+                    raise guard.refused from None
                 raise Retryable("connection-error", f"{host}: {type(error).__name__}") from None
             except (requests.RequestException, ValueError) as error:  # e.g. an invalid port
                 raise FetchError("bad-url", f"{host}: {type(error).__name__}") from None
@@ -346,11 +526,13 @@ class Fetcher:
                     current = urljoin(current, response.headers["Location"])
                     params = None  # they are part of the redirect target now
                     continue
-                return self._read_body(response, current, sink, max_bytes)
+                return self._read_body(response, current, sink, max_bytes, deadline)
         raise FetchError("too-many-redirects", f"more than {options.max_redirects} from {url}")
 
-    def _read_body(self, response, url: str, sink: BinaryIO | None, limit: int) -> Fetched:
-        import requests
+    def _read_body(
+        self, response, url: str, sink: BinaryIO | None, limit: int, deadline: float
+    ) -> Fetched:
+        from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
         status = response.status_code
         if status in RETRYABLE_STATUS:
@@ -366,8 +548,19 @@ class Fetcher:
         if sink is not None:  # a retry starts the file over
             sink.seek(0)
             sink.truncate()
+        # read1: whatever the socket has (one read), so the deadline is looked at between reads
+        # however slowly the bytes come; iter_content would wait for a full chunk first
+        read = response.raw.read1
         try:
-            for chunk in response.iter_content(chunk_size=1 << 16):
+            while True:
+                if time.monotonic() > deadline:
+                    raise Retryable(
+                        "timeout",
+                        f"{url}: not complete within {self.options.deadline_seconds:g} s",
+                    )
+                chunk = read(1 << 16, decode_content=True)
+                if not chunk:
+                    break
                 total += len(chunk)
                 if total > limit:
                     raise FetchError("too-large", f"{url}: more than {limit:,} bytes")
@@ -375,13 +568,14 @@ class Fetcher:
                     sink.write(chunk)
                 else:
                     chunks.append(chunk)
-        except requests.exceptions.ConnectionError as error:
-            reason = "timeout" if "timed out" in str(error).lower() else "truncated"
-            raise Retryable(reason, url) from None
-        except requests.exceptions.ChunkedEncodingError:
+        except ReadTimeoutError:
+            raise Retryable("timeout", url) from None
+        except ProtocolError:
             raise Retryable("truncated", url) from None
-        except requests.exceptions.ContentDecodingError:
+        except DecodeError:
             raise FetchError("bad-encoding", url) from None
+        except OSError as error:  # a reset connection under the urllib3 layer
+            raise Retryable("truncated", f"{url}: {type(error).__name__}") from None
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         return Fetched(
             b"".join(chunks),

@@ -121,7 +121,9 @@ def select_samples(
     if options.min_side:
         smaller = pc.min_element_wise(dataset["width"], dataset["height"])
         keep(pc.greater_equal(smaller, options.min_side), "too-small")
-    marked = pc.fill_null(dataset["nsfw"], False)
+    # the boolean is derived from the level at collection; a level alone still marks a sample
+    leveled = pc.not_equal(dataset["nsfw_level"], "None")
+    marked = pc.fill_null(pc.or_kleene(dataset["nsfw"], leveled), False)
     if options.nsfw == "exclude":
         keep(pc.invert(marked), "nsfw")
     elif options.nsfw == "only":

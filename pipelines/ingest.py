@@ -19,20 +19,23 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 
-from pipelines.base import Stage
+from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, Stage
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
+    MAX_PROMPT_FILE_BYTES,
     ItemRejected,
     clean_prompt,
     collected_row,
+    decode_text,
     default_prompt_column,
     failed_row,
-    read_records,
+    iter_records,
     sample_fields,
 )
 from surd_builder.config import IngestSettings
@@ -40,9 +43,31 @@ from surd_builder.errors import InputError
 from surd_builder.ids import make_sample_id
 from surd_builder.workspace import Workspace
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        *(".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif"),
+        *(".tif", ".tiff", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".jp2", ".j2k"),
+        *(".jpx", ".avif", ".qoi", ".pcx", ".psd"),
+    }
+)
 SIDECAR_EXTENSIONS = (".txt", ".caption")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# What operating systems and photo tools leave in folders: never items, never reported. Names
+# starting with a dot (.DS_Store, AppleDouble ._x.jpg, .thumbnails/, .Trash-1000/) are hidden
+# too.
+LITTER_NAMES = frozenset(
+    {
+        "__macosx",
+        "@eadir",
+        "thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        "$recycle.bin",
+        "system volume information",
+        "#recycle",
+        "#snapshot",
+    }
+)
 # Files larger than this are skipped as "too-large" before being read into memory.
 DEFAULT_MAX_IMAGE_BYTES = int(IngestSettings.max_image_mb * 2**20)
 _SOURCE_NAME = re.compile(r"[^\w.:-]+")  # \w: letters and digits of any script, and _
@@ -53,45 +78,159 @@ def default_source_name(folder: Path) -> str:
     return name or "local"
 
 
+def display_name(relative: str) -> str:
+    """A relative path as text that any file can hold: a name that is not valid UTF-8 (from an
+    old Windows or Mac disk) has each undecodable byte written ``\\xNN``, one spelling per
+    file, so it is an item like any other (its id, its failure rows) and is opened by its
+    real bytes."""
+    return os.fsencode(relative).decode("utf-8", "backslashreplace")
+
+
+def is_litter(name: str) -> bool:
+    return name.startswith(".") or name.lower() in LITTER_NAMES
+
+
+@dataclass
+class Found:
+    """What a walk of the input folder found: images by relative path (the path each is read
+    by), and entries refused with a reason (``outside-folder``: a link leading out)."""
+
+    images: dict[str, str] = field(default_factory=dict)  # relative path -> real path
+    refused: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (reason, why)
+
+
+class FolderRoot:
+    """The folder the user named, and the one rule for reading under it: nothing whose real
+    path (every link resolved) leaves it is read."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder)
+        self.real = os.path.realpath(folder)
+
+    def contains(self, real: str) -> bool:
+        return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
+
+    def resolve(self, relative: str, what: str) -> str:
+        """Real path of ``relative``; :class:`ItemRejected` when a link leads out of the folder."""
+        real = os.path.realpath(self.path / relative)
+        if not self.contains(real):
+            raise ItemRejected("outside-folder", f"{display_name(relative)}: {what} links out")
+        return real
+
+    def walk(self) -> Found:
+        """Image files under the folder, each real file once, as sorted posix paths relative to
+        it. Folders and files are taken where they really are first; a link inside the folder
+        is followed once, for what no real path reached (a loop, or a second link to a folder
+        already walked, adds nothing); a link leading out is refused. Hidden entries and OS
+        litter are skipped."""
+        found = Found()
+        by_real: dict[str, str] = {}
+        walked: set[str] = set()
+        folders: list[tuple[str, str]] = [(str(self.path), "")]
+        linked_folders: list[tuple[str, str]] = []
+        linked_files: list[tuple[str, str]] = []
+        while folders or linked_folders:
+            directory, prefix = folders.pop() if folders else linked_folders.pop(0)
+            real_directory = os.path.realpath(directory)
+            if real_directory in walked:
+                continue
+            walked.add(real_directory)
+            try:
+                entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+            except OSError as error:
+                found.refused[prefix.rstrip("/") or "."] = ("unreadable", str(error.strerror))
+                continue
+            for entry in entries:
+                if is_litter(entry.name):
+                    continue
+                relative = prefix + entry.name
+                image = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+                try:
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path)
+                        if not self.contains(real):
+                            if image or os.path.isdir(real):
+                                found.refused[relative] = ("outside-folder", "a link out of it")
+                        elif os.path.isdir(real):
+                            linked_folders.append((entry.path, relative + "/"))
+                        elif image:
+                            linked_files.append((relative, real))
+                    elif entry.is_dir(follow_symlinks=False):
+                        folders.append((entry.path, relative + "/"))
+                    elif image:  # a file (a pipe too: read as any tool would)
+                        real = os.path.realpath(entry.path)
+                        by_real.setdefault(real, relative)
+                except OSError:
+                    continue
+            folders.sort(reverse=True)  # popped from the end: walked in name order
+        for relative, real in sorted(linked_files):
+            if os.path.isfile(real):
+                by_real.setdefault(real, relative)
+            else:
+                found.refused[relative] = ("missing-file", "a link to nothing")
+        found.images = {relative: real for real, relative in by_real.items()}
+        return found
+
+
 def discover_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively, hidden entries skipped, symlinked folders
-    followed once each), as sorted posix paths relative to ``folder``."""
-    found = []
-    visited: set[str] = set()
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in visited:  # a symlink loop, or a second link to a folder already walked
-            subdirs[:] = []
-            continue
-        visited.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(Path(directory, name).relative_to(folder).as_posix())
-    return found
+    """Image files under ``folder`` as sorted posix paths relative to it (see
+    :meth:`FolderRoot.walk`)."""
+    return sorted(FolderRoot(Path(folder)).walk().images)
 
 
-def read_metadata(folder: Path) -> tuple[Path | None, list[dict[str, Any]]]:
-    """Rows of the folder's metadata file (``None, []`` without one); malformed files raise."""
-    present = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+@dataclass
+class Metadata:
+    """The rows of a folder's metadata file by file name, and the rows skipped (``{item id:
+    (reason, why)}``, the item id ``metadata.jsonl:LINE``)."""
+
+    path: Path | None = None
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """The folder's metadata file, row by row: a bad row (not JSON, not an object, no usable
+    ``file_name``, a second row for a file) is skipped with its line number and reason, as a
+    good imagefolder tool does; only a file that is not such a file at all is refused."""
+    root = FolderRoot(Path(folder))
+    present = [root.path / name for name in METADATA_FILES if (root.path / name).is_file()]
     if len(present) > 1:
         raise InputError(f"{folder} has both {METADATA_FILES[0]} and {METADATA_FILES[1]}: keep one")
     if not present:
-        return None, []
+        return Metadata()
     path = present[0]
-    rows = read_records(path)
-    seen: dict[str, int] = {}
-    for number, row in enumerate(rows, start=1):
-        name = row.get("file_name")
-        if not isinstance(name, str) or not name:
-            raise InputError(f"{path}: row {number} has no file_name")
-        name = row["file_name"] = normalise_file_name(name) or name
-        if name in seen:
-            raise InputError(
-                f"{path}: file_name {name!r} appears twice (rows {seen[name]}, {number})"
-            )
-        seen[name] = number
-    return path, rows
+    if not root.contains(os.path.realpath(path)):
+        raise InputError(f"{path} links outside {folder}: refusing to read it")
+    metadata = Metadata(path)
+    first_line: dict[str, int] = {}
+    for record in iter_records(path):
+        where = f"{path.name}:{record.line}"
+        name = None if record.row is None else record.row.get("file_name")
+        if record.row is None:
+            problem = record.error
+        elif not isinstance(name, str) or not name.strip():
+            problem = "no file_name" if name in (None, "") else f"file_name {name!r} is not a path"
+        elif not _encodable(name):
+            problem = "file_name holds an unpaired surrogate"
+        else:
+            problem = None
+            name = normalise_file_name(name) or name
+            if name in first_line:
+                problem = f"file_name {name!r} is already named on line {first_line[name]}"
+        if problem is not None:
+            metadata.skipped[where] = ("bad-metadata-row", f"{where}: {problem}")
+            continue
+        first_line[name] = record.line
+        metadata.rows[name] = {**record.row, "file_name": name}
+    return metadata
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def normalise_file_name(name: str) -> str | None:
@@ -143,32 +282,54 @@ class IngestStage(Stage):
             raise InputError(f"input folder {self.folder} does not exist")
         if not self.folder.is_dir():
             raise InputError(f"{self.folder} is not a folder")
-        metadata_path, rows = read_metadata(self.folder)
-        columns = set().union(*(row.keys() for row in rows)) if rows else set()
+        metadata = read_metadata(self.folder)
+        rows = metadata.rows
+        columns = set().union(*(row.keys() for row in rows.values())) if rows else set()
         if self.prompt_column is not None:
-            if metadata_path is None:
+            if metadata.path is None:
                 raise InputError(
                     f"{self.folder} has no metadata.jsonl or metadata.csv for --prompt-column"
                 )
             if self.prompt_column not in columns:
-                raise InputError(f"{metadata_path} has no column {self.prompt_column!r}")
+                raise InputError(f"{metadata.path} has no column {self.prompt_column!r}")
             self._prompt_key = self.prompt_column
         else:
             self._prompt_key = default_prompt_column(columns)
 
-        items: dict[str, dict[str, Any]] = {name: {} for name in discover_images(self.folder)}
-        items.update({row["file_name"]: row for row in rows})
+        found = FolderRoot(self.folder).walk()
+        # a metadata row names a file by one path; the walk may have reached it by another (a
+        # link inside the folder): the row's name wins, the file stays one item
+        real_of_row = {name: os.path.realpath(self.folder / name) for name in rows}
+        taken = set(real_of_row.values())
+        images = [p for p, real in found.images.items() if p not in rows and real not in taken]
+        items: dict[str, dict[str, Any]] = {}
+        for relative in images:
+            items[display_name(relative)] = {"path": relative, "metadata": {}}
+        for name, row in rows.items():
+            items[name] = {"path": name, "metadata": row}
+        for relative, (reason, why) in found.refused.items():
+            if relative not in rows:
+                items[display_name(relative)] = {"reason": reason, "detail": why}
+        for where, (reason, why) in metadata.skipped.items():
+            items[where] = {"reason": reason, "detail": why}
         if not items:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise InputError(f"no images in {self.folder} (looked for {extensions})")
         self._claim_source(workspace)
-        relpaths = sorted(items)
+        ids = sorted(items)
         return pa.table(
             {
-                "sample_id": [make_sample_id(self.source, p) for p in relpaths],
-                "source": [self.source] * len(relpaths),
-                "source_item_id": relpaths,
-                "metadata_json": [json.dumps(items[p], default=str) for p in relpaths],
+                "sample_id": [make_sample_id(self.source, i) for i in ids],
+                "source": [self.source] * len(ids),
+                "source_item_id": ids,
+                # the name's real bytes: the id above is text, a file name need not be
+                "file_path": pa.array(
+                    [os.fsencode(items[i]["path"]) if "path" in items[i] else None for i in ids],
+                    pa.binary(),
+                ),
+                "metadata_json": [json.dumps(items[i].get("metadata"), default=str) for i in ids],
+                FAILURE_REASON: [items[i].get("reason") for i in ids],
+                FAILURE_DETAIL: [items[i].get("detail") for i in ids],
             }
         )
 
@@ -195,51 +356,65 @@ class IngestStage(Stage):
     def _ingest_one(self, item: dict[str, Any]) -> dict[str, Any]:
         identity = {k: item[k] for k in ("sample_id", "source", "source_item_id")}
         try:
+            if item.get(FAILURE_REASON):  # refused while walking the folder or its metadata
+                raise ItemRejected(item[FAILURE_REASON], item.get(FAILURE_DETAIL))
             return self._collect(item, identity)
         except ItemRejected as rejected:
             return failed_row(identity, rejected)
 
     def _collect(self, item: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
-        relative = normalise_file_name(item["source_item_id"])
+        name = item["source_item_id"]
+        relative = normalise_file_name(os.fsdecode(item["file_path"]))
         if relative is None:
             raise ItemRejected("bad-file-name", "file_name must be a relative path in the folder")
-        path = self.folder / relative
+        root = FolderRoot(self.folder)
+        real = root.resolve(relative, "the file")
         try:
-            size = path.stat().st_size
+            size = os.stat(real).st_size
             if size > self.max_image_bytes:
                 raise ItemRejected(
-                    "too-large", f"{relative}: {size:,} bytes > {self.max_image_bytes:,}"
+                    "too-large", f"{name}: {size:,} bytes > {self.max_image_bytes:,}"
                 )
-            data = path.read_bytes()
+            with open(real, "rb") as handle:
+                data = handle.read(self.max_image_bytes + 1)
         except FileNotFoundError:
-            raise ItemRejected("missing-file", f"{relative} does not exist") from None
+            raise ItemRejected("missing-file", f"{name} does not exist") from None
+        except IsADirectoryError:
+            raise ItemRejected("not-an-image", f"{name} is a folder") from None
         except OSError as error:
-            raise ItemRejected("unreadable", f"{relative}: {error.strerror or error}") from None
-        metadata = json.loads(item["metadata_json"])
+            raise ItemRejected("unreadable", f"{name}: {error.strerror or error}") from None
+        if len(data) > self.max_image_bytes:  # grew since it was measured
+            raise ItemRejected("too-large", f"{name}: more than {self.max_image_bytes:,} bytes")
+        metadata = json.loads(item["metadata_json"]) or {}
         fields = sample_fields(metadata, self.narrative_column)
         prompt = clean_prompt(metadata.get(self._prompt_key)) if self._prompt_key else None
         if prompt is None:
-            prompt = self._sidecar_prompt(path)
+            prompt = self._sidecar_prompt(root, relative)
         if prompt is None:
-            raise ItemRejected(
-                "no-prompt", f"no prompt for {relative} in metadata or a sidecar file"
-            )
-        return collected_row(identity, fields, prompt, data, relative)
+            raise ItemRejected("no-prompt", f"no prompt for {name} in metadata or a sidecar file")
+        return collected_row(identity, fields, prompt, data, name)
 
     @staticmethod
-    def _sidecar_prompt(path: Path) -> str | None:
+    def _sidecar_prompt(root: FolderRoot, relative: str) -> str | None:
+        base = PurePosixPath(relative)
         for extension in SIDECAR_EXTENSIONS:
-            sidecar = path.with_suffix(extension)
-            if not sidecar.is_file():
+            sidecar = base.with_suffix(extension).as_posix()
+            shown = display_name(PurePosixPath(sidecar).name)
+            if not os.path.lexists(root.path / sidecar):
                 continue
+            real = root.resolve(sidecar, "its prompt file")
             try:
-                return clean_prompt(sidecar.read_bytes().decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise ItemRejected(
-                    "prompt-not-utf8", f"{sidecar.name}: byte {error.start}"
-                ) from None
+                if os.stat(real).st_size > MAX_PROMPT_FILE_BYTES:
+                    raise ItemRejected(
+                        "prompt-too-long", f"{shown} is larger than {MAX_PROMPT_FILE_BYTES:,} bytes"
+                    )
+                with open(real, "rb") as handle:
+                    data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
+            except FileNotFoundError:
+                continue  # a link to nothing: as if there were no sidecar
             except OSError as error:
-                raise ItemRejected(
-                    "unreadable", f"{sidecar.name}: {error.strerror or error}"
-                ) from None
+                raise ItemRejected("unreadable", f"{shown}: {error.strerror or error}") from None
+            prompt = clean_prompt(decode_text(data))
+            if prompt is not None:
+                return prompt
         return None

@@ -105,7 +105,7 @@ class RobotsPolicy:
     def check(self, url: str) -> None:
         """Raise :class:`OptedOut` unless robots.txt lets surd fetch ``url`` (a URL that cannot
         be fetched at all raises its own ``FetchError`` first, e.g. ``bad-url``)."""
-        check_url(url, self.fetcher.options.allow_private)
+        check_url(url, self.fetcher.options.allowed_hosts)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             return

@@ -6,10 +6,12 @@ into a failure row (``failure_reason`` / ``failure_detail``), never into a crash
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ METADATA_FIELDS: dict[str, type] = {
     "cfg_scale": float,
     "seed": int,
     "nsfw": bool,
+    "nsfw_level": str,
     "license": str,
     "creator": str,
     "source_url": str,
@@ -40,6 +43,41 @@ _INT_BITS = {"steps": 32, "seed": 64}
 # Columns tried in order for the keyword prompt when the user names none (HF imagefolder and
 # img2dataset inputs use ``text`` or ``caption``).
 PROMPT_COLUMN_CANDIDATES = ("complex_prompt", "prompt", "text", "caption")
+
+
+# NSFW levels on Civitai's scale, mildest first. Newer Civitai responses give a browsing-level
+# number instead (1 PG, 2 PG-13, 4 R, 8 X, 16 XXX, 32 blocked): it maps onto the same four.
+NSFW_LEVELS = ("None", "Soft", "Mature", "X")
+_NSFW_LEVEL_NUMBERS = {1: "None", 2: "Soft", 4: "Mature", 8: "X", 16: "X", 32: "X"}
+_NSFW_LEVEL_NAMES = {
+    **{level.lower(): level for level in NSFW_LEVELS},
+    **{"pg": "None", "pg-13": "Soft", "pg13": "Soft", "r": "Mature", "xxx": "X"},
+}
+
+
+def nsfw_level(value: Any) -> str | None:
+    """A source's NSFW level as one of :data:`NSFW_LEVELS` (``None`` when not given):
+    Civitai's names ("None", "Soft", "Mature", "X"), its browsing-level numbers (the highest
+    bit of a combined mask counts) and the rating names PG, PG-13, R, XXX. ``ValueError`` for
+    anything else: a level is never guessed."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not an NSFW level: {value!r}")
+    text = str(value).strip()
+    if text.isdigit():
+        number = int(text)
+        if number == 0:
+            return None  # Civitai: not rated yet
+        highest = 1 << (number.bit_length() - 1)
+        if highest in _NSFW_LEVEL_NUMBERS:
+            return _NSFW_LEVEL_NUMBERS[highest]
+        if highest > 32:
+            return "X"
+    level = _NSFW_LEVEL_NAMES.get(text.lower())
+    if level is None:
+        raise ValueError(f"not an NSFW level: {value!r} (use {', '.join(NSFW_LEVELS)})")
+    return level
 
 
 def default_prompt_column(columns: set[str]) -> str | None:
@@ -57,39 +95,116 @@ COLLECT_OUTPUT_SCHEMA = pa.schema(
 )
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a user's CSV, JSONL or Parquet file; a malformed file is an :class:`InputError`
-    naming the file (and the line, for JSONL)."""
+# Beyond these a prompt is not a prompt any more (real ones are a few thousand characters): the
+# item is skipped as "prompt-too-long" instead of carrying megabytes of text through every stage.
+MAX_PROMPT_CHARS = 100_000
+MAX_PROMPT_FILE_BYTES = 2**20
+_BOMS = (  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def decode_text(data: bytes) -> str:
+    """Text of a prompt or metadata file as people's tools write it: the encoding a byte-order
+    mark names (UTF-8, UTF-16, UTF-32; the mark dropped), else UTF-8, else Windows-1252 (the
+    legacy 8-bit encoding of Windows and of most "latin-1" files, whose five undefined bytes
+    are read as Latin-1). Never fails: a legacy file is read, not refused."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data[len(bom) :].decode(encoding, errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="latin1-fallback")
+
+
+def _latin1_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+codecs.register_error("latin1-fallback", _latin1_fallback)
+
+
+# Key of a listed item's metadata that says why its row could not be read (the item fails with
+# "bad-metadata-row" and that detail).
+REJECTED_ROW = "_rejected_row"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a user's record file: its line number, and the row or why it is unusable."""
+
+    line: int
+    row: dict[str, Any] | None
+    error: str | None = None
+
+
+def iter_records(path: Path) -> list[Record]:
+    """Every row of a user's CSV, JSONL or Parquet file, a bad row kept as a :class:`Record`
+    with its error (invalid JSON, not an object, more fields than the header) so the caller
+    can skip it alone. A file that is not such a file at all is an :class:`InputError`."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            rows = pq.read_table(path).to_pylist()
         except (pa.ArrowInvalid, OSError) as error:
             raise InputError(f"{path} is not a readable Parquet file ({error})") from None
+        return [Record(number, row) for number, row in enumerate(rows, start=1)]
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
-    if suffix == ".csv":
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from None
+    text = decode_text(data)
+    if "\x00" in text:
+        raise InputError(f"{path} is not a text file (it holds NUL bytes)")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    records = _csv_records(path, text) if suffix == ".csv" else _jsonl_records(text)
+    if records and all(record.row is None for record in records):
+        first = records[0]
+        raise InputError(f"{path}:{first.line}: {first.error} (no usable row in the file)")
+    return records
+
+
+def _jsonl_records(text: str) -> list[Record]:
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
         try:
-            return list(csv.DictReader(io.StringIO(text)))
-        except csv.Error as error:
-            raise InputError(f"{path}: not valid CSV ({error})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: each line must be a JSON object")
-            rows.append(row)
-    return rows
+            row = json.loads(line)
+        except ValueError as error:
+            records.append(Record(number, None, f"not valid JSON ({error})"))
+            continue
+        if not isinstance(row, dict):
+            kind = type(row).__name__.replace("dict", "object").replace("list", "array")
+            records.append(Record(number, None, f"a JSON {kind}, not an object"))
+            continue
+        records.append(Record(number, row))
+    return records
+
+
+def _csv_records(path: Path, text: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records = []
+    try:
+        header = next(reader, None) or []
+        line = reader.line_num + 1  # where the next row starts (a quoted field may span lines)
+        for values in reader:
+            if values and len(values) > len(header):
+                error = f"{len(values)} fields, the header names {len(header)}"
+                records.append(Record(line, None, error))
+            elif values:  # a short row leaves the rest empty, as spreadsheets write it
+                records.append(Record(line, dict(zip(header, values, strict=False))))
+            line = reader.line_num + 1
+    except csv.Error as error:
+        raise InputError(f"{path}: not valid CSV ({error})") from None
+    return records
 
 
 class ItemRejected(Exception):
@@ -116,6 +231,8 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 image_format = image.format
+                if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
+                    width, height = height, width
                 if decode:
                     image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
                     image.load()
@@ -130,16 +247,30 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
     return width, height, image_format
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _rotated(image) -> bool:
+    """Whether the image's EXIF orientation turns it by 90 degrees (values 5-8)."""
+    if image.format not in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
+        return False
+    try:
+        return image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 (a broken EXIF block says nothing about the pixels)
+        return False
+
+
 def shrink_image(data: bytes, max_side: int) -> bytes:
     """``data`` re-encoded with its longer side at most ``max_side`` (same format where PIL can
     write it, else PNG); unchanged when already small enough."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
         if max(image.size) <= max_side:
             return data
         image_format = image.format if image.format in ("JPEG", "PNG", "WEBP") else "PNG"
         image.load()
+        image = ImageOps.exif_transpose(image)  # the re-encode keeps no EXIF: turn the pixels
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         if image_format == "JPEG" and image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
@@ -149,12 +280,38 @@ def shrink_image(data: bytes, max_side: int) -> bytes:
         return buffer.getvalue()
 
 
-def clean_prompt(text: Any) -> str | None:
-    """Whitespace collapsed, BOM dropped; ``None`` for an empty prompt."""
+def exact_text(text: Any) -> str | None:
+    """``text`` as the source wrote it, with only what no one means removed: a leading
+    byte-order mark, the surrounding whitespace, and CR/CRLF line ends (made ``\\n``). Inner
+    whitespace (tabs, repeated spaces, newlines, no-break and zero-width spaces) is data and
+    stays; compare prompts through :func:`surd_builder.ids.text_key` instead. ``None`` for an
+    empty text."""
     if text is None:
         return None
-    cleaned = " ".join(str(text).replace("\ufeff", "").split())
-    return cleaned or None
+    text = str(text).replace("\r\n", "\n").replace("\r", "\n").strip().removeprefix("\ufeff")
+    text = text.strip()
+    return text or None
+
+
+def clean_prompt(text: Any) -> str | None:
+    """A prompt as stored (:func:`exact_text`); :class:`ItemRejected` for one past
+    :data:`MAX_PROMPT_CHARS` or with text no file can hold (unpaired surrogates)."""
+    text = exact_text(text)
+    if text is None:
+        return None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ItemRejected("prompt-too-long", f"{len(text):,} characters > {MAX_PROMPT_CHARS:,}")
+    _check_encodable(text, "prompt")
+    return text
+
+
+def _check_encodable(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ItemRejected(
+            "bad-metadata", f"{what} holds an unpaired surrogate at {error.start}"
+        ) from None
 
 
 def coerce(value: Any, kind: type) -> Any:
@@ -191,10 +348,19 @@ def sample_fields(metadata: dict[str, Any], narrative_column: str = "narrative_p
     for key, kind in METADATA_FIELDS.items():
         source_key = narrative_column if key == "narrative_prompt" else key
         try:
-            value = coerce(metadata.get(source_key), kind)
+            if key == "nsfw_level":
+                value = nsfw_level(metadata.get(source_key))
+            else:
+                value = coerce(metadata.get(source_key), kind)
         except (TypeError, ValueError) as error:
             raise ItemRejected("bad-metadata", f"{source_key}: {error}") from None
-        fields[key] = clean_prompt(value) if key.endswith("_prompt") else value
+        if key.endswith("_prompt"):
+            value = clean_prompt(value)
+        elif isinstance(value, str):
+            _check_encodable(value, source_key)
+        fields[key] = value
+    if fields["nsfw_level"] is not None:  # the level decides; a boolean beside it is derived
+        fields["nsfw"] = fields["nsfw_level"] != "None"
     for key, bits in _INT_BITS.items():
         value = fields.get(key)
         if value is not None and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):

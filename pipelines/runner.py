@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
-from surd_builder.errors import InputError, Interrupted, WorkspaceError
+from surd_builder.errors import InputError, Interrupted, ServiceError, WorkspaceError
 from surd_builder.progress import progress_bar
 from surd_builder.ray_engine import RayOptions, check_engine
 from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, table_spec
@@ -374,7 +374,13 @@ def run_stage(stage: Stage, workspace: Workspace, options: RunOptions | None = N
         started = time.perf_counter()
         # other processes (local workers, Ray workers) may have stored images since it was read
         workspace.reload_image_index()
-        items = _without_taken_down(stage, workspace, stage.plan(workspace))
+        try:
+            planned_items = stage.plan(workspace)
+        except ServiceError as error:  # a source that could not be reached: a failed run
+            run = workspace.start_run(stage.name, stage.params(), output_table=stage.output_table)
+            workspace.finish_run(run, "failed", {"error": str(error)})
+            raise
+        items = _without_taken_down(stage, workspace, planned_items)
         planned = items.num_rows
         if not options.force and planned:
             done = pa.array(sorted(stage.done_ids(workspace, items)), pa.string())

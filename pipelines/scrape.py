@@ -18,6 +18,7 @@ from pipelines.base import HostLimiter, Stage
 from pipelines.download import Fetcher, FetchError, FetchOptions
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
+    REJECTED_ROW,
     ItemRejected,
     clean_prompt,
     collected_row,
@@ -64,7 +65,7 @@ class ScrapeStage(Stage):
     def fetcher(self) -> Fetcher:
         if self._fetcher is None:
             self._fetcher = Fetcher(
-                self.options, self._auth_headers, self.source.api_host, limiter=self._host_limiter
+                self.options, self._auth_headers, self.source.api_origin, limiter=self._host_limiter
             )
         return self._fetcher
 
@@ -115,6 +116,8 @@ class ScrapeStage(Stage):
         identity = {k: item[k] for k in ("sample_id", "source", "source_item_id")}
         try:
             metadata = json.loads(item["metadata_json"])
+            if metadata.get(REJECTED_ROW):
+                raise ItemRejected("bad-metadata-row", metadata[REJECTED_ROW])
             if (self._takedowns or self._removed) and self._taken_down_ids([item]):
                 # also under --force, which does not skip done items
                 raise ItemRejected("taken-down", "a takedown request names this item")

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from pipelines.base import IMAGE_BYTES, Stage, WorkerNeeds, shared_device
 from pipelines.rewriters.rules import strip_prompt_syntax
 from pipelines.scorers import ClipScorer, TextEmbedder
+from surd_builder.ids import text_key
 from surd_builder.schema import SAMPLE_SCHEMA
 from surd_builder.workspace import utc_now
 
@@ -100,8 +101,8 @@ class ScreenStage(Stage):
             "clip": self.clip.model if self.clip else None,
             "text": self.text.model if self.text else None,
             "image": image_sha256 if self.clip else None,
-            "narrative": narrative,
-            "keywords": keywords if self.text else None,
+            "narrative": text_key(narrative),
+            "keywords": text_key(keywords) if self.text else None,
         }
         canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]

@@ -46,9 +46,32 @@ RateOption = Annotated[
         "one worker process; on Ray every worker books from one shared limiter.",
     ),
 ]
+AllowHostOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-host",
+        metavar="HOST[:PORT]",
+        help="A host that may resolve to a private or loopback address, e.g. a local mirror "
+        "(repeat for more; without a port every port). Link-local and cloud-metadata "
+        "addresses are refused whatever is allowed.",
+    ),
+]
 PrivateOption = Annotated[
     bool,
-    typer.Option(help="Allow URLs that resolve to private or loopback addresses (e.g. a mirror)."),
+    typer.Option(
+        "--allow-private",
+        hidden=True,
+        help="Deprecated: --allow-host localhost --allow-host 127.0.0.1 --allow-host ::1.",
+    ),
+]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+DeadlineOption = Annotated[
+    float,
+    typer.Option(
+        min=1.0,
+        help="Seconds one download attempt may take in all (a server trickling bytes is cut "
+        "there, as 'timeout'); --timeout bounds each wait for the next bytes.",
+    ),
 ]
 ForceOption = Annotated[bool, typer.Option(help="Download items already in the workspace again.")]
 ResizeOption = Annotated[
@@ -81,6 +104,28 @@ LimitOption = Annotated[
 ]
 
 
+def allowed_host_list(allow_host: list[str] | None, allow_private: bool) -> tuple[str, ...]:
+    """The checked ``--allow-host`` entries (and the loopback names the deprecated
+    ``--allow-private`` stands for)."""
+    from pipelines.download import parse_allowed_host
+    from surd_builder.errors import InputError
+
+    hosts = list(allow_host or [])
+    for entry in hosts:
+        try:
+            parse_allowed_host(entry)
+        except ValueError as error:
+            raise InputError(f"--allow-host {error}") from None
+    if allow_private:
+        typer.echo(
+            "warning: --allow-private is deprecated and now allows loopback only; "
+            "use --allow-host HOST[:PORT]",
+            err=True,
+        )
+        hosts += LOOPBACK_HOSTS
+    return tuple(dict.fromkeys(hosts))
+
+
 def _scrape(
     ctx: typer.Context,
     source,
@@ -96,7 +141,9 @@ def _scrape(
     timeout: float,
     max_image_mb: float,
     per_host_rate: float,
+    allow_host: list[str] | None,
     allow_private: bool,
+    deadline: float,
     resize_max_side: int | None,
     decode_check: bool,
     force: bool,
@@ -118,12 +165,14 @@ def _scrape(
     from pipelines.scrape import ScrapeStage
     from surd_builder.workspace import Workspace
 
+    allowed_hosts = allowed_host_list(allow_host, allow_private)
     fetch = FetchOptions(
         read_timeout=timeout,
+        deadline_seconds=deadline,
         retries=retries,
         max_bytes=int(max_image_mb * 2**20),
         per_host_rate=per_host_rate,
-        allow_private=allow_private,
+        allowed_hosts=allowed_hosts,
         respect_opt_out=not ignore_opt_out,
         user_agent=user_agent_for(contact),
     )
@@ -147,15 +196,20 @@ def _scrape(
         show_progress=progress,
         **engine_fields,
     )
-    try:
-        print_run_report(run_stage(stage, ws, options))
-    finally:
-        if source.listing_error:
-            typer.echo(
-                f"warning: listing stopped early at {source.listing_error}; what was listed "
-                "was downloaded, and the next run resumes listing there",
-                err=True,
-            )
+    report = run_stage(stage, ws, options)
+    print_run_report(report)
+    if source.listing_error:
+        typer.echo(
+            f"warning: listing stopped early at {source.listing_error}; what was listed "
+            "was downloaded, and the next run resumes listing there",
+            err=True,
+        )
+    if report.failures_by_reason.get("private-address") and not allowed_hosts:
+        typer.echo(
+            f"hint: {report.failures_by_reason['private-address']} item(s) are on private or "
+            "loopback addresses; for a local mirror allow its host with --allow-host HOST[:PORT]",
+            err=True,
+        )
 
 
 @scrape_app.command()
@@ -182,7 +236,9 @@ def urls(
     timeout: TimeoutOption = 30.0,
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
+    allow_host: AllowHostOption = None,
     allow_private: PrivateOption = False,
+    deadline: DeadlineOption = 120.0,
     resize_max_side: ResizeOption = None,
     decode_check: DecodeOption = True,
     force: ForceOption = False,
@@ -214,7 +270,9 @@ def urls(
         timeout=timeout,
         max_image_mb=max_image_mb,
         per_host_rate=per_host_rate,
+        allow_host=allow_host,
         allow_private=allow_private,
+        deadline=deadline,
         resize_max_side=resize_max_side,
         decode_check=decode_check,
         force=force,
@@ -277,7 +335,9 @@ def civitai(
     timeout: TimeoutOption = 30.0,
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
+    allow_host: AllowHostOption = None,
     allow_private: PrivateOption = False,
+    deadline: DeadlineOption = 120.0,
     resize_max_side: ResizeOption = None,
     decode_check: DecodeOption = True,
     force: ForceOption = False,
@@ -329,7 +389,9 @@ def civitai(
         timeout=timeout,
         max_image_mb=max_image_mb,
         per_host_rate=per_host_rate,
+        allow_host=allow_host,
         allow_private=allow_private,
+        deadline=deadline,
         resize_max_side=resize_max_side,
         decode_check=decode_check,
         force=force,
@@ -357,7 +419,9 @@ def lexica(
     timeout: TimeoutOption = 30.0,
     max_image_mb: MaxImageOption = 64.0,
     per_host_rate: RateOption = 0.0,
+    allow_host: AllowHostOption = None,
     allow_private: PrivateOption = False,
+    deadline: DeadlineOption = 120.0,
     resize_max_side: ResizeOption = None,
     decode_check: DecodeOption = True,
     force: ForceOption = False,
@@ -389,7 +453,9 @@ def lexica(
         timeout=timeout,
         max_image_mb=max_image_mb,
         per_host_rate=per_host_rate,
+        allow_host=allow_host,
         allow_private=allow_private,
+        deadline=deadline,
         resize_max_side=resize_max_side,
         decode_check=decode_check,
         force=force,
@@ -422,7 +488,9 @@ def diffusiondb(
     retries: RetriesOption = 3,
     timeout: TimeoutOption = 60.0,
     max_image_mb: MaxImageOption = 64.0,
+    allow_host: AllowHostOption = None,
     allow_private: PrivateOption = False,
+    deadline: DeadlineOption = 120.0,
     resize_max_side: ResizeOption = None,
     decode_check: DecodeOption = True,
     force: ForceOption = False,
@@ -454,7 +522,9 @@ def diffusiondb(
         timeout=timeout,
         max_image_mb=max_image_mb,
         per_host_rate=0.0,
+        allow_host=allow_host,
         allow_private=allow_private,
+        deadline=deadline,
         resize_max_side=resize_max_side,
         decode_check=decode_check,
         force=force,

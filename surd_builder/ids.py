@@ -21,6 +21,16 @@ def make_sample_id(source: str, source_item_id: str) -> str:
     return hashlib.sha256(key).hexdigest()[:SAMPLE_ID_HEX_CHARS]
 
 
+_INVISIBLE_SPACES = str.maketrans(dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff", " "))
+
+
+def text_key(text: str) -> str:
+    """A text as keys compare it: every run of whitespace (no-break and zero-width spaces
+    included) one space, none at the ends. Stored prompts keep what the source wrote; caches and
+    prompt dedupe compare through this, so two spellings of the same words share an answer."""
+    return " ".join(text.translate(_INVISIBLE_SPACES).split())
+
+
 def sha256_hex(data: bytes) -> str:
     """Content address of image bytes: the key of the workspace's image store."""
     return hashlib.sha256(data).hexdigest()

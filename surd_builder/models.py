@@ -92,13 +92,13 @@ def decode_rgb(images: list[bytes]) -> tuple[list[tuple[int, Any]], dict[int, st
     one unreadable image fails alone, never its batch."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     decoded, failed = [], {}
     for index, data in enumerate(images):
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                decoded.append((index, image.convert("RGB")))
+            with Image.open(io.BytesIO(data)) as image:  # turned as shown (EXIF orientation)
+                decoded.append((index, ImageOps.exif_transpose(image).convert("RGB")))
         except (UnidentifiedImageError, OSError, ValueError) as error:
             failed[index] = type(error).__name__
     return decoded, failed

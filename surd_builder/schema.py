@@ -74,7 +74,18 @@ SAMPLE_SCHEMA = pa.schema(
         _field("steps", pa.int32(), "sampling steps"),
         _field("cfg_scale", pa.float32(), "classifier-free guidance scale"),
         _field("seed", pa.int64(), "generation seed"),
-        _field("nsfw", pa.bool_(), "source or screening marks the image not safe for work"),
+        _field(
+            "nsfw",
+            pa.bool_(),
+            "not safe for work: nsfw_level is not 'None' where a level is known, else what the "
+            "source or screening says",
+        ),
+        _field(
+            "nsfw_level",
+            pa.string(),
+            "the source's NSFW level on Civitai's scale: None, Soft, Mature or X (browsing "
+            "levels 1, 2, 4, 8 and higher); null where the source gives none",
+        ),
         # screening and dedupe
         _field("clip_score", pa.float32(), "image <-> narrative_prompt similarity (CLIP)"),
         _field("text_similarity", pa.float32(), "narrative <-> keyword prompt text similarity"),
@@ -149,6 +160,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
                 "cfg_scale",
                 "seed",
                 "nsfw",
+                "nsfw_level",
                 "collected_at",
                 "updated_at",
             ),
@@ -327,6 +339,7 @@ EXPORT_COLUMNS = (
     "cfg_scale",
     "seed",
     "nsfw",
+    "nsfw_level",
     "narrative_origin",
     "review_status",
     "review_tags",

@@ -170,3 +170,153 @@ class _Handler(BaseHTTPRequestHandler):
             self._image(name)
         else:
             self._send(404, b"not found", "text/plain")
+
+
+# ----------------------------------------------------------------------------- more faults
+# Added for tests/test_scrape_faults.py. ``FaultServer`` is a ``FaultyServer`` (every route and
+# table above works the same) with a request log, a way to wait for requests, and these routes:
+#
+# - ``/trickle/n.jpg``: declares 10,000 bytes of image/jpeg, then sends one byte every 0.2 s for
+#   5 s (far past a test's deadline, and bounded so a client without one fails, not hangs), then
+#   closes: the body stays short
+# - ``/trickle-headers/n.jpg``: the status line, then one header byte every 0.2 s for 4.2 s,
+#   then the rest of the headers and the image
+# - ``/huge/n.jpg``: declares 10 GB of image/jpeg, then trickles bytes like ``/trickle/``
+#
+# Answers stop trickling when the client leaves or the server stops. Shutdown takes at most
+# 0.05 s (the poll interval), not FaultyServer's 0.5 s, and the listen backlog is 128, not 5.
+#
+# ``requests`` logs every request as (Host header, path, Authorization or ""), in arrival order;
+# ``wait_for(predicate, timeout)`` waits until ``predicate()`` holds, woken by each new request.
+
+import gzip  # noqa: E402 (appended section)
+import struct  # noqa: E402
+import zlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from functools import lru_cache  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+
+def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
+    """The start of a valid PNG that declares ``width`` x ``height`` RGB pixels (a
+    decompression bomb: a few hundred bytes on the wire, gigabytes once decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (1 + 3 * width) * 4)  # a few rows of the image
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+@lru_cache(maxsize=4)
+def gzip_bomb(decoded_bytes: int = 50 * 2**20) -> bytes:
+    """``decoded_bytes`` zeros, gzip-compressed (50 MB become about 50 KB)."""
+    return gzip.compress(b"\0" * decoded_bytes, compresslevel=9)
+
+
+class SeenRequest(NamedTuple):
+    host: str  # the Host header as sent: "127.0.0.1:8123", "localhost:8123"
+    path: str
+    authorization: str  # "" when none was sent
+
+
+class FaultServer(FaultyServer):
+    request_queue_size = 128  # socketserver's 5 drops connections of a 16-thread scrape
+
+    def __init__(self):
+        super().__init__()
+        self.RequestHandlerClass = _FaultHandler
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.requests: list[SeenRequest] = []
+        self.stopping = threading.Event()  # set on exit: trickling answers stop
+        self._seen = threading.Condition()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def saw(self, request: SeenRequest) -> None:
+        with self._seen:
+            self.requests.append(request)
+            self._seen.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` is true (checked on every new request); its result."""
+        with self._seen:
+            return self._seen.wait_for(predicate, timeout)
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        super().__exit__(*exc)
+
+
+class _FaultHandler(_Handler):
+    server: FaultServer
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        path = self.path.split("?", 1)[0]
+        host, auth = self.headers.get("Host", ""), self.headers.get("Authorization", "")
+        self.server.saw(SeenRequest(host, path, auth))
+        kind = path.strip("/").split("/")[0]
+        routes = {
+            "trickle": self._trickle,
+            "trickle-headers": self._trickle_headers,
+            "huge": self._huge,
+        }
+        overridden = (
+            self.server.delays,
+            self.server.statuses,
+            self.server.redirects,
+            self.server.files,
+            self.server.documents,
+        )
+        if kind not in routes or any(path in table for table in overridden):
+            super().do_GET()
+            return
+        self._path = path  # what FaultyServer records for every request
+        self.server.count(path)
+        self.server.request_times.append((path, time.monotonic()))
+        self.server.user_agents.add(self.headers.get("User-Agent", ""))
+        self.server.authorizations.add(auth)
+        self.server.auth_by_host.add((host.rsplit(":", 1)[0], auth))
+        self.server.queries.append((path, self.path.partition("?")[2]))
+        routes[kind]()
+        self.close_connection = True
+
+    def _drip(self, count: int, byte: bytes = b"\0", every: float = 0.2) -> bool:
+        """Send ``count`` single bytes ``every`` seconds apart; False if the client left or the
+        server is stopping."""
+        for _ in range(count):
+            if self.server.stopping.wait(every):
+                return False
+            try:
+                self.wfile.write(byte)
+            except OSError:
+                return False
+        return True
+
+    def _declare(self, length: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _trickle(self):
+        self._declare(10_000)
+        self._drip(25)
+
+    def _huge(self):
+        self._declare(10 * 10**9)
+        self._drip(25)
+
+    def _trickle_headers(self):
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+        if not self._drip(21, b"a"):
+            return
+        body = jpeg(3)
+        self.wfile.write(
+            b"\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )

@@ -81,8 +81,10 @@ def test_user_mistakes_give_one_line_errors(tmp_path):
     )
     folder = tmp_path / "in"
     sidecar_folder(folder, 3)
-    (folder / "metadata.csv").write_bytes(b"file_name,prompt\nimg-000.png,caf\xe9\n")
-    assert_one_line_error(run_surd("build", "ingest", str(folder), "-w", str(ws)), 2, "not UTF-8")
+    (folder / "metadata.csv").write_bytes(b"file_name,prompt\x00\x00\x89PNG\n")
+    assert_one_line_error(
+        run_surd("build", "ingest", str(folder), "-w", str(ws)), 2, "not a text file"
+    )
     (folder / "metadata.csv").unlink()
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "broken.txt").write_text("broken")

@@ -41,7 +41,7 @@ def test_sidecar_prompts_and_image_store(tmp_path, workspace):
             "PNG",
         )
     photo = rows["nested/photo.jpg"]
-    assert photo["complex_prompt"] == "a photo, bokeh"
+    assert photo["complex_prompt"] == "a photo,\n\nbokeh"  # as written, ends trimmed
     assert (photo["width"], photo["height"], photo["image_format"]) == (40, 30, "JPEG")
     # bytes are stored unchanged and addressed by their sha256
     original = (folder / "nested" / "photo.jpg").read_bytes()
@@ -126,29 +126,29 @@ def test_bad_items_are_counted_failures_and_retried(tmp_path, workspace, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80x80 > 2x the limit: a "bomb"
 
     report = run_stage(IngestStage(folder, max_image_bytes=4096), workspace, QUIET)
-    assert report.written == 2
+    assert report.written == 3
     assert report.failures_by_reason == {
         "bad-file-name": 1,
         "bad-metadata": 1,
         "missing-file": 1,
         "no-prompt": 1,
         "not-an-image": 2,
-        "prompt-not-utf8": 1,
         "too-large": 2,
     }
     failures = {r["source_item_id"]: r for r in workspace.read_failures("ingest").to_pylist()}
-    assert failures["latin1.png"]["detail"] == "latin1.txt: byte 3"
     assert failures["badseed.png"]["reason"] == "bad-metadata"
     assert workspace_status(workspace).failures[("ingest", "not-an-image")] == 2
+    samples = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
+    assert samples["latin1.png"]["complex_prompt"] == "café, 8k"  # a legacy file is read
 
     # fix one item: the re-run retries only failures, and the fixed one stops being outstanding
-    (folder / "latin1.txt").write_text("café, 8k")
+    (folder / "noprompt.txt").write_text("now with a prompt")
     again = run_stage(IngestStage(folder, max_image_bytes=4096), workspace, QUIET)
-    assert (again.already_done, again.processed, again.written) == (2, 9, 1)
+    assert (again.already_done, again.processed, again.written) == (3, 8, 1)
     outstanding = workspace.read_failures("ingest", outstanding_in="samples")
-    assert "latin1.png" not in outstanding["source_item_id"].to_pylist()
-    assert ("ingest", "prompt-not-utf8") not in workspace_status(workspace).failures
-    assert outstanding.num_rows == 8
+    assert "noprompt.png" not in outstanding["source_item_id"].to_pylist()
+    assert ("ingest", "no-prompt") not in workspace_status(workspace).failures
+    assert outstanding.num_rows == 7
     assert "heavy.png" in outstanding["source_item_id"].to_pylist()
 
 
@@ -186,11 +186,13 @@ def test_input_errors(tmp_path, workspace):
         run_stage(IngestStage(tmp_path / "nope"), workspace, QUIET)
     folder = tmp_path / "in"
     sidecar_folder(folder, 1)
-    (folder / "metadata.jsonl").write_text('{"file_name": "img-000.png"}\n{broken\n')
-    with pytest.raises(InputError, match=r"metadata.jsonl:2: not valid JSON"):
+    # one bad row is skipped alone (tests/test_ingest_corpus.py); a file with no usable row,
+    # or one that is not text at all, is not a metadata file
+    (folder / "metadata.jsonl").write_text("{broken\n[1, 2]\n")
+    with pytest.raises(InputError, match=r"metadata.jsonl:1: not valid JSON .*no usable row"):
         run_stage(IngestStage(folder), workspace, QUIET)
-    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "caf\xe9.png"}\n')
-    with pytest.raises(InputError, match="not UTF-8"):
+    (folder / "metadata.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    with pytest.raises(InputError, match="metadata.jsonl is not a text file"):
         run_stage(IngestStage(folder), workspace, QUIET)
     (folder / "metadata.jsonl").unlink()
     run_stage(IngestStage(folder, source="shared"), workspace, QUIET)
@@ -284,9 +286,11 @@ def test_file_names_seeds_symlinks_and_unicode_names(tmp_path, workspace):
     (elsewhere / "loop").symlink_to(folder, target_is_directory=True)  # must not recurse forever
 
     report = run_stage(IngestStage(folder), workspace, QUIET)
-    assert (report.written, report.failed) == (3, 0)
+    assert (report.written, report.failed) == (2, 1)
     samples = {r["source_item_id"]: r for r in workspace.read_table("samples").to_pylist()}
-    assert set(samples) == {"a.png", "sub/c.png", "link/linked.png"}
+    assert set(samples) == {"a.png", "sub/c.png"}  # nothing is read through the link out
+    failures = workspace.read_failures("ingest").to_pylist()
+    assert [(f["source_item_id"], f["reason"]) for f in failures] == [("link", "outside-folder")]
     assert samples["a.png"]["seed"] == 12345678901234567  # exact past 2**53
     assert (samples["sub/c.png"]["seed"], samples["sub/c.png"]["steps"]) == (98765432109876543, 20)
     assert samples["a.png"]["source"] == "Bilder-ünï"

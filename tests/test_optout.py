@@ -15,7 +15,9 @@ from pipelines.sources.urls import UrlListSource
 from tests.http_fixture import FaultyServer
 
 QUIET = RunOptions(batch_size=8, show_progress=False)
-LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=1.0)
+LOOPBACK = FetchOptions(
+    allowed_hosts=("127.0.0.1",), retries=1, backoff_seconds=0.0, read_timeout=1.0
+)
 
 
 def scrape(workspace, tmp_path, urls: list[str], options: FetchOptions = LOOPBACK):

@@ -43,7 +43,9 @@ VOLATILE = ("updated_at", "reviewed_at", "collected_at", "failed_at")
 DEMO_COUNT = 40
 LOCAL = RunOptions(batch_size=8, show_progress=False)
 ON_RAY = RunOptions(batch_size=8, show_progress=False, engine="ray", ray=RayOptions(workers=2))
-LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=2.0)
+LOOPBACK = FetchOptions(
+    allowed_hosts=("127.0.0.1",), retries=1, backoff_seconds=0.0, read_timeout=2.0
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,16 @@ from tests.conftest import run_surd
 from tests.http_fixture import jpeg
 
 QUIET = RunOptions(batch_size=8, show_progress=False)
-LOOPBACK = FetchOptions(allow_private=True, retries=2, backoff_seconds=0.0, read_timeout=2.0)
+LOOPBACK = FetchOptions(
+    allowed_hosts=("127.0.0.1",), retries=2, backoff_seconds=0.0, read_timeout=2.0
+)
 
 
 def test_retries_honour_retry_after_and_back_off(server):
     waits: list[float] = []
-    options = FetchOptions(allow_private=True, retries=3, backoff_seconds=0.5, max_wait_seconds=60)
+    options = FetchOptions(
+        allowed_hosts=("127.0.0.1",), retries=3, backoff_seconds=0.5, max_wait_seconds=60
+    )
     fetcher = Fetcher(options, sleep=waits.append)
     assert fetcher.get(f"{server.base}/retry-after/7/1.jpg").data == jpeg(1)
     assert waits == [7.0]
@@ -44,9 +48,13 @@ def test_retries_honour_retry_after_and_back_off(server):
     [
         ("/img/1.jpg", FetchOptions(), "private-address"),  # loopback refused by default
         ("/redirect-file/1.jpg", LOOPBACK, "bad-url"),
-        ("/img/1.jpg", FetchOptions(allow_private=True, max_bytes=100), "too-large"),
-        ("/slow/3/1.jpg", FetchOptions(allow_private=True, retries=0, read_timeout=0.3), "timeout"),
-        ("/truncated/1.jpg", FetchOptions(allow_private=True, retries=0), "truncated"),
+        ("/img/1.jpg", FetchOptions(allowed_hosts=("127.0.0.1",), max_bytes=100), "too-large"),
+        (
+            "/slow/3/1.jpg",
+            FetchOptions(allowed_hosts=("127.0.0.1",), retries=0, read_timeout=0.3),
+            "timeout",
+        ),
+        ("/truncated/1.jpg", FetchOptions(allowed_hosts=("127.0.0.1",), retries=0), "truncated"),
     ],
 )
 def test_unsafe_or_broken_responses_fail_with_a_reason(server, path, options, reason):
@@ -126,7 +134,7 @@ def test_scrape_killed_part_way_then_resumed_has_every_item_once(tmp_path, works
     listing = write_list(tmp_path / "list.jsonl", rows)
     command = [
         sys.executable, "-m", "surd_builder", "build", "scrape", "urls", str(listing),
-        "-w", str(workspace.root), "--allow-private", "--threads", "1", "--workers", "1",
+        "-w", str(workspace.root), "--allow-host", "127.0.0.1", "--threads", "1", "--workers", "1",
         "--batch-size", "4", "--id-column", "url", "--no-progress",
     ]  # fmt: skip
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

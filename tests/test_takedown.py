@@ -18,7 +18,9 @@ from pipelines.takedown import TakedownRequest, match_rows, read_removed, take_d
 from surd_builder.cli import app
 
 QUIET = RunOptions(batch_size=8, show_progress=False)
-LOOPBACK = FetchOptions(allow_private=True, retries=1, backoff_seconds=0.0, read_timeout=2.0)
+LOOPBACK = FetchOptions(
+    allowed_hosts=("127.0.0.1",), retries=1, backoff_seconds=0.0, read_timeout=2.0
+)
 
 
 def picture(seed: int, size: int = 96) -> bytes:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from pipelines.base import WorkerNeeds
 from surd_builder.errors import ServiceError
+from surd_builder.ids import text_key
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Rewriter(ABC):
     def cache_key(self, complex_prompt: str, image_sha256: str | None) -> str:
         """The rewrite cache key of one input: equal keys, equal (cached) answers."""
         identity = json.dumps(self.identity(), sort_keys=True, ensure_ascii=False)
-        parts = [identity, complex_prompt]
+        parts = [identity, text_key(complex_prompt)]  # the stored prompt is exact; keys are not
         if self.uses_image:
             parts.append(image_sha256 or "")
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]

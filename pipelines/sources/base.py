@@ -51,8 +51,8 @@ class Source(ABC):
     name: str
     #: why listing stopped early (a page that failed after retries), for the user to see
     listing_error: str | None = None
-    #: the only host that receives the source's API token, if it has one
-    api_host: str | None = None
+    #: the only origin (scheme://host:port) that receives the source's API token, if it has one
+    api_origin: str | None = None
 
     @abstractmethod
     def plan(self, workspace: Workspace, fetcher: Fetcher) -> pa.Table:
@@ -133,4 +133,11 @@ class PagedSource(Source):
                 "pages": pages,
             }
             workspace.write_state(state_name, state)
+        if self.listing_error and listed == 0:
+            from surd_builder.errors import ServiceError
+
+            raise ServiceError(
+                f"{self.name}: the listing could not start: {self.listing_error}; nothing was "
+                "listed or downloaded (check the network and --base-url)"
+            )
         return workspace.read_listing(self.name)

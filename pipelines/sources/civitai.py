@@ -41,15 +41,14 @@ def _meta(raw: Any) -> dict[str, Any]:
     return meta
 
 
-def _is_nsfw(image: dict[str, Any]) -> bool | None:
-    if isinstance(image.get("nsfw"), bool):
-        return image["nsfw"]
+def _nsfw_level(image: dict[str, Any]) -> Any:
+    """The image's level as the API gives it: ``nsfwLevel`` (a name in older responses of the
+    images endpoint, a browsing-level number in newer ones) or, on the models endpoint,
+    ``nsfw`` as a name. ``pipelines.records.nsfw_level`` reads any of them."""
     level = image.get("nsfwLevel")
-    if isinstance(level, str):
-        return level != "None"
-    if isinstance(level, int):
-        return level > 1  # browsing-level bitmask: 1 is PG
-    return None
+    if level is None and not isinstance(image.get("nsfw"), bool):
+        level = image.get("nsfw")
+    return level
 
 
 def image_fields(image: dict[str, Any], site: str, model_name: str | None = None) -> dict:
@@ -63,7 +62,8 @@ def image_fields(image: dict[str, Any], site: str, model_name: str | None = None
         "cfg_scale": meta.get("cfgScale"),
         "seed": meta.get("seed"),
         "model_name": meta.get("Model") or model_name or image.get("baseModel"),
-        "nsfw": _is_nsfw(image),
+        "nsfw": image["nsfw"] if isinstance(image.get("nsfw"), bool) else None,
+        "nsfw_level": _nsfw_level(image),
         "creator": image.get("username"),
         "page_url": f"{site}/images/{image['id']}" if image.get("id") is not None else None,
     }
@@ -83,7 +83,8 @@ class _CivitaiSource(PagedSource):
     ):
         super().__init__(max_items=max_items, relist=relist)
         self.base_url = base_url.rstrip("/")
-        self.api_host = urlsplit(self.base_url).hostname
+        parts = urlsplit(self.base_url)
+        self.api_origin = f"{parts.scheme}://{parts.netloc}"
         self.query = {k: v for k, v in (query or {}).items() if v not in (None, "", [])}
         self.page_size = page_size
         self.name = name

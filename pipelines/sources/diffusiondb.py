@@ -89,18 +89,24 @@ class DiffusionDB(Source):
         if not self.remote and not Path(self.location).is_dir():
             raise InputError(f"DiffusionDB folder {self.location} does not exist")
         extra = self._metadata_table()
-        tables = []
+        tables, failed = [], []
         for part in self.parts:
             try:
                 container = self._part_container(part, workspace, fetcher)
                 prompts = self._read_part_json(part, container)
             except FetchError as error:
-                self.listing_error = f"part {part}: {error.reason} ({error.detail})"
+                failed.append(f"part {part}: {error.reason} ({error.detail})")
                 continue
             except (OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
-                self.listing_error = f"part {part}: unreadable ({error})"
+                failed.append(f"part {part}: unreadable ({error})")
                 continue
             tables.append(items_table(self.name, self._items(part, container, prompts, extra)))
+        self.listing_error = "; ".join(failed) or None  # every part that failed, not the last
+        if failed and not tables:
+            from surd_builder.errors import ServiceError
+
+            error = ServiceError if self.remote else InputError
+            raise error(f"{self.name}: no part could be read: {self.listing_error}")
         return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
     def _part_container(self, part: int, workspace: Workspace, fetcher: Fetcher) -> Path:

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.records import PROMPT_COLUMN_CANDIDATES, default_prompt_column, read_records
+from pipelines.records import (
+    PROMPT_COLUMN_CANDIDATES,
+    REJECTED_ROW,
+    Record,
+    default_prompt_column,
+    iter_records,
+)
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 
@@ -23,13 +29,14 @@ if TYPE_CHECKING:
 FORMATS = (".csv", ".jsonl", ".json", ".parquet")
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of the URL list (CSV / JSONL / Parquet); a malformed file is an :class:`InputError`."""
+def read_rows(path: Path) -> list[Record]:
+    """Records of the URL list (CSV / JSONL / Parquet), a bad row kept with its error; a file
+    that is not such a list at all is an :class:`InputError`."""
     if not path.is_file():
         raise InputError(f"URL list {path} does not exist")
     if path.suffix.lower() not in FORMATS:
         raise InputError(f"{path}: use a .csv, .jsonl or .parquet file")
-    return read_records(path)
+    return iter_records(path)
 
 
 class UrlListSource(Source):
@@ -57,7 +64,8 @@ class UrlListSource(Source):
         return {"source": self.name, "file": str(self.path), "url_column": self.url_column}
 
     def plan(self, workspace: Workspace, fetcher: Fetcher | None = None) -> pa.Table:
-        rows = read_rows(self.path)
+        records = read_rows(self.path)
+        rows = [record.row for record in records if record.row is not None]
         columns = set().union(*(row.keys() for row in rows)) if rows else set()
         for option, column in (("--url-column", self.url_column), ("--id-column", self.id_column)):
             if column is not None and rows and column not in columns:
@@ -70,7 +78,12 @@ class UrlListSource(Source):
             raise InputError(f"{self.path} has no prompt column {wanted!r} (--prompt-column)")
 
         items: dict[str, tuple[str, dict[str, Any]]] = {}
-        for number, row in enumerate(rows, start=1):
+        for record in records:
+            number, row = record.line, record.row
+            if row is None:  # skipped alone, with its line: the rest of the list is fetched
+                where = f"{self.path.name}:{number}"
+                items[where] = ("", {REJECTED_ROW: f"{where}: {record.error}"})
+                continue
             url = str(row.get(self.url_column) or "").strip()
             item_id = str(row.get(self.id_column) or "") if self.id_column else url
             item_id = item_id or f"row-{number}"  # no URL: recorded as a failure, not dropped
