@@ -39,25 +39,36 @@ class RequestGuard:
         self.done = False
         self.check_peer: Callable[[str], None] | None = None
         self.refused: Exception | None = None
-        self._connection = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
     def attach(self, connection) -> None:
+        """The connection a request is about to be sent on (new or kept alive); an expired
+        guard sends nothing."""
         with self._lock:
-            self._connection = connection
-            if self.expired:  # it passed before the connection was known
-                _shut(connection)
+            if connection.sock is not None:
+                self._sock = connection.sock
+            if self.expired:
+                raise OSError("past the deadline before the request was sent")
 
     def expire(self) -> None:
         with self._lock:
             if self.done:
                 return
             self.expired = True
-            if self._connection is not None:
-                _shut(self._connection)
+            if self._sock is not None:  # kept here: http.client forgets it on Connection: close
+                with suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            self._sock = self.check_peer = None  # nothing held while it waits in the heap
 
     def connected(self, sock: socket.socket) -> None:
         """Check a new connection's peer; close it and raise ``OSError`` when it is refused."""
+        with self._lock:
+            self._sock = sock
         if self.check_peer is None:
             return
         try:
@@ -68,28 +79,33 @@ class RequestGuard:
             raise OSError("connection refused by surd's address check") from None
 
 
-def _shut(connection) -> None:
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        with suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-
 class _Watchdog:
     def __init__(self):
         self._heap: list[tuple[float, int, RequestGuard]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.active = 0  # guards not finished yet
 
     def add(self, guard: RequestGuard) -> None:
         with self._wake:
+            self.active += 1
+            if len(self._heap) > 4 * self.active + 256:
+                # finished guards leave the heap only when they reach its top: drop them all
+                # now and then, so it holds about the requests in flight, not every recent one
+                self._heap = [entry for entry in self._heap if not entry[2].done]
+                heapq.heapify(self._heap)
             heapq.heappush(self._heap, (guard.at, next(self._order), guard))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="surd-deadline", daemon=True)
                 self._thread.start()
             elif self._heap[0][2] is guard:
                 self._wake.notify()
+
+    def finish(self, guard: RequestGuard) -> None:
+        guard.finish()
+        with self._wake:
+            self.active -= 1
 
     def _run(self) -> None:
         while True:
@@ -117,14 +133,14 @@ def guarded_request(seconds: float) -> Iterator[RequestGuard]:
     once ``seconds`` have passed, and check each new connection with the guard's
     ``check_peer``."""
     guard = RequestGuard(time.monotonic() + seconds)
+    outer = getattr(_current, "guard", None)  # a request made while another waits (robots.txt)
     _current.guard = guard
     _WATCHDOG.add(guard)
     try:
         yield guard
     finally:
-        with guard._lock:
-            guard.done = True
-        _current.guard = None
+        _WATCHDOG.finish(guard)
+        _current.guard = outer
 
 
 def _guarded_pool(pool_class):

@@ -41,6 +41,8 @@ from surd_builder import __version__
 from surd_builder.atomic import atomic_path
 
 DEFAULT_USER_AGENT = f"surd/{__version__} (+https://github.com/surd-dataset/surd)"
+# The deadline of one attempt at an archive (a DiffusionDB part: up to gigabytes).
+ARCHIVE_DEADLINE = 24 * 3600.0
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -158,8 +160,15 @@ def retry_after_seconds(value: str | None) -> float | None:
 def _proxies_configured() -> bool:
     import os
 
-    proxy_variables = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-    return any(name.lower() in proxy_variables for name in os.environ)
+    proxy_variables = {"http_proxy", "https_proxy", "all_proxy"}  # no_proxy alone sets none
+    return any(name.lower() in proxy_variables and value for name, value in os.environ.items())
+
+
+def _proxied(url: str) -> bool:
+    """Whether ``requests`` sends ``url`` through a proxy of the environment."""
+    from requests.utils import get_environ_proxies, select_proxy
+
+    return bool(select_proxy(url, get_environ_proxies(url)))
 
 
 def _ca_bundle() -> str | None:
@@ -172,9 +181,12 @@ def _ca_bundle() -> str | None:
 # Cloud metadata services (AWS, GCP and Azure at 169.254.169.254, AWS over IPv6, Alibaba): never
 # a download target, whatever the user allows; link-local addresses are refused as a whole.
 METADATA_ADDRESSES = frozenset(
-    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
-)
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)  # 168.63.129.16: Azure's WireServer, a public address that answers only inside Azure
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: reaches private networks
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -185,7 +197,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]
-    if address in _NAT64:
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
@@ -203,22 +215,36 @@ def address_kind(text: str) -> str:
     for candidate in candidates:
         if candidate in METADATA_ADDRESSES or candidate.is_link_local or candidate.is_unspecified:
             kinds.add("forbidden")
-        elif not candidate.is_global:
+        elif not candidate.is_global or candidate in _LOCAL_NAT64:
             kinds.add("private")
     return "forbidden" if "forbidden" in kinds else "private" if kinds else "public"
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def url_origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of ``url``, lower case, the default port made explicit."""
+    """(scheme, host, port) of ``url``, lower case, the default port made explicit; ``None``
+    for a URL without one, or one whose host the standard library and urllib3 (which
+    ``requests`` connects with) read differently (``http://a\\@b/``: the checks would look at
+    one host and the connection go to the other)."""
+    from urllib3.util import parse_url
+
     try:
         parts = urlsplit(url)
         port = parts.port
+        connected = parse_url(url)
     except ValueError:
         return None
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if not host:
         return None
-    return scheme, host, port if port is not None else {"http": 80, "https": 443}.get(scheme, 0)
+    port = port if port is not None else DEFAULT_PORTS.get(scheme, 0)
+    other_host = (connected.host or "").lower().removeprefix("[").removesuffix("]")
+    other_port = connected.port if connected.port is not None else DEFAULT_PORTS.get(scheme, 0)
+    if ((connected.scheme or "").lower(), other_host, other_port) != (scheme, host, port):
+        return None
+    return scheme, host, port
 
 
 def parse_allowed_host(entry: str) -> tuple[str, int | None]:
@@ -247,25 +273,20 @@ def is_allowed_host(host: str, port: int, allowed_hosts: tuple[str, ...]) -> boo
 def check_url(url: str, allowed_hosts: tuple[str, ...] = ()) -> str:
     """Return the host of ``url`` or raise: only http(s); never a forbidden address; no other
     non-public address unless the host is allowed."""
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-    except ValueError as error:
-        raise FetchError("bad-url", f"malformed URL ({error})") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise FetchError(
-            "bad-url", f"only http and https URLs are fetched, not {parts.scheme or '?'}:"
-        )
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise FetchError("bad-url", f"only http and https URLs are fetched, not {scheme or '?'}:")
     origin = url_origin(url)
-    if not hostname or origin is None:
-        raise FetchError("bad-url", "URL without a host, or with a bad port")
+    if origin is None:
+        raise FetchError("bad-url", "no host, a bad port, or a host that reads two ways")
+    _, hostname, port = origin
     kind, address = _address_kind(hostname)
     if kind == "forbidden":
         raise FetchError(
             "forbidden-address",
             f"{hostname} resolves to {address} (link-local or cloud metadata: never fetched)",
         )
-    if kind == "private" and not is_allowed_host(origin[1], origin[2], allowed_hosts):
+    if kind == "private" and not is_allowed_host(hostname, port, allowed_hosts):
         raise FetchError(
             "private-address",
             f"{hostname} resolves to {address}; for a local mirror allow it with "
@@ -319,18 +340,15 @@ def _header_values(response, name: str) -> tuple[str, ...]:
     return (value,) if value else ()
 
 
-@functools.lru_cache(maxsize=256)
 def _is_loopback(host: str) -> bool:
+    """A loopback IP literal, or ``localhost`` (by name, not by a DNS answer that could
+    change: a token in clear must not follow a rebinding name)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except OSError:
-            return False
-        return bool(infos) and all(
-            ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos
-        )
+        return False
 
 
 def user_agent_for(contact: str | None) -> str:
@@ -414,11 +432,14 @@ class Fetcher:
 
         return shared_policy(self)
 
-    def download_to(self, url: str, path: Path, max_bytes: int) -> int:
+    def download_to(
+        self, url: str, path: Path, max_bytes: int, deadline_seconds: float = ARCHIVE_DEADLINE
+    ) -> int:
         """Stream ``url`` into the file ``path``, atomically: for archives too big for memory.
-        Same retries and checks as :meth:`get`; returns the size written."""
+        Same retries and checks as :meth:`get`, with a deadline of its own (an archive of
+        gigabytes takes longer than an image); returns the size written."""
         with atomic_path(Path(path)) as temp, open(temp, "wb") as handle:
-            self._get(url, None, handle, max_bytes)
+            self._get(url, None, handle, max_bytes, deadline_seconds=deadline_seconds)
             handle.flush()
             return handle.tell()
 
@@ -429,10 +450,11 @@ class Fetcher:
         sink: BinaryIO | None,
         max_bytes: int,
         before_each_hop: Callable[[str], None] | None = None,
+        deadline_seconds: float | None = None,
     ) -> Fetched:
         options = self.options
         return with_retries(
-            lambda: self._get_once(url, params, sink, max_bytes, before_each_hop),
+            lambda: self._get_once(url, params, sink, max_bytes, before_each_hop, deadline_seconds),
             options.retries,
             options.backoff_seconds,
             options.max_wait_seconds,
@@ -456,81 +478,68 @@ class Fetcher:
         sink: BinaryIO | None,
         max_bytes: int,
         before_each_hop: Callable[[str], None] | None = None,
+        deadline_seconds: float | None = None,
     ) -> Fetched:
+        """One attempt: the request and the redirects after it, every hop checked before it is
+        sent. Each request runs under a :class:`~pipelines.connection_guard.RequestGuard`,
+        started once the hop's own waits (robots.txt, the rate limit) are over: it is cut at
+        its deadline, and the address its connection reaches is checked."""
+        import requests
 
         from pipelines.connection_guard import guarded_request
 
         options = self.options
-        with guarded_request(options.deadline_seconds) as guard:
-            try:
-                return self._hops(url, params, sink, max_bytes, before_each_hop, guard)
-            except FetchError:
-                if not guard.expired:
-                    raise
-                raise Retryable(
-                    "timeout", f"{url}: not complete within {options.deadline_seconds:g} s"
-                ) from None
-
-    def _hops(
-        self,
-        url: str,
-        params: dict[str, Any] | None,
-        sink: BinaryIO | None,
-        max_bytes: int,
-        before_each_hop: Callable[[str], None] | None,
-        guard: RequestGuard,
-    ) -> Fetched:
-        """One attempt: the request and the redirects after it, every hop checked."""
-        import requests
-
-        options = self.options
-        deadline = guard.at
+        seconds = options.deadline_seconds if deadline_seconds is None else deadline_seconds
         current = url
         for _ in range(options.max_redirects + 1):
-            if time.monotonic() > deadline:
-                raise Retryable(
-                    "timeout", f"{url}: not complete within {options.deadline_seconds:g} s"
-                )
             host = check_url(current, options.allowed_hosts)
             if before_each_hop is not None:
                 before_each_hop(current)
             self._limiter.wait(host)
             session = self._session()
             # the name is resolved again to connect: the address reached is checked too (a DNS
-            # answer that changed since check_url, or a proxy's, which is the user's own)
+            # answer that changed since check_url); through a proxy the peer is the user's proxy
             _, _, port = url_origin(current)
-            guard.check_peer = (
-                None
-                if session.trust_env  # set only when proxies are configured (see _session)
-                else functools.partial(check_peer, host.lower(), port, options.allowed_hosts)
-            )
-            try:
-                response = session.get(
-                    current,
-                    params=params,
-                    headers=self._auth_headers if self.sends_auth(current) else None,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(options.connect_timeout, options.read_timeout),
-                )
-            except requests.Timeout:
-                raise Retryable("timeout", host) from None
-            except requests.ConnectionError as error:
-                if guard.refused is not None:
-                    raise guard.refused from None
-                raise Retryable("connection-error", f"{host}: {type(error).__name__}") from None
-            except (requests.RequestException, ValueError) as error:  # e.g. an invalid port
-                raise FetchError("bad-url", f"{host}: {type(error).__name__}") from None
-            with response:
-                if response.is_redirect:
-                    current = urljoin(current, response.headers["Location"])
-                    params = None  # they are part of the redirect target now
-                    continue
-                return self._read_body(response, current, sink, max_bytes, deadline)
+            proxied = session.trust_env and _proxied(current)
+            with guarded_request(seconds) as guard:
+                if not proxied:
+                    guard.check_peer = functools.partial(
+                        check_peer, host, port, options.allowed_hosts
+                    )
+                try:
+                    try:
+                        response = session.get(
+                            current,
+                            params=params,
+                            headers=self._auth_headers if self.sends_auth(current) else None,
+                            stream=True,
+                            allow_redirects=False,
+                            timeout=(options.connect_timeout, options.read_timeout),
+                        )
+                    except requests.Timeout:
+                        raise Retryable("timeout", host) from None
+                    except requests.ConnectionError as error:
+                        if guard.refused is not None:
+                            raise guard.refused from None
+                        detail = f"{host}: {type(error).__name__}"
+                        raise Retryable("connection-error", detail) from None
+                    except (requests.RequestException, ValueError) as error:  # an invalid port
+                        raise FetchError("bad-url", f"{host}: {type(error).__name__}") from None
+                    with response:
+                        if not response.is_redirect:
+                            return self._read_body(response, current, sink, max_bytes, guard)
+                        current = urljoin(current, response.headers["Location"])
+                        params = None  # they are part of the redirect target now
+                except FetchError:
+                    if not guard.expired or guard.refused is not None:
+                        raise
+                    raise Retryable(
+                        "timeout", f"{current}: not complete within {seconds:g} s"
+                    ) from None
         raise FetchError("too-many-redirects", f"more than {options.max_redirects} from {url}")
 
     def _read_body(
-        self, response, url: str, sink: BinaryIO | None, limit: int, deadline: float
+        self, response, url: str, sink: BinaryIO | None, limit: int, guard: RequestGuard
     ) -> Fetched:
         from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 
@@ -551,31 +560,29 @@ class Fetcher:
         # read1: whatever the socket has (one read), so the deadline is looked at between reads
         # however slowly the bytes come; iter_content would wait for a full chunk first
         read = response.raw.read1
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    raise Retryable(
-                        "timeout",
-                        f"{url}: not complete within {self.options.deadline_seconds:g} s",
-                    )
+        while True:
+            if time.monotonic() > guard.at:
+                guard.expired = True  # reported as the deadline's timeout by the caller
+                raise Retryable("timeout", url)
+            try:
                 chunk = read(1 << 16, decode_content=True)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise FetchError("too-large", f"{url}: more than {limit:,} bytes")
-                if sink is not None:
-                    sink.write(chunk)
-                else:
-                    chunks.append(chunk)
-        except ReadTimeoutError:
-            raise Retryable("timeout", url) from None
-        except ProtocolError:
-            raise Retryable("truncated", url) from None
-        except DecodeError:
-            raise FetchError("bad-encoding", url) from None
-        except OSError as error:  # a reset connection under the urllib3 layer
-            raise Retryable("truncated", f"{url}: {type(error).__name__}") from None
+            except ReadTimeoutError:
+                raise Retryable("timeout", url) from None
+            except ProtocolError:
+                raise Retryable("truncated", url) from None
+            except DecodeError:
+                raise FetchError("bad-encoding", url) from None
+            except OSError as error:  # a reset connection under the urllib3 layer
+                raise Retryable("truncated", f"{url}: {type(error).__name__}") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise FetchError("too-large", f"{url}: more than {limit:,} bytes")
+            if sink is None:
+                chunks.append(chunk)
+            else:
+                sink.write(chunk)  # a disk error is the machine's, not the server's: no retry
         media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         return Fetched(
             b"".join(chunks),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,7 +33,7 @@ from pipelines.records import (
     ItemRejected,
     clean_prompt,
     collected_row,
-    decode_text,
+    decode_prompt_file,
     default_prompt_column,
     failed_row,
     iter_records,
@@ -210,11 +211,15 @@ def read_metadata(folder: Path) -> Metadata:
             problem = record.error
         elif not isinstance(name, str) or not name.strip():
             problem = "no file_name" if name in (None, "") else f"file_name {name!r} is not a path"
-        elif not _encodable(name):
-            problem = "file_name holds an unpaired surrogate"
+        elif not _encodable(name) or "\x00" in name:
+            problem = "file_name holds an unpaired surrogate or a NUL"
+        elif normalise_file_name(name) is None:
+            detail = f"{where}: file_name {name!r} must be a relative path in the folder"
+            metadata.skipped[where] = ("bad-file-name", detail)
+            continue
         else:
             problem = None
-            name = normalise_file_name(name) or name
+            name = normalise_file_name(name)
             if name in first_line:
                 problem = f"file_name {name!r} is already named on line {first_line[name]}"
         if problem is not None:
@@ -364,13 +369,19 @@ class IngestStage(Stage):
 
     def _collect(self, item: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
         name = item["source_item_id"]
-        relative = normalise_file_name(os.fsdecode(item["file_path"]))
-        if relative is None:
+        # a found file's path as it is (a backslash is part of a name there); metadata names
+        # were made relative when the file was read
+        relative = os.fsdecode(item["file_path"])
+        if os.path.isabs(relative) or ".." in PurePosixPath(relative).parts:
             raise ItemRejected("bad-file-name", "file_name must be a relative path in the folder")
         root = FolderRoot(self.folder)
         real = root.resolve(relative, "the file")
         try:
-            size = os.stat(real).st_size
+            status = os.stat(real)
+            size = status.st_size
+            if not stat.S_ISREG(status.st_mode):  # a pipe or a device would hang or never end
+                kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+                raise ItemRejected("not-a-file", f"{name} is {kind}")
             if size > self.max_image_bytes:
                 raise ItemRejected(
                     "too-large", f"{name}: {size:,} bytes > {self.max_image_bytes:,}"
@@ -379,8 +390,6 @@ class IngestStage(Stage):
                 data = handle.read(self.max_image_bytes + 1)
         except FileNotFoundError:
             raise ItemRejected("missing-file", f"{name} does not exist") from None
-        except IsADirectoryError:
-            raise ItemRejected("not-an-image", f"{name} is a folder") from None
         except OSError as error:
             raise ItemRejected("unreadable", f"{name}: {error.strerror or error}") from None
         if len(data) > self.max_image_bytes:  # grew since it was measured
@@ -404,7 +413,12 @@ class IngestStage(Stage):
                 continue
             real = root.resolve(sidecar, "its prompt file")
             try:
-                if os.stat(real).st_size > MAX_PROMPT_FILE_BYTES:
+                status = os.stat(real)
+                if not stat.S_ISREG(status.st_mode):
+                    if stat.S_ISDIR(status.st_mode):
+                        continue  # a folder named like a sidecar is not one
+                    raise ItemRejected("not-a-file", f"{shown} is not a regular file")
+                if status.st_size > MAX_PROMPT_FILE_BYTES:
                     raise ItemRejected(
                         "prompt-too-long", f"{shown} is larger than {MAX_PROMPT_FILE_BYTES:,} bytes"
                     )
@@ -414,7 +428,7 @@ class IngestStage(Stage):
                 continue  # a link to nothing: as if there were no sidecar
             except OSError as error:
                 raise ItemRejected("unreadable", f"{shown}: {error.strerror or error}") from None
-            prompt = clean_prompt(decode_text(data))
+            prompt = clean_prompt(decode_prompt_file(data, shown))
             if prompt is not None:
                 return prompt
         return None

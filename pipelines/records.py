@@ -51,7 +51,7 @@ NSFW_LEVELS = ("None", "Soft", "Mature", "X")
 _NSFW_LEVEL_NUMBERS = {1: "None", 2: "Soft", 4: "Mature", 8: "X", 16: "X", 32: "X"}
 _NSFW_LEVEL_NAMES = {
     **{level.lower(): level for level in NSFW_LEVELS},
-    **{"pg": "None", "pg-13": "Soft", "pg13": "Soft", "r": "Mature", "xxx": "X"},
+    **{"pg": "None", "pg-13": "Soft", "pg13": "Soft", "r": "Mature", "xxx": "X", "blocked": "X"},
 }
 
 
@@ -65,15 +65,16 @@ def nsfw_level(value: Any) -> str | None:
     if isinstance(value, bool):
         raise ValueError(f"not an NSFW level: {value!r}")
     text = str(value).strip()
+    if text.endswith(".0") and text[:-2].isdigit():  # 4.0: a number written by pandas
+        text = text[:-2]
     if text.isdigit():
         number = int(text)
         if number == 0:
             return None  # Civitai: not rated yet
-        highest = 1 << (number.bit_length() - 1)
+        highest = 1 << (number.bit_length() - 1)  # a combined mask counts by its highest level
         if highest in _NSFW_LEVEL_NUMBERS:
             return _NSFW_LEVEL_NUMBERS[highest]
-        if highest > 32:
-            return "X"
+        raise ValueError(f"not an NSFW level: {value!r} (known: 1, 2, 4, 8, 16, 32)")
     level = _NSFW_LEVEL_NAMES.get(text.lower())
     if level is None:
         raise ValueError(f"not an NSFW level: {value!r} (use {', '.join(NSFW_LEVELS)})")
@@ -122,6 +123,37 @@ def decode_text(data: bytes) -> str:
         return data.decode("cp1252", errors="latin1-fallback")
 
 
+def decode_lines(data: bytes) -> str:
+    """:func:`decode_text` for a file of records: without a byte-order mark, each line is read
+    as UTF-8 or else as Windows-1252 on its own, so one legacy row does not turn every other
+    row's UTF-8 into mojibake."""
+    if any(data.startswith(bom) for bom, _ in _BOMS):
+        return decode_text(data)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\n".join(decode_text(line) for line in data.split(b"\n"))
+
+
+def decode_prompt_file(data: bytes, name: str) -> str:
+    """A sidecar prompt file's text (:func:`decode_text`); UTF-16 written without a byte-order
+    mark (NUL bytes between ASCII letters) is recognised; other NULs refuse the file."""
+    text = decode_text(data)
+    if "\x00" not in text:
+        return text
+    if len(data) % 2 == 0:
+        even, odd = data[0::2].count(0), data[1::2].count(0)
+        encoding = "utf-16-le" if odd > even else "utf-16-be"
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+        else:
+            if "\x00" not in text:
+                return text
+    raise ItemRejected("not-a-prompt", f"{name} holds NUL bytes: not a text file")
+
+
 def _latin1_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
     return error.object[error.start : error.end].decode("latin-1"), error.end
 
@@ -160,7 +192,7 @@ def iter_records(path: Path) -> list[Record]:
         data = path.read_bytes()
     except OSError as error:
         raise InputError(f"{path}: {error.strerror or error}") from None
-    text = decode_text(data)
+    text = decode_lines(data)
     if "\x00" in text:
         raise InputError(f"{path} is not a text file (it holds NUL bytes)")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -229,12 +261,12 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
+                width, height = stored = image.size
                 image_format = image.format
                 if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
                     width, height = height, width
                 if decode:
-                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                    image.draft(image.mode, (max(1, stored[0] // 8), max(1, stored[1] // 8)))
                     image.load()
                 else:
                     image.verify()
@@ -252,7 +284,7 @@ EXIF_ORIENTATION = 0x0112
 
 def _rotated(image) -> bool:
     """Whether the image's EXIF orientation turns it by 90 degrees (values 5-8)."""
-    if image.format not in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
+    if image.format not in ("JPEG", "MPO", "WEBP", "PNG"):  # Pillow sizes TIFF as shown already
         return False
     try:
         return image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
@@ -288,6 +320,8 @@ def exact_text(text: Any) -> str | None:
     empty text."""
     if text is None:
         return None
+    if isinstance(text, dict | list | tuple | set | bytes):
+        raise ItemRejected("bad-metadata", f"a prompt must be text, not a {type(text).__name__}")
     text = str(text).replace("\r\n", "\n").replace("\r", "\n").strip().removeprefix("\ufeff")
     text = text.strip()
     return text or None

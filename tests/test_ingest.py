@@ -17,7 +17,7 @@ from surd_builder.errors import InputError, WorkspaceError
 from surd_builder.ids import make_sample_id, sha256_hex
 from surd_builder.status import workspace_status
 from surd_builder.workspace import Workspace
-from tests.conftest import image_bytes, sidecar_folder, write_image
+from tests.conftest import REPO, image_bytes, sidecar_folder, write_image
 
 QUIET = RunOptions(batch_size=4, show_progress=False)
 
@@ -212,11 +212,26 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     then run it again."""
     folder = tmp_path / "in"
     prompts = sidecar_folder(folder, 23)
-    # Reading a FIFO blocks until someone writes: the run stops deterministically at this item,
-    # after the batches before it (sorted first) have been written.
-    fifo = folder / "zzz-blocking.png"
-    os.mkfifo(fifo)
+    # Ingest refuses pipes (a pipe named x.png would hang it), so the child is held by a gate
+    # the test puts in front of this item: a sitecustomize that makes its collection first read
+    # a FIFO, which blocks until the test opens it. The run stops deterministically at this
+    # item, after the batches before it (sorted first) have been written.
+    write_image(folder / "zzz-blocking.png")
     (folder / "zzz-blocking.txt").write_text("the last one")
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import pipelines.ingest as ingest\n"
+        "collect = ingest.IngestStage._collect\n"
+        "def gated(self, item, identity):\n"
+        "    if item['source_item_id'] == 'zzz-blocking.png':\n"
+        f"        open({str(gate)!r}, 'rb').close()\n"
+        "    return collect(self, item, identity)\n"
+        "ingest.IngestStage._collect = gated\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO)])}
     command = [
         sys.executable,
         "-m",
@@ -232,10 +247,12 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
         "1",
         "--no-progress",
     ]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
-        fd = os.open(fifo, os.O_WRONLY)  # returns once the ingest has opened the FIFO to read it
-        # the child is now blocked on the FIFO, after writing every batch before this item's
+        fd = os.open(gate, os.O_WRONLY)  # returns once the ingest has opened the gate to read it
+        # the child is now blocked at the gate, after writing every batch before this item's
         child.send_signal(stop_signal)
         _, stderr = child.communicate(timeout=60)
         os.close(fd)
@@ -258,8 +275,6 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
         assert workspace.runs()[-1]["status"] == "interrupted"
         assert workspace.runs()[-1]["counts"]["written"] == 20
 
-    fifo.unlink()
-    write_image(fifo)
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     final = workspace.read_table("samples")

@@ -173,6 +173,9 @@ def test_private_addresses_are_refused_before_connecting(network_guard, url):
         ("http://[fe80::1]/x.jpg", ()),
         ("http://[fd00:ec2::254]/latest/meta-data", ()),
         ("http://100.100.100.200/latest/meta-data", ("100.100.100.200",)),
+        ("http://[::a9fe:a9fe]/x", ()),  # IPv4-compatible (deprecated) form
+        ("http://[64:ff9b::a9fe:a9fe]/x", ()),  # NAT64
+        ("http://168.63.129.16/machine", ("168.63.129.16",)),  # Azure WireServer
     ],
 )
 def test_link_local_and_metadata_addresses_are_always_forbidden(network_guard, url, allowed):
