@@ -223,11 +223,13 @@ def address_kind(text: str) -> str:
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=1024)
 def url_origin(url: str) -> tuple[str, str, int] | None:
     """(scheme, host, port) of ``url``, lower case, the default port made explicit; ``None``
     for a URL without one, or one whose host the standard library and urllib3 (which
     ``requests`` connects with) read differently (``http://a\\@b/``: the checks would look at
-    one host and the connection go to the other)."""
+    one host and the connection go to the other). Cached: each hop of a download asks three
+    times (``check_url``, robots.txt's ``check_url``, the peer check's port)."""
     from urllib3.util import parse_url
 
     try:

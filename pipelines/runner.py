@@ -83,12 +83,12 @@ def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[
     names = output.column_names
     if "sample_id" not in names:
         raise ValueError(f"stage {stage_name!r} returned rows without sample_id")
-    if FAILURE_REASON in names:
+    if FAILURE_REASON in names and output[FAILURE_REASON].null_count < output.num_rows:
         failed_mask = pc.is_valid(output[FAILURE_REASON])
-    else:
-        failed_mask = pa.array([False] * output.num_rows)
-    good = output.filter(pc.invert(failed_mask))
-    bad = output.filter(failed_mask)
+        good = output.filter(pc.invert(failed_mask))
+        bad = output.filter(failed_mask)
+    else:  # nothing failed: no filter (it would copy every image's bytes)
+        good, bad = output, output.slice(0, 0)
 
     images = IMAGES_SCHEMA.empty_table()
     if IMAGE_BYTES in names:

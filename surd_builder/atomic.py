@@ -59,10 +59,14 @@ def write_parquet_atomic(
     final: Path,
     row_group_size: int | None = None,
     compression: str | dict[str, str] = "zstd",
+    **options: Any,
 ) -> Path:
-    """Write ``table`` to ``final`` as Parquet (zstd unless told otherwise), atomically."""
+    """Write ``table`` to ``final`` as Parquet (zstd unless told otherwise), atomically;
+    ``options`` go to ``pyarrow.parquet.write_table``."""
     with atomic_path(final) as temp:
-        pq.write_table(table, temp, compression=compression, row_group_size=row_group_size)
+        pq.write_table(
+            table, temp, compression=compression, row_group_size=row_group_size, **options
+        )
     return Path(final)
 
 

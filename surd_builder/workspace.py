@@ -309,19 +309,23 @@ class Workspace:
             return 0
         index = self.image_index()
         images = conform(images, IMAGES_SCHEMA)
-        images = _latest_by_key(images, ["image_sha256"])
-        # look the batch up in the index (O(batch)), not the index in the batch (O(store))
-        new = pa.array([sha not in index for sha in images["image_sha256"].to_pylist()])
-        images = images.filter(new)
-        if images.num_rows == 0:
+        # the last row of each image not stored yet, sorted by sha256: worked out on the sha256
+        # column and taken once (each filter or sort of the table copies every image's bytes);
+        # the batch is looked up in the index (O(batch)), not the index in the batch (O(store))
+        last = {sha: row for row, sha in enumerate(images["image_sha256"].to_pylist())}
+        new = sorted((sha, row) for sha, row in last.items() if sha not in index)
+        if not new:
             return 0
-        images = images.sort_by("image_sha256")
+        images = images.take(pa.array([row for _, row in new], pa.int64()))
         shard = write_parquet_atomic(
             images,
             self.root / "images" / part_name("shard"),
             row_group_size=IMAGE_ROW_GROUP,
-            # encoded images do not compress: zstd over them costs CPU and saves nothing
+            # encoded images do not compress: zstd over them costs CPU and saves nothing; nor do
+            # a dictionary or min/max statistics of image bytes help (readers select by sha256)
             compression={"image_sha256": "zstd", "image_bytes": "none"},
+            use_dictionary=["image_sha256"],
+            write_statistics=["image_sha256"],
         )
         for sha in images["image_sha256"].to_pylist():
             index[sha] = shard
