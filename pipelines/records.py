@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import warnings
@@ -247,6 +248,15 @@ class ItemRejected(Exception):
         self.reason, self.detail = reason, detail
 
 
+@functools.cache
+def _quiet_bomb_warnings() -> None:
+    """Once per process: PIL's decompression-bomb warning is not shown, since
+    :func:`inspect_image` refuses those images by their size itself."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int, str]:
     """(width, height, PIL format) of encoded image ``data``, checked.
 
@@ -257,20 +267,24 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
     """
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_bomb_warnings()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = stored = image.size
-                image_format = image.format
-                if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
-                    width, height = height, width
-                if decode:
-                    image.draft(image.mode, (max(1, stored[0] // 8), max(1, stored[1] // 8)))
-                    image.load()
-                else:
-                    image.verify()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = stored = image.size
+            image_format = image.format
+            # PIL only warns between 1x and 2x its limit; checked here by size, not by turning
+            # the warning into an error (warning filters are per process: not thread-safe)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                raise ItemRejected("too-large", f"{name}: {width}x{height} pixels > {limit:,}")
+            if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
+                width, height = height, width
+            if decode:
+                image.draft(image.mode, (max(1, stored[0] // 8), max(1, stored[1] // 8)))
+                image.load()
+            else:
+                image.verify()
+    except Image.DecompressionBombError as error:
         raise ItemRejected("too-large", f"{name}: {error}") from None
     except UnidentifiedImageError:
         raise ItemRejected("not-an-image", f"{name}: not a recognised image format") from None
