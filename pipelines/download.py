@@ -2,8 +2,9 @@
 
 - Retries with exponential backoff on connection errors, timeouts, truncated bodies, 429 and 5xx,
   honouring ``Retry-After`` (capped); other 4xx answers fail at once.
-- Connect and read timeouts, and an overall deadline per attempt (``deadline_seconds``): a
-  server that trickles a byte now and then cannot hold a download past it. A byte cap checked
+- Connect and read timeouts, and an overall deadline per request (``deadline_seconds``, each
+  redirect hop a request, counted after the hop's waits): a server that trickles a byte now and
+  then cannot hold a download past it. A byte cap checked
   against ``Content-Length`` and while streaming (after decoding: a gzip bomb is cut too).
 - Redirects are followed by hand so every hop is checked: only ``http``/``https``; never a
   link-local or cloud-metadata address (``forbidden-address``); and no other non-public address
@@ -36,7 +37,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from pipelines.base import HostLimiter
-from pipelines.connection_guard import RequestGuard, guard_session
+from pipelines.connection_guard import RequestGuard, guard_session, guarded_request
 from surd_builder import __version__
 from surd_builder.atomic import atomic_path
 
@@ -57,7 +58,8 @@ class FetchOptions:
     max_redirects: int = 5
     #: hosts that may resolve to private or loopback addresses: "host" (any port) or "host:port"
     allowed_hosts: tuple[str, ...] = ()
-    #: seconds one attempt may take, redirects, headers and body together (checked between reads)
+    #: seconds one request (each redirect hop) may take, headers and body together, counted
+    #: after its waits (robots.txt, the rate limit); see ``pipelines.connection_guard``
     deadline_seconds: float = 120.0
     per_host_rate: float = 0.0  # requests per second per host; 0: no limit
     user_agent: str = DEFAULT_USER_AGENT
@@ -264,6 +266,7 @@ def parse_allowed_host(entry: str) -> tuple[str, int | None]:
     return host, None if port is None else int(port)
 
 
+@functools.lru_cache(maxsize=1024)  # asked twice per request to an allowed mirror
 def is_allowed_host(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
     for entry in allowed_hosts:
         allowed, allowed_port = parse_allowed_host(entry)
@@ -283,17 +286,7 @@ def check_url(url: str, allowed_hosts: tuple[str, ...] = ()) -> str:
         raise FetchError("bad-url", "no host, a bad port, or a host that reads two ways")
     _, hostname, port = origin
     kind, address = _address_kind(hostname)
-    if kind == "forbidden":
-        raise FetchError(
-            "forbidden-address",
-            f"{hostname} resolves to {address} (link-local or cloud metadata: never fetched)",
-        )
-    if kind == "private" and not is_allowed_host(hostname, port, allowed_hosts):
-        raise FetchError(
-            "private-address",
-            f"{hostname} resolves to {address}; for a local mirror allow it with "
-            "--allow-host HOST[:PORT]",
-        )
+    _apply_address_rule(kind, f"{hostname} resolves to {address}", hostname, port, allowed_hosts)
     return hostname
 
 
@@ -301,15 +294,21 @@ def check_peer(host: str, port: int, allowed_hosts: tuple[str, ...], address: st
     """Raise unless a connection for ``host`` may have reached ``address``: the rule of
     :func:`check_url`, applied to the address the socket really connected to."""
     kind = address_kind(address)
+    _apply_address_rule(kind, f"{host} connected to {address}", host, port, allowed_hosts)
+
+
+def _apply_address_rule(
+    kind: str, seen: str, host: str, port: int, allowed_hosts: tuple[str, ...]
+) -> None:
+    """The one rule for an address of ``kind``: forbidden never, private only for an allowed
+    host; ``seen`` says how the address was met, for the failure detail."""
     if kind == "forbidden":
         raise FetchError(
-            "forbidden-address", f"{host} connected to {address} (link-local or cloud metadata)"
+            "forbidden-address", f"{seen} (link-local or cloud metadata: never fetched)"
         )
     if kind == "private" and not is_allowed_host(host, port, allowed_hosts):
         raise FetchError(
-            "private-address",
-            f"{host} connected to {address}; for a local mirror allow it with "
-            "--allow-host HOST[:PORT]",
+            "private-address", f"{seen}; for a local mirror allow it with --allow-host HOST[:PORT]"
         )
 
 
@@ -487,8 +486,6 @@ class Fetcher:
         started once the hop's own waits (robots.txt, the rate limit) are over: it is cut at
         its deadline, and the address its connection reaches is checked."""
         import requests
-
-        from pipelines.connection_guard import guarded_request
 
         options = self.options
         seconds = options.deadline_seconds if deadline_seconds is None else deadline_seconds

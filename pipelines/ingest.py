@@ -36,6 +36,7 @@ from pipelines.records import (
     decode_prompt_file,
     default_prompt_column,
     failed_row,
+    is_encodable,
     iter_records,
     sample_fields,
 )
@@ -158,9 +159,8 @@ class FolderRoot:
                             linked_files.append((relative, real))
                     elif entry.is_dir(follow_symlinks=False):
                         folders.append((entry.path, relative + "/"))
-                    elif image:  # a file (a pipe too: read as any tool would)
-                        real = os.path.realpath(entry.path)
-                        by_real.setdefault(real, relative)
+                    elif image:  # not a link, in a resolved folder: its real path is known
+                        by_real.setdefault(os.path.join(real_directory, entry.name), relative)
                 except OSError:
                     continue
             folders.sort(reverse=True)  # popped from the end: walked in name order
@@ -211,7 +211,7 @@ def read_metadata(folder: Path) -> Metadata:
             problem = record.error
         elif not isinstance(name, str) or not name.strip():
             problem = "no file_name" if name in (None, "") else f"file_name {name!r} is not a path"
-        elif not _encodable(name) or "\x00" in name:
+        elif not is_encodable(name) or "\x00" in name:
             problem = "file_name holds an unpaired surrogate or a NUL"
         elif normalise_file_name(name) is None:
             detail = f"{where}: file_name {name!r} must be a relative path in the folder"
@@ -228,14 +228,6 @@ def read_metadata(folder: Path) -> Metadata:
         first_line[name] = record.line
         metadata.rows[name] = {**record.row, "file_name": name}
     return metadata
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def normalise_file_name(name: str) -> str | None:
@@ -262,6 +254,7 @@ class IngestStage(Stage):
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ):
         self.folder = Path(folder).resolve()
+        self._root = FolderRoot(self.folder)  # the one rule for reading under it
         self.max_image_bytes = max_image_bytes
         self.source = source or default_source_name(self.folder)
         if _SOURCE_NAME.search(self.source):
@@ -374,7 +367,7 @@ class IngestStage(Stage):
         relative = os.fsdecode(item["file_path"])
         if os.path.isabs(relative) or ".." in PurePosixPath(relative).parts:
             raise ItemRejected("bad-file-name", "file_name must be a relative path in the folder")
-        root = FolderRoot(self.folder)
+        root = self._root
         real = root.resolve(relative, "the file")
         try:
             status = os.stat(real)

@@ -353,13 +353,19 @@ def clean_prompt(text: Any) -> str | None:
     return text
 
 
-def _check_encodable(text: str, what: str) -> None:
+def is_encodable(text: str) -> bool:
+    """Whether ``text`` can be stored (UTF-8 has no unpaired surrogates, which JSON escapes
+    and undecodable file names can carry)."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ItemRejected(
-            "bad-metadata", f"{what} holds an unpaired surrogate at {error.start}"
-        ) from None
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_encodable(text: str, what: str) -> None:
+    if not is_encodable(text):
+        raise ItemRejected("bad-metadata", f"{what} holds an unpaired surrogate")
 
 
 def coerce(value: Any, kind: type) -> Any:

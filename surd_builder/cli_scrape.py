@@ -69,8 +69,8 @@ DeadlineOption = Annotated[
     float,
     typer.Option(
         min=1.0,
-        help="Seconds one download attempt may take in all (a server trickling bytes is cut "
-        "there, as 'timeout'); --timeout bounds each wait for the next bytes.",
+        help="Seconds one request (each redirect hop) may take in all (a server trickling "
+        "bytes is cut there, as 'timeout'); --timeout bounds each wait for the next bytes.",
     ),
 ]
 ForceOption = Annotated[bool, typer.Option(help="Download items already in the workspace again.")]
