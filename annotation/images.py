@@ -1,9 +1,18 @@
 """``surd annotate serve-images``: the workspace's images over HTTP, read-only, for annotators.
 
-``GET /images/<sha256>`` returns the stored bytes with their media type (immutable: the name is
-the content's hash, so browsers may cache forever); anything else is 404. It binds to the
-address the user gives (127.0.0.1 by default: open it wider only on a network you trust) and
-serves nothing but images the workspace holds.
+``GET /images/<sha256>`` returns the stored bytes with their media type; anything else is 404,
+and methods other than GET, HEAD and OPTIONS are 405. It binds to the address the user gives
+(127.0.0.1 by default: open it wider only on a network you trust) and serves nothing but images
+the workspace holds.
+
+CORS: Label Studio's editor loads task images with ``crossorigin="anonymous"``, so a browser
+draws an image only if the response allows the page's origin. Every image response says so
+(``Access-Control-Allow-Origin``: ``*`` by default, the read-only public-asset value; or the
+requesting origin when it is one of ``cors_origins``, with ``Vary: Origin``), and ``OPTIONS``
+answers a preflight. Caching: the name is the content's hash, so responses are ``immutable`` for
+a year. A browser that fetched an image from a server that sent no CORS header keeps that
+response and would refuse it forever; the default URL template therefore carries a query
+(``?cors=1``, ignored here) that makes it a different cache entry.
 """
 
 from __future__ import annotations
@@ -11,13 +20,41 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from annotation.tasks import media_type
+from surd_builder.errors import InputError
 from surd_builder.workspace import Workspace, read_shard_images
 
 _IMAGE_PATH = re.compile(r"^/images/([0-9a-f]{64})$")
 RELOAD_SECONDS = 2.0
+ANY_ORIGIN = "*"
+ALLOWED_METHODS = "GET, HEAD, OPTIONS"
+# what a preflight may ask for: the headers browsers send on an image fetch
+ALLOWED_REQUEST_HEADERS = ("accept", "range", "if-none-match", "if-modified-since", "cache-control")
+
+
+def cors_origins(values: Iterable[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values as origins (``scheme://host[:port]``, or ``*``); a Label Studio
+    URL with a path is reduced to its origin. One-line error for anything else."""
+    origins = []
+    for value in values:
+        value = value.strip()
+        if value == ANY_ORIGIN:
+            origins.append(ANY_ORIGIN)
+            continue
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(
+                f"--cors-origin {value!r} is not an origin: give '*' or scheme://host[:port], "
+                "e.g. http://127.0.0.1:8080 (the address annotators open Label Studio at)"
+            )
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    if not origins:
+        return (ANY_ORIGIN,)
+    return (ANY_ORIGIN,) if ANY_ORIGIN in origins else tuple(dict.fromkeys(origins))
 
 
 class ImageServer(ThreadingHTTPServer):
@@ -29,9 +66,11 @@ class ImageServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 8081,
         reload_seconds: float = RELOAD_SECONDS,
+        allowed_origins: Iterable[str] = (ANY_ORIGIN,),
     ):
         self.workspace = workspace
         self.reload_seconds = reload_seconds
+        self.allowed_origins = cors_origins(allowed_origins)
         self._lock = threading.Lock()  # the workspace's image index is not thread-safe
         self._reloaded_at = 0.0
         super().__init__((host, port), _Handler)
@@ -40,6 +79,19 @@ class ImageServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def url_template(self) -> str:
+        """What ``surd annotate push --image-url-template`` should be for this server."""
+        return f"{self.url}/images/{{image_sha256}}?cors=1"
+
+    def allow_origin(self, origin: str | None) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for a request from ``origin``."""
+        if self.allowed_origins == (ANY_ORIGIN,):
+            return ANY_ORIGIN
+        if origin and origin.lower() in self.allowed_origins:
+            return origin
+        return None
 
     def image(self, sha256: str) -> bytes | None:
         with self._lock:
@@ -64,23 +116,40 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # one line per image is noise
         pass
 
+    def _cors_headers(self) -> None:
+        allowed = self.server.allow_origin(self.headers.get("Origin"))
+        if allowed is not None:
+            self.send_header("Access-Control-Allow-Origin", allowed)
+        if allowed != ANY_ORIGIN:
+            self.send_header("Vary", "Origin")  # the answer depends on who asks
+        # a page that isolates itself (COEP) may still embed these images
+        self.send_header("Cross-Origin-Resource-Policy", "cross-origin")
+
+    def _plain(self, status: int, text: str, head_only: bool = False, **headers: str) -> None:
+        body = f"{text}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self._cors_headers()
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(body)
+
     def _respond(self, head_only: bool) -> None:
         match = _IMAGE_PATH.match(self.path.split("?", 1)[0])
         data = self.server.image(match.group(1)) if match else None
         if data is None:
-            body = b"not found\n"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if not head_only:
-                self.wfile.write(body)
+            self._plain(404, "not found", head_only)
             return
         self.send_response(200)
         self.send_header("Content-Type", media_type(data))
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "public, max-age=31536000, immutable")
+        self.send_header("ETag", f'"{match.group(1)}"')
         self.send_header("X-Content-Type-Options", "nosniff")
+        self._cors_headers()
         self.end_headers()
         if not head_only:
             self.wfile.write(data)
@@ -90,3 +159,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         self._respond(head_only=True)
+
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        """A CORS preflight (or a plain OPTIONS): what this server allows."""
+        self.send_response(204)
+        self.send_header("Allow", ALLOWED_METHODS)
+        self.send_header("Access-Control-Allow-Methods", ALLOWED_METHODS)
+        asked = self.headers.get("Access-Control-Request-Headers") or ""
+        granted = [
+            h.strip() for h in asked.split(",") if h.strip().lower() in ALLOWED_REQUEST_HEADERS
+        ]
+        if granted:
+            self.send_header("Access-Control-Allow-Headers", ", ".join(granted))
+        if (
+            self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true"
+            and self.server.allowed_origins != (ANY_ORIGIN,)
+            and self.server.allow_origin(self.headers.get("Origin")) is not None
+        ):
+            # a page on a public address loading from this private one: only for origins
+            # named with --cors-origin, never for '*'
+            self.send_header("Access-Control-Allow-Private-Network", "true")
+        self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        self._cors_headers()
+        self.end_headers()
+
+    def _not_allowed(self) -> None:
+        self._plain(405, "read-only: GET, HEAD or OPTIONS", Allow=ALLOWED_METHODS)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815

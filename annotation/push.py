@@ -18,13 +18,17 @@ import pyarrow.compute as pc
 
 from annotation.client import LabelStudioClient, Project
 from annotation.ledger import Ledger
-from annotation.tasks import IMAGE_PLACEHOLDERS, data_uri, image_url, sample_to_task
+from annotation.tasks import (
+    DEFAULT_IMAGE_URL,
+    IMAGE_PLACEHOLDERS,
+    data_uri,
+    image_url,
+    sample_to_task,
+)
 from pipelines.screen import SCREEN_REVIEWER, review_priority
 from surd_builder.errors import InputError
 from surd_builder.progress import progress_bar
 from surd_builder.workspace import Workspace
-
-DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}"
 
 
 @dataclass(frozen=True)

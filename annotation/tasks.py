@@ -29,6 +29,9 @@ from annotation.config import PROBLEM_TAGS
 
 POLICIES = ("latest", "unanimous")
 IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}")
+# `surd annotate serve-images` on its default address; the query keeps browsers from reusing
+# copies cached from a server that sent no CORS header (annotation/images.py)
+DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}?cors=1"
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ start() {
     fi
     password=$(cat "$data_dir/admin-password")
   fi
+  # No telemetry: with Label Studio's defaults its pages load Sentry (browser.sentry-cdn.com,
+  # *.ingest.sentry.io) and Google Tag Manager, frame labelstud.io/track, and the server reports
+  # errors to Sentry and asks PyPI for its latest version. Empty DSNs and these two switches turn
+  # all of that off, so annotators' browsers talk to this server and the image server only.
   # Started as a plain background command so $! is the server itself: stopping a wrapping
   # subshell's pid would leave the server running.
   LABEL_STUDIO_BASE_DATA_DIR="$data_dir" \
@@ -66,6 +70,7 @@ start() {
     LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true \
     LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true \
     DJANGO_DEBUG=false \
+    SENTRY_DSN= FRONTEND_SENTRY_DSN= COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false \
     nohup "$venv/bin/label-studio" start --no-browser --internal-host 127.0.0.1 --port "$port" \
     --data-dir "$data_dir" --enable-legacy-api-token >"$data_dir/server.log" 2>&1 &
   echo $! >"$data_dir/server.pid"

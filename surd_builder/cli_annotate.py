@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from annotation.tasks import DEFAULT_IMAGE_URL
 from surd_builder.cli_build import ProgressOption, WorkspaceOption
 
 annotate_app = typer.Typer(
@@ -65,7 +66,7 @@ def push_command(
             help="Where annotators' browsers fetch images: {image_sha256} and {sample_id} are "
             "filled in (S3, a CDN, or `surd annotate serve-images`)."
         ),
-    ] = "http://127.0.0.1:8081/images/{image_sha256}",
+    ] = DEFAULT_IMAGE_URL,
     embed_images: Annotated[
         bool,
         typer.Option(help="Put images into the tasks as base64 instead (bloats Label Studio)."),
@@ -175,19 +176,29 @@ def serve_images_command(
         str, typer.Option(help="Address to bind (0.0.0.0 exposes it to your network).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8081,
+    cors_origin: Annotated[
+        list[str],
+        typer.Option(
+            help="Origin allowed to draw the images (Label Studio's scheme://host:port as "
+            "annotators open it; repeatable), or '*' for any page."
+        ),
+    ] = ["*"],  # noqa: B006 (Typer reads the default; it is never mutated)
 ) -> None:
-    """Serve the workspace's images read-only at /images/<sha256> until Ctrl-C."""
+    """Serve the workspace's images read-only at /images/<sha256> until Ctrl-C, with the CORS
+    headers Label Studio's editor needs to draw them."""
     from annotation.images import ImageServer
     from surd_builder.errors import InputError
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
     try:
-        server = ImageServer(ws, host, port)
+        server = ImageServer(ws, host, port, allowed_origins=cors_origin)
     except OSError as error:
         raise InputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     typer.echo(f"serving {len(ws.image_index()):,} images at {server.url}/images/<sha256>")
-    typer.echo(f"push with: --image-url-template '{server.url}/images/{{image_sha256}}'")
+    origins = ", ".join(server.allowed_origins)
+    typer.echo(f"CORS: images may be drawn by pages from {origins}")
+    typer.echo(f"push with: --image-url-template '{server.url_template}'")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from annotation.config import check_label_config, label_config
-from annotation.images import ImageServer
+from annotation.images import ImageServer, cors_origins
 from annotation.tasks import (
     Decision,
     agreement,
@@ -22,6 +22,7 @@ from annotation.tasks import (
     media_type,
     sample_to_task,
 )
+from surd_builder.errors import InputError
 from surd_builder.ids import sha256_hex
 from surd_builder.schema import IMAGES_SCHEMA, records_to_table
 from tests.conftest import image_bytes
@@ -146,11 +147,35 @@ def test_image_server_serves_stored_images_read_only(workspace) -> None:
         assert response.headers["Content-Type"] == "image/png"
         assert "immutable" in response.headers["Cache-Control"]
         assert response.headers["X-Content-Type-Options"] == "nosniff"
-        assert "Access-Control-Allow-Origin" not in response.headers
-        assert requests.head(f"{server.url}/images/{sha}", timeout=5).status_code == 200
+        # Label Studio draws images with crossorigin="anonymous": the response must allow it
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Vary" not in response.headers  # one answer for every origin: caches may share it
+        head = requests.head(f"{server.url}/images/{sha}", timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["Content-Length"] == str(len(png))
+        assert head.headers["Access-Control-Allow-Origin"] == "*"
+        # the default URL template's query names no other file
+        assert requests.get(f"{server.url}/images/{sha}?cors=1", timeout=5).content == png
+        preflight = requests.options(
+            f"{server.url}/images/{sha}",
+            headers={
+                "Origin": "http://127.0.0.1:8080",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "range, x-evil",
+                "Access-Control-Request-Private-Network": "true",
+            },
+            timeout=5,
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+        assert preflight.headers["Access-Control-Allow-Methods"] == "GET, HEAD, OPTIONS"
+        assert preflight.headers["Access-Control-Allow-Headers"] == "range"
+        assert "Access-Control-Allow-Private-Network" not in preflight.headers  # not for '*'
         for path in ("/images/" + "0" * 64, "/images/../surd.toml", "/surd.toml", "/"):
             assert requests.get(server.url + path, timeout=5).status_code == 404
-        assert requests.post(f"{server.url}/images/{sha}", timeout=5).status_code == 501
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            refused = requests.request(method, f"{server.url}/images/{sha}", timeout=5)
+            assert refused.status_code == 405 and refused.headers["Allow"] == "GET, HEAD, OPTIONS"
         # an image stored after the server started (e.g. by a scrape) is found too
         later = image_bytes((1, 2, 3), fmt="JPEG")
         other = type(workspace)(workspace.root)  # another process's view of the workspace
@@ -164,6 +189,41 @@ def test_image_server_serves_stored_images_read_only(workspace) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_image_server_allows_only_named_origins(workspace) -> None:
+    png = image_bytes(fmt="PNG")
+    sha = sha256_hex(png)
+    workspace.write_images(
+        records_to_table([{"image_sha256": sha, "image_bytes": png}], IMAGES_SCHEMA)
+    )
+    label_studio = "http://127.0.0.1:8080"
+    server = ImageServer(
+        workspace, "127.0.0.1", 0, allowed_origins=[f"{label_studio}/projects/1/", label_studio]
+    )
+    assert server.allowed_origins == (label_studio,)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"{server.url}/images/{sha}"
+        allowed = requests.get(url, headers={"Origin": label_studio}, timeout=5)
+        assert allowed.headers["Access-Control-Allow-Origin"] == label_studio
+        assert allowed.headers["Vary"] == "Origin"
+        other = requests.get(url, headers={"Origin": "http://evil.example"}, timeout=5)
+        assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+        assert other.headers["Vary"] == "Origin"
+        preflight = requests.options(
+            url,
+            headers={"Origin": label_studio, "Access-Control-Request-Private-Network": "true"},
+            timeout=5,
+        )
+        assert preflight.headers["Access-Control-Allow-Private-Network"] == "true"
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(InputError, match="not an origin"):
+        ImageServer(workspace, "127.0.0.1", 0, allowed_origins=["127.0.0.1:8080"])
+    assert cors_origins(["http://a.example", "*"]) == ("*",)
 
 
 def test_naive_times_are_utc_and_a_cleared_text_is_no_edit() -> None:

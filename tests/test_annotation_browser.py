@@ -1,0 +1,207 @@
+"""An annotator's session in a real browser: headless Chromium against a real Label Studio and
+``surd annotate serve-images``, using only the UI (clicks and keys).
+
+What people need and the API tests cannot see: the image is drawn (Label Studio fetches it
+with CORS), the keyword prompt is read-only text, the narrative text area opens pre-filled with
+the rewriter's text, and accept / edit-and-correct / reject-with-tags made by clicking reach the
+workspace through ``pull`` exactly. The page must reach no host but Label Studio's and the image
+server's. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from annotation.client import LabelStudioClient
+from annotation.images import ImageServer
+from annotation.pull import pull
+from annotation.push import PushOptions, push
+from pipelines.ingest import IngestStage
+from pipelines.rewrite import RewriteStage
+from pipelines.rewriters import make_rewriter
+from pipelines.runner import RunOptions, run_stage
+from surd_builder.demo import make_demo_folder
+from surd_builder.workspace import Workspace
+from tests.browser import chromium, requested_hosts, screenshot  # noqa: F401 (a fixture)
+from tests.label_studio import ADMIN
+
+EDITED = "three small red triangles on a deep blue background"
+WAIT_SECONDS = 60
+
+
+@pytest.fixture
+def reviewed_workspace(tmp_path: Path) -> Workspace:
+    """Four demo samples with rules narratives; images 64 px so they are visibly drawn."""
+    make_demo_folder(tmp_path / "demo", count=4, seed=7, size=64)
+    workspace = Workspace.create(tmp_path / "ws")
+    quiet = RunOptions(show_progress=False)
+    run_stage(IngestStage(tmp_path / "demo", source="demo"), workspace, quiet)
+    run_stage(
+        RewriteStage(make_rewriter("rules"), include_source_narratives=True), workspace, quiet
+    )
+    return workspace
+
+
+@pytest.fixture
+def image_server(reviewed_workspace: Workspace):
+    server = ImageServer(reviewed_workspace, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Annotator:
+    """What a person does in Label Studio's editor, through the page only."""
+
+    def __init__(self, session, base_url: str):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.session, self.base_url = session, base_url
+        self.wait = WebDriverWait(session, WAIT_SECONDS)
+
+    def _find(self, css: str):
+        from selenium.webdriver.common.by import By
+
+        return self.session.find_element(By.CSS_SELECTOR, css)
+
+    def _click(self, element) -> None:
+        self.session.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def log_in(self, email: str, password: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.session.get(f"{self.base_url}/user/login/")
+        self.session.find_element(By.NAME, "email").send_keys(email)
+        self.session.find_element(By.NAME, "password").send_keys(password)
+        self._click(self._find("button[type=submit]"))
+        self.wait.until(lambda s: "/user/login" not in s.current_url)
+
+    def open_task(self, project_id: int, task_id: int) -> None:
+        self.session.get(f"{self.base_url}/projects/{project_id}/data?task={task_id}")
+        self.wait.until(
+            lambda s: self.editor_image_width() is not None,
+            message=f"task {task_id}: the editor drew no image in {WAIT_SECONDS} s (CORS?)",
+        )
+
+    def editor_image_width(self) -> int | None:
+        """The natural width of the image the editor drew (None while it has none): a
+        picture that failed to load (no CORS header) never gets one."""
+        return self.session.execute_script(
+            "const img = document.querySelector('.lsf-main-view .lsf-image img');"
+            "return img && img.complete && img.naturalWidth > 0 ? img.naturalWidth : null;"
+        )
+
+    def keyword_prompt(self):
+        return self._find(".lsf-main-view .lsf-richtext__line")
+
+    def narrative(self) -> str:
+        return self._find(".lsf-main-view [data-testid=htx-textbox-content]").text
+
+    def edit_narrative(self, new_text: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        self._click(self._find("[data-testid=htx-textbox-edit-button]"))
+        box = self.wait.until(lambda s: self._find("[data-testid=htx-textbox-input]"))
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(new_text)
+        self._click(self._find("[data-testid=htx-textbox-save]"))
+        self.wait.until(lambda s: self.narrative() == new_text)
+
+    def choose(self, value: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        css = f".lsf-main-view input.ant-checkbox-input[name='{value}']"
+        self._click(self._find(css).find_element(By.XPATH, "./ancestor::label"))
+        self.wait.until(lambda s: self._find(css).is_selected())  # re-rendered: find it again
+
+    def submit(self) -> None:
+        from selenium.webdriver.common.by import By
+
+        self._click(self.session.find_element(By.XPATH, "//button[normalize-space()='Submit']"))
+        # once saved, the editor offers to update the annotation instead
+        self.wait.until(lambda s: s.find_elements(By.XPATH, "//button[normalize-space()='Update']"))
+
+
+def test_an_annotator_decides_three_tasks_in_the_browser(
+    chromium,  # noqa: F811 (the fixture)
+    label_studio,
+    reviewed_workspace: Workspace,
+    image_server: ImageServer,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    title = "browser review"
+    options = PushOptions(image_url_template=image_server.url_template, show_progress=False)
+    report = push(reviewed_workspace, client, title, options)
+    assert report.pushed == 4
+    samples = {row["sample_id"]: row for row in reviewed_workspace.dataset().to_pylist()}
+    tasks = {
+        str(task.data["sample_id"]): task.id
+        for task in client.sdk.tasks.list(project=report.project.id, fields="all")
+    }
+    accepted, corrected, rejected, untouched = sorted(tasks)
+
+    person = Annotator(chromium, label_studio.url)
+    password = (label_studio.data_dir / "admin-password").read_text().strip()
+    person.log_in(ADMIN, password)
+
+    # what the annotator sees
+    person.open_task(report.project.id, tasks[accepted])
+    assert person.editor_image_width() == 64
+    keywords = person.keyword_prompt()
+    assert keywords.text == samples[accepted]["complex_prompt"]
+    assert keywords.tag_name not in ("input", "textarea")
+    assert keywords.get_attribute("contenteditable") in (None, "false")
+    assert not chromium.find_elements(By.CSS_SELECTOR, ".lsf-main-view [contenteditable=true]")
+    assert person.narrative() == samples[accepted]["narrative_prompt"]  # pre-filled
+    shot = screenshot(chromium, "annotation-task")
+    assert shot.stat().st_size > 10_000
+
+    # three decisions, by clicks and keys only
+    person.choose("accept")
+    person.submit()
+
+    person.open_task(report.project.id, tasks[corrected])
+    assert person.narrative() == samples[corrected]["narrative_prompt"]
+    person.edit_narrative(EDITED)
+    person.choose("corrected")
+    person.submit()
+
+    person.open_task(report.project.id, tasks[rejected])
+    person.choose("reject")
+    person.choose("subject")
+    person.choose("count")
+    screenshot(chromium, "annotation-task-rejected")
+    person.submit()
+
+    hosts = requested_hosts(chromium)
+    image_host = image_server.url.split("://", 1)[1]
+    label_studio_host = label_studio.url.split("://", 1)[1]
+    assert image_host in hosts  # the images came from serve-images
+    assert hosts <= {image_host, label_studio_host}, f"the page reached out to {hosts}"
+
+    # pull applies exactly those three decisions
+    pulled = pull(reviewed_workspace, client, title)
+    assert pulled.written == {"accepted": 1, "corrected": 1, "rejected": 1}
+    assert pulled.pending == 1
+    reviews = {r["sample_id"]: r for r in reviewed_workspace.read_table("reviews").to_pylist()}
+    assert set(reviews) == {accepted, corrected, rejected}
+    assert reviews[accepted]["review_status"] == "accepted"
+    assert reviews[accepted]["narrative_prompt"] == samples[accepted]["narrative_prompt"]
+    assert reviews[corrected]["review_status"] == "corrected"
+    assert reviews[corrected]["narrative_prompt"] == EDITED
+    assert reviews[rejected]["review_status"] == "rejected"
+    assert reviews[rejected]["narrative_prompt"] is None
+    assert sorted(reviews[rejected]["review_tags"]) == ["count", "subject"]
+    assert {r["reviewer"] for r in reviews.values()} == {ADMIN}
+    assert untouched not in reviews
+    assert pull(reviewed_workspace, client, title).written == {}  # applied once
