@@ -10,15 +10,22 @@ apart). The key is never logged or written anywhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 from annotation.config import check_label_config, label_config
+from annotation.tasks import PREDICTION_MODEL_VERSION, parse_time
 from surd_builder.errors import ServiceError
 
 T = TypeVar("T")
+# Label Studio's data-manager filters take datetimes in exactly this form (anything else: HTTP 500)
+FILTER_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+EXPORT_IDS_PER_REQUEST = 300  # ids[]=... in a GET: well under common 8 KiB request-line limits
+LISTING_PAGE_SIZE = 100_000  # one page where the server allows it (TASK_API_PAGE_SIZE_MAX)
 
 
 class AnnotationError(ServiceError):
@@ -29,6 +36,20 @@ class AnnotationError(ServiceError):
 class Project:
     id: int
     title: str
+    task_count: int | None = field(default=None, compare=False)  # when it was read
+    # the server's clock when it was read (its Date header): where the next read of what
+    # changed may start
+    read_at: datetime | None = field(default=None, compare=False)
+
+
+def _server_time(date_header: str | None) -> datetime | None:
+    """An HTTP Date header as aware UTC (None when absent or unreadable)."""
+    if not date_header:
+        return None
+    try:
+        return parsedate_to_datetime(date_header).astimezone(UTC)
+    except (TypeError, ValueError):
+        return None
 
 
 @contextmanager
@@ -90,37 +111,94 @@ class LabelStudioClient:
         return Project(matches[0].id, matches[0].title) if matches else None
 
     def project(self, title: str) -> Project:
-        """An existing project, checked to have surd's labeling config."""
+        """An existing project, checked to have surd's labeling config, with its task count."""
         project = self.find_project(title)
         if project is None:
             raise AnnotationError(
                 f"no project {title!r} on {self.url} (surd annotate push creates it)"
             )
-        self.check_config(project)
-        return project
+        return self.check_config(project)
 
     def find_or_create_project(self, title: str, description: str = "") -> tuple[Project, bool]:
         project = self.find_project(title)
         if project is not None:
-            self.check_config(project)
-            return project, False
+            return self.check_config(project), False
         created = self.call(
             "creating the project",
             self._sdk.projects.create,
             title=title,
             description=description,
             label_config=label_config(),
+            # pre-fill every task from surd's prediction, in the label stream too
+            show_collab_predictions=True,
+            model_version=PREDICTION_MODEL_VERSION,
         )
-        return Project(created.id, created.title), True
+        return Project(created.id, created.title, task_count=0), True
 
-    def check_config(self, project: Project) -> None:
-        details = self.call("reading the project", self._sdk.projects.get, id=project.id)
+    def check_config(self, project: Project) -> Project:
+        """``project`` with its task count, after checking it has surd's labeling config. Only
+        the fields read are asked for: every count Label Studio adds is a query per request."""
+        response = self.call(
+            "reading the project",
+            self._sdk.projects.with_raw_response.get,
+            id=project.id,
+            request_options={
+                "additional_query_parameters": {"include": "id,title,label_config,task_number"}
+            },
+        )
+        details = response.data
         problem = check_label_config(details.label_config or "")
         if problem:
             raise AnnotationError(
                 f"project {project.title!r} does not use surd's labeling config ({problem}); "
                 "use another project name"
             )
+        return Project(
+            project.id,
+            project.title,
+            task_count=details.task_number,
+            read_at=_server_time(response.headers.get("date")),
+        )
+
+    def task_times(
+        self, project: Project, since: datetime | None = None
+    ) -> dict[int, tuple[datetime | None, int]]:
+        """task id -> (the task's ``updated_at``, how many annotations it has, skips included),
+        for tasks updated at or after ``since`` (all when None). Label Studio bumps the time
+        when an annotation is created, edited or deleted, so this is what changed; only these
+        fields travel (``include``), ordered by id so pages do not shift when a task is updated
+        during the listing."""
+        query: dict[str, Any] = {"ordering": ["tasks:id"]}
+        if since is not None:
+            query["filters"] = {
+                "conjunction": "and",
+                "items": [
+                    {
+                        "filter": "filter:tasks:updated_at",
+                        "operator": "greater_or_equal",
+                        "type": "Datetime",
+                        "value": since.astimezone(UTC).strftime(FILTER_TIME_FORMAT),
+                    }
+                ],
+            }
+
+        def listing() -> dict[int, tuple[datetime | None, int]]:
+            pages = self._sdk.tasks.list(
+                project=project.id,
+                fields="task_only",
+                include="id,updated_at,total_annotations,cancelled_annotations",
+                query=json.dumps(query),
+                page_size=LISTING_PAGE_SIZE,
+            )
+            return {
+                task.id: (
+                    parse_time(task.updated_at),
+                    (task.total_annotations or 0) + (task.cancelled_annotations or 0),
+                )
+                for task in pages
+            }
+
+        return self.call("listing changed tasks", listing)
 
     def task_sample_ids(self, project: Project) -> dict[str, tuple[int, str | None]]:
         """sample_id -> (task id, the narrative the task shows) for every task in the project
@@ -155,12 +233,36 @@ class LabelStudioClient:
             )
         return ids
 
-    def export_tasks(self, project: Project) -> list[dict[str, Any]]:
-        """Every task with its annotations, as Label Studio's JSON export gives them."""
+    def export_tasks(
+        self,
+        project: Project,
+        ids: Sequence[int] | None = None,
+        annotated_only: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Tasks with their annotations, as Label Studio's JSON export gives them: every task,
+        only those with an annotation (``annotated_only``, skipped ones included), or the tasks
+        ``ids`` (several requests of :data:`EXPORT_IDS_PER_REQUEST`)."""
+        if ids is None:
+            return self._export(project, download_all_tasks=not annotated_only)
+        ids = list(ids)
+        tasks: list[dict[str, Any]] = []
+        for start in range(0, len(ids), EXPORT_IDS_PER_REQUEST):
+            chunk = ids[start : start + EXPORT_IDS_PER_REQUEST]
+            # the server reads ``ids[]`` (the SDK's own ``ids`` parameter is ignored by it)
+            tasks.extend(self._export(project, download_all_tasks=True, task_ids=chunk))
+        return tasks
+
+    def _export(
+        self, project: Project, download_all_tasks: bool, task_ids: list[int] | None = None
+    ) -> list[dict[str, Any]]:
+        options = {"additional_query_parameters": {"ids[]": task_ids}} if task_ids else None
 
         def download() -> bytes:
             chunks = self._sdk.projects.exports.download_sync(
-                id=project.id, export_type="JSON", download_all_tasks=True
+                id=project.id,
+                export_type="JSON",
+                download_all_tasks=download_all_tasks,
+                request_options=options,
             )
             return chunks if isinstance(chunks, bytes) else b"".join(chunks)
 
@@ -169,6 +271,26 @@ class LabelStudioClient:
             return json.loads(data)
         except ValueError:
             raise AnnotationError("Label Studio's export was not JSON; try again") from None
+
+    def update_task(self, task_id: int, data: dict[str, Any]) -> None:
+        """Replace a task's data (Label Studio replaces it whole; it does not merge)."""
+        self.call("updating a task", self._sdk.tasks.update, id=str(task_id), data=data)
+
+    def replace_prediction(
+        self, task_id: int, prediction_ids: Sequence[int], prediction: dict[str, Any]
+    ) -> None:
+        """``prediction`` as the task's only prediction: the first existing one is updated in
+        place (its id stays), any others are deleted."""
+        fields = {"result": prediction["result"], "model_version": prediction["model_version"]}
+        if prediction.get("score") is not None:
+            fields["score"] = prediction["score"]
+        if not prediction_ids:
+            self.call("creating a prediction", self._sdk.predictions.create, task=task_id, **fields)
+            return
+        first, *others = prediction_ids
+        self.call("updating a prediction", self._sdk.predictions.update, id=first, **fields)
+        for other in others:
+            self.call("deleting a prediction", self._sdk.predictions.delete, id=other)
 
     def create_annotation(self, task_id: int, result: list[dict], **fields: Any) -> Any:
         """For tests and scripted review: what an annotator's submit does."""

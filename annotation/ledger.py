@@ -3,6 +3,8 @@
 One ledger per (server, project): ``annotation/<server>-project-<id>/part-*.parquet``, rows
 added, never rewritten. It holds the narrative that was pushed, so pull can tell an edited text
 from an accepted one, and so push never sends a sample twice even before the server is asked.
+A sample has one task; ``push --refresh`` adds a row when it gives that task a new narrative,
+and the latest row counts.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Ledger:
         self.folder = Path(workspace.root) / "annotation" / f"{server}-project-{project_id}"
 
     def read(self) -> dict[str, tuple[int, str | None]]:
-        """sample_id -> (task_id, pushed narrative); the first push of a sample wins."""
+        """sample_id -> (task_id, the narrative its task shows now); the latest row wins."""
         entries: dict[str, tuple[int, str | None]] = {}
         for part in sorted(self.folder.glob("part-*.parquet")):
             table = pq.read_table(part, schema=LEDGER_SCHEMA)
@@ -45,7 +47,7 @@ class Ledger:
                 table["pushed_narrative"].to_pylist(),
                 strict=True,
             ):
-                entries.setdefault(sample_id, (task_id, narrative))
+                entries[sample_id] = (task_id, narrative)
         return entries
 
     def add(self, sample_ids: list[str], task_ids: list[int], narratives: list[str | None]) -> None:

@@ -13,7 +13,15 @@ writes it to the workspace's ``reviews`` table:
 - skipped or unanswered: nothing; the sample stays pending.
 
 A decision is written only when it is newer than the sample's current review, so a re-pull
-writes nothing and an old annotation never replaces a newer decision. Pull adds decisions; it
+writes nothing and an old annotation never replaces a newer decision.
+
+Cost: what changed, not what the project holds. The workspace mirrors what it last read of the
+project (:mod:`annotation.mirror`: each task's update time and decisions); a pull lists only
+the ids and times of tasks updated since the last read began, exports only those whose time
+moved, and then applies the decisions of every mirrored task (a local step), so the outcome is
+what reading every task would give. The first pull exports the annotated tasks (Label Studio's
+task listing costs far more than its export: 6 s for the ids of 20,000 tasks); pending counts
+come from the project's task count. Pull adds decisions; it
 does not take one back: an annotation deleted in Label Studio, or (``unanimous``) a late
 dissent, leaves the decision already pulled in place (review such samples again to change it).
 """
@@ -23,10 +31,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from annotation.client import LabelStudioClient
+from annotation.client import LabelStudioClient, Project
 from annotation.ledger import Ledger
-from annotation.tasks import Decision, agreement, choose, decision_of
+from annotation.mirror import Mirror, MirrorState, TaskState, next_since
+from annotation.tasks import Decision, agreement, choose, decision_of, parse_time
 from surd_builder.schema import records_to_table, table_spec
 from surd_builder.workspace import Workspace
 
@@ -36,7 +46,8 @@ HUMAN_ORIGIN = "human"
 @dataclass
 class PullReport:
     project: str
-    tasks: int = 0
+    tasks: int = 0  # in the project
+    read: int = 0  # tasks exported this time (new or changed since the last read)
     decided: int = 0
     written: dict[str, int] = field(default_factory=dict)  # review_status -> rows written
     unchanged: int = 0  # decisions already in the workspace (or older than what is)
@@ -55,35 +66,85 @@ class PullReport:
 class ProjectStatus:
     project: str
     tasks: int = 0
+    read: int = 0
     by_status: Counter = field(default_factory=Counter)  # with "pending"
     by_annotator: dict[str, Counter] = field(default_factory=dict)
 
 
-def task_decisions(
-    client: LabelStudioClient, workspace: Workspace, title: str
-) -> tuple[list[tuple[str, list[Decision]]], dict[int, str], int]:
-    """([(sample_id, decisions of its task)], user id -> name, number of tasks)."""
-    project = client.project(title)
-    exported = client.export_tasks(project)
-    pushed = Ledger(workspace, client.url, project.id).read()
-    users = client.users()
-    result = []
-    for task in exported:
-        sample_id = str((task.get("data") or {}).get("sample_id") or "")
-        if not sample_id:
-            continue
-        # compare with what the annotator was shown: the task's own text (the ledger's copy
-        # only for tasks pushed before surd put it in the task data)
-        narrative = (task.get("data") or {}).get("narrative_prompt")
-        if narrative is None:
-            narrative = pushed.get(sample_id, (None, None))[1]
-        decisions = [
+@dataclass
+class ProjectRead:
+    """The project as the mirror holds it after reading what changed."""
+
+    project: Project
+    tasks: dict[int, TaskState]  # every task read so far (never-annotated ones are not)
+    read: int  # tasks exported this time
+    users: dict[int, str]
+
+
+def task_state(task: dict[str, Any], pushed: dict[str, tuple[int, str | None]]) -> TaskState:
+    """One exported task as the mirror keeps it: its sample and its annotations' decisions."""
+    data = task.get("data") or {}
+    sample_id = str(data.get("sample_id") or "") or None
+    # compare with what the annotator was shown: the task's own text (the ledger's copy only
+    # for tasks pushed before surd put it in the task data)
+    narrative = data.get("narrative_prompt")
+    if narrative is None and sample_id is not None:
+        narrative = pushed.get(sample_id, (None, None))[1]
+    decisions: tuple[Decision, ...] = ()
+    if sample_id is not None:
+        decisions = tuple(
             d
             for a in task.get("annotations") or []
             if (d := decision_of(a, sample_id, narrative)) is not None
-        ]
-        result.append((sample_id, decisions))
-    return result, users, len(exported)
+        )
+    return TaskState(sample_id, None, decisions)
+
+
+def read_project(client: LabelStudioClient, workspace: Workspace, title: str) -> ProjectRead:
+    """Bring the workspace's mirror of ``title`` up to date, reading only what changed."""
+    project = client.project(title)  # its task count, and the server's clock before reading
+    ledger = Ledger(workspace, client.url, project.id)
+    mirror = Mirror(ledger.folder)
+    before = mirror.read()
+    tasks = dict(before.tasks)
+    if before.since is None:  # never read: every annotated task (skipped ones too)
+        times: dict[int, datetime | None] = {}
+        exported = client.export_tasks(project, annotated_only=True)
+    else:
+        listed = client.task_times(project, since=before.since)
+        times = {task_id: time for task_id, (time, _) in listed.items()}
+        todo = []
+        for task_id, (time, annotations) in listed.items():
+            held = tasks.get(task_id)
+            if held is None and annotations == 0:
+                # new, or changed without being annotated (say its prediction): nothing to
+                # decide; kept so the next listing's overlap does not fetch it again
+                tasks[task_id] = TaskState(None, time)
+            elif held is None or time is None or held.updated_at is None or time > held.updated_at:
+                todo.append(task_id)
+        if (
+            project.task_count is not None
+            and before.task_count is not None
+            and project.task_count < before.task_count
+        ):
+            # tasks were deleted: check the ones held (only a task still there is exported)
+            todo = sorted(set(todo) | {i for i, held in tasks.items() if held.decisions})
+        exported = client.export_tasks(project, ids=todo) if todo else []
+        for task_id in set(todo) - {task["id"] for task in exported}:
+            tasks.pop(task_id, None)  # listed or held, not exported: deleted
+    pushed = {}
+    if any("narrative_prompt" not in (task.get("data") or {}) for task in exported):
+        pushed = ledger.read()
+    for task in exported:
+        state = task_state(task, pushed)
+        # the listing's time when there is one (taken before the export): if the task changed
+        # in between, the next listing shows a newer time and it is read again
+        time = times.get(task["id"]) or parse_time(task.get("updated_at"))
+        tasks[task["id"]] = TaskState(state.sample_id, time, state.decisions)
+    after = MirrorState(tasks, next_since(project.read_at), project.task_count)
+    if after != before:
+        mirror.write(after)
+    return ProjectRead(project, tasks, len(exported), client.users())
 
 
 def pull(
@@ -91,27 +152,28 @@ def pull(
 ) -> PullReport:
     report = PullReport(title)
     with workspace.stage_lock("annotate"):
-        tasks, users, report.tasks = task_decisions(client, workspace, title)
-        report.several_annotators, report.agreeing = agreement(d for _, d in tasks)
+        project = read_project(client, workspace, title)
+        users = project.users
+        report.tasks = project.project.task_count or len(project.tasks)
+        report.read = project.read
+        decided = [s for s in project.tasks.values() if s.sample_id is not None]
+        report.several_annotators, report.agreeing = agreement(list(s.decisions) for s in decided)
         known = set(workspace.read_table("samples", ["sample_id"])["sample_id"].to_pylist())
         current = {
             row["sample_id"]: row["reviewed_at"]
             for row in workspace.read_table("reviews", ["reviewed_at"]).to_pylist()
         }
         rows, now = [], datetime.now(UTC)
-        for sample_id, decisions in tasks:
+        for state in decided:
+            sample_id = state.sample_id
             if sample_id not in known:
                 report.unknown_samples += 1
                 continue
-            chosen = choose(decisions, policy)
+            chosen = choose(list(state.decisions), policy)
             if chosen is None:
-                if decisions:
-                    report.conflicts += 1
-                else:
-                    report.pending += 1
+                report.conflicts += bool(state.decisions)
                 continue
             if chosen.decided_at is None:  # no time to order it by: cannot apply it safely
-                report.pending += 1
                 continue
             report.decided += 1
             decided_at = chosen.decided_at
@@ -136,25 +198,36 @@ def pull(
             workspace.write_table_part(
                 "reviews", records_to_table(rows, table_spec("reviews").schema)
             )
+        # from the totals: every task neither decided, in conflict, nor of an unknown sample
+        report.pending = max(
+            0, report.tasks - report.decided - report.conflicts - report.unknown_samples
+        )
         return report
 
 
 def project_status(
     workspace: Workspace, client: LabelStudioClient, title: str, policy: str = "latest"
 ) -> ProjectStatus:
-    """Counts on the server, without writing anything: the decision of each task under
-    ``policy`` (pending when none), and each annotator's own latest decisions."""
-    tasks, users, total = task_decisions(client, workspace, title)
-    status = ProjectStatus(title, total)
+    """Counts on the server, without writing any decision: the decision of each task under
+    ``policy`` (pending when none), and each annotator's own latest decisions. Reads what
+    changed since the last pull or status, like pull."""
+    project = read_project(client, workspace, title)
+    users = project.users
+    total = project.project.task_count or len(project.tasks)
+    status = ProjectStatus(title, total, project.read)
     by_annotator: dict[str, Counter] = defaultdict(Counter)
-    for _, decisions in tasks:
-        chosen = choose(decisions, policy)
-        status.by_status[chosen.status if chosen else "pending"] += 1
+    decided = 0
+    for state in project.tasks.values():
+        chosen = choose(list(state.decisions), policy)
+        if chosen is not None:
+            status.by_status[chosen.status] += 1
+            decided += 1
         latest: dict[object, Decision] = {}
-        for decision in sorted(decisions, key=lambda d: (d.decided_at is not None, d.decided_at)):
+        ordered = sorted(state.decisions, key=lambda d: (d.decided_at is not None, d.decided_at))
+        for decision in ordered:
             latest[decision.annotator] = decision
         for annotator, decision in latest.items():
             by_annotator[users.get(annotator, str(annotator))][decision.status] += 1
-    status.by_status["pending"] += total - len(tasks)  # tasks without a sample_id
+    status.by_status["pending"] += max(0, total - decided)  # from the totals
     status.by_annotator = dict(sorted(by_annotator.items()))
     return status

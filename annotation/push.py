@@ -4,8 +4,14 @@ Which samples: those with a narrative prompt and an image whose review is still 
 (auto-rejected ones too with ``include_auto_rejected``), most doubtful first
 (:func:`pipelines.screen.review_priority`). Idempotent: a sample already in the ledger or already
 a task of the project (asked of the server, so a lost ledger or a push from another machine is
-no problem) is never sent again. Tasks go in batches; each batch's task ids are added to the
-ledger as soon as Label Studio returns them, so an interrupted push resumes where it stopped.
+no problem) is never sent again. The server's task list is read only when the ledger and the
+server disagree on the number of tasks, so a re-push with nothing new costs two small requests.
+Tasks go in batches; each batch's task ids are added to the ledger as soon as Label Studio
+returns them, so an interrupted push resumes where it stopped.
+
+``refresh``: tasks showing an older narrative than the workspace's current one (rewritten since
+the push) get the new text in their data and prediction, unless someone already annotated them
+(then the annotation stands, and pull compares it with what that annotator was shown).
 """
 
 from __future__ import annotations
@@ -30,6 +36,18 @@ from surd_builder.errors import InputError
 from surd_builder.progress import progress_bar
 from surd_builder.workspace import Workspace
 
+# what a task shows of a sample (annotation.tasks.sample_to_task)
+_TASK_COLUMNS = [
+    "sample_id",
+    "source",
+    "image_sha256",
+    "complex_prompt",
+    "narrative_prompt",
+    "narrative_origin",
+    "clip_score",
+    "text_similarity",
+]
+
 
 @dataclass(frozen=True)
 class PushOptions:
@@ -38,6 +56,7 @@ class PushOptions:
     batch_size: int = 500
     limit: int | None = None
     include_auto_rejected: bool = False
+    refresh: bool = False
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -60,6 +79,9 @@ class PushReport:
     already_in_project: int = 0
     pushed: int = 0
     stale: int = 0  # tasks showing an older narrative than the workspace's current one
+    refreshed: int = 0  # of those, updated to the current one (refresh)
+    stale_annotated: int = 0  # of those, left as they are: already annotated
+    listed_server: bool = False  # whether the server's task list had to be read
     seconds: float = 0.0
     by_origin: dict[str, int] = field(default_factory=dict)
 
@@ -99,14 +121,19 @@ def push(
         report = PushReport(project, created)
         ledger = Ledger(workspace, client.url, project.id)
         known = ledger.read()
-        on_server = client.task_sample_ids(project) if not created else {}
-        # tasks the server has but the ledger lacks (pushed from elsewhere): adopt them
+        on_server: dict[str, tuple[int, str | None]] = {}
+        if not created and project.task_count != len(known):
+            # tasks the server has but the ledger lacks (pushed from elsewhere, or a lost
+            # ledger): adopt them, recorded with the narrative they show
+            on_server = client.task_sample_ids(project)
+            report.listed_server = True
         adopted = {s: t for s, t in on_server.items() if s not in known}
         candidates = samples_to_review(workspace, options.include_auto_rejected)
         report.candidates = candidates.num_rows
-        if adopted:  # recorded with the narrative they show, not the workspace's current one
+        if adopted:
             ids = sorted(adopted)
             ledger.add(ids, [adopted[s][0] for s in ids], [adopted[s][1] for s in ids])
+            known = {**known, **adopted}
         current = dict(
             zip(
                 candidates["sample_id"].to_pylist(),
@@ -114,11 +141,14 @@ def push(
                 strict=True,
             )
         )
-        report.stale = sum(
-            1
-            for s, (_, text) in known.items()
+        stale = {
+            s: task_id
+            for s, (task_id, text) in known.items()
             if text is not None and s in current and text != current[s]
-        )
+        }
+        report.stale = len(stale)
+        if options.refresh and stale:
+            _refresh(client, project, ledger, candidates, stale, options, report)
         done = set(known) | set(on_server)
         todo = candidates.filter(
             pc.invert(pc.is_in(candidates["sample_id"], pa.array(sorted(done), pa.string())))
@@ -126,18 +156,7 @@ def push(
         report.already_in_project = candidates.num_rows - todo.num_rows
         if options.limit is not None:
             todo = todo.slice(0, options.limit)
-        rows = todo.select(
-            [
-                "sample_id",
-                "source",
-                "image_sha256",
-                "complex_prompt",
-                "narrative_prompt",
-                "narrative_origin",
-                "clip_score",
-                "text_similarity",
-            ]
-        ).to_pylist()
+        rows = todo.select(_TASK_COLUMNS).to_pylist()
         with progress_bar("push", len(rows), options.show_progress) as advance:
             for start in range(0, len(rows), options.batch_size):
                 batch = rows[start : start + options.batch_size]
@@ -166,3 +185,51 @@ def push(
                 advance(len(batch))
         report.seconds = time.perf_counter() - started
         return report
+
+
+def _refresh(
+    client: LabelStudioClient,
+    project: Project,
+    ledger: Ledger,
+    candidates: pa.Table,
+    stale: dict[str, int],
+    options: PushOptions,
+    report: PushReport,
+) -> None:
+    """Bring stale, unannotated tasks to the current narrative (data and prediction)."""
+    rows = {
+        row["sample_id"]: row
+        for row in candidates.filter(
+            pc.is_in(candidates["sample_id"], pa.array(sorted(stale), pa.string()))
+        )
+        .select(_TASK_COLUMNS)
+        .to_pylist()
+    }
+    tasks = client.export_tasks(project, ids=sorted(stale.values()))
+    refreshed: list[tuple[str, int, str]] = []
+    with progress_bar("refresh", len(tasks), options.show_progress) as advance:
+        for task in tasks:
+            data = task.get("data") or {}
+            sample_id = str(data.get("sample_id") or "")
+            row = rows.get(sample_id)
+            if row is None:
+                advance(1)
+                continue
+            if task.get("annotations") or task.get("drafts") or task.get("total_annotations"):
+                # someone decided (or skipped, or is writing a draft) on what they were shown
+                report.stale_annotated += 1
+                advance(1)
+                continue
+            # the same picture, the new text: the image address the task already has stays
+            updated = sample_to_task(row, data.get("image") or "")
+            client.update_task(task["id"], {**data, **updated["data"]})
+            client.replace_prediction(
+                task["id"],
+                [p["id"] if isinstance(p, dict) else p for p in task.get("predictions") or []],
+                updated["predictions"][0],
+            )
+            refreshed.append((sample_id, task["id"], row["narrative_prompt"]))
+            advance(1)
+    if refreshed:
+        ledger.add(*map(list, zip(*refreshed, strict=True)))
+    report.refreshed = len(refreshed)

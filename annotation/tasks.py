@@ -32,6 +32,11 @@ IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}")
 # `surd annotate serve-images` on its default address; the query keeps browsers from reusing
 # copies cached from a server that sent no CORS header (annotation/images.py)
 DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}?cors=1"
+# Every surd prediction has this model_version, and surd's projects select it: Label Studio's
+# "Label All Tasks" stream pre-fills a task from a prediction only when the prediction's
+# model_version is the project's, and one project mixes narratives of several rewriters (the
+# rewriter is in the task data, ``narrative_origin``).
+PREDICTION_MODEL_VERSION = "surd-narrative"
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ MAGIC_TYPES = (
 
 def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
     """A task for one sample: the data the config shows, and the current narrative as a
-    prediction so the text area opens pre-filled (tagged with the rewriter that wrote it)."""
+    prediction so the text area opens pre-filled (:data:`PREDICTION_MODEL_VERSION`)."""
     narrative = sample.get("narrative_prompt") or ""
     data = {
         "image": image,
@@ -92,7 +97,7 @@ def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
     task: dict[str, Any] = {"data": data}
     if narrative:
         prediction: dict[str, Any] = {
-            "model_version": sample.get("narrative_origin") or "unknown",
+            "model_version": PREDICTION_MODEL_VERSION,
             "result": [
                 {
                     "from_name": "narrative_prompt",
@@ -108,14 +113,18 @@ def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
     return task
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
+def parse_time(value: Any) -> datetime | None:
+    """A Label Studio time (ISO text, or a datetime from the SDK's models) as aware UTC; None
+    when there is none or it does not parse."""
+    if value is None or value == "":
         return None
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # Label Studio stores UTC
+    if not isinstance(value, datetime):
+        try:
+            value = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    # Label Studio stores UTC
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def decision_of(
@@ -141,7 +150,7 @@ def decision_of(
         "sample_id": sample_id,
         "annotator": annotation.get("completed_by"),
         "tags": tuple(tags),
-        "decided_at": _parse_time(annotation.get("updated_at") or annotation.get("created_at")),
+        "decided_at": parse_time(annotation.get("updated_at") or annotation.get("created_at")),
         "annotation_id": annotation.get("id"),
     }
     if choice == "reject":

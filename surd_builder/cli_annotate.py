@@ -76,6 +76,13 @@ def push_command(
     include_auto_rejected: Annotated[
         bool, typer.Option(help="Also push samples that screening rejected, for a second look.")
     ] = False,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            help="Give tasks not yet annotated whose narrative was rewritten since the push the "
+            "new text (data and prediction)."
+        ),
+    ] = False,
     progress: ProgressOption = True,
 ) -> None:
     """Create or find the project and import tasks for samples that need review (idempotent)."""
@@ -89,6 +96,7 @@ def push_command(
         batch_size=batch_size,
         limit=limit,
         include_auto_rejected=include_auto_rejected,
+        refresh=refresh,
         show_progress=progress,
     )
     report = push(ws, _client(url, api_key), project, options)
@@ -105,6 +113,11 @@ def push_command(
     table.add_row("pushed now", f"{report.pushed:,}")
     if report.stale:
         table.add_row("tasks showing an older narrative", f"{report.stale:,}")
+        if refresh:
+            table.add_row("  refreshed to the current one", f"{report.refreshed:,}")
+            table.add_row("  left: already annotated", f"{report.stale_annotated:,}")
+        else:
+            table.add_row("  (push --refresh updates those not yet annotated)", "")
     for origin, number in sorted(report.by_origin.items()):
         table.add_row(f"  narrative from {origin}", f"{number:,}")
     console.print(table)
@@ -125,7 +138,10 @@ def pull_command(
     _check_policy(policy)
     report = pull(Workspace.open(workspace), _client(url, api_key), project, policy)
     written = sum(report.written.values())
-    console.print(f"[bold]pull[/bold]: {written:,} decisions written from {report.tasks:,} tasks")
+    console.print(
+        f"[bold]pull[/bold]: {written:,} decisions written; {report.read:,} of {report.tasks:,} "
+        "tasks read (new or changed since the last read)"
+    )
     table = Table()
     table.add_column("count")
     table.add_column("value", justify="right")
@@ -159,7 +175,11 @@ def status_command(
     _check_policy(policy)
     status = project_status(Workspace.open(workspace), _client(url, api_key), project, policy)
     statuses = ("pending", "accepted", "corrected", "rejected")
-    table = Table(title=f"project {project!r}: {status.tasks:,} tasks", title_justify="left")
+    table = Table(
+        title=f"project {project!r}: {status.tasks:,} tasks ({status.read:,} read now: new or "
+        "changed since the last read)",
+        title_justify="left",
+    )
     table.add_column("annotator")
     for name in statuses:
         table.add_column(name, justify="right")

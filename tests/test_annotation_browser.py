@@ -58,22 +58,45 @@ def image_server(reviewed_workspace: Workspace):
 
 
 class Annotator:
-    """What a person does in Label Studio's editor, through the page only."""
+    """What a person does in Label Studio's editor, through the page only.
+
+    The editor re-renders while a task loads (an element found a moment ago may be gone), so
+    every look-up and click is retried until it holds or ``WAIT_SECONDS`` pass."""
 
     def __init__(self, session, base_url: str):
+        from selenium.common.exceptions import (
+            ElementClickInterceptedException,
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.session, self.base_url = session, base_url
-        self.wait = WebDriverWait(session, WAIT_SECONDS)
+        self.wait = WebDriverWait(
+            session,
+            WAIT_SECONDS,
+            ignored_exceptions=(
+                ElementClickInterceptedException,
+                NoSuchElementException,
+                StaleElementReferenceException,
+            ),
+        )
 
     def _find(self, css: str):
         from selenium.webdriver.common.by import By
 
         return self.session.find_element(By.CSS_SELECTOR, css)
 
-    def _click(self, element) -> None:
-        self.session.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
-        element.click()
+    def _click(self, find, what: str) -> None:
+        """Click what ``find()`` returns, finding it again if the page re-rendered it."""
+
+        def click(session) -> bool:
+            element = find()
+            session.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+            element.click()
+            return True
+
+        self.wait.until(click, message=f"could not click {what}")
 
     def log_in(self, email: str, password: str) -> None:
         from selenium.webdriver.common.by import By
@@ -81,8 +104,8 @@ class Annotator:
         self.session.get(f"{self.base_url}/user/login/")
         self.session.find_element(By.NAME, "email").send_keys(email)
         self.session.find_element(By.NAME, "password").send_keys(password)
-        self._click(self._find("button[type=submit]"))
-        self.wait.until(lambda s: "/user/login" not in s.current_url)
+        self._click(lambda: self._find("button[type=submit]"), "log in")
+        self.wait.until(lambda s: "/user/login" not in s.current_url, message="login failed")
 
     def open_task(self, project_id: int, task_id: int) -> None:
         self.session.get(f"{self.base_url}/projects/{project_id}/data?task={task_id}")
@@ -90,6 +113,7 @@ class Annotator:
             lambda s: self.editor_image_width() is not None,
             message=f"task {task_id}: the editor drew no image in {WAIT_SECONDS} s (CORS?)",
         )
+        self.wait.until(lambda s: self.narrative(), message="no narrative shown")
 
     def editor_image_width(self) -> int | None:
         """The natural width of the image the editor drew (None while it has none): a
@@ -99,35 +123,49 @@ class Annotator:
             "return img && img.complete && img.naturalWidth > 0 ? img.naturalWidth : null;"
         )
 
-    def keyword_prompt(self):
-        return self._find(".lsf-main-view .lsf-richtext__line")
+    def keyword_prompt(self) -> dict:
+        """The keyword prompt's text and what kind of element shows it."""
+        return self.wait.until(
+            lambda s: s.execute_script(
+                "const e = document.querySelector('.lsf-main-view .lsf-richtext__line');"
+                "return e && {text: e.innerText, tag: e.tagName.toLowerCase(),"
+                " editable: e.isContentEditable};"
+            )
+        )
 
     def narrative(self) -> str:
-        return self._find(".lsf-main-view [data-testid=htx-textbox-content]").text
+        return self.wait.until(
+            lambda s: self._find(".lsf-main-view [data-testid=htx-textbox-content]").text
+        )
 
     def edit_narrative(self, new_text: str) -> None:
         from selenium.webdriver.common.keys import Keys
 
-        self._click(self._find("[data-testid=htx-textbox-edit-button]"))
-        box = self.wait.until(lambda s: self._find("[data-testid=htx-textbox-input]"))
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(new_text)
-        self._click(self._find("[data-testid=htx-textbox-save]"))
-        self.wait.until(lambda s: self.narrative() == new_text)
+        self._click(lambda: self._find("[data-testid=htx-textbox-edit-button]"), "edit")
+
+        def type_text(session) -> bool:
+            box = self._find("[data-testid=htx-textbox-input]")
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(new_text)
+            return box.get_attribute("value") == new_text
+
+        self.wait.until(type_text, message="could not type the narrative")
+        self._click(lambda: self._find("[data-testid=htx-textbox-save]"), "save")
+        self.wait.until(lambda s: self.narrative() == new_text, message="edit not saved")
 
     def choose(self, value: str) -> None:
         from selenium.webdriver.common.by import By
 
         css = f".lsf-main-view input.ant-checkbox-input[name='{value}']"
-        self._click(self._find(css).find_element(By.XPATH, "./ancestor::label"))
-        self.wait.until(lambda s: self._find(css).is_selected())  # re-rendered: find it again
+        self._click(lambda: self._find(css).find_element(By.XPATH, "./ancestor::label"), value)
+        self.wait.until(lambda s: self._find(css).is_selected(), message=f"{value} not chosen")
 
     def submit(self) -> None:
-        from selenium.webdriver.common.by import By
-
-        self._click(self.session.find_element(By.XPATH, "//button[normalize-space()='Submit']"))
+        self._click(lambda: self._find("[data-testid=bottombar-submit-button]"), "submit")
         # once saved, the editor offers to update the annotation instead
-        self.wait.until(lambda s: s.find_elements(By.XPATH, "//button[normalize-space()='Update']"))
+        self.wait.until(
+            lambda s: self._find("[data-testid=bottombar-update-button]"), message="not saved"
+        )
 
 
 def test_an_annotator_decides_three_tasks_in_the_browser(
@@ -158,9 +196,8 @@ def test_an_annotator_decides_three_tasks_in_the_browser(
     person.open_task(report.project.id, tasks[accepted])
     assert person.editor_image_width() == 64
     keywords = person.keyword_prompt()
-    assert keywords.text == samples[accepted]["complex_prompt"]
-    assert keywords.tag_name not in ("input", "textarea")
-    assert keywords.get_attribute("contenteditable") in (None, "false")
+    assert keywords["text"] == samples[accepted]["complex_prompt"]
+    assert keywords["tag"] not in ("input", "textarea") and keywords["editable"] is False
     assert not chromium.find_elements(By.CSS_SELECTOR, ".lsf-main-view [contenteditable=true]")
     assert person.narrative() == samples[accepted]["narrative_prompt"]  # pre-filled
     shot = screenshot(chromium, "annotation-task")

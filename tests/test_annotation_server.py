@@ -24,6 +24,7 @@ from annotation.client import LabelStudioClient, Project
 from annotation.ledger import Ledger
 from annotation.pull import project_status, pull
 from annotation.push import DEFAULT_IMAGE_URL, PushOptions, push, samples_to_review
+from annotation.tasks import PREDICTION_MODEL_VERSION
 from pipelines.ingest import IngestStage
 from pipelines.rewrite import RewriteStage
 from pipelines.rewriters import make_rewriter
@@ -225,7 +226,9 @@ def test_push_round_trip_and_idempotence(ws, client, title):
         assert sample["image_sha256"] in task.data["image"]
         assert len(task.predictions) == 1
         prediction = task.predictions[0]
-        assert prediction.model_version == ORIGIN
+        # one model_version for every rewriter, the one the project selects: the label stream
+        # pre-fills a task only from a prediction of the project's model_version
+        assert prediction.model_version == PREDICTION_MODEL_VERSION
         assert prediction.result == [text(sample["narrative_prompt"])]
 
     # the export (what pull reads) has the same tasks, with the prediction as an id
@@ -342,7 +345,8 @@ def test_pull_unanimous_leaves_disagreement_pending(ws, client, title, people, l
         env=label_studio.env(),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 decisions written from 8 tasks" in result.stdout
+    # status read every task a moment ago: pull reads none again
+    assert "4 decisions written; 0 of 8 tasks read" in result.stdout
     assert table_cells(result.stdout, "annotators disagree (left pending)")[1] == "1"
     assert table_cells(result.stdout, "pending (skipped or not done)")[1] == "3"
     assert table_cells(result.stdout, "agreement (tasks with 2+ annotators)")[1] == "0% of 1"
@@ -541,3 +545,153 @@ def test_push_order_most_doubtful_first(ws, client, title):
         else:
             assert "clip_score" not in task.data
             assert task.predictions[0].score is None
+
+
+# ----------------------------------------------------------------------------- 9. cost
+def test_pull_and_status_read_only_what_changed(ws, client, title, people):
+    scenario = annotate_scenario(ws, client, title, people)
+    ids, task = scenario.ids, scenario.tasks
+    first = pull(ws, client, title)
+    assert first.read == 6  # the annotated tasks (E's skip too); never the two untouched
+    assert first.written == {"accepted": 1, "corrected": 2, "rejected": 2}
+
+    again = pull(ws, client, title)
+    assert (again.read, again.written, again.pending, again.tasks) == (0, {}, 3, N)
+    assert project_status(ws, client, title).read == 0
+
+    # an annotation edited after the pull: read again, and its newer decision applied
+    edited = "two red circles on a grey background"
+    client.sdk.annotations.update(
+        id=scenario.made["B"].id, result=[decision("corrected"), text(edited)]
+    )
+    changed = pull(ws, client, title)
+    assert (changed.read, changed.written) == (1, {"corrected": 1})
+    assert by_id(ws.dataset())[ids["B"]]["narrative_prompt"] == edited
+
+    # a task annotated for the first time
+    untouched = scenario.untouched[0]
+    untouched_task = Ledger(ws, client.url, scenario.project.id).read()[untouched][0]
+    client.create_annotation(untouched_task, [decision("accept")], completed_by=people.admin)
+    newly = pull(ws, client, title)
+    assert (newly.read, newly.written, newly.pending) == (1, {"accepted": 1}, 2)
+
+    # an annotation deleted: the task is read again; status no longer counts its decision,
+    # and pull does not take back the decision it applied
+    client.sdk.annotations.delete(id=scenario.made["C"].id)
+    status = project_status(ws, client, title)
+    assert status.read == 1
+    assert dict(status.by_status) == {"pending": 3, "accepted": 2, "corrected": 2, "rejected": 1}
+    after_delete = pull(ws, client, title)
+    assert after_delete.read == 0 and after_delete.written == {}
+    assert by_id(ws.dataset())[ids["C"]]["review_status"] == "rejected"
+
+    # a task deleted on the server leaves the counts
+    client.sdk.tasks.delete(id=str(task["E"]))
+    status = project_status(ws, client, title)
+    assert status.tasks == N - 1 and status.by_status["pending"] == 2
+
+    # without the mirror (a new machine): everything is read again, nothing written twice
+    mirror = Ledger(ws, client.url, scenario.project.id).folder / "pulled.parquet"
+    mirror.unlink()
+    fresh = pull(ws, client, title)
+    assert (fresh.read, fresh.written, fresh.unchanged, fresh.pending) == (5, {}, 5, 2)
+    assert mirror.exists()
+
+
+def test_repush_with_nothing_new_lists_no_tasks(ws, client, title):
+    report = push(ws, client, title, QUIET)
+    assert report.pushed == N and not report.listed_server
+    again = push(ws, client, title, QUIET)
+    assert (again.pushed, again.already_in_project, again.listed_server) == (0, N, False)
+
+    # a task the ledger does not know (pushed from another machine): the counts disagree, the
+    # server is asked, and the task is adopted instead of sent twice
+    ledger = Ledger(ws, client.url, report.project.id)
+    entries = ledger.read()
+    lost = sorted(entries)[0]
+    for part in ledger.folder.glob("part-*.parquet"):
+        table = pq.read_table(part)
+        part.unlink()
+        kept = table.filter(pa.compute.not_equal(table["sample_id"], lost))
+        if kept.num_rows:
+            pq.write_table(kept, part)
+    assert lost not in ledger.read()
+    third = push(ws, client, title, QUIET)
+    assert (third.pushed, third.listed_server) == (0, True)
+    assert ledger.read() == entries
+    assert len(tasks_with_predictions(client, report.project)) == N
+
+
+def _rewrite(ws: Workspace, narratives: dict[str, str]) -> None:
+    """New narratives for some samples, as a later rewrite would write them."""
+    from datetime import UTC, datetime
+
+    from surd_builder.schema import records_to_table, table_spec
+
+    now = datetime.now(UTC)
+    ws.write_table_part(
+        "narratives",
+        records_to_table(
+            [
+                {
+                    "sample_id": sample_id,
+                    "narrative_prompt": text,
+                    "narrative_origin": "llm:test",
+                    "rewrite_key": f"test-{sample_id}",
+                    "updated_at": now,
+                }
+                for sample_id, text in narratives.items()
+            ],
+            table_spec("narratives").schema,
+        ),
+    )
+
+
+def test_refresh_gives_unannotated_tasks_the_new_narrative(ws, client, title, people):
+    report = push(ws, client, title, QUIET)
+    ledger = Ledger(ws, client.url, report.project.id)
+    entries = ledger.read()
+    annotated, rewritten, *_ = sorted(entries)
+    client.create_annotation(entries[annotated][0], [decision("accept")], completed_by=people.admin)
+    new_text = {
+        annotated: "five yellow stars on a black background",
+        rewritten: "a single orange hexagon on a white background",
+    }
+    _rewrite(ws, new_text)
+
+    stale = push(ws, client, title, QUIET)  # without --refresh: reported, nothing changed
+    assert (stale.stale, stale.refreshed, stale.pushed) == (2, 0, 0)
+    task = client.sdk.tasks.get(id=str(entries[rewritten][0]))
+    assert task.data["narrative_prompt"] == entries[rewritten][1]
+
+    refreshed = push(ws, client, title, PushOptions(refresh=True, show_progress=False))
+    assert (refreshed.stale, refreshed.refreshed, refreshed.stale_annotated) == (2, 1, 1)
+    tasks = {t.id: t for t in tasks_with_predictions(client, report.project)}
+    updated = tasks[entries[rewritten][0]]
+    assert updated.data["narrative_prompt"] == new_text[rewritten]
+    assert updated.data["narrative_origin"] == "llm:test"
+    assert updated.data["image"] == tasks[entries[rewritten][0]].data["image"]
+    assert [p.result for p in updated.predictions] == [[text(new_text[rewritten])]]
+    assert [p.model_version for p in updated.predictions] == [PREDICTION_MODEL_VERSION]
+    kept = tasks[entries[annotated][0]]  # annotated on the old text: left as it was
+    assert kept.data["narrative_prompt"] == entries[annotated][1]
+    assert ledger.read()[rewritten] == (entries[rewritten][0], new_text[rewritten])
+    assert ledger.read()[annotated] == entries[annotated]
+
+    # an annotator accepting the refreshed text accepts the new narrative
+    client.create_annotation(entries[rewritten][0], [decision("accept")], completed_by=people.admin)
+    pulled = pull(ws, client, title)
+    assert pulled.written == {"accepted": 2}
+    after = by_id(ws.dataset())
+    assert after[rewritten]["narrative_prompt"] == new_text[rewritten]
+    assert after[annotated]["narrative_prompt"] == entries[annotated][1]  # what was shown
+
+    again = push(ws, client, title, PushOptions(refresh=True, show_progress=False))
+    assert (again.stale, again.refreshed) == (0, 0)  # both decided: no longer up for review
+
+
+def test_projects_prefill_in_the_label_stream(ws, client, title):
+    report = push(ws, client, title, QUIET)
+    project = client.sdk.projects.get(id=report.project.id)
+    assert project.show_collab_predictions is True
+    assert project.model_version == PREDICTION_MODEL_VERSION

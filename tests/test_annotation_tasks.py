@@ -13,6 +13,7 @@ import requests
 from annotation.config import check_label_config, label_config
 from annotation.images import ImageServer, cors_origins
 from annotation.tasks import (
+    PREDICTION_MODEL_VERSION,
     Decision,
     agreement,
     choose,
@@ -79,7 +80,10 @@ def test_task_carries_the_data_and_prefills_the_narrative() -> None:
     assert task["data"]["sample_id"] == "s1" and task["data"]["clip_score"] == 0.3123
     assert "text_similarity" not in task["data"]
     [prediction] = task["predictions"]
-    assert prediction["model_version"] == "rules:v2"
+    # every rewriter's prediction has the model_version surd's projects select (the label
+    # stream pre-fills only from that one); the rewriter is in the data
+    assert prediction["model_version"] == PREDICTION_MODEL_VERSION
+    assert task["data"]["narrative_origin"] == "rules:v2"
     assert prediction["result"][0]["value"]["text"] == ["three red circles"]
     assert "predictions" not in sample_to_task({**sample, "narrative_prompt": None}, "u")
 
