@@ -272,6 +272,25 @@ class LabelStudioClient:
         except ValueError:
             raise AnnotationError("Label Studio's export was not JSON; try again") from None
 
+    def ensure_local_storage(self, project: Project, path: str) -> None:
+        """The project's Local files storage for ``path`` (made once, never synced: the tasks
+        exist already). Label Studio serves ``/data/local-files/?d=...`` only to users of a
+        project with a storage above the file, and only with LOCAL_FILES_SERVING_ENABLED."""
+        storages = self.call(
+            "listing local storages", self._sdk.import_storage.local.list, project=project.id
+        )
+        if any((storage.path or "").rstrip("/") == path.rstrip("/") for storage in storages):
+            return
+        self.call(
+            "adding a local files storage (needs LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+            "and the folder under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)",
+            self._sdk.import_storage.local.create,
+            project=project.id,
+            path=path,
+            title="surd images",
+            use_blob_urls=False,
+        )
+
     def update_task(self, task_id: int, data: dict[str, Any]) -> None:
         """Replace a task's data (Label Studio replaces it whole; it does not merge)."""
         self.call("updating a task", self._sdk.tasks.update, id=str(task_id), data=data)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from annotation.client import LabelStudioClient, Project
+from annotation.image_files import image_file
 from annotation.ledger import Ledger
 from annotation.tasks import (
     DEFAULT_IMAGE_URL,
@@ -41,6 +42,7 @@ _TASK_COLUMNS = [
     "sample_id",
     "source",
     "image_sha256",
+    "image_format",
     "complex_prompt",
     "narrative_prompt",
     "narrative_origin",
@@ -57,6 +59,7 @@ class PushOptions:
     limit: int | None = None
     include_auto_rejected: bool = False
     refresh: bool = False
+    local_files: str | None = None  # a folder Label Studio serves (its project storage)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,7 +67,7 @@ class PushOptions:
             p in self.image_url_template for p in IMAGE_PLACEHOLDERS
         ):
             raise InputError(
-                "--image-url-template needs {image_sha256} or {sample_id}, e.g. "
+                "--image-url-template needs {image_sha256}, {sample_id} or {image_file}, e.g. "
                 f"{DEFAULT_IMAGE_URL}"
             )
         if self.batch_size < 1:
@@ -119,6 +122,8 @@ def push(
             title, description="surd: check and correct narrative prompts"
         )
         report = PushReport(project, created)
+        if options.local_files:
+            client.ensure_local_storage(project, options.local_files)
         ledger = Ledger(workspace, client.url, project.id)
         known = ledger.read()
         on_server: dict[str, tuple[int, str | None]] = {}
@@ -169,7 +174,10 @@ def push(
                         image = data_uri(images[row["image_sha256"]])
                     else:
                         image = image_url(
-                            options.image_url_template, row["image_sha256"], row["sample_id"]
+                            options.image_url_template,
+                            row["image_sha256"],
+                            row["sample_id"],
+                            image_file(row["image_sha256"], row["image_format"]),
                         )
                     tasks.append(sample_to_task(row, image))
                 task_ids = client.import_tasks(project, tasks)

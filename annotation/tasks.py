@@ -28,7 +28,7 @@ from typing import Any
 from annotation.config import PROBLEM_TAGS
 
 POLICIES = ("latest", "unanimous")
-IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}")
+IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}", "{image_file}")
 # `surd annotate serve-images` on its default address; the query keeps browsers from reusing
 # copies cached from a server that sent no CORS header (annotation/images.py)
 DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}?cors=1"
@@ -53,8 +53,14 @@ class Decision:
         return (self.status, self.narrative) == (other.status, other.narrative)
 
 
-def image_url(template: str, image_sha256: str, sample_id: str) -> str:
-    return template.replace("{image_sha256}", image_sha256).replace("{sample_id}", sample_id)
+def image_url(template: str, image_sha256: str, sample_id: str, image_file: str = "") -> str:
+    """``template`` with the sample's values; ``{image_file}`` is ``<sha256>.<ext>``, the name
+    ``surd annotate write-images`` gives the file (annotation.image_files)."""
+    return (
+        template.replace("{image_sha256}", image_sha256)
+        .replace("{sample_id}", sample_id)
+        .replace("{image_file}", image_file)
+    )
 
 
 def data_uri(image: bytes) -> str:

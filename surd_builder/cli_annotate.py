@@ -63,8 +63,9 @@ def push_command(
     image_url_template: Annotated[
         str,
         typer.Option(
-            help="Where annotators' browsers fetch images: {image_sha256} and {sample_id} are "
-            "filled in (S3, a CDN, or `surd annotate serve-images`)."
+            help="Where annotators' browsers fetch images: {image_sha256}, {sample_id} and "
+            "{image_file} (<sha256>.<ext>, as write-images names it) are filled in (S3, a CDN, "
+            "`surd annotate serve-images`, or Label Studio's /data/local-files/?d=...)."
         ),
     ] = DEFAULT_IMAGE_URL,
     embed_images: Annotated[
@@ -83,6 +84,13 @@ def push_command(
             "new text (data and prediction)."
         ),
     ] = False,
+    local_files: Annotated[
+        str | None,
+        typer.Option(
+            help="Absolute folder on the Label Studio server holding write-images' files: the "
+            "project gets a Local files storage for it, so Label Studio serves them."
+        ),
+    ] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Create or find the project and import tasks for samples that need review (idempotent)."""
@@ -97,6 +105,7 @@ def push_command(
         limit=limit,
         include_auto_rejected=include_auto_rejected,
         refresh=refresh,
+        local_files=local_files,
         show_progress=progress,
     )
     report = push(ws, _client(url, api_key), project, options)
@@ -225,3 +234,43 @@ def serve_images_command(
         typer.echo("stopped")
     finally:
         server.server_close()
+
+
+@annotate_app.command("write-images")
+def write_images_command(
+    output: Annotated[Path, typer.Option(help="Folder for the files (<sha256>.<ext>).")],
+    workspace: WorkspaceOption = Path("."),
+    all_images: Annotated[
+        bool,
+        typer.Option("--all", help="Every sample's image, not only those that need review."),
+    ] = False,
+    include_auto_rejected: Annotated[
+        bool, typer.Option(help="Also the images of samples that screening rejected.")
+    ] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Write images as plain files, for Label Studio's local storage (resumable)."""
+    import pyarrow.compute as pc
+
+    from annotation.image_files import write_image_files
+    from annotation.push import samples_to_review
+    from surd_builder.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    if all_images:
+        data = ws.dataset()
+        data = data.filter(pc.is_valid(data["image_sha256"]))
+    else:
+        data = samples_to_review(ws, include_auto_rejected)
+    pairs = zip(data["image_sha256"].to_pylist(), data["image_format"].to_pylist(), strict=True)
+    report = write_image_files(ws, output, pairs, show_progress=progress)
+    console.print(
+        f"[bold]write-images[/bold]: {report.written:,} written "
+        f"({report.bytes_written / 2**20:,.1f} MiB), {report.present:,} already there, "
+        f"{report.images:,} images in {output}"
+    )
+    console.print(
+        "push with: --image-url-template '/data/local-files/?d=<folder under "
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>/{image_file}' --local-files "
+        f"{output.resolve()}"
+    )

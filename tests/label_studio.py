@@ -28,6 +28,7 @@ class LabelStudioServer:
     url: str
     api_key: str
     data_dir: Path
+    files_root: Path  # LOCAL_FILES_DOCUMENT_ROOT: what its local storages may serve
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "LABEL_STUDIO_URL": self.url, "LABEL_STUDIO_API_KEY": self.api_key}
@@ -48,7 +49,15 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudioServer]:
     )
     assert install.returncode == 0, install.stderr[-2000:]
     data_dir = tmp_path_factory.mktemp("label-studio-data")
-    env = {**os.environ, "LABEL_STUDIO_API_KEY": TOKEN, "LABEL_STUDIO_USERNAME": ADMIN}
+    files_root = data_dir / "files"
+    files_root.mkdir()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "LABEL_STUDIO_USERNAME": ADMIN,
+        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
+    }
     started = subprocess.run(
         ["bash", str(SCRIPT), "start", str(_free_port()), str(data_dir)],
         capture_output=True,
@@ -60,6 +69,7 @@ def label_studio(tmp_path_factory) -> Iterator[LabelStudioServer]:
         log = (data_dir / "server.log").read_text(errors="replace")[-3000:]
         pytest.fail(f"Label Studio did not start: {started.stderr}\n{log}")
     try:
-        yield LabelStudioServer(started.stdout.strip().splitlines()[-1], TOKEN, data_dir)
+        url = started.stdout.strip().splitlines()[-1]
+        yield LabelStudioServer(url, TOKEN, data_dir, files_root)
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", str(data_dir)], timeout=60)

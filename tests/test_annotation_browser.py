@@ -26,6 +26,7 @@ from pipelines.runner import RunOptions, run_stage
 from surd_builder.demo import make_demo_folder
 from surd_builder.workspace import Workspace
 from tests.browser import chromium, requested_hosts, screenshot  # noqa: F401 (a fixture)
+from tests.conftest import run_surd
 from tests.label_studio import ADMIN
 
 EDITED = "three small red triangles on a deep blue background"
@@ -242,3 +243,38 @@ def test_an_annotator_decides_three_tasks_in_the_browser(
     assert {r["reviewer"] for r in reviews.values()} == {ADMIN}
     assert untouched not in reviews
     assert pull(reviewed_workspace, client, title).written == {}  # applied once
+
+
+def test_label_studio_serves_written_images_from_its_local_storage(
+    chromium,  # noqa: F811 (the fixture)
+    label_studio,
+    reviewed_workspace: Workspace,
+) -> None:
+    """The other route: images written as files, served by Label Studio itself (same origin)."""
+    client = LabelStudioClient(label_studio.url, label_studio.api_key)
+    folder = label_studio.files_root / "surd-images"
+    result = run_surd(
+        "annotate", "write-images", "-w", str(reviewed_workspace.root), "--output", str(folder),
+        "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 written" in result.stdout
+    samples = reviewed_workspace.dataset().to_pylist()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{s['image_sha256']}.png" for s in samples
+    )
+    template = "/data/local-files/?d=surd-images/{image_file}"
+    options = PushOptions(image_url_template=template, local_files=str(folder), show_progress=False)
+    report = push(reviewed_workspace, client, "browser local files", options)
+    again = push(reviewed_workspace, client, "browser local files", options)  # storage made once
+    assert report.pushed == 4 and again.pushed == 0
+    storages = client.sdk.import_storage.local.list(project=report.project.id)
+    assert [s.path for s in storages] == [str(folder)]
+
+    person = Annotator(chromium, label_studio.url)
+    person.log_in(ADMIN, (label_studio.data_dir / "admin-password").read_text().strip())
+    task_id = next(iter(client.sdk.tasks.list(project=report.project.id, fields="task_only"))).id
+    person.open_task(report.project.id, task_id)
+    assert person.editor_image_width() == 64
+    screenshot(chromium, "annotation-task-local-files")
+    assert requested_hosts(chromium) == {label_studio.url.split("://", 1)[1]}

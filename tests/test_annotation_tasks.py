@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from annotation.config import check_label_config, label_config
+from annotation.image_files import image_file, write_image_files
 from annotation.images import ImageServer, cors_origins
 from annotation.tasks import (
     PREDICTION_MODEL_VERSION,
@@ -228,6 +229,30 @@ def test_image_server_allows_only_named_origins(workspace) -> None:
     with pytest.raises(InputError, match="not an origin"):
         ImageServer(workspace, "127.0.0.1", 0, allowed_origins=["127.0.0.1:8080"])
     assert cors_origins(["http://a.example", "*"]) == ("*",)
+
+
+def test_image_files_are_named_by_content_and_written_once(workspace, tmp_path) -> None:
+    png, jpeg = image_bytes(fmt="PNG"), image_bytes((9, 9, 9), fmt="JPEG")
+    images = {sha256_hex(png): png, sha256_hex(jpeg): jpeg}
+    workspace.write_images(
+        records_to_table(
+            [{"image_sha256": s, "image_bytes": b} for s, b in images.items()], IMAGES_SCHEMA
+        )
+    )
+    formats = [(sha256_hex(png), "PNG"), (sha256_hex(jpeg), "JPEG")]
+    folder = tmp_path / "files"
+    report = write_image_files(workspace, folder, formats, show_progress=False)
+    assert (report.images, report.written, report.present) == (2, 2, 0)
+    assert (folder / f"{sha256_hex(png)}.png").read_bytes() == png
+    assert (folder / f"{sha256_hex(jpeg)}.jpg").read_bytes() == jpeg
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{sha256_hex(png)}.png", f"{sha256_hex(jpeg)}.jpg"]
+    )  # no temporary files left
+    (folder / f"{sha256_hex(jpeg)}.jpg").unlink()  # as if interrupted before it
+    again = write_image_files(workspace, folder, formats, show_progress=False)
+    assert (again.written, again.present) == (1, 1)
+    assert image_file("ab", "MPO") == "ab.jpg" and image_file("ab", None) == "ab.img"
+    assert image_url("/d/{image_file}?s={sample_id}", "ab", "s1", "ab.png") == "/d/ab.png?s=s1"
 
 
 def test_naive_times_are_utc_and_a_cleared_text_is_no_edit() -> None:
