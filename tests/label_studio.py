@@ -40,6 +40,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def narrated_workspace(root: Path, count: int, seed: int = 7, size: int = 32):
+    """``count`` demo samples in a workspace under ``root``, ingested, with rules narratives
+    (origin ``rules:v2``): what the annotation tests push."""
+    from pipelines.ingest import IngestStage
+    from pipelines.rewrite import RewriteStage
+    from pipelines.rewriters import make_rewriter
+    from pipelines.runner import RunOptions, run_stage
+    from surd_builder.demo import make_demo_folder
+    from surd_builder.workspace import Workspace
+
+    make_demo_folder(root / "demo", count=count, seed=seed, size=size)
+    workspace = Workspace.create(root / "ws")
+    quiet = RunOptions(show_progress=False)
+    run_stage(IngestStage(root / "demo", source="demo"), workspace, quiet)
+    run_stage(
+        RewriteStage(make_rewriter("rules"), include_source_narratives=True), workspace, quiet
+    )
+    return workspace
+
+
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory) -> Iterator[LabelStudioServer]:
     if os.environ.get("SURD_SKIP_LABEL_STUDIO") == "1":

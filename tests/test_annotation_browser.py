@@ -19,15 +19,10 @@ from annotation.client import LabelStudioClient
 from annotation.images import ImageServer
 from annotation.pull import pull
 from annotation.push import PushOptions, push
-from pipelines.ingest import IngestStage
-from pipelines.rewrite import RewriteStage
-from pipelines.rewriters import make_rewriter
-from pipelines.runner import RunOptions, run_stage
-from surd_builder.demo import make_demo_folder
 from surd_builder.workspace import Workspace
 from tests.browser import chromium, requested_hosts, screenshot  # noqa: F401 (a fixture)
 from tests.conftest import run_surd
-from tests.label_studio import ADMIN
+from tests.label_studio import ADMIN, narrated_workspace
 
 EDITED = "three small red triangles on a deep blue background"
 WAIT_SECONDS = 60
@@ -36,14 +31,7 @@ WAIT_SECONDS = 60
 @pytest.fixture
 def reviewed_workspace(tmp_path: Path) -> Workspace:
     """Four demo samples with rules narratives; images 64 px so they are visibly drawn."""
-    make_demo_folder(tmp_path / "demo", count=4, seed=7, size=64)
-    workspace = Workspace.create(tmp_path / "ws")
-    quiet = RunOptions(show_progress=False)
-    run_stage(IngestStage(tmp_path / "demo", source="demo"), workspace, quiet)
-    run_stage(
-        RewriteStage(make_rewriter("rules"), include_source_narratives=True), workspace, quiet
-    )
-    return workspace
+    return narrated_workspace(tmp_path, 4, size=64)
 
 
 @pytest.fixture

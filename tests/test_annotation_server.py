@@ -25,13 +25,9 @@ from annotation.ledger import Ledger
 from annotation.pull import project_status, pull
 from annotation.push import DEFAULT_IMAGE_URL, PushOptions, push, samples_to_review
 from annotation.tasks import PREDICTION_MODEL_VERSION
-from pipelines.ingest import IngestStage
-from pipelines.rewrite import RewriteStage
-from pipelines.rewriters import make_rewriter
-from pipelines.runner import RunOptions, run_stage
-from surd_builder.demo import make_demo_folder
 from surd_builder.workspace import Workspace
 from tests.conftest import run_surd
+from tests.label_studio import narrated_workspace
 
 N = 8
 ORIGIN = "rules:v2"
@@ -49,13 +45,7 @@ FOREIGN_CONFIG = (
 @pytest.fixture(scope="module")
 def template_workspace(tmp_path_factory) -> Path:
     """Built once per module: N demo samples, ingested, with rules narratives."""
-    root = tmp_path_factory.mktemp("annotation-template")
-    make_demo_folder(root / "demo", count=N, seed=7, size=32)
-    ws = Workspace.create(root / "ws")
-    quiet = RunOptions(show_progress=False)
-    run_stage(IngestStage(root / "demo", source="demo"), ws, quiet)
-    run_stage(RewriteStage(make_rewriter("rules"), include_source_narratives=True), ws, quiet)
-    return ws.root
+    return narrated_workspace(tmp_path_factory.mktemp("annotation-template"), N).root
 
 
 @pytest.fixture
