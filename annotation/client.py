@@ -40,6 +40,15 @@ class Project:
     # the server's clock when it was read (its Date header): where the next read of what
     # changed may start
     read_at: datetime | None = field(default=None, compare=False)
+    # the prediction version the project pre-fills from ("Label All Tasks" uses only that one)
+    model_version: str = field(default=PREDICTION_MODEL_VERSION, compare=False)
+
+
+def _is_narrative_prediction(result: Any) -> bool:
+    return any(
+        isinstance(item, dict) and item.get("from_name") == "narrative_prompt"
+        for item in result or []
+    )
 
 
 def _server_time(date_header: str | None) -> datetime | None:
@@ -68,8 +77,11 @@ def _errors(url: str, what: str) -> Iterator[None]:
                 "check LABEL_STUDIO_API_KEY (a legacy token or a personal access token)"
             ) from None
         detail = error.body.get("detail") if isinstance(error.body, dict) else error.body
+        if isinstance(error.body, dict) and error.body.get("validation_errors"):
+            # Label Studio's reason ("Validation error" alone says nothing)
+            detail = f"{detail}: {json.dumps(error.body['validation_errors'])}"
         raise AnnotationError(
-            f"Label Studio at {url}: HTTP {status} while {what}: {str(detail)[:200]}"
+            f"Label Studio at {url}: HTTP {status} while {what}: {str(detail)[:300]}"
         ) from None
     except httpx.TransportError as error:
         raise AnnotationError(
@@ -143,7 +155,9 @@ class LabelStudioClient:
             self._sdk.projects.with_raw_response.get,
             id=project.id,
             request_options={
-                "additional_query_parameters": {"include": "id,title,label_config,task_number"}
+                "additional_query_parameters": {
+                    "include": "id,title,label_config,task_number,model_version"
+                }
             },
         )
         details = response.data
@@ -158,6 +172,9 @@ class LabelStudioClient:
             project.title,
             task_count=details.task_number,
             read_at=_server_time(response.headers.get("date")),
+            # a project of an older surd selects its first rewriter's version: new predictions
+            # take that one, so they pre-fill there as its first tasks do
+            model_version=details.model_version or PREDICTION_MODEL_VERSION,
         )
 
     def task_times(
@@ -215,6 +232,39 @@ class LabelStudioClient:
             if data.get("sample_id"):
                 found.setdefault(str(data["sample_id"]), (task.id, data.get("narrative_prompt")))
         return found
+
+    def tasks_after(self, project: Project, task_id: int) -> tuple[int, int]:
+        """(how many tasks have an id above ``task_id``, the project's highest task id): Label
+        Studio's ids only grow, so this counts the tasks created since ``task_id`` was the
+        newest, in one small request (one row, the total from the server)."""
+        query = {
+            "ordering": ["-tasks:id"],
+            "filters": {
+                "conjunction": "and",
+                "items": [
+                    {
+                        "filter": "filter:tasks:id",
+                        "operator": "greater",
+                        "type": "Number",
+                        "value": task_id,
+                    }
+                ],
+            },
+        }
+
+        def first_page() -> tuple[int, int]:
+            pages = self._sdk.tasks.list(
+                project=project.id,
+                fields="task_only",
+                include="id",
+                query=json.dumps(query),
+                page_size=1,
+            )
+            newest = next(iter(pages.items or []), None)
+            total = getattr(pages.response, "total", None)
+            return (total or 0), (newest.id if newest is not None else task_id)
+
+        return self.call("counting new tasks", first_page)
 
     def import_tasks(self, project: Project, tasks: list[dict[str, Any]]) -> list[int]:
         """Create ``tasks`` (with their predictions); their new ids, in order."""
@@ -295,18 +345,23 @@ class LabelStudioClient:
         """Replace a task's data (Label Studio replaces it whole; it does not merge)."""
         self.call("updating a task", self._sdk.tasks.update, id=str(task_id), data=data)
 
-    def replace_prediction(
-        self, task_id: int, prediction_ids: Sequence[int], prediction: dict[str, Any]
-    ) -> None:
-        """``prediction`` as the task's only prediction: the first existing one is updated in
-        place (its id stays), any others are deleted."""
-        fields = {"result": prediction["result"], "model_version": prediction["model_version"]}
-        if prediction.get("score") is not None:
-            fields["score"] = prediction["score"]
-        if not prediction_ids:
+    def replace_narrative_prediction(self, task_id: int, prediction: dict[str, Any]) -> None:
+        """``prediction`` as the task's narrative prediction: surd's (those whose result fills
+        the narrative text area) are updated in place, the first one, or deleted, the rest;
+        any other prediction (an ML backend's) is left alone."""
+        existing = self.call(
+            "listing a task's predictions", self._sdk.predictions.list, task=task_id
+        )
+        ours = [p.id for p in existing if _is_narrative_prediction(p.result)]
+        fields = {
+            "result": prediction["result"],
+            "model_version": prediction["model_version"],
+            "score": prediction.get("score"),  # None clears an old score
+        }
+        if not ours:
             self.call("creating a prediction", self._sdk.predictions.create, task=task_id, **fields)
             return
-        first, *others = prediction_ids
+        first, *others = ours
         self.call("updating a prediction", self._sdk.predictions.update, id=first, **fields)
         for other in others:
             self.call("deleting a prediction", self._sdk.predictions.delete, id=other)

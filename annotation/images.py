@@ -45,16 +45,30 @@ def cors_origins(values: Iterable[str]) -> tuple[str, ...]:
         if value == ANY_ORIGIN:
             origins.append(ANY_ORIGIN)
             continue
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(
-                f"--cors-origin {value!r} is not an origin: give '*' or scheme://host[:port], "
-                "e.g. http://127.0.0.1:8080 (the address annotators open Label Studio at)"
-            )
-        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        origins.append(_origin(value))
     if not origins:
         return (ANY_ORIGIN,)
     return (ANY_ORIGIN,) if ANY_ORIGIN in origins else tuple(dict.fromkeys(origins))
+
+
+def _origin(value: str) -> str:
+    """``value`` as the Origin header a browser sends for it: scheme://host[:port], the
+    port left out when it is the scheme's default."""
+    problem = (
+        f"--cors-origin {value!r} is not an origin: give '*' or scheme://host[:port], e.g. "
+        "http://127.0.0.1:8080 (the address annotators open Label Studio at)"
+    )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise InputError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        raise InputError(problem)
+    host = parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 class ImageServer(ThreadingHTTPServer):
@@ -162,6 +176,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:  # noqa: N802
         """A CORS preflight (or a plain OPTIONS): what this server allows."""
+        if (self.headers.get("Content-Length") or "0").strip() != "0" or self.headers.get(
+            "Transfer-Encoding"
+        ):
+            self.close_connection = True  # a body is not read, so it must not be a next request
         self.send_response(204)
         self.send_header("Allow", ALLOWED_METHODS)
         self.send_header("Access-Control-Allow-Methods", ALLOWED_METHODS)
@@ -176,8 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             and self.server.allowed_origins != (ANY_ORIGIN,)
             and self.server.allow_origin(self.headers.get("Origin")) is not None
         ):
-            # a page on a public address loading from this private one: only for origins
-            # named with --cors-origin, never for '*'
+            # Chrome's Private Network Access: a page on a public address loading from this
+            # private one. Granted only to origins named with --cors-origin, never for '*'
             self.send_header("Access-Control-Allow-Private-Network", "true")
         self.send_header("Access-Control-Max-Age", "86400")
         self.send_header("Content-Length", "0")
@@ -185,6 +203,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _not_allowed(self) -> None:
-        self._plain(405, "read-only: GET, HEAD or OPTIONS", Allow=ALLOWED_METHODS)
+        # the body is not read: the connection ends with this answer, so the body can never
+        # be taken for a next request on it
+        self.close_connection = True
+        self._plain(
+            405, "read-only: GET, HEAD or OPTIONS", Allow=ALLOWED_METHODS, Connection="close"
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815

@@ -38,7 +38,15 @@ class Ledger:
 
     def read(self) -> dict[str, tuple[int, str | None]]:
         """sample_id -> (task_id, the narrative its task shows now); the latest row wins."""
+        return self.read_with_history()[0]
+
+    def read_with_history(
+        self,
+    ) -> tuple[dict[str, tuple[int, str | None]], dict[str, list[str]]]:
+        """:meth:`read`, and sample_id -> every narrative its task was given, oldest first (more
+        than one after ``push --refresh``)."""
         entries: dict[str, tuple[int, str | None]] = {}
+        history: dict[str, list[str]] = {}
         for part in sorted(self.folder.glob("part-*.parquet")):
             table = pq.read_table(part, schema=LEDGER_SCHEMA)
             for sample_id, task_id, narrative in zip(
@@ -48,7 +56,9 @@ class Ledger:
                 strict=True,
             ):
                 entries[sample_id] = (task_id, narrative)
-        return entries
+                if narrative is not None:
+                    history.setdefault(sample_id, []).append(narrative)
+        return entries, history
 
     def add(self, sample_ids: list[str], task_ids: list[int], narratives: list[str | None]) -> None:
         if not sample_ids:

@@ -3,13 +3,20 @@
 Label Studio bumps a task's ``updated_at`` whenever one of its annotations is created, edited
 or deleted (and when its data or predictions change). The mirror keeps, per task read, that
 time and the decisions its annotations recorded (:func:`annotation.tasks.decision_of`), and
-``since``: the server's clock when that read began, less :data:`OVERLAP` (for an annotation
-stamped just before a commit that landed after the read). The next read asks only for tasks
-updated since then and fetches those whose time moved. Tasks never annotated are not kept:
-the project's task count says how many are pending. It also keeps that count, so a drop (tasks
-deleted) sends the next read to check the tasks it holds.
-``annotation/<server>-project-<id>/pulled.parquet``, rewritten atomically: a read that stops
-half way leaves the previous mirror, and the next one reads again.
+``since``: where the next read starts, the server's clock when this read began (or the newest
+task time it listed, if earlier: that is the database's own clock), less :data:`OVERLAP` for
+a write stamped before a commit that landed after the read. The next read lists tasks updated
+since then and fetches those whose time moved. Tasks with no annotation are kept only while
+they are inside that overlap (so they are not fetched twice); the project's task count says
+how many are pending. The count and the highest task id are kept too: fewer tasks than the
+last count plus the ones created since means tasks were deleted, and the next read checks the
+tasks it holds.
+
+It is a cache: ``annotation/<server>-project-<id>/pulled.parquet``, rewritten atomically (a
+read that stops half way leaves the previous one). One that cannot be read, or was written by
+other decision rules (:data:`annotation.tasks.DECISION_RULES`), is ignored and everything is
+read again, as ``pull --full`` does. Writes Label Studio makes without touching a task's time
+(its "Propagate annotations" action) are seen only by a full read.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotation.tasks import Decision
+from annotation.tasks import DECISION_RULES, Decision
 from surd_builder.atomic import write_parquet_atomic
 
-OVERLAP = timedelta(seconds=5)
+# Label Studio stamps a task's time in Python just before its UPDATE; the commit may follow
+# after waiting for SQLite's write lock (Django's default busy timeout: 5 s) and the rest of the
+# request. Three times that; each second of overlap re-lists the tasks changed in it.
+OVERLAP = timedelta(seconds=15)
+FORMAT = "1"
 # the server's Date header has whole seconds; without one, the client's clock with a margin
 # for clock skew
 CLOCK_RESOLUTION = timedelta(seconds=1)
@@ -62,6 +73,7 @@ class MirrorState:
     tasks: dict[int, TaskState] = field(default_factory=dict)
     since: datetime | None = None  # None: never read, read everything
     task_count: int | None = None
+    max_task_id: int = 0
 
 
 class Mirror:
@@ -69,10 +81,20 @@ class Mirror:
         self.path = Path(folder) / "pulled.parquet"
 
     def read(self) -> MirrorState:
+        """The last read's state; an empty one (read everything) when there is none, or it is
+        damaged, of another format, or made by other decision rules."""
+        try:
+            return self._read()
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            return MirrorState()
+
+    def _read(self) -> MirrorState:
         if not self.path.exists():
             return MirrorState()
         table = pq.read_table(self.path)
         meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if meta.get("format") != FORMAT or meta.get("rules") != DECISION_RULES:
+            return MirrorState()
         table = table.select(MIRROR_SCHEMA.names).cast(MIRROR_SCHEMA)
         tasks = {}
         for row in table.to_pylist():
@@ -96,6 +118,7 @@ class Mirror:
             tasks,
             datetime.fromisoformat(since) if since else None,
             int(count) if count else None,
+            int(meta.get("max_task_id") or 0),
         )
 
     def write(self, state: MirrorState) -> None:
@@ -123,14 +146,25 @@ class Mirror:
             },
             schema=MIRROR_SCHEMA,
         )
-        meta = {"since": state.since.isoformat() if state.since else ""}
+        meta = {
+            "format": FORMAT,
+            "rules": DECISION_RULES,
+            "since": state.since.isoformat() if state.since else "",
+            "max_task_id": str(state.max_task_id),
+        }
         if state.task_count is not None:
             meta["task_count"] = str(state.task_count)
         write_parquet_atomic(table.replace_schema_metadata(meta), self.path)
 
 
-def next_since(server_time: datetime | None) -> datetime:
-    """Where the read after one that began at ``server_time`` (the server's clock) starts."""
+def next_since(server_time: datetime | None, newest_listed: datetime | None = None) -> datetime:
+    """Where the read after this one starts: this read's start on the server's clock, or the
+    newest task time it listed if that is earlier (the database's clock: a proxy's Date may
+    differ), less the overlap. Without a server clock, the client's less a margin for skew."""
     if server_time is None:
-        return datetime.now(UTC) - NO_SERVER_CLOCK_MARGIN
-    return server_time - CLOCK_RESOLUTION - OVERLAP
+        start = datetime.now(UTC) - NO_SERVER_CLOCK_MARGIN
+    else:
+        start = server_time - CLOCK_RESOLUTION
+    if newest_listed is not None:
+        start = min(start, newest_listed)
+    return start - OVERLAP

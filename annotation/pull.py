@@ -81,80 +81,105 @@ class ProjectRead:
     users: dict[int, str]
 
 
-def task_state(task: dict[str, Any], pushed: dict[str, tuple[int, str | None]]) -> TaskState:
+def task_state(
+    task: dict[str, Any],
+    pushed: dict[str, tuple[int, str | None]],
+    history: dict[str, list[str]] | None = None,
+) -> TaskState:
     """One exported task as the mirror keeps it: its sample and its annotations' decisions."""
     data = task.get("data") or {}
     sample_id = str(data.get("sample_id") or "") or None
     # compare with what the annotator was shown: the task's own text (the ledger's copy only
-    # for tasks pushed before surd put it in the task data)
+    # for tasks pushed before surd put it in the task data), or a text it showed before a
+    # refresh
     narrative = data.get("narrative_prompt")
     if narrative is None and sample_id is not None:
         narrative = pushed.get(sample_id, (None, None))[1]
     decisions: tuple[Decision, ...] = ()
     if sample_id is not None:
+        earlier = (history or {}).get(sample_id, ())
         decisions = tuple(
             d
             for a in task.get("annotations") or []
-            if (d := decision_of(a, sample_id, narrative)) is not None
+            if (d := decision_of(a, sample_id, narrative, earlier)) is not None
         )
     return TaskState(sample_id, None, decisions)
 
 
-def read_project(client: LabelStudioClient, workspace: Workspace, title: str) -> ProjectRead:
-    """Bring the workspace's mirror of ``title`` up to date, reading only what changed."""
+def read_project(
+    client: LabelStudioClient, workspace: Workspace, title: str, full: bool = False
+) -> ProjectRead:
+    """Bring the workspace's mirror of ``title`` up to date, reading only what changed
+    (``full``: everything again, as on a first read)."""
     project = client.project(title)  # its task count, and the server's clock before reading
     ledger = Ledger(workspace, client.url, project.id)
     mirror = Mirror(ledger.folder)
-    before = mirror.read()
+    before = MirrorState() if full else mirror.read()
     tasks = dict(before.tasks)
+    newest_listed = None
+    times: dict[int, datetime | None] = {}
     if before.since is None:  # never read: every annotated task (skipped ones too)
-        times: dict[int, datetime | None] = {}
+        tasks = {}
+        _, max_task_id = client.tasks_after(project, 0)
         exported = client.export_tasks(project, annotated_only=True)
     else:
+        created, max_task_id = client.tasks_after(project, before.max_task_id)
         listed = client.task_times(project, since=before.since)
         times = {task_id: time for task_id, (time, _) in listed.items()}
+        known_times = [time for time in times.values() if time is not None]
+        newest_listed = max(known_times) if known_times else None
         todo = []
         for task_id, (time, annotations) in listed.items():
             held = tasks.get(task_id)
             if held is None and annotations == 0:
                 # new, or changed without being annotated (say its prediction): nothing to
-                # decide; kept so the next listing's overlap does not fetch it again
+                # decide; kept while inside the overlap, so the next read does not fetch it
                 tasks[task_id] = TaskState(None, time)
             elif held is None or time is None or held.updated_at is None or time > held.updated_at:
                 todo.append(task_id)
         if (
             project.task_count is not None
             and before.task_count is not None
-            and project.task_count < before.task_count
+            and project.task_count < before.task_count + created
         ):
-            # tasks were deleted: check the ones held (only a task still there is exported)
+            # fewer tasks than before plus those created since: some were deleted; check the
+            # ones held (only a task still there is exported)
             todo = sorted(set(todo) | {i for i, held in tasks.items() if held.decisions})
         exported = client.export_tasks(project, ids=todo) if todo else []
         for task_id in set(todo) - {task["id"] for task in exported}:
             tasks.pop(task_id, None)  # listed or held, not exported: deleted
-    pushed = {}
-    if any("narrative_prompt" not in (task.get("data") or {}) for task in exported):
-        pushed = ledger.read()
+    pushed, history = ledger.read_with_history() if exported else ({}, {})
     for task in exported:
-        state = task_state(task, pushed)
+        state = task_state(task, pushed, history)
         # the listing's time when there is one (taken before the export): if the task changed
         # in between, the next listing shows a newer time and it is read again
         time = times.get(task["id"]) or parse_time(task.get("updated_at"))
         tasks[task["id"]] = TaskState(state.sample_id, time, state.decisions)
-    after = MirrorState(tasks, next_since(project.read_at), project.task_count)
+    since = next_since(project.read_at, newest_listed)
+    # a task with nothing to decide is needed only while the next listing can show it unchanged
+    tasks = {
+        task_id: state
+        for task_id, state in tasks.items()
+        if state.decisions or (state.updated_at is not None and state.updated_at >= since)
+    }
+    after = MirrorState(tasks, since, project.task_count, max(max_task_id, before.max_task_id))
     if after != before:
         mirror.write(after)
     return ProjectRead(project, tasks, len(exported), client.users())
 
 
 def pull(
-    workspace: Workspace, client: LabelStudioClient, title: str, policy: str = "latest"
+    workspace: Workspace,
+    client: LabelStudioClient,
+    title: str,
+    policy: str = "latest",
+    full: bool = False,
 ) -> PullReport:
     report = PullReport(title)
     with workspace.stage_lock("annotate"):
-        project = read_project(client, workspace, title)
+        project = read_project(client, workspace, title, full)
         users = project.users
-        report.tasks = project.project.task_count or len(project.tasks)
+        report.tasks = project.project.task_count or 0
         report.read = project.read
         decided = [s for s in project.tasks.values() if s.sample_id is not None]
         report.several_annotators, report.agreeing = agreement(list(s.decisions) for s in decided)
@@ -206,14 +231,18 @@ def pull(
 
 
 def project_status(
-    workspace: Workspace, client: LabelStudioClient, title: str, policy: str = "latest"
+    workspace: Workspace,
+    client: LabelStudioClient,
+    title: str,
+    policy: str = "latest",
+    full: bool = False,
 ) -> ProjectStatus:
-    """Counts on the server, without writing any decision: the decision of each task under
-    ``policy`` (pending when none), and each annotator's own latest decisions. Reads what
-    changed since the last pull or status, like pull."""
-    project = read_project(client, workspace, title)
+    """Counts on the server: the decision of each task under ``policy`` (pending when none),
+    and each annotator's own latest decisions. It writes no decision to the workspace, but
+    like pull it reads only what changed and brings the mirror up to date."""
+    project = read_project(client, workspace, title, full)
     users = project.users
-    total = project.project.task_count or len(project.tasks)
+    total = project.project.task_count or 0
     status = ProjectStatus(title, total, project.read)
     by_annotator: dict[str, Counter] = defaultdict(Counter)
     decided = 0

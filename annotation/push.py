@@ -37,6 +37,8 @@ from surd_builder.errors import InputError
 from surd_builder.progress import progress_bar
 from surd_builder.workspace import Workspace
 
+# what a refresh rewrites in a task's data (the rest, the image address among it, stays)
+_REFRESHED_FIELDS = ("narrative_prompt", "narrative_origin", "clip_score", "text_similarity")
 # what a task shows of a sample (annotation.tasks.sample_to_task)
 _TASK_COLUMNS = [
     "sample_id",
@@ -179,7 +181,7 @@ def push(
                             row["sample_id"],
                             image_file(row["image_sha256"], row["image_format"]),
                         )
-                    tasks.append(sample_to_task(row, image))
+                    tasks.append(sample_to_task(row, image, project.model_version))
                 task_ids = client.import_tasks(project, tasks)
                 ledger.add(
                     [r["sample_id"] for r in batch],
@@ -214,30 +216,23 @@ def _refresh(
         .to_pylist()
     }
     tasks = client.export_tasks(project, ids=sorted(stale.values()))
-    refreshed: list[tuple[str, int, str]] = []
     with progress_bar("refresh", len(tasks), options.show_progress) as advance:
         for task in tasks:
+            advance(1)
             data = task.get("data") or {}
             sample_id = str(data.get("sample_id") or "")
             row = rows.get(sample_id)
             if row is None:
-                advance(1)
                 continue
             if task.get("annotations") or task.get("drafts") or task.get("total_annotations"):
                 # someone decided (or skipped, or is writing a draft) on what they were shown
                 report.stale_annotated += 1
-                advance(1)
                 continue
-            # the same picture, the new text: the image address the task already has stays
-            updated = sample_to_task(row, data.get("image") or "")
-            client.update_task(task["id"], {**data, **updated["data"]})
-            client.replace_prediction(
-                task["id"],
-                [p["id"] if isinstance(p, dict) else p for p in task.get("predictions") or []],
-                updated["predictions"][0],
-            )
-            refreshed.append((sample_id, task["id"], row["narrative_prompt"]))
-            advance(1)
-    if refreshed:
-        ledger.add(*map(list, zip(*refreshed, strict=True)))
-    report.refreshed = len(refreshed)
+            # the same picture, the new text and scores: the task's image address stays
+            updated = sample_to_task(row, data.get("image") or "", project.model_version)
+            kept = {k: v for k, v in data.items() if k not in _REFRESHED_FIELDS}
+            client.update_task(task["id"], {**kept, **updated["data"]})
+            client.replace_narrative_prediction(task["id"], updated["predictions"][0])
+            # recorded at once: a refresh that stops part way has the rest to do, no more
+            ledger.add([sample_id], [task["id"]], [row["narrative_prompt"]])
+            report.refreshed += 1

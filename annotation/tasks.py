@@ -28,6 +28,9 @@ from typing import Any
 from annotation.config import PROBLEM_TAGS
 
 POLICIES = ("latest", "unanimous")
+# names the reading rules below: change it with them, so mirrors of decisions read under other
+# rules (annotation.mirror) are read again
+DECISION_RULES = "1"
 IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}", "{image_file}")
 # `surd annotate serve-images` on its default address; the query keeps browsers from reusing
 # copies cached from a server that sent no CORS header (annotation/images.py)
@@ -85,9 +88,12 @@ MAGIC_TYPES = (
 )
 
 
-def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
+def sample_to_task(
+    sample: dict[str, Any], image: str, model_version: str = PREDICTION_MODEL_VERSION
+) -> dict[str, Any]:
     """A task for one sample: the data the config shows, and the current narrative as a
-    prediction so the text area opens pre-filled (:data:`PREDICTION_MODEL_VERSION`)."""
+    prediction so the text area opens pre-filled; ``model_version`` is the one the project
+    pre-fills from (:data:`PREDICTION_MODEL_VERSION` in projects surd made)."""
     narrative = sample.get("narrative_prompt") or ""
     data = {
         "image": image,
@@ -103,7 +109,7 @@ def sample_to_task(sample: dict[str, Any], image: str) -> dict[str, Any]:
     task: dict[str, Any] = {"data": data}
     if narrative:
         prediction: dict[str, Any] = {
-            "model_version": PREDICTION_MODEL_VERSION,
+            "model_version": model_version,
             "result": [
                 {
                     "from_name": "narrative_prompt",
@@ -134,9 +140,16 @@ def parse_time(value: Any) -> datetime | None:
 
 
 def decision_of(
-    annotation: dict[str, Any], sample_id: str, pushed_narrative: str | None
+    annotation: dict[str, Any],
+    sample_id: str,
+    pushed_narrative: str | None,
+    shown_before: Iterable[str] = (),
 ) -> Decision | None:
-    """The decision one annotation records (see the module docstring), or None."""
+    """The decision one annotation records (see the module docstring), or None.
+
+    ``shown_before``: narratives the task showed before ``push --refresh`` replaced them. A
+    text equal to one of them is that text accepted (the annotator opened the task before the
+    refresh), not a correction."""
     if annotation.get("was_cancelled"):
         return None
     choice, text, tags = None, None, []
@@ -149,7 +162,8 @@ def decision_of(
         elif item.get("from_name") == "problems":
             tags = [t for t in value.get("choices") or [] if t in PROBLEM_TAGS]
     pushed = (pushed_narrative or "").strip()
-    edited = text is not None and text != pushed
+    earlier = {t.strip() for t in shown_before}
+    edited = text is not None and text != pushed and text not in earlier
     if choice is None and not edited:
         return None
     common = {
@@ -161,7 +175,7 @@ def decision_of(
     }
     if choice == "reject":
         return Decision(status="rejected", narrative=None, **common)
-    narrative = text if text else pushed
+    narrative = text if text else pushed  # an earlier text accepted is that text
     if not narrative:
         return None  # accepted an empty narrative: nothing to record
     return Decision(status="corrected" if edited else "accepted", narrative=narrative, **common)

@@ -32,6 +32,13 @@ ApiKeyOption = Annotated[
     ),
 ]
 ProjectOption = Annotated[str, typer.Option("--project", "-p", help="Label Studio project title.")]
+FullOption = Annotated[
+    bool,
+    typer.Option(
+        "--full",
+        help="Read every task again instead of only what changed since the last read.",
+    ),
+]
 PolicyOption = Annotated[
     str,
     typer.Option(
@@ -139,13 +146,14 @@ def pull_command(
     url: UrlOption = "http://127.0.0.1:8080",
     api_key: ApiKeyOption = "",
     policy: PolicyOption = "latest",
+    full: FullOption = False,
 ) -> None:
     """Apply finished annotations to the workspace (idempotent; never replaces newer reviews)."""
     from annotation.pull import pull
     from surd_builder.workspace import Workspace
 
     _check_policy(policy)
-    report = pull(Workspace.open(workspace), _client(url, api_key), project, policy)
+    report = pull(Workspace.open(workspace), _client(url, api_key), project, policy, full)
     written = sum(report.written.values())
     console.print(
         f"[bold]pull[/bold]: {written:,} decisions written; {report.read:,} of {report.tasks:,} "
@@ -176,13 +184,14 @@ def status_command(
     url: UrlOption = "http://127.0.0.1:8080",
     api_key: ApiKeyOption = "",
     policy: PolicyOption = "latest",
+    full: FullOption = False,
 ) -> None:
     """Counts in the project: pending / accepted / corrected / rejected, and per annotator."""
     from annotation.pull import project_status
     from surd_builder.workspace import Workspace
 
     _check_policy(policy)
-    status = project_status(Workspace.open(workspace), _client(url, api_key), project, policy)
+    status = project_status(Workspace.open(workspace), _client(url, api_key), project, policy, full)
     statuses = ("pending", "accepted", "corrected", "rejected")
     table = Table(
         title=f"project {project!r}: {status.tasks:,} tasks ({status.read:,} read now: new or "
@@ -208,8 +217,8 @@ def serve_images_command(
     cors_origin: Annotated[
         list[str],
         typer.Option(
-            help="Origin allowed to draw the images (Label Studio's scheme://host:port as "
-            "annotators open it; repeatable), or '*' for any page."
+            help="Origin whose pages may read the images in CORS mode, as Label Studio's editor "
+            "loads them (scheme://host[:port] as annotators open it; repeatable), or '*'."
         ),
     ] = ["*"],  # noqa: B006 (Typer reads the default; it is never mutated)
 ) -> None:

@@ -538,7 +538,7 @@ def test_push_order_most_doubtful_first(ws, client, title):
 
 
 # ----------------------------------------------------------------------------- 9. cost
-def test_pull_and_status_read_only_what_changed(ws, client, title, people):
+def test_pull_and_status_read_only_what_changed(ws, client, title, people, label_studio):
     scenario = annotate_scenario(ws, client, title, people)
     ids, task = scenario.ids, scenario.tasks
     first = pull(ws, client, title)
@@ -580,12 +580,26 @@ def test_pull_and_status_read_only_what_changed(ws, client, title, people):
     status = project_status(ws, client, title)
     assert status.tasks == N - 1 and status.by_status["pending"] == 2
 
+    # a decided task deleted and another created before the next read (the count is the
+    # same): its decision leaves the counts too
+    client.sdk.tasks.delete(id=str(task["A"]))
+    elsewhere = {"sample_id": "elsewhere", "image": "http://x/i.png", "complex_prompt": "k"}
+    client.import_tasks(scenario.project, [{"data": {**elsewhere, "narrative_prompt": "n"}}])
+    status = project_status(ws, client, title)
+    assert status.tasks == N - 1
+    assert dict(status.by_status) == {"pending": 3, "accepted": 1, "corrected": 2, "rejected": 1}
+
     # without the mirror (a new machine): everything is read again, nothing written twice
     mirror = Ledger(ws, client.url, scenario.project.id).folder / "pulled.parquet"
     mirror.unlink()
     fresh = pull(ws, client, title)
-    assert (fresh.read, fresh.written, fresh.unchanged, fresh.pending) == (5, {}, 5, 2)
+    assert (fresh.read, fresh.written, fresh.unchanged, fresh.pending) == (4, {}, 4, 3)
     assert mirror.exists()
+    full = run_surd(
+        "annotate", "pull", "-p", title, "-w", str(ws.root), "--full", env=label_studio.env()
+    )  # fmt: skip
+    assert full.returncode == 0, full.stdout + full.stderr
+    assert "0 decisions written; 4 of 7 tasks read" in full.stdout
 
 
 def test_repush_with_nothing_new_lists_no_tasks(ws, client, title):
@@ -654,27 +668,44 @@ def test_refresh_gives_unannotated_tasks_the_new_narrative(ws, client, title, pe
     task = client.sdk.tasks.get(id=str(entries[rewritten][0]))
     assert task.data["narrative_prompt"] == entries[rewritten][1]
 
+    # an ML backend's prediction on the task is not surd's to replace
+    backend = client.sdk.predictions.create(
+        task=entries[rewritten][0],
+        result=[decision("accept")],
+        model_version="some-backend",
+    )
     refreshed = push(ws, client, title, PushOptions(refresh=True, show_progress=False))
     assert (refreshed.stale, refreshed.refreshed, refreshed.stale_annotated) == (2, 1, 1)
     tasks = {t.id: t for t in tasks_with_predictions(client, report.project)}
     updated = tasks[entries[rewritten][0]]
     assert updated.data["narrative_prompt"] == new_text[rewritten]
     assert updated.data["narrative_origin"] == "llm:test"
-    assert updated.data["image"] == tasks[entries[rewritten][0]].data["image"]
-    assert [p.result for p in updated.predictions] == [[text(new_text[rewritten])]]
-    assert [p.model_version for p in updated.predictions] == [PREDICTION_MODEL_VERSION]
+    assert updated.data["image"] == task.data["image"]  # the same address as before
+    assert backend.id in [p.id for p in updated.predictions]
+    ours = [p for p in updated.predictions if p.id != backend.id]
+    assert [p.result for p in ours] == [[text(new_text[rewritten])]]
+    assert [p.model_version for p in ours] == [PREDICTION_MODEL_VERSION]
     kept = tasks[entries[annotated][0]]  # annotated on the old text: left as it was
     assert kept.data["narrative_prompt"] == entries[annotated][1]
     assert ledger.read()[rewritten] == (entries[rewritten][0], new_text[rewritten])
     assert ledger.read()[annotated] == entries[annotated]
 
-    # an annotator accepting the refreshed text accepts the new narrative
+    # an annotator accepting the refreshed text accepts the new narrative; one who opened the
+    # task before the refresh and accepts the old text accepts that text (not a correction)
     client.create_annotation(entries[rewritten][0], [decision("accept")], completed_by=people.admin)
     pulled = pull(ws, client, title)
     assert pulled.written == {"accepted": 2}
     after = by_id(ws.dataset())
     assert after[rewritten]["narrative_prompt"] == new_text[rewritten]
     assert after[annotated]["narrative_prompt"] == entries[annotated][1]  # what was shown
+    client.create_annotation(
+        entries[rewritten][0],
+        [decision("accept"), text(entries[rewritten][1])],
+        completed_by=people.bob,
+    )
+    late = pull(ws, client, title)
+    assert late.written == {"accepted": 1}
+    assert by_id(ws.dataset())[rewritten]["narrative_prompt"] == entries[rewritten][1]
 
     again = push(ws, client, title, PushOptions(refresh=True, show_progress=False))
     assert (again.stale, again.refreshed) == (0, 0)  # both decided: no longer up for review
@@ -685,3 +716,31 @@ def test_projects_prefill_in_the_label_stream(ws, client, title):
     project = client.sdk.projects.get(id=report.project.id)
     assert project.show_collab_predictions is True
     assert project.model_version == PREDICTION_MODEL_VERSION
+
+
+def test_a_project_of_an_older_surd_keeps_prefilling(ws, client, title):
+    """Older surd made projects without a model version and tagged predictions with the
+    rewriter; Label Studio then selected the first import's. New tasks must use that one."""
+    from annotation.config import label_config
+
+    old = client.sdk.projects.create(title=title, label_config=label_config())
+    client.sdk.projects.import_tasks(
+        id=old.id,
+        request=[
+            {
+                "data": {
+                    "sample_id": "old-sample",
+                    "image": "http://x/i.png",
+                    "complex_prompt": "cat",
+                    "narrative_prompt": "a cat",
+                },
+                "predictions": [{"model_version": ORIGIN, "result": [text("a cat")]}],
+            }
+        ],
+    )
+    assert client.sdk.projects.get(id=old.id).model_version == ORIGIN
+    report = push(ws, client, title, QUIET)
+    assert report.pushed == N and report.project.model_version == ORIGIN
+    tasks = tasks_with_predictions(client, report.project)
+    assert len(tasks) == N + 1
+    assert {p.model_version for t in tasks for p in t.predictions} == {ORIGIN}

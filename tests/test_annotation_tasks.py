@@ -226,9 +226,43 @@ def test_image_server_allows_only_named_origins(workspace) -> None:
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(InputError, match="not an origin"):
-        ImageServer(workspace, "127.0.0.1", 0, allowed_origins=["127.0.0.1:8080"])
+    for bad in ("127.0.0.1:8080", "http://[::1", "http://h:abc", "http://u:p@h", "ftp://h"):
+        with pytest.raises(InputError, match="not an origin"):
+            ImageServer(workspace, "127.0.0.1", 0, allowed_origins=[bad])
     assert cors_origins(["http://a.example", "*"]) == ("*",)
+    # as browsers send them: default ports left out, host in lower case, IPv6 in brackets
+    assert cors_origins(["https://LS.example.org:443/x", "http://[::1]:8080", "http://h:80"]) == (
+        "https://ls.example.org",
+        "http://[::1]:8080",
+        "http://h",
+    )
+
+
+def test_a_refused_write_closes_the_connection(workspace) -> None:
+    """A 405 leaves the body unread; on a kept-alive connection it would be read as the next
+    request. The answer closes the connection instead."""
+    import socket
+
+    server = ImageServer(workspace, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        smuggled = b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+        request = (
+            b"POST /images/x HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(smuggled)}\r\n\r\n".encode()
+            + smuggled
+        )
+        with socket.create_connection(server.server_address[:2], timeout=5) as conn:
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 405")
+        assert answer.count(b"HTTP/1.1 ") == 1  # no second answer, to the body
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_image_files_are_named_by_content_and_written_once(workspace, tmp_path) -> None:
@@ -253,6 +287,46 @@ def test_image_files_are_named_by_content_and_written_once(workspace, tmp_path) 
     assert (again.written, again.present) == (1, 1)
     assert image_file("ab", "MPO") == "ab.jpg" and image_file("ab", None) == "ab.img"
     assert image_url("/d/{image_file}?s={sample_id}", "ab", "s1", "ab.png") == "/d/ab.png?s=s1"
+
+
+def test_a_text_shown_before_a_refresh_is_accepted_not_corrected() -> None:
+    old, new = "three red circles", "three small red circles"
+    accepted_old = annotation(decision="accept", text=old)  # opened before the refresh
+    decided = decision_of(accepted_old, "s", new, shown_before=[old])
+    assert (decided.status, decided.narrative) == ("accepted", old)
+    edited = decision_of(annotation(decision="corrected", text="two circles"), "s", new, [old])
+    assert (edited.status, edited.narrative) == ("corrected", "two circles")
+    assert decision_of(accepted_old, "s", new).status == "corrected"  # without the history
+
+
+def test_server_dates_and_where_the_next_read_starts() -> None:
+    from annotation.client import _server_time
+    from annotation.mirror import OVERLAP, next_since
+
+    date = _server_time("Wed, 02 Dec 2026 06:03:14 GMT")
+    assert date == datetime(2026, 12, 2, 6, 3, 14, tzinfo=UTC)
+    assert _server_time(None) is None and _server_time("yesterday") is None
+    assert next_since(date) == date - timedelta(seconds=1) - OVERLAP
+    older = date - timedelta(minutes=3)  # the database's clock, behind a proxy's Date
+    assert next_since(date, older) == older - OVERLAP
+    assert next_since(None) < datetime.now(UTC) - timedelta(minutes=59)
+
+
+def test_a_damaged_or_foreign_mirror_is_read_as_none(tmp_path) -> None:
+    from annotation.mirror import Mirror, MirrorState, TaskState
+
+    mirror = Mirror(tmp_path)
+    decision = Decision("s", 1, "accepted", "a cat", decided_at=T0, annotation_id=5)
+    state = MirrorState({7: TaskState("s", T0, (decision,))}, T0, 3, 9)
+    mirror.write(state)
+    assert mirror.read() == state
+    mirror.path.write_bytes(mirror.path.read_bytes()[:40])  # cut short
+    assert mirror.read() == MirrorState()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"task_id": [1]}), mirror.path)  # another layout, no format
+    assert mirror.read() == MirrorState()
 
 
 def test_naive_times_are_utc_and_a_cleared_text_is_no_edit() -> None:
