@@ -20,14 +20,22 @@ Three measurements, in the same run, on the same device and dtype:
     Like the released code it cuts the graph before the UNet (its ``torch.tensor(...)``), so it
     does *less* work per sample than (a): no UNet backward.
 
-Reported: samples/s and peak GPU memory of each, (a)/(b) and (a)/(c), the device and dtype.
+The three are interleaved over ``--rounds`` rounds (the order rotates each round) and each is
+reported as the median samples/s with its range: run one after the other on a shared machine,
+whatever else ran at the time skewed them apart ((a)/(b) = 1.42 once, which cannot be).
+The ``sd15`` adapter is built with ``surd train``'s defaults (``adapter.train.TrainConfig``).
+
+Reported: median samples/s (and min-max) and peak GPU memory of each, (a)/(b) and (a)/(c) of
+the medians, the device and dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +48,26 @@ import torch  # noqa: E402
 from adapter.losses import noise_prediction_loss  # noqa: E402
 from adapter.model import SURAdapter  # noqa: E402
 from adapter.step import CachedSet, LossSettings, compute_losses, step_generator  # noqa: E402
+from adapter.train import TrainConfig  # noqa: E402
+
+
+def trainer_adapter() -> dict:
+    """The adapter ``surd train`` builds by default (its TrainConfig defaults)."""
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(TrainConfig)
+        if field.default is not dataclasses.MISSING
+    }
+    return dict(
+        num_layers=defaults["adapter_layers"],
+        num_heads=defaults["adapter_heads"],
+        feedforward_dim=defaults["adapter_feedforward"],
+        mlp_dim=defaults["adapter_mlp"],
+        dropout=defaults["adapter_dropout"],
+        adapter_weight=defaults["adapter_weight"],
+        train_llm_projection=defaults["train_llm_projection"],
+    )
+
 
 SIZES = {
     "sd15": dict(
@@ -54,7 +82,7 @@ SIZES = {
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   num_attention_heads=12),
-        adapter=dict(num_heads=8, feedforward_dim=2048, mlp_dim=2048),
+        adapter=trainer_adapter(),
         llm_dim=5120,
     ),
     "small": dict(
@@ -138,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sd15: 32; small: 8")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (a, b, c)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
@@ -186,10 +215,6 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(surd_step, args.steps, args.warmup, device)
-    results["a_surd"] = {"batch": batch, "samples_per_s": batch / seconds,
-                         "peak_gib": peak_memory(device)}  # fmt: skip
-
     # (b) the ceiling: UNet forward + backward to the condition alone
     latents = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
     condition = torch.randn(batch, 77, width, device=device, dtype=dtype, requires_grad=True)
@@ -201,10 +226,6 @@ def main() -> None:
             loss = noise_prediction_loss(prediction, latents)
         loss.backward()
         condition.grad = None
-
-    seconds = timed(bare_step, args.steps, args.warmup, device)
-    results["b_ceiling"] = {"batch": batch, "samples_per_s": batch / seconds,
-                            "peak_gib": peak_memory(device)}  # fmt: skip
 
     # (c) released-style: batch 1 x accumulation 4, VAE and CLIP on the fly, graph cut
     accumulation = 4
@@ -234,10 +255,36 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(released_step, max(2, args.steps // 2), 1, device)
-    results["c_released"] = {"batch": 1, "accumulation": accumulation,
-                             "samples_per_s": accumulation / seconds,
-                             "peak_gib": peak_memory(device)}  # fmt: skip
+    # name -> (step, samples per call, calls per measurement, what describes it)
+    runs = {
+        "a_surd": (surd_step, batch, args.steps, {"batch": batch}),
+        "b_ceiling": (bare_step, batch, args.steps, {"batch": batch}),
+        "c_released": (
+            released_step, accumulation, max(2, args.steps // 2),
+            {"batch": 1, "accumulation": accumulation},
+        ),
+    }  # fmt: skip
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float | None] = {name: None for name in runs}
+    names = list(runs)
+    for round_number in range(args.rounds):
+        order = names[round_number % 3 :] + names[: round_number % 3]
+        for name in order:
+            step, samples, calls, _ = runs[name]
+            warmup = args.warmup if round_number == 0 else 1
+            rates[name].append(samples / timed(step, calls, warmup, device))
+            peak = peak_memory(device)
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0.0, peak)
+    for name, (_, _, _, described) in runs.items():
+        results[name] = {
+            **described,
+            "samples_per_s": statistics.median(rates[name]),
+            "min": min(rates[name]),
+            "max": max(rates[name]),
+            "rounds": len(rates[name]),
+            "peak_gib": peaks[name],
+        }
 
     a, b, c = (results[k]["samples_per_s"] for k in ("a_surd", "b_ceiling", "c_released"))
     cores = torch.get_num_threads()
@@ -253,16 +300,18 @@ def main() -> None:
         "torch": torch.__version__,
         "compile": args.compile,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "rounds": args.rounds,
         "results": results,
         "a_over_b": a / b,
         "a_over_c": a / c,
     }
     print(f"device: {name}, {report['dtype']}, size {size}, batch {batch}")
-    print(f"{'step':<12}{'samples/s':>12}{'peak GiB':>10}")
+    print(f"{'step':<12}{'median/s':>10}{'min-max':>16}{'peak GiB':>10}   ({args.rounds} rounds)")
     for key, value in results.items():
         peak = "-" if value["peak_gib"] is None else f"{value['peak_gib']:.2f}"
-        print(f"{key:<12}{value['samples_per_s']:>12.3g}{peak:>10}")
-    print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.1f}")
+        spread = f"{value['min']:.3g}-{value['max']:.3g}"
+        print(f"{key:<12}{value['samples_per_s']:>10.3g}{spread:>16}{peak:>10}")
+    print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.1f}   (medians)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
