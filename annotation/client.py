@@ -51,6 +51,19 @@ def _is_narrative_prediction(result: Any) -> bool:
     )
 
 
+def _task_query(ordering: list[str], only: tuple[str, str, str, Any] | None = None) -> str:
+    """A data-manager ``query`` for ``GET /api/tasks``: the ordering and at most one filter,
+    ``(filter, operator, type, value)``, e.g. ``("filter:tasks:id", "greater", "Number", 5)``."""
+    query: dict[str, Any] = {"ordering": ordering}
+    if only is not None:
+        name, operator, kind, value = only
+        query["filters"] = {
+            "conjunction": "and",
+            "items": [{"filter": name, "operator": operator, "type": kind, "value": value}],
+        }
+    return json.dumps(query)
+
+
 def _server_time(date_header: str | None) -> datetime | None:
     """An HTTP Date header as aware UTC (None when absent or unreadable)."""
     if not date_header:
@@ -185,26 +198,18 @@ class LabelStudioClient:
         when an annotation is created, edited or deleted, so this is what changed; only these
         fields travel (``include``), ordered by id so pages do not shift when a task is updated
         during the listing."""
-        query: dict[str, Any] = {"ordering": ["tasks:id"]}
+        updated_since = None
         if since is not None:
-            query["filters"] = {
-                "conjunction": "and",
-                "items": [
-                    {
-                        "filter": "filter:tasks:updated_at",
-                        "operator": "greater_or_equal",
-                        "type": "Datetime",
-                        "value": since.astimezone(UTC).strftime(FILTER_TIME_FORMAT),
-                    }
-                ],
-            }
+            value = since.astimezone(UTC).strftime(FILTER_TIME_FORMAT)
+            updated_since = ("filter:tasks:updated_at", "greater_or_equal", "Datetime", value)
+        query = _task_query(["tasks:id"], updated_since)
 
         def listing() -> dict[int, tuple[datetime | None, int]]:
             pages = self._sdk.tasks.list(
                 project=project.id,
                 fields="task_only",
                 include="id,updated_at,total_annotations,cancelled_annotations",
-                query=json.dumps(query),
+                query=query,
                 page_size=LISTING_PAGE_SIZE,
             )
             return {
@@ -237,27 +242,14 @@ class LabelStudioClient:
         """(how many tasks have an id above ``task_id``, the project's highest task id): Label
         Studio's ids only grow, so this counts the tasks created since ``task_id`` was the
         newest, in one small request (one row, the total from the server)."""
-        query = {
-            "ordering": ["-tasks:id"],
-            "filters": {
-                "conjunction": "and",
-                "items": [
-                    {
-                        "filter": "filter:tasks:id",
-                        "operator": "greater",
-                        "type": "Number",
-                        "value": task_id,
-                    }
-                ],
-            },
-        }
+        query = _task_query(["-tasks:id"], ("filter:tasks:id", "greater", "Number", task_id))
 
         def first_page() -> tuple[int, int]:
             pages = self._sdk.tasks.list(
                 project=project.id,
                 fields="task_only",
                 include="id",
-                query=json.dumps(query),
+                query=query,
                 page_size=1,
             )
             newest = next(iter(pages.items or []), None)

@@ -181,15 +181,17 @@ def pull(
         users = project.users
         report.tasks = project.project.task_count or 0
         report.read = project.read
-        decided = [s for s in project.tasks.values() if s.sample_id is not None]
-        report.several_annotators, report.agreeing = agreement(list(s.decisions) for s in decided)
+        of_samples = [s for s in project.tasks.values() if s.sample_id is not None]
+        report.several_annotators, report.agreeing = agreement(
+            list(s.decisions) for s in of_samples
+        )
         known = set(workspace.read_table("samples", ["sample_id"])["sample_id"].to_pylist())
         current = {
             row["sample_id"]: row["reviewed_at"]
             for row in workspace.read_table("reviews", ["reviewed_at"]).to_pylist()
         }
         rows, now = [], datetime.now(UTC)
-        for state in decided:
+        for state in of_samples:
             sample_id = state.sample_id
             if sample_id not in known:
                 report.unknown_samples += 1

@@ -156,7 +156,7 @@ def push(
         report.stale = len(stale)
         if options.refresh and stale:
             _refresh(client, project, ledger, candidates, stale, options, report)
-        done = set(known) | set(on_server)
+        done = set(known)  # adopted tasks included
         todo = candidates.filter(
             pc.invert(pc.is_in(candidates["sample_id"], pa.array(sorted(done), pa.string())))
         )

@@ -35,10 +35,11 @@ IMAGE_PLACEHOLDERS = ("{image_sha256}", "{sample_id}", "{image_file}")
 # `surd annotate serve-images` on its default address; the query keeps browsers from reusing
 # copies cached from a server that sent no CORS header (annotation/images.py)
 DEFAULT_IMAGE_URL = "http://127.0.0.1:8081/images/{image_sha256}?cors=1"
-# Every surd prediction has this model_version, and surd's projects select it: Label Studio's
-# "Label All Tasks" stream pre-fills a task from a prediction only when the prediction's
-# model_version is the project's, and one project mixes narratives of several rewriters (the
-# rewriter is in the task data, ``narrative_origin``).
+# The model_version surd's projects select and their predictions carry: Label Studio's "Label
+# All Tasks" stream pre-fills a task from a prediction only when the prediction's model_version
+# is the project's, and one project mixes narratives of several rewriters (the rewriter is in
+# the task data, ``narrative_origin``). A project of an older surd keeps its own version, and
+# new predictions there take that one (annotation.client.Project.model_version).
 PREDICTION_MODEL_VERSION = "surd-narrative"
 
 
