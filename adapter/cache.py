@@ -6,9 +6,23 @@ computed once and kept here under ``sha256(identity, content)``: the identity na
 every setting that changes the values (layer, pooling, resolution, flip, dtype), the content is
 the text or the image's hash. Changing a setting misses; going back hits again.
 
-Storage is Parquet parts of ``(key, value)`` rows, ``value`` the raw bytes of one array; the
-dtype and shape are in the part's schema metadata. Parts are written atomically, one per computed
-batch, so a killed build keeps every finished batch and the next run computes only the rest.
+Storage: fixed-size records in NumPy ``.npy`` files, each with a ``.keys.npy`` beside it (one
+64-byte hex key per record). Why ``.npy``: a record is one array of a known dtype and shape, so a
+file is a header plus a contiguous block that ``np.load(mmap_mode="r")`` maps without reading;
+rows are gathered by index with one fancy-index per file; every process opens the same files
+read-only, so the page cache holds one copy per node however many ranks train; and it needs no
+library beyond NumPy (Arrow IPC would do the same with more ceremony; safetensors cannot append).
+
+- A part is written once, atomically, one per computed batch (its keys file last: a part counts
+  only once its keys are there), so a killed build keeps every finished batch and the next run
+  computes only the rest. Processes sharing a folder never clash: names carry the pid.
+- :meth:`ArrayCache.compact` merges the small parts into one file, so a folder holds a few
+  large files however it was filled (each mapped file holds a file descriptor while open).
+- :meth:`ArrayCache.rows` maps the records of a list of keys without loading them:
+  :class:`CacheRows` gathers a batch by index from the mapped files.
+
+Caches written by earlier versions (Parquet parts of ``(key, value)`` rows) are converted on
+first use.
 """
 
 from __future__ import annotations
@@ -16,15 +30,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from surd_builder.atomic import write_parquet_atomic
+from surd_builder.atomic import atomic_path
 from surd_builder.errors import OutputError
 from surd_builder.models import batched
 from surd_builder.progress import progress_bar
@@ -32,6 +46,13 @@ from surd_builder.ray_engine import RayOptions
 from surd_builder.workspace import part_name
 
 T = TypeVar("T")
+KEY_DTYPE = np.dtype("S64")  # a hex sha256
+KEYS_SUFFIX = ".keys.npy"
+# parts with fewer records than this are merged by compact(); larger ones stay as they are
+SMALL_PART_ROWS = 8192
+# compact() does nothing while a folder has fewer small parts than this
+COMPACT_MIN_PARTS = 16
+COPY_ROWS = 512  # records copied at a time when merging (bounded memory)
 
 
 def model_fingerprint(
@@ -63,63 +84,222 @@ def cache_key(identity: str, content: str) -> str:
     return hashlib.sha256(f"{identity}\x1f{content}".encode()).hexdigest()
 
 
+def _keys_path(part: Path) -> Path:
+    return part.with_name(part.name.removesuffix(".npy") + KEYS_SUFFIX)
+
+
+def _save_npy_atomic(array: np.ndarray, final: Path) -> None:
+    with atomic_path(final) as temp, temp.open("wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+class CacheRows:
+    """The records of a list of keys, row ``i`` being key ``i``'s, left in their memory-mapped
+    files: :meth:`gather` copies the rows of a batch out, nothing else is read. Row-aligned
+    with whatever the keys came from (a split's samples)."""
+
+    def __init__(self, files: list[np.ndarray], file_of: np.ndarray, row_of: np.ndarray):
+        self.files, self.file_of, self.row_of = files, file_of, row_of
+        first = files[0] if files else np.zeros((0, 0), np.float32)
+        self.shape: tuple[int, ...] = tuple(first.shape[1:])
+        self.dtype = first.dtype
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def gather(self, indices: np.ndarray | Sequence[int], out: np.ndarray | None = None):
+        """The records of rows ``indices`` as one array (into ``out`` if given, e.g. pinned
+        memory): per file, one fancy-index of sorted rows (pages read in order)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(indices), *self.shape), self.dtype)
+        files, rows = self.file_of[indices], self.row_of[indices]
+        for number in np.unique(files):
+            chosen = np.flatnonzero(files == number)
+            order = np.argsort(rows[chosen], kind="stable")
+            out[chosen[order]] = self.files[number][rows[chosen[order]]]
+        return out
+
+    def select(self, indices: np.ndarray) -> CacheRows:
+        """These rows only (e.g. the samples whose image decoded), still mapped."""
+        return CacheRows(self.files, self.file_of[indices], self.row_of[indices])
+
+    def rows_where_nan(self) -> np.ndarray:
+        """Which rows an encoder stored as NaN (an input it could not read: the whole record
+        is NaN), from each record's first value, read with ``pread`` rather than through the
+        mapping, so checking a large set leaves nothing mapped in this process."""
+        found = np.zeros(len(self), dtype=bool)
+        if not len(self):
+            return found
+        record = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        for number in np.unique(self.file_of):
+            mapped = self.files[number]
+            chosen = np.flatnonzero(self.file_of == number)
+            with open(mapped.filename, "rb") as handle:
+                descriptor = handle.fileno()
+                for index in chosen:
+                    raw = os.pread(
+                        descriptor, self.dtype.itemsize,
+                        mapped.offset + int(self.row_of[index]) * record,
+                    )  # fmt: skip
+                    found[index] = np.isnan(np.frombuffer(raw, self.dtype)[0])
+        return found
+
+
 class ArrayCache:
-    """Arrays of one dtype and shape per part, stored by key in ``folder``."""
+    """Arrays of one dtype and shape, stored by key in ``folder`` (see the module docstring)."""
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
 
     def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
+        self._convert_parquet_parts()
+        return sorted(
+            part
+            for part in self.folder.glob("part-*.npy")
+            if not part.name.endswith(KEYS_SUFFIX) and _keys_path(part).is_file()
+        )
+
+    def _part_keys(self, part: Path) -> np.ndarray:
+        return np.load(_keys_path(part), allow_pickle=False)
 
     def keys(self) -> set[str]:
         found: set[str] = set()
         for part in self._parts():
-            found.update(pq.read_table(part, columns=["key"])["key"].to_pylist())
+            found.update(key.decode() for key in self._part_keys(part).tolist())
         return found
 
-    def load(self, keys: Sequence[str]) -> np.ndarray:
-        """The arrays of ``keys`` stacked in that order (a key may repeat); KeyError names the
-        first key that is not cached. One pass over the parts, filling one array."""
-        rows: dict[str, list[int]] = {}
-        for row, key in enumerate(keys):
-            rows.setdefault(key, []).append(row)
-        out: np.ndarray | None = None
-        filled: set[str] = set()
+    def rows(self, keys: Sequence[str]) -> CacheRows:
+        """The records of ``keys`` (a key may repeat), mapped, not loaded; KeyError names the
+        first key that is not cached. A part merged away between listing and opening (another
+        process compacting) is looked up again."""
+        wanted = np.asarray(keys, dtype=KEY_DTYPE) if len(keys) else np.zeros(0, KEY_DTYPE)
+        for attempt in range(3):
+            try:
+                return self._rows(wanted)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _rows(self, wanted: np.ndarray) -> CacheRows:
+        files: list[np.ndarray] = []
+        key_blocks, file_blocks, row_blocks = [], [], []
         for part in self._parts():
-            table = pq.read_table(part)
-            meta = json.loads(table.schema.metadata[b"surd_array"])
-            dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
-            for key, value in zip(
-                table["key"].to_pylist(), table["value"].to_pylist(), strict=True
-            ):
-                if key not in rows or key in filled:
-                    continue
-                array = np.frombuffer(value, dtype=dtype).reshape(shape)
-                if out is None:
-                    out = np.empty((len(keys), *shape), dtype=dtype)
-                elif out.shape[1:] != shape or out.dtype != dtype:
-                    raise ValueError(
-                        f"cache {self.folder} mixes array shapes {out.shape[1:]}, {shape}"
-                    )
-                out[rows[key]] = array
-                filled.add(key)
-        missing = [key for key in rows if key not in filled]
-        if missing:
+            part_keys = self._part_keys(part)
+            # open only the files that hold a wanted key (fewer descriptors, fewer maps)
+            hit = np.isin(part_keys, wanted)
+            if not hit.any():
+                continue
+            mapped = np.load(part, mmap_mode="r", allow_pickle=False)
+            if files and (mapped.shape[1:] != files[0].shape[1:] or mapped.dtype != files[0].dtype):
+                raise ValueError(
+                    f"cache {self.folder} mixes array shapes {files[0].shape[1:]}, "
+                    f"{mapped.shape[1:]}"
+                )
+            rows = np.flatnonzero(hit)
+            key_blocks.append(part_keys[rows])
+            file_blocks.append(np.full(len(rows), len(files), np.int32))
+            row_blocks.append(rows)
+            files.append(mapped)
+        if not files:
+            if len(wanted):
+                raise KeyError(
+                    f"{len(set(wanted.tolist()))} key(s) not in the cache {self.folder}, "
+                    f"e.g. {wanted[0].decode()}"
+                )
+            return CacheRows([], np.zeros(0, np.int32), np.zeros(0, np.int64))
+        all_keys = np.concatenate(key_blocks)
+        all_files, all_rows = np.concatenate(file_blocks), np.concatenate(row_blocks)
+        order = np.argsort(all_keys, kind="stable")  # a key in two parts: the first part wins
+        sorted_keys = all_keys[order]
+        where = np.searchsorted(sorted_keys, wanted)
+        where = np.minimum(where, len(sorted_keys) - 1)
+        missing = sorted_keys[where] != wanted
+        if missing.any():
+            lacking = wanted[missing]
             raise KeyError(
-                f"{len(missing)} key(s) not in the cache {self.folder}, e.g. {missing[0]}"
+                f"{len(set(lacking.tolist()))} key(s) not in the cache {self.folder}, "
+                f"e.g. {lacking[0].decode()}"
             )
-        return out if out is not None else np.zeros((0,), np.float32)
+        chosen = order[where]
+        return CacheRows(files, all_files[chosen], all_rows[chosen].astype(np.int64))
+
+    def load(self, keys: Sequence[str]) -> np.ndarray:
+        """The arrays of ``keys`` stacked in that order, in memory (small sets; training maps
+        them with :meth:`rows`)."""
+        rows = self.rows(keys)
+        if not len(rows):
+            return np.zeros((0,), np.float32)
+        return rows.gather(np.arange(len(rows)))
 
     def write(self, keys: Sequence[str], arrays: np.ndarray) -> None:
         if not len(keys):
             return
         arrays = np.ascontiguousarray(arrays)
-        meta = {"dtype": arrays.dtype.str, "shape": list(arrays.shape[1:])}
-        values = [array.tobytes() for array in arrays]
-        table = pa.table({"key": pa.array(list(keys)), "value": pa.array(values, pa.binary())})
-        table = table.replace_schema_metadata({"surd_array": json.dumps(meta)})
-        write_parquet_atomic(table, self.folder / part_name("part"))
+        if len(keys) != len(arrays):
+            raise ValueError(f"{len(keys)} keys for {len(arrays)} arrays")
+        part = self.folder / part_name("part").removesuffix(".parquet")
+        part = part.with_name(part.name + ".npy")
+        _save_npy_atomic(arrays, part)
+        _save_npy_atomic(np.asarray(list(keys), dtype=KEY_DTYPE), _keys_path(part))
+
+    def compact(self, min_parts: int = COMPACT_MIN_PARTS) -> int:
+        """Merge the small parts (fewer than ``SMALL_PART_ROWS`` records) into one, dropping
+        records whose key is already held, if there are at least ``min_parts`` of them.
+        Returns how many parts were merged. Only one process should compact a folder at a time
+        (training has its main process do it while the others wait); readers of other runs
+        are safe: the merged part is complete before any old one is removed."""
+        small = [part for part in self._parts() if len(self._part_keys(part)) < SMALL_PART_ROWS]
+        if len(small) < max(2, min_parts):
+            return 0
+        keep: list[tuple[Path, np.ndarray]] = []
+        seen: set[bytes] = set()
+        for part in small:
+            part_keys = self._part_keys(part)
+            rows = [n for n, key in enumerate(part_keys.tolist()) if key not in seen]
+            seen.update(part_keys[rows].tolist())
+            keep.append((part, np.asarray(rows, dtype=np.int64)))
+        first = np.load(small[0], mmap_mode="r", allow_pickle=False)
+        total = sum(len(rows) for _part, rows in keep)
+        merged = self.folder / (part_name("part").removesuffix(".parquet") + ".npy")
+        header = {
+            "descr": np.lib.format.dtype_to_descr(first.dtype),
+            "fortran_order": False,
+            "shape": (total, *first.shape[1:]),
+        }
+        keys_out: list[np.ndarray] = []
+        with atomic_path(merged) as temp, temp.open("wb") as handle:
+            np.lib.format.write_array_header_2_0(handle, header)
+            for part, rows in keep:
+                mapped = np.load(part, mmap_mode="r", allow_pickle=False)
+                if mapped.shape[1:] != first.shape[1:] or mapped.dtype != first.dtype:
+                    raise ValueError(f"cache {self.folder} mixes array shapes")
+                for start in range(0, len(rows), COPY_ROWS):
+                    handle.write(np.ascontiguousarray(mapped[rows[start : start + COPY_ROWS]]))
+                keys_out.append(self._part_keys(part)[rows])
+                del mapped
+        _save_npy_atomic(np.concatenate(keys_out), _keys_path(merged))
+        for part in small:
+            _keys_path(part).unlink(missing_ok=True)  # uncounted first, then gone
+            part.unlink(missing_ok=True)
+        return len(small)
+
+    def _convert_parquet_parts(self) -> None:
+        """Parts of the earlier Parquet format, rewritten as ``.npy`` parts once."""
+        import pyarrow.parquet as pq
+
+        for old in sorted(self.folder.glob("part-*.parquet")):
+            try:
+                table = pq.read_table(old)
+            except (OSError, pa.ArrowInvalid):
+                continue  # another process converted and removed it meanwhile
+            meta = json.loads(table.schema.metadata[b"surd_array"])
+            dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
+            values = table["value"].to_pylist()
+            arrays = np.stack([np.frombuffer(v, dtype=dtype).reshape(shape) for v in values])
+            self.write(table["key"].to_pylist(), arrays)
+            old.unlink(missing_ok=True)
 
 
 def fill_cache(
@@ -135,21 +315,36 @@ def fill_cache(
     """Compute the arrays of the keys the cache lacks (each distinct key once), batch by batch,
     writing each batch before the next starts. Returns how many were computed.
 
+    ``inputs`` are handed to ``compute`` as they are: they may be the values themselves or
+    cheap locators that ``compute`` reads (images: :class:`adapter.data.ImageRef`, read a batch
+    at a time, so a split's images never sit in memory together).
+
     ``share=(rank, world)``: this process computes only the keys it owns (by the key's hash,
     so ownership does not depend on what other processes have written meanwhile), and
     processes sharing the folder split the work (parts never clash: their names carry the
     pid)."""
-    present = cache.keys()
-    input_of = dict(zip(keys, inputs, strict=True))
-    rank, world = share
-    missing = [key for key in input_of if key not in present and int(key[:8], 16) % world == rank]
+    missing = missing_keys(cache, keys, inputs, share)
     with progress_bar(
         description, total=len(missing), enabled=show_progress and bool(missing)
     ) as advance:
-        for chunk in batched(missing, batch_size):
-            cache.write(chunk, compute([input_of[key] for key in chunk]))
+        for chunk in batched(list(missing), batch_size):
+            cache.write(chunk, compute([missing[key] for key in chunk]))
             advance(len(chunk))
     return len(missing)
+
+
+def missing_keys(
+    cache: ArrayCache, keys: Sequence[str], inputs: Iterable[T], share: tuple[int, int] = (0, 1)
+) -> dict[str, T]:
+    """The keys ``cache`` lacks that process ``share[0]`` of ``share[1]`` owns, each once (its
+    first input), in the order given."""
+    present = cache.keys()
+    rank, world = share
+    missing: dict[str, T] = {}
+    for key, value in zip(keys, inputs, strict=True):
+        if key not in present and key not in missing and int(key[:8], 16) % world == rank:
+            missing[key] = value
+    return missing
 
 
 class _RayCacheWorker:
@@ -167,8 +362,29 @@ class _RayCacheWorker:
 
     def __call__(self, batch: pa.Table) -> int:
         keys = batch["key"].to_pylist()
-        self.cache.write(keys, self.encoder(batch["input"].to_pylist()))
+        inputs = [_from_wire(value) for value in batch["input"].to_pylist()]
+        self.cache.write(keys, self.encoder(inputs))
         return len(keys)
+
+
+def _to_wire(value: Any) -> str:
+    """An input as a string for an Arrow column: text as is, anything else (an image
+    locator) as JSON of its fields, marked."""
+    if isinstance(value, str):
+        return value
+    from adapter.data import ImageRef
+
+    if isinstance(value, ImageRef):
+        return "\x00ref" + json.dumps(value.to_json())
+    raise TypeError(f"cannot send a {type(value).__name__} to a Ray worker")
+
+
+def _from_wire(value: str) -> Any:
+    if value.startswith("\x00ref"):
+        from adapter.data import ImageRef
+
+        return ImageRef.from_json(json.loads(value[4:]))
+    return value
 
 
 def fill_cache_on_ray(
@@ -184,21 +400,20 @@ def fill_cache_on_ray(
     """:func:`fill_cache` with the missing batches computed on a Ray cluster: each worker (a
     GPU each when the cluster has GPUs) builds its encoder from ``make_encoder`` (a picklable
     recipe, e.g. ``TextEmbeddings.remote_factory()``) and writes its parts into ``cache``
-    itself, so the folder must be on storage every node sees. Returns how many were computed."""
+    itself, so the folder must be on storage every node sees. Inputs travel as text: prompts,
+    or image locators (the file and row each worker reads itself, so the data must be on that
+    storage too; images never pass through this process). Returns how many were computed."""
     from surd_builder import ray_engine
 
     ray = ray or RayOptions()
-    present = cache.keys()
-    input_of = dict(zip(keys, inputs, strict=True))
-    missing = [key for key in input_of if key not in present]
+    missing = missing_keys(cache, keys, inputs)
     if not missing:
         return 0
     cache.folder.mkdir(parents=True, exist_ok=True)
     ray_engine.connect(ray.address)
-    kind = pa.binary() if isinstance(input_of[missing[0]], bytes) else pa.string()
     batches = [
-        pa.table({"key": chunk, "input": pa.array([input_of[key] for key in chunk], kind)})
-        for chunk in batched(missing, batch_size)
+        pa.table({"key": chunk, "input": pa.array([_to_wire(missing[k]) for k in chunk])})
+        for chunk in batched(list(missing), batch_size)
     ]
     worker = functools.partial(_RayCacheWorker, str(cache.folder.resolve()), make_encoder)
     with progress_bar(description, total=len(missing), enabled=show_progress) as advance:

@@ -1,22 +1,35 @@
-"""The training data: (narrative prompt, keyword prompt, image) rows of one split.
+"""The training data: (narrative prompt, keyword prompt, image) rows of one split, streamed.
 
 ``--data`` is what ``surd build export`` wrote (the folder, or its ``data/`` folder: files named
 ``{split}-*.parquet``), a single Parquet file (the train split), or a Hugging Face dataset id
 with the same columns, loaded with ``datasets`` (this needs the hub). Columns are named by
 :class:`Columns` (the export's names by default). Rows without one of the three are skipped
 and counted, never silently dropped.
+
+A split is never held in memory. :func:`load_split` reads it in row batches and keeps, per
+usable row, the two prompts, the image's sha256 (the export's ``image_sha256`` column when
+there is one, else hashed from the bytes batch by batch) and an :class:`ImageRef`: the file and
+row the image lives in. :func:`read_images` reads a batch of those back (a row group at a time)
+when the latent cache lacks them, so filling the cache holds one row group of images at most.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from surd_builder.errors import InputError
+
+HASH_COLUMN = "image_sha256"  # written by surd build export: sha256 of the image bytes
+BATCH_ROWS = 100  # rows read at a time (the export's row groups hold 100)
 
 
 @dataclass(frozen=True)
@@ -26,11 +39,32 @@ class Columns:
     image: str = "image"
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one sample's image is: row ``row`` of the Parquet file ``source`` (an absolute
+    path), or of split ``split`` of the hub dataset ``source`` (``hub`` true)."""
+
+    source: str
+    row: int
+    column: str
+    hub: bool = False
+    split: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "row": self.row, "column": self.column,
+                "hub": self.hub, "split": self.split}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ImageRef:
+        return cls(**value)
+
+
 @dataclass
 class SplitRows:
     narrative_prompts: list[str]
     keyword_prompts: list[str]
-    images: list[bytes]
+    images: list[ImageRef]
+    image_hashes: list[str]
     skipped: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
@@ -48,11 +82,26 @@ def _looks_local(data: str) -> bool:
     return data.startswith(("/", ".", "~")) or Path(data).exists() or data.count("/") != 1
 
 
-def read_split_table(
-    data: str, split: str, columns: Columns, only: list[str] | None = None
-) -> pa.Table | None:
-    """The three columns of ``split`` (or just ``only``); None when there is no such split."""
-    wanted = only or [columns.narrative, columns.keyword, columns.image]
+@dataclass
+class _Batch:
+    """Rows of a split read together: their columns, and where row 0 sits."""
+
+    table: pa.Table
+    source: str
+    first_row: int
+    hub: bool
+
+
+def _open_parquet(file: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file)
+    except (OSError, pa.ArrowInvalid) as error:
+        raise InputError(f"--data: {file} is not a Parquet file ({error})") from None
+
+
+def _split_batches(data: str, split: str, wanted: list[str], optional: list[str]) -> Any:
+    """An iterator over the split's rows in batches (columns ``wanted``, and ``optional`` ones
+    where present), or None when there is no such split. Checks the columns before any row."""
     if _looks_local(data):
         path = Path(data).expanduser()
         if not path.exists():
@@ -60,19 +109,39 @@ def read_split_table(
         files = _local_files(path, split)
         if not files:
             return None
-        tables = []
-        for file in files:
-            try:
-                schema = pq.read_schema(file)
-            except (OSError, pa.ArrowInvalid) as error:
-                raise InputError(f"--data: {file} is not a Parquet file ({error})") from None
-            _check_columns(schema.names, wanted, str(file))
-            tables.append(pq.read_table(file, columns=wanted))
-        return pa.concat_tables(tables)
-    return _hub_split(data, split, wanted)
+        opened = [(file, _open_parquet(file)) for file in files]
+        for file, parquet in opened:
+            _check_columns(parquet.schema_arrow.names, wanted, str(file))
+
+        def local() -> Iterator[_Batch]:
+            for file, parquet in opened:
+                names = parquet.schema_arrow.names
+                columns = wanted + [name for name in optional if name in names]
+                start = 0
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                    table = pa.Table.from_batches([batch])
+                    yield _Batch(table, str(file.resolve()), start, False)
+                    start += table.num_rows
+
+        return local()
+    dataset = _hub_dataset(data, split)
+    if dataset is None:
+        return None
+    _check_columns(dataset.column_names, wanted, data)
+    columns = wanted + [name for name in optional if name in dataset.column_names]
+
+    def hub() -> Iterator[_Batch]:
+        start = 0
+        for table in dataset.select_columns(columns).with_format("arrow").iter(BATCH_ROWS):
+            yield _Batch(table, data, start, True)
+            start += table.num_rows
+
+    return hub()
 
 
-def _hub_split(data: str, split: str, wanted: list[str]) -> pa.Table | None:
+@functools.lru_cache(maxsize=4)
+def _hub_dataset(data: str, split: str) -> Any:
+    """The hub dataset's split, images left undecoded (memory-mapped by ``datasets``)."""
     import datasets
 
     try:
@@ -86,12 +155,10 @@ def _hub_split(data: str, split: str, wanted: list[str]) -> pa.Table | None:
             f"cannot load dataset {data!r}: {str(error).splitlines()[0]} (give the export folder, "
             "or a hub id on a machine that can reach the hub)"
         ) from None
-    _check_columns(dataset.column_names, wanted, data)
-    dataset = dataset.select_columns(wanted)
     for name, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
-    return dataset.with_format("arrow")[:]
+    return dataset
 
 
 def _check_columns(present: list[str], wanted: list[str], where: str) -> None:
@@ -118,33 +185,97 @@ def _image_bytes(value: object) -> bytes | None:
 
 def narrative_prompts(data: str, split: str, column: str = "narrative_prompt") -> list[str] | None:
     """The distinct non-empty narrative prompts of ``split`` (no image is read)."""
-    table = read_split_table(data, split, Columns(narrative=column), only=[column])
-    if table is None:
+    batches = _split_batches(data, split, [column], [])
+    if batches is None:
         return None
-    texts = (text.strip() for text in table[column].to_pylist() if text and text.strip())
-    return list(dict.fromkeys(texts))
+    texts: dict[str, None] = {}
+    for batch in batches:
+        for text in batch.table[column].to_pylist():
+            if text and text.strip():
+                texts.setdefault(text.strip())
+    return list(texts)
 
 
-def load_split(data: str, split: str, columns: Columns = Columns()) -> SplitRows | None:
-    table = read_split_table(data, split, columns)
-    if table is None:
+def load_split(
+    data: str, split: str, columns: Columns = Columns(), limit: int | None = None
+) -> SplitRows | None:
+    """The usable rows of ``split`` (the first ``limit`` of them if given), without their image
+    bytes: see the module docstring. None when there is no such split."""
+    wanted = [columns.narrative, columns.keyword, columns.image]
+    batches = _split_batches(data, split, wanted, [HASH_COLUMN])
+    if batches is None:
         return None
-    rows = SplitRows([], [], [])
-    for narrative, keyword, image in zip(
-        table[columns.narrative].to_pylist(),
-        table[columns.keyword].to_pylist(),
-        table[columns.image].to_pylist(),
-        strict=True,
-    ):
-        data_bytes = _image_bytes(image)
-        if not (narrative or "").strip():
-            rows.skipped["no narrative prompt"] += 1
-        elif not (keyword or "").strip():
-            rows.skipped["no keyword prompt"] += 1
-        elif data_bytes is None:
-            rows.skipped["no image"] += 1
-        else:
+    rows = SplitRows([], [], [], [])
+    for batch in batches:
+        table = batch.table
+        hashes = table[HASH_COLUMN].to_pylist() if HASH_COLUMN in table.column_names else None
+        # with the export's hashes the image column is not needed here: not decoded at all
+        images = None if hashes is not None else table[columns.image].to_pylist()
+        for offset, (narrative, keyword) in enumerate(
+            zip(table[columns.narrative].to_pylist(), table[columns.keyword].to_pylist(),
+                strict=True)
+        ):  # fmt: skip
+            if limit is not None and len(rows) >= limit:
+                return rows
+            if not (narrative or "").strip():
+                rows.skipped["no narrative prompt"] += 1
+                continue
+            if not (keyword or "").strip():
+                rows.skipped["no keyword prompt"] += 1
+                continue
+            if hashes is not None:
+                digest = hashes[offset]
+            else:
+                data_bytes = _image_bytes(images[offset])
+                digest = hashlib.sha256(data_bytes).hexdigest() if data_bytes else None
+            if not digest:
+                rows.skipped["no image"] += 1
+                continue
             rows.narrative_prompts.append(narrative.strip())
             rows.keyword_prompts.append(keyword.strip())
-            rows.images.append(data_bytes)
+            rows.image_hashes.append(digest)
+            rows.images.append(
+                ImageRef(batch.source, batch.first_row + offset, columns.image, batch.hub, split)
+            )
     return rows
+
+
+def read_images(refs: list[ImageRef | bytes]) -> list[bytes | None]:
+    """The bytes of each image (None where the cell holds none). Local rows are read a row
+    group at a time, the last one kept (refs in row order read each group once)."""
+    out: list[bytes | None] = []
+    for ref in refs:
+        if isinstance(ref, bytes | bytearray):
+            out.append(bytes(ref))
+        elif ref.hub:
+            out.append(_image_bytes(_hub_dataset(ref.source, ref.split)[ref.row][ref.column]))
+        else:
+            group, first = _row_group_of(ref.source, ref.row)
+            cells = _read_row_group(ref.source, group, ref.column)
+            out.append(_image_bytes(cells[ref.row - first]))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_starts(source: str, mtime_ns: int) -> tuple[int, ...]:
+    metadata = pq.ParquetFile(source).metadata
+    starts, total = [], 0
+    for group in range(metadata.num_row_groups):
+        starts.append(total)
+        total += metadata.row_group(group).num_rows
+    return (*starts, total)
+
+
+def _row_group_of(source: str, row: int) -> tuple[int, int]:
+    import bisect
+
+    starts = _row_group_starts(source, Path(source).stat().st_mtime_ns)
+    group = bisect.bisect_right(starts, row) - 1
+    if not 0 <= group < len(starts) - 1:
+        raise InputError(f"--data {source} changed while training read it (no row {row})")
+    return group, starts[group]
+
+
+@functools.lru_cache(maxsize=1)  # one row group of images in memory at most
+def _read_row_group(source: str, group: int, column: str) -> list[Any]:
+    return pq.ParquetFile(source).read_row_group(group, columns=[column])[column].to_pylist()

@@ -6,6 +6,16 @@ block 40 of 40, *before* the final norm, mean-pooled over the prompt's tokens. t
 models, so the block's output is taken with a forward hook on the block itself: block ``N`` of
 any depth means the same thing for every architecture.
 
+Poolings (:data:`POOLINGS`):
+
+- ``mean``: the mean over every attended token, the tokenizer's own BOS/EOS included: what the
+  released SUR-adapter did.
+- ``mean-no-special``: the mean over the text's own tokens only, without the special tokens around
+  or in it (BOS, EOS, CLS, SEP, padding; see :func:`content_token_mask`). In Llama-family models
+  the BOS position carries "massive activations" in the middle blocks (Sun et al. 2024), which
+  can dominate a plain mean; this pooling leaves it out.
+- ``last``: the last attended token (wherever padding sits).
+
 The vectors are kept in an :class:`adapter.cache.ArrayCache` under :meth:`cache_identity` (model,
 layer, pooling, dtype), like the Stable Diffusion inputs in :mod:`adapter.frozen_inputs`.
 """
@@ -28,7 +38,53 @@ from surd_builder.models import (
     resolve_dtype,
 )
 
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "mean-no-special", "last")
+
+
+def content_token_mask(tokenizer: Any, encoded: Any) -> Any:
+    """(batch, tokens) long tensor: 1 where a position holds a token of the text itself.
+
+    A position is *not* content when it is padding (attention mask 0), a token the tokenizer
+    added around the text (its ``special_tokens_mask``: BOS, EOS, CLS, SEP), or a special token
+    written in the text (an id in ``tokenizer.all_special_ids``, e.g. a literal ``<s>``). The
+    unknown token is content: it stands for a piece of the text. ``encoded`` is the tokenizer's
+    output with ``return_special_tokens_mask=True`` (without it, only ids are looked at).
+    """
+    import torch
+
+    ids, attended = encoded["input_ids"], encoded["attention_mask"]
+    special_ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    special = torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype, device=ids.device))
+    added = encoded.get("special_tokens_mask")
+    if added is not None:
+        special = special | added.bool()
+    return attended * ~special
+
+
+def pool_hidden(
+    hidden: Any, attention_mask: Any, pooling: str, content_mask: Any | None = None
+) -> Any:
+    """Pool (batch, tokens, hidden) float states to (batch, hidden) by ``pooling``.
+
+    ``mean-no-special`` needs ``content_mask`` (:func:`content_token_mask`); a text with no
+    content token at all (only special tokens, or empty) falls back to the mean over all its
+    attended tokens, i.e. to ``mean``, so every text still gets a vector.
+    """
+    import torch
+
+    if pooling == "last":  # the last real token, wherever padding sits
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    if pooling == "mean-no-special":
+        if content_mask is None:
+            raise ValueError("mean-no-special pooling needs the content mask")
+        empty = content_mask.sum(1, keepdim=True) == 0
+        attention_mask = torch.where(empty, attention_mask, content_mask)
+    elif pooling != "mean":
+        raise InputError(f"pooling must be one of: {', '.join(POOLINGS)}")
+    mask = attention_mask.unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def decoder_blocks(model: Any) -> Any:
@@ -137,17 +193,19 @@ class LLMFeatureExtractor:
         handle = block.register_forward_hook(keep_output)
         try:
             for chunk in batched(texts, self.batch_size):
-                encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+                content = None
+                if self.pooling == "mean-no-special":
+                    encoded = tokenizer(
+                        chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True
+                    ).to(device)
+                    content = content_token_mask(tokenizer, encoded)
+                    del encoded["special_tokens_mask"]  # not a model input
+                else:
+                    encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
                 with torch.inference_mode():
                     model(**encoded)
                 hidden = captured["hidden"].float()
-                mask = encoded["attention_mask"].unsqueeze(-1).float()
-                if self.pooling == "mean":
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                else:  # the last real token, wherever padding sits
-                    positions = torch.arange(mask.shape[1], device=mask.device)
-                    last = (encoded["attention_mask"] * positions).argmax(dim=1)
-                    pooled = hidden[torch.arange(hidden.shape[0]), last]
+                pooled = pool_hidden(hidden, encoded["attention_mask"], self.pooling, content)
                 rows.append(pooled.cpu().numpy())
                 self.computed += len(chunk)
         finally:

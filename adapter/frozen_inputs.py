@@ -112,15 +112,26 @@ class LatentMoments:
             dtype_name(self.dtype),
         )  # fmt: skip
 
-    def __call__(self, images: list[bytes]) -> np.ndarray:
+    def __call__(self, images: list[Any]) -> np.ndarray:
+        """Moments of each image: bytes, or :class:`adapter.data.ImageRef` read here."""
+        from adapter.data import read_images
+
+        pixels = [
+            None if data is None else preprocess_image(data, self.resolution, self.flip)
+            for data in read_images(images)
+        ]
+        return self.encode_pixels(pixels)
+
+    def encode_pixels(self, pixels: list[np.ndarray | None]) -> np.ndarray:
+        """Moments of preprocessed images (:func:`preprocess_image`'s output, already mirrored
+        for a flipping encoder); NaN rows where an image is None."""
         import torch
 
         vae = self.parts.vae
-        pixels = [preprocess_image(data, self.resolution, self.flip) for data in images]
         readable = [index for index, array in enumerate(pixels) if array is not None]
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         side = self.resolution // factor
-        out = np.full((len(images), 2 * vae.config.latent_channels, side, side), np.nan, np.float16)
+        out = np.full((len(pixels), 2 * vae.config.latent_channels, side, side), np.nan, np.float16)
         if readable:
             batch = torch.from_numpy(np.stack([pixels[index] for index in readable]))
             with torch.inference_mode():

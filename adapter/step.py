@@ -34,34 +34,131 @@ from adapter.losses import (
 )
 
 
-@dataclass
-class CachedSet:
-    """A split's frozen inputs, row-aligned, kept on the CPU (float16 except the LLM vectors)."""
+class InMemoryRows:
+    """An array kept in memory with :class:`adapter.cache.CacheRows`' ``gather`` (tests,
+    benchmarks, small sets)."""
 
-    latent_moments: torch.Tensor  # (N, 2C, h, w): mean and log-variance
-    flipped_moments: torch.Tensor | None  # the same for the mirrored images (random flip on)
-    narrative_embeds: torch.Tensor  # (N, 77, d)
-    keyword_embeds: torch.Tensor  # (N, 77, d)
-    llm_features: torch.Tensor  # (N, llm_dim) float32
+    def __init__(self, array: np.ndarray | torch.Tensor):
+        self.array = array.numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+        self.shape, self.dtype = tuple(self.array.shape[1:]), self.array.dtype
 
     def __len__(self) -> int:
-        return self.latent_moments.shape[0]
+        return len(self.array)
+
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.array[indices]
+        np.take(self.array, indices, axis=0, out=out)
+        return out
+
+
+Rows = Any  # CacheRows (memory-mapped) or InMemoryRows: len(), .shape, .dtype, .gather()
+
+
+class _HostBuffers:
+    """Page-locked host buffers a batch is gathered into before its copy to the GPU, two per
+    shape taken in turn: the copy of one runs (non-blocking) while the next batch is gathered
+    into the other, and a buffer is written again only once its last copy has finished (an
+    event, not a device-wide sync)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
+        self.turn: dict[tuple, int] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        key = (shape, str(dtype))
+        if key not in self.slots:
+            torch_dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+            self.slots[key] = [
+                (torch.empty(shape, dtype=torch_dtype, pin_memory=True), None) for _ in range(2)
+            ]
+            self.turn[key] = 0
+        turn = self.turn[key]
+        self.turn[key] = 1 - turn
+        buffer, event = self.slots[key][turn]
+        if event is not None:
+            event.synchronize()
+        return buffer
+
+    def copied(self, buffer: torch.Tensor, device: Any) -> torch.Tensor:
+        moved = buffer.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        for slots in self.slots.values():
+            for number, (held, _old) in enumerate(slots):
+                if held is buffer:
+                    slots[number] = (held, event)
+        return moved
+
+
+@dataclass
+class CachedSet:
+    """A split's frozen inputs, row-aligned, left where they are (memory-mapped cache files, see
+    :class:`adapter.cache.CacheRows`); a batch is gathered by index. Tensors or arrays are
+    accepted too (kept in memory). float16 except the LLM vectors (float32)."""
+
+    latent_moments: Rows  # (N, 2C, h, w): mean and log-variance
+    flipped_moments: Rows | None  # the same for the mirrored images (random flip on)
+    narrative_embeds: Rows  # (N, 77, d)
+    keyword_embeds: Rows  # (N, 77, d)
+    llm_features: Rows  # (N, llm_dim) float32
+
+    def __post_init__(self) -> None:
+        for name in ("latent_moments", "flipped_moments", "narrative_embeds", "keyword_embeds",
+                     "llm_features"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray | torch.Tensor):
+                setattr(self, name, InMemoryRows(value))
+        self._buffers: _HostBuffers | None = None
+
+    def __len__(self) -> int:
+        return len(self.latent_moments)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one latent sample (C, h, w): half the cached moments' channels."""
+        channels, *spatial = self.latent_moments.shape
+        return (channels // 2, *spatial)
+
+    @property
+    def llm_dim(self) -> int:
+        return int(self.llm_features.shape[0])
 
     def batch(
-        self, indices: torch.Tensor, flips: torch.Tensor | None, device: Any
+        self, indices: torch.Tensor | np.ndarray, flips: torch.Tensor | None, device: Any
     ) -> dict[str, torch.Tensor]:
-        moments = self.latent_moments[indices]
-        if flips is not None and self.flipped_moments is not None:
-            moments = torch.where(
-                flips[:, None, None, None], self.flipped_moments[indices], moments
-            )
-        tensors = {
-            "latent_moments": moments,
-            "narrative_embeds": self.narrative_embeds[indices],
-            "keyword_embeds": self.keyword_embeds[indices],
-            "llm_features": self.llm_features[indices],
+        """The rows ``indices`` on ``device``, the mirrored latents where ``flips``. For a GPU
+        they are gathered into page-locked memory and copied without blocking."""
+        rows = np.asarray(indices, dtype=np.int64)
+        pinned = torch.device(device).type == "cuda"
+        if pinned and self._buffers is None:
+            self._buffers = _HostBuffers()
+        sources = {
+            "latent_moments": self.latent_moments,
+            "narrative_embeds": self.narrative_embeds,
+            "keyword_embeds": self.keyword_embeds,
+            "llm_features": self.llm_features,
         }
-        return {name: value.to(device, non_blocking=True) for name, value in tensors.items()}
+        out: dict[str, torch.Tensor] = {}
+        for name, source in sources.items():
+            shape = (len(rows), *source.shape)
+            host = self._buffers.take(shape, source.dtype) if pinned else None
+            array = None if host is None else host.numpy()
+            if name == "latent_moments" and flips is not None and self.flipped_moments is not None:
+                mirrored = np.asarray(flips, dtype=bool)
+                if array is None:
+                    array = np.empty(shape, source.dtype)
+                if (~mirrored).any():
+                    array[~mirrored] = source.gather(rows[~mirrored])
+                if mirrored.any():
+                    array[mirrored] = self.flipped_moments.gather(rows[mirrored])
+            else:
+                array = source.gather(rows, out=array)
+            if host is not None:
+                out[name] = self._buffers.copied(host, device)
+            else:
+                out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+        return out
 
 
 def step_generator(

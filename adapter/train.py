@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from adapter.cache import ArrayCache, cache_key, fill_cache, fill_cache_on_ray
+from adapter.cache import ArrayCache, cache_key, fill_cache, fill_cache_on_ray, missing_keys
 from adapter.data import Columns, SplitRows, load_split
+from adapter.features import POOLINGS
 from adapter.step import LossSettings
 from adapter.validation import DEFAULT_VALIDATION_PROMPTS
 from surd_builder.errors import InputError, OutputError
@@ -126,7 +127,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.output = Path(self.output)
         checks = [
-            (self.llm_pooling in ("mean", "last"), "--llm-pooling must be mean or last"),
+            (self.llm_pooling in POOLINGS, f"--llm-pooling must be one of {', '.join(POOLINGS)}"),
             (self.mixed_precision in MIXED_PRECISIONS,
              f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}"),
             (self.lr_scheduler in LR_SCHEDULERS,
@@ -276,25 +277,23 @@ def build_cached_sets(
     dtype: Any, computed: dict[str, int], show_progress: bool, accelerator: Any,
 ) -> list[tuple[Any, int]]:  # fmt: skip
     """Fill the caches for all ``row_sets`` together (one progress bar per kind of input), then
-    a (CachedSet, samples dropped because their image did not decode) for each.
+    a (CachedSet, samples dropped because their image did not decode) for each: the sets map
+    the cache files, they do not load them.
 
     With several processes each computes its share of what is missing (on its own GPU): the
     processes that see the same cache folder (all on a shared filesystem, a node's own with a
-    node-local ``--cache-dir``) split its missing keys by key hash, so each folder is filled
-    once. Then all wait for each other (no process reads before every writer of its folder has
-    finished) and read the complete cache."""
-    import hashlib
-
-    import torch
-
+    node-local ``--cache-dir``) split its missing keys by key hash (images by image hash), so
+    each folder is filled once. Then all wait for each other, one process per folder merges
+    its small parts (:meth:`ArrayCache.compact`), all wait again, and each maps the complete
+    cache read-only: the page cache holds one copy per node."""
     from adapter.frozen_inputs import LatentMoments, TextEmbeddings
     from adapter.step import CachedSet
 
     root = Path(config.cache_dir or default_cache_dir())
     narratives = [text for rows in row_sets for text in rows.narrative_prompts]
     keywords = [text for rows in row_sets for text in rows.keyword_prompts]
-    images = [data for rows in row_sets for data in rows.images]
-    image_hashes = [hashlib.sha256(data).hexdigest() for data in images]
+    images = [ref for rows in row_sets for ref in rows.images]
+    image_hashes = [digest for rows in row_sets for digest in rows.image_hashes]
 
     on_ray = config.cache_engine == "ray"
     share = (0, 1)
@@ -306,12 +305,18 @@ def build_cached_sets(
                 f"{root} on storage all nodes share"
             )
         share = cache_share(groups, accelerator.process_index)
+    # one process per folder merges its parts: a group's first, or the main one if the
+    # processes could not tell which of them share the folder
+    compacts = share[0] == 0 and (share[1] > 1 or accelerator.is_main_process)
 
-    def cached(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> np.ndarray:
+    def folder(kind: str, encoder: Any) -> tuple[ArrayCache, str]:
         identity = encoder.cache_identity()
-        keys = [cache_key(identity, content) for content in contents]
         # one folder per identity: a run reads only the parts of its own models and settings
-        cache = ArrayCache(root / kind / cache_key(identity, "")[:16])
+        return ArrayCache(root / kind / cache_key(identity, "")[:16]), identity
+
+    def fill(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> list:
+        cache, identity = folder(kind, encoder)
+        keys = [cache_key(identity, content) for content in contents]
         if not on_ray:
             count = fill_cache(
                 cache, keys, inputs, encoder, size, f"caching {kind}", show_progress, share
@@ -325,39 +330,108 @@ def build_cached_sets(
         else:
             count = 0
         computed[kind] = computed.get(kind, 0) + count
-        accelerator.wait_for_everyone()
-        return cache.load(keys)
+        return [(cache, keys)]
 
     prompts = narratives + keywords
-    text = cached("text", TextEmbeddings(parts, device, dtype), prompts, prompts,
-                  config.encode_batch_size)  # fmt: skip
-    narrative_embeds, keyword_embeds = text[: len(narratives)], text[len(narratives) :]
-    moments = cached("latents", LatentMoments(parts, config.resolution, False, device, dtype),
-                     image_hashes, images, config.encode_batch_size)  # fmt: skip
-    flipped = None
+    text = fill("text", TextEmbeddings(parts, device, dtype), prompts, prompts,
+                config.encode_batch_size)  # fmt: skip
+    encoders = [LatentMoments(parts, config.resolution, False, device, dtype)]
     if config.random_flip:
-        flipper = LatentMoments(parts, config.resolution, True, device, dtype)
-        flipped = cached("latents", flipper, image_hashes, images, config.encode_batch_size)
-    llm_vectors = cached("llm", llm, narratives, narratives, config.llm_batch_size)
-    readable = ~np.isnan(moments.reshape(len(moments), -1)).any(axis=1)
+        encoders.append(LatentMoments(parts, config.resolution, True, device, dtype))
+    if on_ray:
+        latents = [
+            entry for encoder in encoders
+            for entry in fill("latents", encoder, image_hashes, images, config.encode_batch_size)
+        ]  # fmt: skip
+    else:
+        latents = []
+        for encoder in encoders:
+            cache, identity = folder("latents", encoder)
+            latents.append((cache, [cache_key(identity, digest) for digest in image_hashes]))
+        computed["latents"] = computed.get("latents", 0) + fill_latent_caches(
+            latents, encoders, images, image_hashes, config.encode_batch_size, share,
+            show_progress,
+        )  # fmt: skip
+    llm_entry = fill("llm", llm, narratives, narratives, config.llm_batch_size)
+    accelerator.wait_for_everyone()  # every writer of every folder has finished
+    if compacts:
+        for cache, _keys in text + latents + llm_entry:
+            cache.compact()
+    accelerator.wait_for_everyone()
+
+    (text_rows,) = [cache.rows(keys) for cache, keys in text]
+    narrative_rows = text_rows.select(np.arange(len(narratives)))
+    keyword_rows = text_rows.select(np.arange(len(narratives), len(prompts)))
+    latent_rows = [cache.rows(keys) for cache, keys in latents]
+    moments = latent_rows[0]
+    flipped = latent_rows[1] if len(latent_rows) > 1 else None
+    llm_rows = llm_entry[0][0].rows(llm_entry[0][1])
+    readable = ~moments.rows_where_nan()
 
     out, start = [], 0
     for rows in row_sets:
-        span = slice(start, start + len(rows))
-        keep = readable[span]
+        span = np.arange(start, start + len(rows))
+        keep = span[readable[span]]
         start += len(rows)
-
-        def take(array: np.ndarray | None, span: slice = span, keep: np.ndarray = keep) -> Any:
-            if array is None:
-                return None
-            return torch.from_numpy(np.ascontiguousarray(array[span][keep]))
-
         cached_set = CachedSet(
-            take(moments), take(flipped), take(narrative_embeds), take(keyword_embeds),
-            take(llm_vectors).float(),
+            moments.select(keep), None if flipped is None else flipped.select(keep),
+            narrative_rows.select(keep), keyword_rows.select(keep), llm_rows.select(keep),
         )  # fmt: skip
-        out.append((cached_set, int((~keep).sum())))
+        out.append((cached_set, int(len(span) - len(keep))))
     return out
+
+
+def mirrored(pixels: np.ndarray) -> np.ndarray:
+    """What ``preprocess_image(..., flip=True)`` gives for the unmirrored ``pixels``, values and
+    memory layout alike (channels last in memory: the VAE's convolutions take another path, with
+    other rounding, for another layout)."""
+    channels_last = pixels.transpose(1, 2, 0)
+    return np.ascontiguousarray(channels_last[:, ::-1]).transpose(2, 0, 1)
+
+
+def fill_latent_caches(
+    caches: list[tuple[ArrayCache, list[str]]], encoders: list[Any], images: list[Any],
+    image_hashes: list[str], batch_size: int, share: tuple[int, int], show_progress: bool,
+) -> int:  # fmt: skip
+    """Fill the latent caches (plain and, with random flip, mirrored) in one pass over the
+    images they lack: each image is read and preprocessed once for both, a batch at a time
+    (images are read from the data files then, never held together). ``share``: this process
+    takes the images whose hash it owns. Returns how many arrays were computed."""
+    from adapter.data import read_images
+    from adapter.frozen_inputs import preprocess_image
+    from surd_builder.models import batched
+    from surd_builder.progress import progress_bar
+
+    rank, world = share
+    missing = [missing_keys(cache, keys, range(len(keys))) for cache, keys in caches]
+    wanted: dict[str, int] = {}  # image hash -> its first row, for the images some cache lacks
+    for needs in missing:
+        for row in needs.values():
+            digest = image_hashes[row]
+            if int(digest[:8], 16) % world == rank:
+                wanted.setdefault(digest, row)
+    rows = sorted(wanted.values())  # in file order: each row group is read once
+    resolution = encoders[0].resolution
+    count = 0
+    with progress_bar(
+        "caching latents", total=len(rows), enabled=show_progress and bool(rows)
+    ) as advance:
+        for chunk in batched(rows, batch_size):
+            pixels = [
+                None if data is None else preprocess_image(data, resolution, False)
+                for data in read_images([images[row] for row in chunk])
+            ]
+            for (cache, keys), encoder, needs in zip(caches, encoders, missing, strict=True):
+                todo = [n for n, row in enumerate(chunk) if keys[row] in needs]
+                if not todo:
+                    continue
+                batch = [pixels[n] for n in todo]
+                if encoder.flip:
+                    batch = [None if x is None else mirrored(x) for x in batch]
+                cache.write([keys[chunk[n]] for n in todo], encoder.encode_pixels(batch))
+                count += len(todo)
+            advance(len(chunk))
+    return count
 
 
 # ---------------------------------------------------------------- the adapter
@@ -542,15 +616,8 @@ def _load_rows(config: TrainConfig) -> tuple[SplitRows, SplitRows | None]:
         )
     held_out = None
     if config.validation_split and config.validation_split != "none":
-        held_out = load_split(config.data, config.validation_split, config.columns)
-        if held_out is not None and config.held_out_samples >= 0:
-            limit = config.held_out_samples
-            held_out = SplitRows(
-                held_out.narrative_prompts[:limit],
-                held_out.keyword_prompts[:limit],
-                held_out.images[:limit],
-                held_out.skipped,
-            )
+        limit = config.held_out_samples if config.held_out_samples >= 0 else None
+        held_out = load_split(config.data, config.validation_split, config.columns, limit)
     return train_rows, held_out
 
 
@@ -655,7 +722,7 @@ def train(config: TrainConfig) -> TrainReport:
     scaling, shift = vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
 
     torch.manual_seed(config.seed)
-    adapter = make_adapter(config, parts.text_width, train_set.llm_features.shape[1], parts)
+    adapter = make_adapter(config, parts.text_width, train_set.llm_dim, parts)
     adapter.to(device).train()
     trainable = [param for param in adapter.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -703,7 +770,7 @@ def train(config: TrainConfig) -> TrainReport:
     last_held: dict[str, float] = {}
     rank, batch = accelerator.process_index, config.batch_size
     accumulation = config.gradient_accumulation_steps
-    latent_shape = (train_set.latent_moments.shape[1] // 2, *train_set.latent_moments.shape[2:])
+    latent_shape = train_set.latent_shape
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     samples_per_step = batch * accumulation * world
     last_terms: dict[str, float] = {}

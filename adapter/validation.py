@@ -48,10 +48,8 @@ def held_out_losses(
         return {}
     # one draw for the whole set, then chunks of it: a sample's noise is the same whatever the
     # batch size, so runs with other --batch-size or process counts report comparable losses
-    moments = held_out.latent_moments
     noise = draw_step_noise(
-        step_generator(HELD_OUT_SEED, 0, 0, device), count,
-        (moments.shape[1] // 2, *moments.shape[2:]),
+        step_generator(HELD_OUT_SEED, 0, 0, device), count, held_out.latent_shape,
         noise_scheduler.config.num_train_timesteps, False, device,
     )  # fmt: skip
     for start in range(0, count, batch_size):

@@ -44,7 +44,13 @@ def train(
         Path, typer.Option(help="Where the adapter, checkpoints and logs go.", rich_help_panel=RUN)
     ],
     llm_pooling: Annotated[
-        str, typer.Option(help="mean (the paper) or last token.", rich_help_panel=MODEL)
+        str,
+        typer.Option(
+            help="mean: every token of the prompt, BOS/EOS included (the released adapter); "
+            "mean-no-special: the prompt's own tokens only (a prompt of special tokens alone "
+            "falls back to mean); last: the last token.",
+            rich_help_panel=MODEL,
+        ),
     ] = "mean",
     llm_dtype: Annotated[
         str, typer.Option(help="auto, float32, float16 or bfloat16.", rich_help_panel=MODEL)

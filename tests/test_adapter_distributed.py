@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from adapter.model import SURAdapter
@@ -149,9 +149,9 @@ def compare_runs(output: Path, reference: Path) -> None:
 def cache_keys(cache: Path) -> dict[str, list[str]]:
     """Each cache folder's keys, repeats kept (a repeat = a value computed twice)."""
     keys: dict[str, list[str]] = {}
-    for part in sorted(cache.rglob("part-*.parquet")):
+    for part in sorted(cache.rglob("part-*.keys.npy")):
         folder = str(part.parent.relative_to(cache))
-        keys.setdefault(folder, []).extend(pq.read_table(part, columns=["key"])["key"].to_pylist())
+        keys.setdefault(folder, []).extend(key.decode() for key in np.load(part).tolist())
     return keys
 
 
@@ -165,7 +165,7 @@ def assert_complete_and_built_once(cache: Path, reference: Path) -> set[str]:
     for folder, found in keys.items():
         assert len(found) == len(set(found)), f"{folder}: keys computed more than once"
     assert not list(cache.glob(".surd-rank-*"))  # the share check cleaned up
-    return {part.name.split("-")[2] for part in cache.rglob("part-*.parquet")}
+    return {part.name.split("-")[2] for part in cache.rglob("part-*.keys.npy")}
 
 
 def test_two_processes_train_the_adapter_of_one_with_the_same_global_batch(

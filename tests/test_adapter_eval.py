@@ -112,13 +112,14 @@ def test_generate_writes_images_and_a_side_by_side_grid(models, tmp_path) -> Non
     assert grid.size == (64, 64)  # 2 columns (without | with) x 2 seeds of 32 px
     right_top, left_top = np.asarray(grid)[:32, 32:], np.asarray(grid)[:32, :32]
     seed3 = np.asarray(Image.open(tmp_path / "out" / names[1]))
-    assert np.array_equal(right_top, seed3)  # the grid's right column is the adapter's image
+    assert np.abs(right_top.astype(int) - seed3.astype(int)).max() <= 2  # the adapter's image
     pipeline = load_pipeline(str(models["sd"]), models["active"], device="cpu")
     without = pipeline(
         "three dogs playing in the snow", num_inference_steps=2, use_adapter=False,
         generator=torch.Generator().manual_seed(3), negative_prompt="",
     ).images[0]  # fmt: skip
-    assert np.array_equal(left_top, np.asarray(without))  # ... the left one is without it
+    # ... the left one is without it (batched with the other column: float sums may differ)
+    assert np.abs(left_top.astype(int) - np.asarray(without).astype(int)).max() <= 2
 
     missing = CliRunner().invoke(
         app,

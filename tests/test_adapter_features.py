@@ -71,4 +71,4 @@ def test_cache_hits_on_a_second_run_and_keys_include_the_layer(lm, tmp_path) -> 
     other_layer = LLMFeatureExtractor(str(lm), layer=1, device="cpu")
     cached(other_layer, TEXTS)
     assert other_layer.computed == 3
-    assert len(list((tmp_path / "cache").glob("part-*.parquet"))) == 4  # 2 batches + 2
+    assert len(list((tmp_path / "cache").glob("part-*.keys.npy"))) == 4  # 2 batches + 2

@@ -186,3 +186,28 @@ def test_a_batch_takes_mirrored_latents_exactly_where_flipped() -> None:
     batch = cached.batch(torch.tensor([2, 0, 1]), torch.tensor([True, False, True]), "cpu")
     assert batch["latent_moments"][:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
     assert cached.batch(torch.tensor([0]), None, "cpu")["latent_moments"].sum() == 0
+
+
+def test_mirroring_preprocessed_pixels_equals_preprocessing_mirrored(parts) -> None:
+    """The latent cache preprocesses an image once for both caches; the mirrored copy must be
+    what the flipping encoder computes from the bytes, bit for bit (layout included: the VAE's
+    convolutions round differently for another memory layout)."""
+    import io
+
+    from PIL import Image
+
+    from adapter.train import mirrored
+
+    def gradient(size: tuple[int, int]) -> bytes:  # left and right differ: a flip shows
+        buffer = io.BytesIO()
+        Image.linear_gradient("L").rotate(90).resize(size).convert("RGB").save(buffer, "PNG")
+        return buffer.getvalue()
+
+    images = [gradient((37, 32)), gradient((32, 48)), image_bytes((10, 200, 40), size=(32, 32))]
+    plain = [preprocess_image(data, 32, flip=False) for data in images]
+    flipped = [preprocess_image(data, 32, flip=True) for data in images]
+    for mine, expected in zip((mirrored(p) for p in plain), flipped, strict=True):
+        assert np.array_equal(mine, expected) and mine.strides == expected.strides
+    assert not np.array_equal(plain[0], flipped[0])
+    encoder = LatentMoments(parts, 32, True, "cpu", torch.float32)
+    assert np.array_equal(encoder.encode_pixels([mirrored(p) for p in plain]), encoder(images))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapter.data import load_split
+from adapter.data import load_split, read_images
 from adapter.model import SURAdapter
 from adapter.train import TrainConfig, train
 from surd_builder.cli import app
@@ -314,6 +315,7 @@ def test_rows_missing_a_part_are_skipped_and_counted(tmp_path) -> None:
     )
     pq.write_table(table, tmp_path / "one.parquet")
     rows = load_split(str(tmp_path / "one.parquet"), "train")
-    assert rows.narrative_prompts == ["a cat"] and rows.images == [image["bytes"]]
+    assert rows.narrative_prompts == ["a cat"] and read_images(rows.images) == [image["bytes"]]
+    assert rows.image_hashes == [hashlib.sha256(image["bytes"]).hexdigest()]
     assert dict(rows.skipped) == {"no narrative prompt": 1, "no keyword prompt": 1, "no image": 1}
     assert load_split(str(tmp_path / "one.parquet"), "test") is None  # a single file is train

@@ -323,7 +323,7 @@ def test_train_caches_filled_by_ray_workers_equal_the_local_ones(ray_cluster, tm
     assert folders == sorted(p.relative_to(ray_root) for p in ray_root.glob("*/*"))
     assert {folder.parts[0] for folder in folders} == {"text", "latents", "llm"}
     # written by the Ray workers, not by this process (part names carry the writer's pid)
-    writers = {part.name.split("-")[2] for part in ray_root.rglob("part-*.parquet")}
+    writers = {part.name.split("-")[2] for part in ray_root.rglob("part-*.keys.npy")}
     assert writers and str(os.getpid()) not in writers
     for folder in folders:
         mine, theirs = ArrayCache(local_root / folder), ArrayCache(ray_root / folder)
