@@ -195,15 +195,21 @@ def draw_step_noise(
     num_train_timesteps: int,
     random_flip: bool,
     device: Any,
+    flip_generator: torch.Generator | None = None,
 ) -> StepNoise:
-    """The random inputs of ``rows`` samples, drawn in a fixed order (flips, latent sample,
-    noise, timesteps). Training draws those of the whole global micro-batch on every process
-    and each process keeps its rows (:meth:`StepNoise.rows`), so what a sample gets does not
-    depend on the number of processes. One process draws exactly what it did when every process
-    drew only its own rows."""
+    """The random inputs of ``rows`` samples, drawn in a fixed order (latent sample, noise,
+    timesteps) from ``generator`` (on ``device``), and the flips from ``flip_generator`` on the
+    CPU: which cached latents a batch gathers is decided on the host, so reading them never
+    waits for the GPU (a flip drawn there would cost a device-to-host sync every step).
+    Training draws those of the whole global micro-batch on every process and each process
+    keeps its rows (:meth:`StepNoise.rows`), so what a sample gets does not depend on the
+    number of processes. One process draws exactly what it did when every process drew only its
+    own rows."""
     flips = None
     if random_flip:
-        flips = torch.rand(rows, generator=generator, device=device) < 0.5
+        if flip_generator is None:
+            raise ValueError("random flips need a flip_generator (on the CPU)")
+        flips = torch.rand(rows, generator=flip_generator) < 0.5
     shape = (rows, *latent_shape)
     latent_noise = torch.randn(shape, generator=generator, device=device)
     noise = torch.randn(shape, generator=generator, device=device)
@@ -244,6 +250,10 @@ class LossSettings:
     temperature: float = 1.0
     min_snr_gamma: float | None = None
     prediction_type: str = "epsilon"
+    # False: the UNet is conditioned on a detached copy of the adapter's output, so the quality
+    # loss is computed (and logged) but trains nothing, as in the released code (its
+    # ``torch.tensor(...)`` rebuilt the condition); only the two KL terms train the adapter
+    quality_reaches_adapter: bool = True
 
 
 def sample_latents(
@@ -297,6 +307,8 @@ def compute_losses(
         target = noise
     output = adapter(batch["narrative_embeds"].float(), llm_features=batch["llm_features"])
     condition = output.prompt_embeds.to(unet.dtype)
+    if not settings.quality_reaches_adapter:
+        condition = condition.detach()
     prediction = unet(noisy.to(unet.dtype), timesteps, condition).sample
     snr = None
     if settings.min_snr_gamma is not None:

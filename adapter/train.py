@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,8 @@ from surd_builder.ray_engine import ENGINES, RayOptions
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 STATE_FILE = "surd-train-state.json"
+# the "surd" objective's defaults (see OBJECTIVES)
+ETA_LLM, ETA_PROMPT, LEARNING_RATE = 1e-3, 1e-2, 3e-4
 # settings a checkpoint must share with the run that resumes it
 # (--max-steps / --epochs may grow: that is how a finished run is extended)
 RESUME_KEYS = (
@@ -58,10 +61,39 @@ RESUME_KEYS = (
     "seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_weight_decay",
     "max_grad_norm", "eta_llm", "eta_prompt", "temperature", "min_snr_gamma", "prediction_type",
     "adapter_weight", "adapter_layers", "adapter_heads", "adapter_feedforward", "adapter_mlp",
-    "adapter_dropout", "train_llm_projection", "init_adapter", "mixed_precision",
+    "adapter_dropout", "train_llm_projection", "init_adapter", "mixed_precision", "objective",
 )  # fmt: skip
 # settings added to RESUME_KEYS later, with the value that checkpoints written before had
-ADDED_RESUME_KEYS = {"adapter_dropout": 0.1}
+ADDED_RESUME_KEYS = {"adapter_dropout": 0.1, "objective": "surd"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a preset of ``--objective`` sets when the options are not given."""
+
+    eta_llm: float
+    eta_prompt: float
+    learning_rate: float
+    quality_reaches_adapter: bool
+    about: str
+
+
+OBJECTIVES = {
+    # chosen from the measured gradient norms of each term on the adapter (README: "The
+    # objective"): the KL terms weighted so that their gradients are not swamped by the quality
+    # loss's, which reaches the adapter through the frozen UNet
+    "surd": Objective(
+        eta_llm=ETA_LLM, eta_prompt=ETA_PROMPT, learning_rate=LEARNING_RATE,
+        quality_reaches_adapter=True,
+        about="the three losses through one graph, weights from measurement",
+    ),
+    # the released code: its condition tensor rebuilt with torch.tensor(...) cut the graph, so
+    # only the two KL terms (eta 1e-5) trained the adapter, with AdamW at 1e-5
+    "released": Objective(
+        eta_llm=1e-5, eta_prompt=1e-5, learning_rate=1e-5, quality_reaches_adapter=False,
+        about="the released code: quality loss cut off the adapter, eta 1e-5, lr 1e-5",
+    ),
+}  # fmt: skip
 
 
 @dataclass
@@ -84,13 +116,14 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     epochs: int = 10
     max_steps: int | None = None
-    learning_rate: float = 1e-5
+    learning_rate: float | None = None  # None: the objective's
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    eta_llm: float = 1e-5
-    eta_prompt: float = 1e-5
+    objective: str = "surd"
+    eta_llm: float | None = None  # None: the objective's
+    eta_prompt: float | None = None  # None: the objective's
     temperature: float = 1.0
     min_snr_gamma: float | None = None
     prediction_type: str | None = None
@@ -107,6 +140,7 @@ class TrainConfig:
     llm_dtype: str = "auto"
     seed: int = 0
     checkpointing_steps: int = 500
+    logging_steps: int = 10  # a history row (one wait for the GPU) every N steps
     checkpoints_total_limit: int | None = 3
     resume: str = "auto"
     validation_steps: int = 500
@@ -126,6 +160,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+        preset = OBJECTIVES[self.objective]
+        for name in ("eta_llm", "eta_prompt", "learning_rate"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
         checks = [
             (self.llm_pooling in POOLINGS, f"--llm-pooling must be one of {', '.join(POOLINGS)}"),
             (self.mixed_precision in MIXED_PRECISIONS,
@@ -142,8 +182,8 @@ class TrainConfig:
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.adapter_layers >= 1 and self.adapter_heads >= 1,
              "--adapter-layers and --adapter-heads must be >= 1"),
-            (self.checkpointing_steps >= 1 and self.validation_steps >= 1,
-             "--checkpointing-steps and --validation-steps must be >= 1"),
+            (min(self.checkpointing_steps, self.validation_steps, self.logging_steps) >= 1,
+             "--checkpointing-steps, --validation-steps and --logging-steps must be >= 1"),
             (0.0 <= self.adapter_weight <= 1.0, "--adapter-weight must be in [0, 1]"),
             (0.0 <= self.adapter_dropout < 1.0, "--adapter-dropout must be in [0, 1)"),
             (self.cache_engine in ENGINES, f"--cache-engine must be one of: {', '.join(ENGINES)}"),
@@ -717,6 +757,7 @@ def train(config: TrainConfig) -> TrainReport:
     settings = LossSettings(
         config.eta_llm, config.eta_prompt, config.temperature, config.min_snr_gamma,
         config.prediction_type or parts.prediction_type,
+        OBJECTIVES[config.objective].quality_reaches_adapter,
     )  # fmt: skip
     vae_config = parts.vae.config
     scaling, shift = vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
@@ -774,26 +815,30 @@ def train(config: TrainConfig) -> TrainReport:
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     samples_per_step = batch * accumulation * world
     last_terms: dict[str, float] = {}
-    timings: list[float] = []
+    window = _LogWindow(device)  # losses summed on the device between logged rows
+    rates: list[float] = []
     progress = _TrainProgress(steps, resume_step, show)
     with progress:
         for step in range(resume_step, steps):
-            started = time.perf_counter()
-            totals = dict.fromkeys(("total", "quality", "distillation", "prompt_alignment"), 0.0)
+            done = step + 1
+            # a row every --logging-steps and at every checkpoint, so a run resumed from one
+            # logs the same windows as the uninterrupted run; only logged steps wait for the GPU
+            logged = done % config.logging_steps == 0 or done % config.checkpointing_steps == 0
+            logged = logged or done == steps or done % config.validation_steps == 0
+            grad_norms: dict[str, float] = {}
             for micro in range(accumulation):
                 number = step * accumulation + micro
                 # the random inputs of the global micro-batch, the same on every process; this
                 # one's rows are those of its samples, so the process count changes nothing
-                generator = step_generator(config.seed, number, 0, device)
                 step_noise = draw_step_noise(
-                    generator, batch * world, latent_shape, num_train_timesteps,
-                    config.random_flip, device,
+                    step_generator(config.seed, number, 0, device), batch * world, latent_shape,
+                    num_train_timesteps, config.random_flip, device,
+                    flip_generator=step_generator(config.seed, number, 1),
                 ).rows(rank * batch, (rank + 1) * batch)  # fmt: skip
                 indices = micro_batch_indices(
                     number, batch, world, rank, len(train_set), config.seed
                 )
-                flips = None if step_noise.flips is None else step_noise.flips.cpu()
-                tensors = train_set.batch(torch.from_numpy(indices), flips, device)
+                tensors = train_set.batch(indices, step_noise.flips, device)
                 sync = micro == accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(adapter):
                     with accelerator.autocast():
@@ -801,35 +846,42 @@ def train(config: TrainConfig) -> TrainReport:
                             adapter, unet, noise_scheduler, tensors, None, settings,
                             scaling, shift, step_noise,
                         )  # fmt: skip
-                    accelerator.backward(terms.total / accumulation)
-                for name in totals:
-                    totals[name] += getattr(terms, name).detach() / accumulation
+                    if logged and sync:  # the last micro-batch's per-term gradients
+                        grad_norms = term_gradient_norms(
+                            accelerator, trainable, terms, settings, accumulation
+                        )
+                    else:
+                        accelerator.backward(terms.total / accumulation)
+                window.add(terms, accumulation)
+            total_norm = None
             if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                total_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            values = {
-                name: float(accelerator.reduce(value, "mean")) for name, value in totals.items()
-            }
-            elapsed = time.perf_counter() - started
-            timings.append(elapsed)
-            row = {
-                **values,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "samples_per_s": samples_per_step / elapsed,
-            }
-            accelerator.log({f"train/{k}": v for k, v in row.items()}, step=done)
-            history.add({"kind": "train", "step": done, **row})
-            last_terms = values
-            progress.advance(values["total"], row["samples_per_s"])
+            if logged:
+                values, rate = window.take(accelerator, samples_per_step)
+                if rate is not None:
+                    rates.append(rate)
+                row = {**values, "lr": lr_scheduler.get_last_lr()[0]}
+                if rate is not None:
+                    row["samples_per_s"] = rate
+                if total_norm is not None:
+                    row["grad_norm/total"] = float(total_norm)
+                row.update(grad_norms)
+                accelerator.log({f"train/{k}": v for k, v in row.items()}, step=done)
+                history.add({"kind": "train", "step": done, **row})
+                last_terms = values
+                progress.show(values["total"], rate)
+            progress.advance()
             if done % config.validation_steps == 0 or done == steps:
                 last_held = evaluate(done) or last_held
                 if main and config.validation_prompts:
                     _validation_images(accelerator, config, parts, unet, adapter, done)
+                window.restart_clock()  # evaluation time is not training time
             if done % config.checkpointing_steps == 0 or done == steps:
                 save_checkpoint(accelerator, config, done)
+                window.restart_clock()
             if done == _crash_after_step():
                 os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup, no flushing
 
@@ -837,9 +889,9 @@ def train(config: TrainConfig) -> TrainReport:
     if main:
         _save_final(accelerator.unwrap_model(adapter), config.output)
     accelerator.end_training()
-    # the first step includes warm-up (allocation, compilation): leave it out of the rate
-    steady = timings[1:] or timings
-    rate = samples_per_step * len(steady) / sum(steady) if steady else 0.0
+    # the first window includes warm-up (allocation, compilation): left out of the rate
+    steady = rates[1:] or rates
+    rate = statistics.median(steady) if steady else 0.0
     report = TrainReport(
         output=config.output,
         steps=steps,
@@ -858,6 +910,93 @@ def train(config: TrainConfig) -> TrainReport:
     if main:
         _write_summary(report, config)
     return report
+
+
+class _LogWindow:
+    """The loss terms summed on the device since the last logged row (no host sync per step),
+    and the wall time they took."""
+
+    NAMES = ("total", "quality", "distillation", "prompt_alignment")
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.sums: dict[str, Any] = {}
+        self.steps = 0.0
+        self.micro = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.started, self.clock_steps = time.perf_counter(), 0.0
+
+    def add(self, terms: Any, accumulation: int) -> None:
+        for name in self.NAMES:
+            value = getattr(terms, name).detach().float() / accumulation
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.micro += 1
+        if self.micro == accumulation:
+            self.micro, self.steps, self.clock_steps = 0, self.steps + 1, self.clock_steps + 1
+
+    def take(self, accelerator: Any, samples_per_step: int) -> tuple[dict[str, float], Any]:
+        """(mean of each term over the window, averaged over processes; samples/s over the
+        window, None when the window had no training time of its own)."""
+        import torch
+
+        stacked = torch.stack([self.sums[name] for name in self.NAMES]) / max(self.steps, 1.0)
+        means = accelerator.reduce(stacked, "mean").tolist()  # the one sync of the window
+        elapsed = time.perf_counter() - self.started
+        rate = samples_per_step * self.clock_steps / elapsed if self.clock_steps else None
+        self.sums, self.steps = {}, 0.0
+        self.restart_clock()
+        return dict(zip(self.NAMES, means, strict=True)), rate
+
+
+def term_gradient_norms(
+    accelerator: Any, trainable: list, terms: Any, settings: LossSettings, accumulation: int
+) -> dict[str, float]:
+    """Backward of ``terms.total / accumulation`` (as every micro-batch does) that also returns
+    each weighted term's gradient norm on the adapter's trainable parameters, for this
+    micro-batch: what decides which term the adapter follows.
+
+    The two KL terms do not pass through the UNet: their gradients are taken on their own
+    (cheap, the graph kept); the quality term's is the rest of the total's, measured as the
+    change of ``.grad`` across the backward. With several processes the KL gradients are
+    averaged like the total's (the all-reduce), so the three add up to what the optimizer
+    sees."""
+    import torch
+
+    weighted = {
+        "distillation": terms.distillation * settings.eta_llm,
+        "prompt_alignment": terms.prompt_alignment * settings.eta_prompt,
+    }
+    kl_grads: dict[str, list] = {}
+    for name, term in weighted.items():
+        if term.requires_grad:
+            grads = torch.autograd.grad(term, trainable, retain_graph=True, allow_unused=True)
+            kl_grads[name] = [
+                torch.zeros_like(param) if grad is None else grad
+                for grad, param in zip(grads, trainable, strict=True)
+            ]
+        else:
+            kl_grads[name] = [torch.zeros_like(param) for param in trainable]
+    before = [
+        torch.zeros_like(param) if param.grad is None else param.grad.detach().clone()
+        for param in trainable
+    ]
+    accelerator.backward(terms.total / accumulation)
+    flat_total = torch.cat([
+        ((param.grad if param.grad is not None else torch.zeros_like(param)) - old).flatten()
+        for param, old in zip(trainable, before, strict=True)
+    ]).float() * accumulation  # fmt: skip
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:  # fp16: .grad holds the scaled gradients
+        flat_total = flat_total / scaler.get_scale()
+    flat_kl = {name: torch.cat([g.flatten() for g in grads]).float()
+               for name, grads in kl_grads.items()}  # fmt: skip
+    if accelerator.num_processes > 1:
+        flat_kl = {name: accelerator.reduce(value, "mean") for name, value in flat_kl.items()}
+    quality = flat_total - sum(flat_kl.values())
+    norms = {"quality": quality, **flat_kl}
+    return {f"grad_norm/{name}": float(torch.linalg.vector_norm(v)) for name, v in norms.items()}
 
 
 class _TrainProgress:
@@ -894,9 +1033,15 @@ class _TrainProgress:
         if self.enabled:
             self.progress.__exit__(*exc)
 
-    def advance(self, loss: float, rate: float) -> None:
+    def advance(self) -> None:
         if self.enabled:
-            self.progress.update(self.task, advance=1, loss=f"{loss:.4f}", rate=f"{rate:,.1f}")
+            self.progress.update(self.task, advance=1)
+
+    def show(self, loss: float, rate: float | None) -> None:
+        """The last logged loss and rate (the bar does not wait for the GPU to show more)."""
+        if self.enabled:
+            shown = "-" if rate is None else f"{rate:,.1f}"
+            self.progress.update(self.task, loss=f"{loss:.4f}", rate=shown)
 
 
 def _validation_images(

@@ -116,8 +116,13 @@ def train(
         typer.Option(min=1, help="Optimizer steps (overrides --epochs).", rich_help_panel=OPT),
     ] = None,
     learning_rate: Annotated[
-        float, typer.Option(help="AdamW learning rate (released: 1e-5).", rich_help_panel=OPT)
-    ] = 1e-5,
+        float | None,
+        typer.Option(
+            help="AdamW learning rate [default: the objective's: surd 3e-4, released 1e-5]",
+            show_default=False,
+            rich_help_panel=OPT,
+        ),
+    ] = None,
     lr_scheduler: Annotated[
         str,
         typer.Option(help="constant, constant_with_warmup, linear or cosine.", rich_help_panel=OPT),
@@ -131,12 +136,33 @@ def train(
     max_grad_norm: Annotated[
         float, typer.Option(min=0.0, help="0 turns clipping off.", rich_help_panel=OPT)
     ] = 1.0,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="surd: the three losses through one graph, weights chosen from measured "
+            "gradient norms (README: The objective); released: the released code (quality loss "
+            "cut off the adapter, eta 1e-5, lr 1e-5), for comparison.",
+            rich_help_panel=LOSS,
+        ),
+    ] = "surd",
     eta_llm: Annotated[
-        float, typer.Option(help="Weight of the LLM distillation loss.", rich_help_panel=LOSS)
-    ] = 1e-5,
+        float | None,
+        typer.Option(
+            help="Weight of the LLM distillation loss [default: the objective's: surd 1e-3, "
+            "released 1e-5]",
+            show_default=False,
+            rich_help_panel=LOSS,
+        ),
+    ] = None,
     eta_prompt: Annotated[
-        float, typer.Option(help="Weight of the prompt alignment loss.", rich_help_panel=LOSS)
-    ] = 1e-5,
+        float | None,
+        typer.Option(
+            help="Weight of the prompt alignment loss [default: the objective's: surd 1e-2, "
+            "released 1e-5]",
+            show_default=False,
+            rich_help_panel=LOSS,
+        ),
+    ] = None,
     temperature: Annotated[
         float, typer.Option(min=1e-6, help="Softmax temperature of both KLs.", rich_help_panel=LOSS)
     ] = 1.0,
@@ -214,6 +240,15 @@ def train(
     checkpoints_total_limit: Annotated[
         int | None, typer.Option(min=1, help="Keep at most this many.", rich_help_panel=RUN)
     ] = 3,
+    logging_steps: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Log losses, gradient norms and samples/s every N steps (and at checkpoints); "
+            "only logged steps wait for the GPU.",
+            rich_help_panel=RUN,
+        ),
+    ] = 10,
     resume: Annotated[
         str,
         typer.Option(
@@ -305,6 +340,7 @@ def train(
         epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
         adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm, eta_llm=eta_llm,
+        objective=objective, logging_steps=logging_steps,
         eta_prompt=eta_prompt, temperature=temperature, min_snr_gamma=min_snr_gamma,
         prediction_type=prediction_type, adapter_weight=adapter_weight,
         adapter_layers=adapter_layers, adapter_heads=adapter_heads,

@@ -149,3 +149,33 @@ def read_demo_params(folder: Path | str) -> dict:
         return json.loads((Path(folder) / PARAMS_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Path:
+    """The demo shapes as a training set in the export's layout (``export/data/{train,test}-
+    00000-of-00001.parquet``, HF image structs, 32 px images); returns the export folder. What
+    the tests and ``bench/gpu_check.sh`` train the tiny models on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = folder / "images"
+    make_demo_folder(images, count=count, size=32)
+    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+
+    def table(selected: list[dict]) -> pa.Table:
+        return pa.table(
+            {
+                "narrative_prompt": [row["narrative_prompt"] for row in selected],
+                "complex_prompt": [row["complex_prompt"] for row in selected],
+                "image": [
+                    {"bytes": (images / row["file_name"]).read_bytes(), "path": row["file_name"]}
+                    for row in selected
+                ],
+            }
+        )
+
+    data = folder / "export" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(table(rows[:-held_out]), data / "train-00000-of-00001.parquet")
+    pq.write_table(table(rows[-held_out:]), data / "test-00000-of-00001.parquet")
+    return folder / "export"

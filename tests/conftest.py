@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from surd_builder.demo import make_demo_folder
+from surd_builder.demo import make_demo_folder, write_demo_dataset  # noqa: F401 (tests import it from here)
 from surd_builder.workspace import Workspace
 from tests.http_fixture import FaultyServer
 from tests.label_studio import label_studio  # noqa: F401 (a session fixture)
@@ -82,32 +79,6 @@ def run_surd(
         timeout=120,
         **kwargs,
     )
-
-
-def write_demo_dataset(folder: Path, count: int = 160, held_out: int = 32) -> Path:
-    """The demo shapes as an export-style dataset: data/{train,test}-*.parquet, HF image
-    structs, 32 px images."""
-    images = folder / "images"
-    make_demo_folder(images, count=count, size=32)
-    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
-
-    def table(selected: list[dict]) -> pa.Table:
-        return pa.table(
-            {
-                "narrative_prompt": [row["narrative_prompt"] for row in selected],
-                "complex_prompt": [row["complex_prompt"] for row in selected],
-                "image": [
-                    {"bytes": (images / row["file_name"]).read_bytes(), "path": row["file_name"]}
-                    for row in selected
-                ],
-            }
-        )
-
-    data = folder / "export" / "data"
-    data.mkdir(parents=True)
-    pq.write_table(table(rows[:-held_out]), data / "train-00000-of-00001.parquet")
-    pq.write_table(table(rows[-held_out:]), data / "test-00000-of-00001.parquet")
-    return folder / "export"
 
 
 @pytest.fixture

@@ -211,3 +211,38 @@ def test_mirroring_preprocessed_pixels_equals_preprocessing_mirrored(parts) -> N
     assert not np.array_equal(plain[0], flipped[0])
     encoder = LatentMoments(parts, 32, True, "cpu", torch.float32)
     assert np.array_equal(encoder.encode_pixels([mirrored(p) for p in plain]), encoder(images))
+
+
+def test_the_released_graph_cut_keeps_the_quality_loss_off_the_adapter(parts) -> None:
+    from adapter.model import SURAdapter
+
+    torch.manual_seed(0)
+    adapter = SURAdapter(
+        embed_dim=32, num_heads=4, feedforward_dim=64, mlp_dim=64, llm_dim=16, dropout=0.0
+    )
+    cached = CachedSet(
+        torch.randn(4, 8, 8, 8).half(), None, torch.randn(4, 77, 32).half(),
+        torch.randn(4, 77, 32).half(), torch.randn(4, 16),
+    )  # fmt: skip
+    batch = cached.batch(torch.tensor([0, 2]), None, "cpu")
+    cut = LossSettings(eta_llm=0.0, eta_prompt=0.0, quality_reaches_adapter=False)
+    terms = compute_losses(
+        adapter, parts.unet, parts.noise_scheduler, batch, step_generator(0, 0, 0, "cpu"), cut,
+        scaling=0.18215,
+    )  # fmt: skip
+    assert terms.quality.item() > 0 and not terms.quality.requires_grad  # computed, trains nothing
+    kept = LossSettings(eta_llm=0.0, eta_prompt=1.0, quality_reaches_adapter=False)
+    terms = compute_losses(
+        adapter, parts.unet, parts.noise_scheduler, batch, step_generator(0, 0, 0, "cpu"), kept,
+        scaling=0.18215,
+    )  # fmt: skip
+    terms.total.backward(retain_graph=True)
+    total_grads = {
+        name: p.grad.clone() for name, p in adapter.named_parameters() if p.grad is not None
+    }
+    adapter.zero_grad()
+    terms.prompt_alignment.backward()
+    alignment_grads = {n: p.grad for n, p in adapter.named_parameters() if p.grad is not None}
+    assert total_grads.keys() == alignment_grads.keys() and total_grads
+    for name, grad in total_grads.items():  # the total's gradient is the alignment term's alone
+        assert torch.allclose(grad, alignment_grads[name], atol=1e-7), name

@@ -79,7 +79,11 @@ def history(output: Path, kind: str) -> list[dict]:
 
 
 def test_a_short_run_learns_prompt_alignment_and_writes_its_outputs(stack, tmp_path) -> None:
+    """At surd train's defaults (objective, weights, learning rate, adapter sizes): only the run
+    length and the tiny models' sizes are the test's."""
     output = tmp_path / "run"
+    defaults = dict(learning_rate=None, eta_prompt=None, adapter_heads=8, adapter_feedforward=2048,
+                    adapter_mlp=768)  # fmt: skip
     report = train(
         config(
             stack,
@@ -90,16 +94,29 @@ def test_a_short_run_learns_prompt_alignment_and_writes_its_outputs(stack, tmp_p
             checkpoints_total_limit=2,
             validation_prompts=("three red circles on a blue background",),
             validation_inference_steps=2,
+            **defaults,
         )
     )
     held_out = history(output, "held_out")
     assert [row["step"] for row in held_out] == [0, 30, 60]
     first, last = held_out[0]["prompt_alignment"], held_out[-1]["prompt_alignment"]
-    # held-out prompts the adapter never saw move clearly towards their keyword prompts
+    # held-out prompts the adapter never saw move clearly towards their keyword prompts ...
     assert last < 0.8 * first, (first, last)
+    # ... and the images do not get worse for it (same noise at every evaluation)
+    assert held_out[-1]["quality"] <= held_out[0]["quality"] * 1.001, held_out
     assert report.first_held_out["prompt_alignment"] == pytest.approx(first)
     assert report.train_samples == 128 and report.held_out_samples == 32
-    assert len(history(output, "train")) == 60
+    rows = history(output, "train")
+    # a row every --logging-steps (10) and at checkpoints (every 20)
+    assert [row["step"] for row in rows] == [10, 20, 30, 40, 50, 60]
+    for row in rows:  # each term's gradient on the adapter, and the clipped total's
+        norms = {name: row[f"grad_norm/{name}"] for name in
+                 ("quality", "distillation", "prompt_alignment", "total")}  # fmt: skip
+        assert all(value > 0 for value in norms.values()), row
+    # the default weights keep the alignment term from being swamped by the quality term
+    assert rows[0]["grad_norm/prompt_alignment"] > rows[0]["grad_norm/quality"], rows[0]
+    events = list((output / "logs").rglob("events.out.tfevents.*"))
+    assert any(b"train/grad_norm/prompt_alignment" in event.read_bytes() for event in events)
 
     trained = SURAdapter.from_pretrained(output)
     assert torch.count_nonzero(trained.out.weight) > 0  # it moved off its zero start
@@ -140,6 +157,7 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         validation_steps=2,
         lr_scheduler="cosine",
         train_llm_projection=True,
+        logging_steps=3,
     )
     uninterrupted = tmp_path / "uninterrupted"
     train(config(stack, uninterrupted, **settings))
@@ -151,7 +169,7 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         "--cache-dir", str(stack.cache), "--resolution", "32", "--batch-size", "8",
         "--gradient-accumulation-steps", "2", "--max-steps", "8", "--learning-rate", "1e-3",
         "--eta-prompt", "1", "--checkpointing-steps", "2", "--validation-steps", "2",
-        "--lr-scheduler", "cosine",
+        "--lr-scheduler", "cosine", "--logging-steps", "3",
         "--train-llm-projection", "--device", "cpu", "--no-validation-images", "--no-progress",
         "--adapter-heads", "4", "--adapter-feedforward", "64", "--adapter-mlp", "64",
     ]  # fmt: skip
@@ -187,6 +205,8 @@ def test_kill_and_resume_reproduce_an_uninterrupted_run(stack, tmp_path) -> None
         ]
 
     assert losses(killed, "train") == losses(uninterrupted, "train")
+    # rows every 3 steps and at every checkpoint (2): the resumed run's windows are the same
+    assert [row["step"] for row in history(killed, "train")] == [2, 3, 4, 6, 8]
     assert [row["step"] for row in history(killed, "held_out")] == [0, 2, 4, 6, 8]
     assert losses(killed, "held_out") == losses(uninterrupted, "held_out")
     assert report.first_held_out == {
@@ -319,3 +339,26 @@ def test_rows_missing_a_part_are_skipped_and_counted(tmp_path) -> None:
     assert rows.image_hashes == [hashlib.sha256(image["bytes"]).hexdigest()]
     assert dict(rows.skipped) == {"no narrative prompt": 1, "no keyword prompt": 1, "no image": 1}
     assert load_split(str(tmp_path / "one.parquet"), "test") is None  # a single file is train
+
+
+def test_the_released_objective_keeps_the_quality_loss_off_the_adapter(stack, tmp_path) -> None:
+    presets = dict(learning_rate=None, eta_prompt=None)
+    released = config(stack, tmp_path / "released", objective="released", max_steps=2,
+                      logging_steps=1, **presets)  # fmt: skip
+    assert (released.eta_llm, released.eta_prompt, released.learning_rate) == (1e-5, 1e-5, 1e-5)
+    surd = config(stack, tmp_path / "surd", **presets)
+    assert (surd.eta_llm, surd.eta_prompt, surd.learning_rate) == (1e-3, 1e-2, 3e-4)
+    assert config(stack, tmp_path / "x", objective="released", eta_prompt=0.5).eta_prompt == 0.5
+    with pytest.raises(InputError, match="--objective"):
+        config(stack, tmp_path / "x", objective="paper")
+
+    train(released)
+    rows = history(tmp_path / "released", "train")
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:  # the quality loss is computed and logged, but trains nothing
+        assert row["quality"] > 0 and row["grad_norm/distillation"] > 0
+        assert row["grad_norm/quality"] <= 1e-6 * row["grad_norm/distillation"], row
+    # a checkpoint of one objective does not resume under the other
+    result = cli(*base_args(stack, tmp_path / "released"), "--objective", "surd",
+                 "--max-steps", "3")  # fmt: skip
+    assert result.exit_code != 0 and "objective" in result.output
