@@ -10,8 +10,9 @@ through), two processes do not double it (their PSS: the mapped pages are shared
 gathering its batch from the mapped caches is as fast as one from arrays held in RAM.
 
 The models are tiny random ones with latents at real size: a Stable Diffusion in diffusers
-layout whose VAE has 4 down blocks (factor 8: 512 px images give 4x64x64 latents) with 4
-channels a block, so encoding on a CPU is cheap, and a UNet of ``sample_size`` 64; the LLM is
+layout whose VAE has 4 down blocks (factor 8: 512 px images give 4x64x64 latents) of 1
+channel (``VAE``), so encoding on a CPU is cheap, and a UNet of ``sample_size`` 64 (``UNET``;
+float16 moments of 8x64x64 are 64 KiB a record, as for SD 1.x/2.x); the LLM is
 ``tests.tiny_models.save_tiny_causal_lm``'s. The data is an export-shaped dataset:
 ``data/train-0000i-of-0000K.parquet`` with ``narrative_prompt``, ``complex_prompt``, ``image``
 (HF Image struct ``{bytes, path}``), ``image_sha256`` and the ``huggingface`` schema metadata,
@@ -44,7 +45,9 @@ arrays, read through a second mapping of the same files that is then closed, so 
 set's own mapping is still untouched when it is timed. Identical steps
 (``adapter.step.compute_losses`` with the tiny UNet at 64x64 latents, backward, gradient
 clipping, AdamW) on random batches drawn from the whole set are interleaved over ``--rounds``
-rounds (the order rotating), then ``CachedSet.batch()`` alone the same way. Reported: median
+rounds (the order rotating), then ``CachedSet.batch()`` alone the same way, on ``--threads``
+torch threads (1 by default: a step split over threads all waiting for one that another
+program's work preempted is what makes timings on a shared CPU jump tenfold). Reported: median
 step time of each, mapped/in-RAM, median µs per ``batch()``, page faults per step, and this
 process's RSS/PSS with the mapped set and with the in-RAM copy.
 
@@ -85,6 +88,18 @@ ROW_GROUP_ROWS = 100  # as surd build export writes them
 LLM_LAYER = 2
 SMALL_ADAPTER = ["--adapter-heads", "4", "--adapter-feedforward", "64", "--adapter-mlp", "64"]
 MIB = 1024 * 1024
+# the tiny base model: latents at real size, as little compute as diffusers allows around them
+VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(1, 1, 1, 1), layers_per_block=0,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4, norm_num_groups=1, sample_size=RESOLUTION, mid_block_add_attention=False,
+)  # fmt: skip
+UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16),
+    layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------- models
@@ -92,7 +107,8 @@ MIB = 1024 * 1024
 
 def save_models(root: Path) -> tuple[Path, Path]:
     """(base model, LLM) folders, built once and reused."""
-    sd, lm = root / "sd-512", root / "lm"
+    spec = hashlib.sha256(json.dumps([VAE, UNET]).encode()).hexdigest()[:8]
+    sd, lm = root / f"sd-512-{spec}", root / "lm"  # another architecture: another folder
     if not (sd / "model_index.json").is_file():
         save_stable_diffusion_512(sd)
     if not (lm / "config.json").is_file():
@@ -104,9 +120,9 @@ def save_models(root: Path) -> tuple[Path, Path]:
 
 def save_stable_diffusion_512(directory: Path) -> None:
     """tests.tiny_models.save_tiny_stable_diffusion with latents at real size: a VAE of 4 down
-    blocks (512 px -> 4x64x64) of 4 channels each (no mid-block attention: 4096 tokens would
-    cost more than the whole encoder) and a UNet of sample_size 64 whose attention starts at
-    16x16. Written to a temporary folder, then renamed into place."""
+    blocks (512 px -> 4x64x64) of 1 channel and no resnet each, no mid-block attention (4096
+    tokens), so a CPU encodes an image in ~30 ms; a UNet of sample_size 64 whose attention
+    starts at 16x16 (~0.4 s a step of 8 on a CPU). Written to a temporary folder, renamed."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -122,31 +138,9 @@ def save_stable_diffusion_512(directory: Path) -> None:
     vocab, merges = _clip_bpe()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=text_width,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-    )
+    unet = UNet2DConditionModel(**UNET, cross_attention_dim=text_width)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 4, 4, 4),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RESOLUTION,
-        mid_block_add_attention=False,
-    )
+    vae = AutoencoderKL(**VAE)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
@@ -531,6 +525,7 @@ def step_timing(args: argparse.Namespace, samples: int, sd: Path, lm: Path) -> d
         validation_prompts=(), show_progress=False, adapter_heads=4, adapter_feedforward=64,
         adapter_mlp=64, encode_batch_size=args.encode_batch_size,
     )  # fmt: skip
+    torch.set_num_threads(args.threads)
     dtype, device = torch.float32, torch.device("cpu")  # what surd train uses on a CPU
     parts = load_stable_diffusion(str(sd), dtype)
     llm = LLMFeatureExtractor(str(lm), LLM_LAYER, config.llm_pooling, config.llm_batch_size,
@@ -731,10 +726,16 @@ def main() -> None:
         action="store_true",
         help="skip the caches-only run where the cache folder exists",
     )
-    parser.add_argument("--rounds", type=int, default=6, help="step timing rounds")
-    parser.add_argument("--round-steps", type=int, default=8, help="steps per round each way")
+    parser.add_argument("--rounds", type=int, default=10, help="step timing rounds")
+    parser.add_argument("--round-steps", type=int, default=10, help="steps per round each way")
     parser.add_argument(
         "--batch-calls", type=int, default=100, help="CachedSet.batch() calls per round each way"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the step timing (1: steadier on a shared CPU)",
     )
     parser.add_argument("--no-step-timing", action="store_true")
     parser.add_argument("--json", type=Path, help="write every number here")

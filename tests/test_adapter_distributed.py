@@ -42,7 +42,15 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def parity_config(stack: Stack, output: Path, cache: Path, **overrides):
-    return config(stack, output, cache_dir=cache, max_steps=STEPS, adapter_dropout=0.0, **overrides)
+    return config(
+        stack,
+        output,
+        cache_dir=cache,
+        max_steps=STEPS,
+        adapter_dropout=0.0,
+        logging_steps=1,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,7 @@ def launch(config_file: str, stack: Stack, output: Path, cache: Path, *options: 
         str(output), "--cache-dir", str(cache), "--resolution", "32", "--batch-size",
         str(BATCH_PER_PROCESS), "--max-steps", str(STEPS), "--learning-rate", "1e-3",
         "--eta-prompt", "1", "--adapter-dropout", "0", "--device", "cpu",
-        "--no-validation-images", "--no-progress", "--adapter-heads", "4",
+        "--no-validation-images", "--no-progress", "--adapter-heads", "4", "--logging-steps", "1",
         "--adapter-feedforward", "64", "--adapter-mlp", "64",
     ]  # fmt: skip
 
