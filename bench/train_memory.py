@@ -33,7 +33,10 @@ sampled every ``--interval`` s from ``/proc/<pid>/smaps_rollup``):
 Reported per run: wall time, and the peaks over the run of the tree's summed RSS, summed PSS,
 summed ``Pss_Anon`` (the private + shared-anonymous part: what cannot be dropped), summed
 ``Pss_File`` (mapped file pages, shared by the processes), summed ``Anonymous`` (anon RSS),
-and the largest single process's RSS. Each peak is taken on its own (they need not coincide).
+and the largest single process's RSS; from the full ``smaps`` read about once a second, what
+the tree maps of the cache folder's files (RSS and PSS: "cache RSS/PSS") and the peak of PSS
+less that ("PSS w/o cache": what does not come from the mapped caches). Each peak is taken on
+its own (they need not coincide).
 Also the data's size and the cache folder's (``du``: allocated blocks, per kind of input).
 
 Then, in this process, for the largest N: the step time from mapped caches against arrays in
@@ -287,22 +290,48 @@ def _tree(root: int) -> list[int]:
     return found
 
 
+def _mapped_under(pid: int, prefix: str) -> tuple[int, int]:
+    """(Rss, Pss) in kB of ``pid``'s mappings of files under ``prefix``, from
+    ``/proc/<pid>/smaps`` ((0, 0) if the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return 0, 0
+    rss = pss = 0
+    inside = False
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) == 6 and head[5].startswith(prefix)  # a mapping's header line
+        elif inside and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+        elif inside and line.startswith("Pss:"):
+            pss += int(line.split()[1])
+    return rss, pss
+
+
 class TreeSampler(threading.Thread):
-    """Polls a process tree's smaps_rollup every ``interval`` s, keeping each sum's peak."""
+    """Polls a process tree's smaps_rollup every ``interval`` s, keeping each sum's peak; about
+    once a second also its full smaps, for what it maps of the files under ``mapped_prefix``
+    (the cache folder)."""
 
     SUMS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous")
 
-    def __init__(self, root: int, interval: float):
+    def __init__(self, root: int, interval: float, mapped_prefix: str | None = None):
         super().__init__(daemon=True)
-        self.root, self.interval = root, interval
+        self.root, self.interval, self.prefix = root, interval, mapped_prefix
         self.stop = threading.Event()
         self.peaks = dict.fromkeys(self.SUMS, 0)
         self.peak_single_rss, self.peak_processes, self.samples = 0, 0, 0
-        self.timeline: list[list[float]] = []  # [s, Rss, Pss, Pss_Anon] (kB), about 1 a second
+        # at the once-a-second samples: the cache's mapped pages, and PSS without them
+        self.peak_cache_rss = self.peak_cache_pss = self.peak_pss_without_cache = 0
+        # [s, Rss, Pss, Pss_Anon, cache Rss, cache Pss] (kB), about once a second
+        self.timeline: list[list[float]] = []
+        self.per_process: dict[int, dict[str, Any]] = {}  # pid -> its command and peaks
         self.started = time.monotonic()
 
     def run(self) -> None:
-        last_kept = -1.0
+        last_detail = -1.0
         while not self.stop.is_set():
             sums = dict.fromkeys(self.SUMS, 0)
             pids = _tree(self.root)
@@ -311,15 +340,42 @@ class TreeSampler(threading.Thread):
                 for name in self.SUMS:
                     sums[name] += values.get(name, 0)
                 self.peak_single_rss = max(self.peak_single_rss, values.get("Rss", 0))
+                self._per_process(pid, values)
             for name in self.SUMS:
                 self.peaks[name] = max(self.peaks[name], sums[name])
             self.peak_processes = max(self.peak_processes, len(pids))
             self.samples += 1
             now = time.monotonic() - self.started
-            if now - last_kept >= 1.0:
-                self.timeline.append([round(now, 1), sums["Rss"], sums["Pss"], sums["Pss_Anon"]])
-                last_kept = now
+            if now - last_detail >= 1.0:
+                cache_rss = cache_pss = 0
+                if self.prefix:
+                    for pid in pids:
+                        rss, pss = _mapped_under(pid, self.prefix)
+                        cache_rss, cache_pss = cache_rss + rss, cache_pss + pss
+                self.peak_cache_rss = max(self.peak_cache_rss, cache_rss)
+                self.peak_cache_pss = max(self.peak_cache_pss, cache_pss)
+                self.peak_pss_without_cache = max(
+                    self.peak_pss_without_cache, sums["Pss"] - cache_pss
+                )
+                self.timeline.append([round(now, 1), sums["Rss"], sums["Pss"], sums["Pss_Anon"],
+                                      cache_rss, cache_pss])  # fmt: skip
+                last_detail = now
             self.stop.wait(self.interval)
+
+    def _per_process(self, pid: int, values: dict[str, int]) -> None:
+        if not values:
+            return
+        if pid not in self.per_process:
+            try:
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                words = []
+            command = " ".join(word.decode(errors="replace") for word in words[:4])
+            self.per_process[pid] = {"command": command, "rss_mib": 0.0, "pss_mib": 0.0,
+                                     "pss_anon_mib": 0.0}  # fmt: skip
+        entry = self.per_process[pid]
+        for key, name in (("rss_mib", "Rss"), ("pss_mib", "Pss"), ("pss_anon_mib", "Pss_Anon")):
+            entry[key] = max(entry[key], values.get(name, 0) / 1024)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -329,7 +385,13 @@ class TreeSampler(threading.Thread):
             "peak_pss_file_mib": self.peaks["Pss_File"] / 1024,
             "peak_anonymous_mib": self.peaks["Anonymous"] / 1024,
             "peak_single_process_rss_mib": self.peak_single_rss / 1024,
+            "peak_cache_mapped_rss_mib": self.peak_cache_rss / 1024,
+            "peak_cache_mapped_pss_mib": self.peak_cache_pss / 1024,
+            "peak_pss_without_cache_mib": self.peak_pss_without_cache / 1024,
             "peak_processes": self.peak_processes,
+            "per_process_peaks": [
+                entry for entry in self.per_process.values() if entry["rss_mib"] >= 20
+            ],  # fmt: skip
             "memory_samples": self.samples,
             "timeline_kib": self.timeline,
         }
@@ -379,8 +441,9 @@ def train_command(
 
 
 def run_measured(
-    command: list[str], env: dict[str, str], log: Path, interval: float, timeout: float
-) -> dict[str, Any]:
+    command: list[str], env: dict[str, str], log: Path, interval: float, timeout: float,
+    cache: Path,
+) -> dict[str, Any]:  # fmt: skip
     """Run ``command`` in its own session, its tree's memory sampled; its output into ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
@@ -391,7 +454,7 @@ def run_measured(
             command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
             start_new_session=True,
         )  # fmt: skip
-        sampler = TreeSampler(process.pid, interval)
+        sampler = TreeSampler(process.pid, interval, str(cache.resolve()) + os.sep)
         sampler.start()
         try:
             code: int | str = process.wait(timeout=timeout)
@@ -409,13 +472,13 @@ def run_measured(
 
 def run_with_retry(
     args: argparse.Namespace, command: list[str], env: dict[str, str], log: Path,
-    output: Path, fresh_cache: Path | None,
+    output: Path, cache: Path, fresh_cache: bool,
 ) -> dict[str, Any]:  # fmt: skip
     for attempt in (1, 2):
         shutil.rmtree(output, ignore_errors=True)
-        if fresh_cache is not None:
-            shutil.rmtree(fresh_cache, ignore_errors=True)
-        result = run_measured(command, env, log, args.interval, args.timeout)
+        if fresh_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+        result = run_measured(command, env, log, args.interval, args.timeout, cache)
         result["attempt"] = attempt
         if result["rc"] == 0 or attempt == 2 or args.retry_wait < 0:
             break
@@ -453,14 +516,16 @@ def measure_samples(args: argparse.Namespace, samples: int, sd: Path, lm: Path) 
         command = train_command(args, data, sd, lm, cache, output, processes, caches_only)
         print(f"[{samples:,}] {kind}, {processes} process(es) ...", flush=True)
         result = run_with_retry(
-            args, command, clean_env(processes), work / "logs" / f"{name}.log", output,
-            cache if caches_only else None,
+            args, command, clean_env(processes), work / "logs" / f"{name}.log", output, cache,
+            caches_only,
         )  # fmt: skip
         result.update(kind=kind, processes=processes, command=command)
         print(
             f"  rc {result['rc']}, {result['wall_s']:.0f} s, peak RSS "
             f"{result['peak_rss_mib']:.0f} MiB, PSS {result['peak_pss_mib']:.0f} MiB, "
-            f"PSS anon {result['peak_pss_anon_mib']:.0f} MiB",
+            f"PSS anon {result['peak_pss_anon_mib']:.0f} MiB, cache mapped RSS "
+            f"{result['peak_cache_mapped_rss_mib']:.0f} MiB, PSS without the cache "
+            f"{result['peak_pss_without_cache_mib']:.0f} MiB",
             flush=True,
         )
         runs.append(result)
@@ -640,8 +705,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['batch_size']} per process, CPU ({results['cpus']} cores), MiB",
         "",
         "| samples | run | procs | wall s | RSS sum | PSS sum | PSS anon | PSS file | anon RSS "
-        "| max 1-proc RSS | rc |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| max 1-proc RSS | cache RSS | cache PSS | PSS w/o cache | rc |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for entry in results["by_samples"]:
         for run in entry["runs"]:
@@ -650,8 +715,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{run['wall_s']:.0f} | {run['peak_rss_mib']:.0f} | {run['peak_pss_mib']:.0f} | "
                 f"{run['peak_pss_anon_mib']:.0f} | {run['peak_pss_file_mib']:.0f} | "
                 f"{run['peak_anonymous_mib']:.0f} | {run['peak_single_process_rss_mib']:.0f} | "
-                f"{run['rc']} |"
+                f"{run['peak_cache_mapped_rss_mib']:.0f} | "
+                f"{run['peak_cache_mapped_pss_mib']:.0f} | "
+                f"{run['peak_pss_without_cache_mib']:.0f} | {run['rc']} |"
             )
+    for entry in results["by_samples"]:
+        for run in entry["runs"]:
+            if run["processes"] > 1 and run.get("per_process_peaks"):
+                each = "; ".join(
+                    f"{p['command'].split(' -m ')[-1][:40]}: PSS {p['pss_mib']:.0f} "
+                    f"(anon {p['pss_anon_mib']:.0f})"
+                    for p in run["per_process_peaks"]
+                )  # fmt: skip
+                lines.append(f"\n{entry['samples']:,}, {run['kind']}, {run['processes']} "
+                             f"processes, each one's peak MiB: {each}")  # fmt: skip
     lines += ["", "| samples | data (Parquet) | cache du | of which latents | text | llm |",
               "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for entry in results["by_samples"]:
