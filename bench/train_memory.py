@@ -17,7 +17,8 @@ float16 moments of 8x64x64 are 64 KiB a record, as for SD 1.x/2.x); the LLM is
 ``data/train-0000i-of-0000K.parquet`` with ``narrative_prompt``, ``complex_prompt``, ``image``
 (HF Image struct ``{bytes, path}``), ``image_sha256`` and the ``huggingface`` schema metadata,
 row groups of 100 rows, 512x512 JPEGs (quality 90) that differ per sample (a random 8x8 image
-upscaled, a few shapes, a little noise: ~45 KB each). Models and data are kept under
+upscaled, a few shapes, a little noise: ~49 KB each), ``--shard-rows`` 5000 a file (~245 MB,
+about the export's 256 MB ``max_shard_mb``). Models and data are kept under
 ``--work`` (default /tmp/surd-train-memory) and reused by a rerun; caches and outputs are made
 afresh every run.
 
@@ -27,8 +28,11 @@ sampled every ``--interval`` s from ``/proc/<pid>/smaps_rollup``):
 1. ``surd train --caches-only``, one process, on an empty cache folder: fills the caches;
 2. ``surd train --max-steps 20``, one process, on the filled caches;
 3. the same with ``--processes`` 2 through ``accelerate launch`` (``configs/accelerate/
-   one-node-8-gpus.yaml``, ``--num_processes 2``, gloo on the CPU, ``OMP_NUM_THREADS=1``, as
-   tests/test_adapter_distributed.py launches it); ``--batch-size`` is per process.
+   one-node-8-gpus.yaml``, ``--num_processes 2``, gloo on the CPU, the environment cleaned as
+   tests/test_adapter_distributed.py cleans it); ``--batch-size`` is per process.
+
+Every process runs ``--threads`` torch threads (``OMP_NUM_THREADS``, default 1: on a small
+shared CPU, steps split over threads that wait for one another run several times slower).
 
 Reported per run: wall time, and the peaks over the run of the tree's summed RSS, summed PSS,
 summed ``Pss_Anon`` (the private + shared-anonymous part: what cannot be dropped), summed
@@ -36,8 +40,10 @@ summed ``Pss_Anon`` (the private + shared-anonymous part: what cannot be dropped
 and the largest single process's RSS; from the full ``smaps`` read about once a second, what
 the tree maps of the cache folder's files (RSS and PSS: "cache RSS/PSS") and the peak of PSS
 less that ("PSS w/o cache": what does not come from the mapped caches). Each peak is taken on
-its own (they need not coincide).
-Also the data's size and the cache folder's (``du``: allocated blocks, per kind of input).
+its own (they need not coincide). A mapped record's fault may map more than the record (the
+kernel maps around it, a whole large folio on recent kernels), so "cache RSS" runs ahead of the
+rows read. Also the data's size and the cache folder's (``du``: allocated blocks, per kind of
+input).
 
 Then, in this process, for the largest N: the step time from mapped caches against arrays in
 RAM. The train set is built as ``surd train`` builds it, by calling
@@ -406,15 +412,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def clean_env(processes: int) -> dict[str, str]:
+def clean_env(threads: int) -> dict[str, str]:
     """This environment without launcher state (as the distributed tests clean it), offline,
-    and the CPU's threads split between the processes."""
+    ``threads`` torch threads a process."""
     launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                 "MASTER_PORT")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env = {k: v for k, v in env.items() if k not in launcher}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -516,7 +522,7 @@ def measure_samples(args: argparse.Namespace, samples: int, sd: Path, lm: Path) 
         command = train_command(args, data, sd, lm, cache, output, processes, caches_only)
         print(f"[{samples:,}] {kind}, {processes} process(es) ...", flush=True)
         result = run_with_retry(
-            args, command, clean_env(processes), work / "logs" / f"{name}.log", output, cache,
+            args, command, clean_env(args.threads), work / "logs" / f"{name}.log", output, cache,
             caches_only,
         )  # fmt: skip
         result.update(kind=kind, processes=processes, command=command)
