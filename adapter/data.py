@@ -94,14 +94,31 @@ class _Batch:
 
 def _open_parquet(file: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(file)
+        # no pre-buffering: it would read whole column chunks ahead, images included
+        return pq.ParquetFile(file, pre_buffer=False)
     except (OSError, pa.ArrowInvalid) as error:
         raise InputError(f"--data: {file} is not a Parquet file ({error})") from None
 
 
-def _split_batches(data: str, split: str, wanted: list[str], optional: list[str]) -> Any:
+def _columns_to_read(
+    names: list[str], wanted: list[str], optional: list[str], unless: dict[str, str]
+) -> list[str]:
+    """``wanted`` (less any column whose stand-in from ``unless`` is present) and the
+    ``optional`` columns present."""
+    needed = [name for name in wanted if unless.get(name) not in names]
+    return needed + [name for name in optional if name in names]
+
+
+def _split_batches(
+    data: str, split: str, wanted: list[str], optional: list[str],
+    unless: dict[str, str] | None = None,
+) -> Any:  # fmt: skip
     """An iterator over the split's rows in batches (columns ``wanted``, and ``optional`` ones
-    where present), or None when there is no such split. Checks the columns before any row."""
+    where present), or None when there is no such split. Checks the columns before any row.
+    ``unless`` maps a wanted column to one that stands in for it: where that one is present,
+    the wanted column is checked but not read (the images, where the export has their
+    hashes). One file is open at a time."""
+    unless = unless or {}
     if _looks_local(data):
         path = Path(data).expanduser()
         if not path.exists():
@@ -109,26 +126,26 @@ def _split_batches(data: str, split: str, wanted: list[str], optional: list[str]
         files = _local_files(path, split)
         if not files:
             return None
-        opened = [(file, _open_parquet(file)) for file in files]
-        for file, parquet in opened:
-            _check_columns(parquet.schema_arrow.names, wanted, str(file))
+        for file in files:
+            _check_columns(_open_parquet(file).schema_arrow.names, wanted, str(file))
 
         def local() -> Iterator[_Batch]:
-            for file, parquet in opened:
-                names = parquet.schema_arrow.names
-                columns = wanted + [name for name in optional if name in names]
+            for file in files:
+                parquet = _open_parquet(file)
+                columns = _columns_to_read(parquet.schema_arrow.names, wanted, optional, unless)
                 start = 0
                 for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                     table = pa.Table.from_batches([batch])
                     yield _Batch(table, str(file.resolve()), start, False)
                     start += table.num_rows
+                parquet.close()
 
         return local()
     dataset = _hub_dataset(data, split)
     if dataset is None:
         return None
     _check_columns(dataset.column_names, wanted, data)
-    columns = wanted + [name for name in optional if name in dataset.column_names]
+    columns = _columns_to_read(dataset.column_names, wanted, optional, unless)
 
     def hub() -> Iterator[_Batch]:
         start = 0
@@ -202,14 +219,14 @@ def load_split(
     """The usable rows of ``split`` (the first ``limit`` of them if given), without their image
     bytes: see the module docstring. None when there is no such split."""
     wanted = [columns.narrative, columns.keyword, columns.image]
-    batches = _split_batches(data, split, wanted, [HASH_COLUMN])
+    batches = _split_batches(data, split, wanted, [HASH_COLUMN], {columns.image: HASH_COLUMN})
     if batches is None:
         return None
     rows = SplitRows([], [], [], [])
     for batch in batches:
         table = batch.table
         hashes = table[HASH_COLUMN].to_pylist() if HASH_COLUMN in table.column_names else None
-        # with the export's hashes the image column is not needed here: not decoded at all
+        # with the export's hashes the image column is not read here at all
         images = None if hashes is not None else table[columns.image].to_pylist()
         for offset, (narrative, keyword) in enumerate(
             zip(table[columns.narrative].to_pylist(), table[columns.keyword].to_pylist(),
