@@ -50,10 +50,17 @@ def preprocess_image(data: bytes, resolution: int, flip: bool) -> np.ndarray | N
     image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = ImageOps.mirror(image)
-    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return pixels.transpose(2, 0, 1)
+    pixels = (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+    return mirrored(pixels) if flip else pixels
+
+
+def mirrored(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` (:func:`preprocess_image`'s output) mirrored left to right, in the same memory
+    layout (channels last in memory: the VAE's convolutions take another path, with other
+    rounding, for another layout), so latents of a mirrored copy equal those of the image
+    mirrored before preprocessing, bit for bit."""
+    channels_last = pixels.transpose(1, 2, 0)
+    return np.ascontiguousarray(channels_last[:, ::-1]).transpose(2, 0, 1)
 
 
 class TextEmbeddings:

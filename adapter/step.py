@@ -62,32 +62,28 @@ class _HostBuffers:
     event, not a device-wide sync)."""
 
     def __init__(self) -> None:
-        self.slots: dict[tuple, list[tuple[torch.Tensor, Any]]] = {}
+        self.slots: dict[tuple, list[torch.Tensor]] = {}
         self.turn: dict[tuple, int] = {}
+        self.copies: dict[int, Any] = {}  # buffer address -> the event after its last copy
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
         key = (shape, str(dtype))
         if key not in self.slots:
             torch_dtype = torch.from_numpy(np.zeros(0, dtype)).dtype
-            self.slots[key] = [
-                (torch.empty(shape, dtype=torch_dtype, pin_memory=True), None) for _ in range(2)
-            ]
+            self.slots[key] = [torch.empty(shape, dtype=torch_dtype, pin_memory=True)
+                               for _ in range(2)]  # fmt: skip
             self.turn[key] = 0
-        turn = self.turn[key]
-        self.turn[key] = 1 - turn
-        buffer, event = self.slots[key][turn]
-        if event is not None:
-            event.synchronize()
+        buffer = self.slots[key][self.turn[key]]
+        self.turn[key] = 1 - self.turn[key]
+        copy = self.copies.get(buffer.data_ptr())
+        if copy is not None:
+            copy.synchronize()
         return buffer
 
     def copied(self, buffer: torch.Tensor, device: Any) -> torch.Tensor:
         moved = buffer.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        for slots in self.slots.values():
-            for number, (held, _old) in enumerate(slots):
-                if held is buffer:
-                    slots[number] = (held, event)
+        self.copies[buffer.data_ptr()] = torch.cuda.Event()
+        self.copies[buffer.data_ptr()].record()
         return moved
 
 

@@ -51,8 +51,6 @@ from surd_builder.ray_engine import ENGINES, RayOptions
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 STATE_FILE = "surd-train-state.json"
-# the "surd" objective's defaults (see OBJECTIVES)
-ETA_LLM, ETA_PROMPT, LEARNING_RATE = 1e-3, 1e-2, 3e-4
 # settings a checkpoint must share with the run that resumes it
 # (--max-steps / --epochs may grow: that is how a finished run is extended)
 RESUME_KEYS = (
@@ -75,24 +73,18 @@ class Objective:
     eta_prompt: float
     learning_rate: float
     quality_reaches_adapter: bool
-    about: str
 
 
 OBJECTIVES = {
     # chosen from the measured gradient norms of each term on the adapter (README: "The
     # objective"): the KL terms weighted so that their gradients are not swamped by the quality
     # loss's, which reaches the adapter through the frozen UNet
-    "surd": Objective(
-        eta_llm=ETA_LLM, eta_prompt=ETA_PROMPT, learning_rate=LEARNING_RATE,
-        quality_reaches_adapter=True,
-        about="the three losses through one graph, weights from measurement",
-    ),
+    "surd": Objective(eta_llm=1e-3, eta_prompt=1e-2, learning_rate=3e-4,
+                      quality_reaches_adapter=True),
     # the released code: its condition tensor rebuilt with torch.tensor(...) cut the graph, so
     # only the two KL terms (eta 1e-5) trained the adapter, with AdamW at 1e-5
-    "released": Objective(
-        eta_llm=1e-5, eta_prompt=1e-5, learning_rate=1e-5, quality_reaches_adapter=False,
-        about="the released code: quality loss cut off the adapter, eta 1e-5, lr 1e-5",
-    ),
+    "released": Objective(eta_llm=1e-5, eta_prompt=1e-5, learning_rate=1e-5,
+                          quality_reaches_adapter=False),
 }  # fmt: skip
 
 
@@ -354,7 +346,9 @@ def build_cached_sets(
         # one folder per identity: a run reads only the parts of its own models and settings
         return ArrayCache(root / kind / cache_key(identity, "")[:16]), identity
 
-    def fill(kind: str, encoder: Any, contents: list[str], inputs: list, size: int) -> list:
+    def fill(
+        kind: str, encoder: Any, contents: list[str], inputs: list, size: int
+    ) -> tuple[ArrayCache, list[str]]:
         cache, identity = folder(kind, encoder)
         keys = [cache_key(identity, content) for content in contents]
         if not on_ray:
@@ -370,7 +364,7 @@ def build_cached_sets(
         else:
             count = 0
         computed[kind] = computed.get(kind, 0) + count
-        return [(cache, keys)]
+        return cache, keys
 
     prompts = narratives + keywords
     text = fill("text", TextEmbeddings(parts, device, dtype), prompts, prompts,
@@ -380,9 +374,9 @@ def build_cached_sets(
         encoders.append(LatentMoments(parts, config.resolution, True, device, dtype))
     if on_ray:
         latents = [
-            entry for encoder in encoders
-            for entry in fill("latents", encoder, image_hashes, images, config.encode_batch_size)
-        ]  # fmt: skip
+            fill("latents", encoder, image_hashes, images, config.encode_batch_size)
+            for encoder in encoders
+        ]
     else:
         latents = []
         for encoder in encoders:
@@ -392,20 +386,20 @@ def build_cached_sets(
             latents, encoders, images, image_hashes, config.encode_batch_size, share,
             show_progress,
         )  # fmt: skip
-    llm_entry = fill("llm", llm, narratives, narratives, config.llm_batch_size)
+    llm_vectors = fill("llm", llm, narratives, narratives, config.llm_batch_size)
     accelerator.wait_for_everyone()  # every writer of every folder has finished
     if compacts:
-        for cache, _keys in text + latents + llm_entry:
+        for cache, _keys in [text, *latents, llm_vectors]:
             cache.compact()
     accelerator.wait_for_everyone()
 
-    (text_rows,) = [cache.rows(keys) for cache, keys in text]
+    text_rows = text[0].rows(text[1])
     narrative_rows = text_rows.select(np.arange(len(narratives)))
     keyword_rows = text_rows.select(np.arange(len(narratives), len(prompts)))
     latent_rows = [cache.rows(keys) for cache, keys in latents]
     moments = latent_rows[0]
     flipped = latent_rows[1] if len(latent_rows) > 1 else None
-    llm_rows = llm_entry[0][0].rows(llm_entry[0][1])
+    llm_rows = llm_vectors[0].rows(llm_vectors[1])
     readable = ~moments.rows_where_nan()
 
     out, start = [], 0
@@ -421,14 +415,6 @@ def build_cached_sets(
     return out
 
 
-def mirrored(pixels: np.ndarray) -> np.ndarray:
-    """What ``preprocess_image(..., flip=True)`` gives for the unmirrored ``pixels``, values and
-    memory layout alike (channels last in memory: the VAE's convolutions take another path, with
-    other rounding, for another layout)."""
-    channels_last = pixels.transpose(1, 2, 0)
-    return np.ascontiguousarray(channels_last[:, ::-1]).transpose(2, 0, 1)
-
-
 def fill_latent_caches(
     caches: list[tuple[ArrayCache, list[str]]], encoders: list[Any], images: list[Any],
     image_hashes: list[str], batch_size: int, share: tuple[int, int], show_progress: bool,
@@ -438,7 +424,7 @@ def fill_latent_caches(
     (images are read from the data files then, never held together). ``share``: this process
     takes the images whose hash it owns. Returns how many arrays were computed."""
     from adapter.data import read_images
-    from adapter.frozen_inputs import preprocess_image
+    from adapter.frozen_inputs import mirrored, preprocess_image
     from surd_builder.models import batched
     from surd_builder.progress import progress_bar
 

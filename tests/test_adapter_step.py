@@ -196,7 +196,7 @@ def test_mirroring_preprocessed_pixels_equals_preprocessing_mirrored(parts) -> N
 
     from PIL import Image
 
-    from adapter.train import mirrored
+    from adapter.frozen_inputs import mirrored
 
     def gradient(size: tuple[int, int]) -> bytes:  # left and right differ: a flip shows
         buffer = io.BytesIO()
@@ -209,6 +209,13 @@ def test_mirroring_preprocessed_pixels_equals_preprocessing_mirrored(parts) -> N
     for mine, expected in zip((mirrored(p) for p in plain), flipped, strict=True):
         assert np.array_equal(mine, expected) and mine.strides == expected.strides
     assert not np.array_equal(plain[0], flipped[0])
+    # and both are the image mirrored before it was preprocessed (32 px: no resize, no crop)
+    square = Image.open(io.BytesIO(gradient((32, 32))))
+    buffer = io.BytesIO()
+    square.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buffer, "PNG")
+    reference = preprocess_image(buffer.getvalue(), 32, flip=False)
+    mine = preprocess_image(gradient((32, 32)), 32, flip=True)
+    assert np.array_equal(mine, reference) and mine.strides == reference.strides
     encoder = LatentMoments(parts, 32, True, "cpu", torch.float32)
     assert np.array_equal(encoder.encode_pixels([mirrored(p) for p in plain]), encoder(images))
 
