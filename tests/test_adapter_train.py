@@ -399,3 +399,25 @@ def test_reading_a_split_with_image_hashes_does_not_read_its_images(tmp_path) ->
     assert peak < 24_000_000, peak  # one file's images are 24 MB
     rows = load_split(str(folder), "train")  # and the images are still there to read
     assert hashlib.sha256(read_images([rows.images[-1]])[0]).hexdigest() == rows.image_hashes[-1]
+
+
+def test_hash_column_gaps_and_a_truncated_split_file(tmp_path) -> None:
+    from tests.conftest import image_bytes
+
+    data = image_bytes()
+    table = pa.table(
+        {
+            "narrative_prompt": ["a cat", "a dog"],
+            "complex_prompt": ["cat, 8k", "dog, 8k"],
+            "image": [{"bytes": data, "path": None}, {"bytes": data, "path": None}],
+            "image_sha256": [hashlib.sha256(data).hexdigest(), None],
+        }
+    )
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "train-00000-of-00002.parquet")
+    rows = load_split(str(tmp_path), "train")
+    assert rows.narrative_prompts == ["a cat"] and dict(rows.skipped) == {"no image": 1}
+    whole = (tmp_path / "data" / "train-00000-of-00002.parquet").read_bytes()
+    (tmp_path / "data" / "train-00001-of-00002.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="is not a Parquet file"):
+        load_split(str(tmp_path), "train")
