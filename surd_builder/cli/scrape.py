@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import (
+from surd_builder.cli.options import (
     EngineOption,
     ProgressOption,
     RayAddressOption,
     RayWorkersOption,
     WorkspaceOption,
     engine_options,
-    print_run_report,
 )
+from surd_builder.cli.reports import print_run_report
 
 scrape_app = typer.Typer(
     help="Download (image, prompt) pairs from a source into the workspace (resumable).",

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import WorkspaceOption, build_app
+from surd_builder.cli.build import build_app
+from surd_builder.cli.options import WorkspaceOption
 
 
 @build_app.command()

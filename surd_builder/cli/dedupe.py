@@ -8,16 +8,16 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import (
+from surd_builder.cli.build import build_app
+from surd_builder.cli.options import (
     EngineOption,
     ProgressOption,
     RayAddressOption,
     RayWorkersOption,
     WorkspaceOption,
-    build_app,
     engine_options,
-    print_run_report,
 )
+from surd_builder.cli.reports import print_run_report
 from surd_builder.config import MAX_BATCH_SIZE, MAX_WORKERS
 
 

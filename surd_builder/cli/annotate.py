@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from annotation.tasks import DEFAULT_IMAGE_URL
-from surd_builder.cli_build import ProgressOption, WorkspaceOption
+from surd_builder.cli.options import ProgressOption, WorkspaceOption
 
 annotate_app = typer.Typer(
     help="Send samples to Label Studio for review and read the decisions back.",

@@ -1,4 +1,4 @@
-"""The ``surd`` command line: parses options, calls one library function, prints its report.
+"""The root ``surd`` command: parses options, calls one library function, prints its report.
 
 Heavy libraries are imported inside command bodies so ``surd --help`` stays fast. Errors a user can
 cause are ``SurdError`` subclasses; :class:`SurdGroup` is the one place that turns them into a
@@ -108,6 +108,7 @@ def demo(
 
 @app.command()
 def quickstart(
+    ctx: typer.Context,
     directory: Annotated[
         Path, typer.Argument(help="Folder for the demo images, workspace and export.")
     ] = Path("surd-quickstart"),
@@ -124,7 +125,7 @@ def quickstart(
     """
     import importlib.util
 
-    from surd_builder.cli_build import run_configured
+    from surd_builder.cli.build import run_configured
     from surd_builder.config import CONFIG_FILE, TEMPLATE
     from surd_builder.demo import make_demo_folder, read_demo_params
     from surd_builder.workspace import MARKER_FILE, Workspace
@@ -165,7 +166,7 @@ def quickstart(
     config = TEMPLATE.split("[run]")[0] + run_block
     (workspace.root / CONFIG_FILE).write_text(config, encoding="utf-8")
     typer.echo(f"steps of {workspace.root / CONFIG_FILE} ([run]):")
-    run_configured(workspace, workspace.root / CONFIG_FILE)
+    run_configured(ctx, workspace, workspace.root / CONFIG_FILE)
     _compare_rules_with_demo_truth(workspace)
     splits = sorted(p.name.split("-", 1)[0] for p in (out / "data").glob("*.parquet"))
     data_files = ", ".join(
@@ -193,16 +194,16 @@ def _compare_rules_with_demo_truth(workspace) -> None:
 
 
 def _register_groups() -> None:
-    from surd_builder import (  # noqa: F401 (they register build commands)
-        cli_dedupe,
-        cli_narratives,
-        cli_takedown,
+    from surd_builder.cli import (  # noqa: F401 (they register build commands)
+        dedupe,
+        narratives,
+        takedown,
     )
-    from surd_builder.cli_adapter import evaluate, generate
-    from surd_builder.cli_annotate import annotate_app
-    from surd_builder.cli_build import build_app
-    from surd_builder.cli_scrape import scrape_app
-    from surd_builder.cli_train import train
+    from surd_builder.cli.adapter import evaluate, generate
+    from surd_builder.cli.annotate import annotate_app
+    from surd_builder.cli.build import build_app
+    from surd_builder.cli.scrape import scrape_app
+    from surd_builder.cli.train import train
 
     build_app.add_typer(scrape_app, name="scrape")
     app.add_typer(build_app, name="build")

@@ -6,9 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from surd_builder.cli.options import (
+    EngineOption,
+    ProgressOption,
+    RayAddressOption,
+    RayWorkersOption,
+    WorkspaceOption,
+    engine_options,
+    given_on_command_line,
+)
+from surd_builder.cli.reports import console, print_export_report, print_run_report
 from surd_builder.config import (
     MAX_BATCH_SIZE,
     MAX_WORKERS,
@@ -17,115 +26,11 @@ from surd_builder.config import (
     load_config,
     resolve,
 )
-from surd_builder.errors import InputError
 
 build_app = typer.Typer(
     help="Collect, rewrite, screen, dedupe and export samples in a workspace.",
     no_args_is_help=True,
 )
-console = Console()
-
-WorkspaceOption = Annotated[
-    Path,
-    typer.Option(
-        "--workspace", "-w", envvar="SURD_WORKSPACE", help="Workspace folder (see `surd init`)."
-    ),
-]
-ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
-
-ENGINE_PANEL = "Engine (where the batches run)"
-EngineOption = Annotated[
-    str,
-    typer.Option(
-        envvar="SURD_ENGINE",
-        help="local: this machine's processes; ray: Ray Data on a Ray cluster (pip install "
-        "'surd\\[ray]'), same tables either way. Default from surd.toml's \\[engine].",
-        rich_help_panel=ENGINE_PANEL,
-    ),
-]
-RayAddressOption = Annotated[
-    str | None,
-    typer.Option(
-        envvar="RAY_ADDRESS",
-        help="With --engine ray: the cluster to join (ray://head:10001, head:6379, auto); "
-        "default: a new Ray on this machine. The workspace must be on storage every node sees.",
-        rich_help_panel=ENGINE_PANEL,
-        show_default=False,
-    ),
-]
-RayWorkersOption = Annotated[
-    int | None,
-    typer.Option(
-        min=1,
-        help="With --engine ray: workers (Ray actors); default: as many as the cluster's CPUs, "
-        "or GPUs for models on a GPU, fit.",
-        rich_help_panel=ENGINE_PANEL,
-        show_default=False,
-    ),
-]
-
-
-def engine_options(
-    ctx: typer.Context,
-    workspace_root: Path,
-    engine: str,
-    ray_address: str | None,
-    ray_workers: int | None,
-) -> dict:
-    """The ``RunOptions`` fields for a command's engine options, laid over the workspace's
-    ``[engine]`` settings."""
-    from surd_builder.ray_engine import RayOptions, check_engine
-
-    check_engine(engine)  # the command line's value: a usage error, not a bad surd.toml
-    given = {"engine": engine, "ray_address": ray_address or "", "ray_workers": ray_workers or 0}
-    from_command_line = _given_on_command_line(ctx)
-    settings = resolve(load_config(workspace_root).engine, given, from_command_line)
-    for name in ("ray_address", "ray_workers"):
-        if settings.engine != "ray" and ctx.get_parameter_source(name).name == "COMMANDLINE":
-            option = "--" + name.replace("_", "-")
-            raise InputError(f'{option} needs --engine ray (or engine = "ray" in surd.toml)')
-    ray = RayOptions(settings.ray_address or None, settings.ray_workers or None)
-    return {"engine": settings.engine, "ray": ray}
-
-
-def print_run_report(report) -> None:
-    console.print(f"[bold]{report.stage}[/bold]: {report.status} in {report.seconds:.1f} s")
-    table = Table()
-    table.add_column("count")
-    table.add_column("value", justify="right")
-    for key in ("planned", "already_done", "processed", "written", "failed", "new_images"):
-        table.add_row(key.replace("_", " "), f"{getattr(report, key):,}")
-    table.add_row("image MiB", f"{report.image_bytes / 2**20:,.1f}")
-    for reason, number in report.failures_by_reason.items():
-        table.add_row(f"  failed: {reason}", f"{number:,}")
-    for name, number in report.stage_counts.items():
-        table.add_row(name.replace("_", " "), f"{number:,}")
-    console.print(table)
-
-
-def print_export_report(report) -> None:
-    console.print(f"[bold]export[/bold]: {report.exported:,} samples -> {report.out}")
-    table = Table()
-    table.add_column("count")
-    table.add_column("value", justify="right")
-    table.add_row("in workspace", f"{report.in_workspace:,}")
-    for split, number in report.by_split.items():
-        table.add_row(f"split {split}", f"{number:,}")
-    for reason, number in report.skipped.items():
-        table.add_row(f"left out: {reason}", f"{number:,}")
-    table.add_row("files", f"{len(report.files):,}")
-    table.add_row("MiB written", f"{report.bytes_written / 2**20:,.1f}")
-    console.print(table)
-
-
-def _given_on_command_line(ctx: typer.Context) -> set[str]:
-    """Options the user set explicitly (flag or environment variable): these beat surd.toml."""
-    given = set()
-    for name in ctx.params:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
-            given.add(name)
-    return given
 
 
 @build_app.command()
@@ -181,7 +86,7 @@ def ingest(
     settings = resolve(
         load_config(ws.root).ingest,
         {"batch_size": batch_size, "workers": workers, "max_image_mb": max_image_mb},
-        _given_on_command_line(ctx),
+        given_on_command_line(ctx),
     )
     stage = IngestStage(
         folder,
@@ -246,7 +151,7 @@ def export(
         "min_side": min_side,
         "nsfw": nsfw,
     }
-    settings = resolve(load_config(ws.root).export, given, _given_on_command_line(ctx))
+    settings = resolve(load_config(ws.root).export, given, given_on_command_line(ctx))
     options = ExportOptions(
         statuses=settings.status,
         drop_duplicates=not settings.keep_duplicates,
@@ -307,19 +212,22 @@ def status_command(workspace: WorkspaceOption = Path(".")) -> None:
         console.print(runs)
 
 
-def run_configured(ws, config_path: Path) -> None:
-    """Run the [run] steps of ``config_path`` on ``ws`` in this process; print one summary."""
+def run_configured(ctx: typer.Context, ws, config_path: Path) -> None:
+    """Run the [run] steps of ``config_path`` on ``ws`` in this process; print one summary.
+
+    Each step is run by the root ``surd`` command of ``ctx`` (the running one), so this module
+    needs no import of the app that includes it."""
     from surd_builder.errors import SurdError
     from surd_builder.run import load_steps, run_steps
 
     steps = load_steps(config_path)
 
-    def invoke(args: list[str]) -> int:
-        from surd_builder.cli import app
+    root_command = ctx.find_root().command
 
+    def invoke(args: list[str]) -> int:
         try:
             # without standalone mode, click returns a command's exit code instead of exiting
-            result = app(args=args, prog_name="surd", standalone_mode=False)
+            result = root_command.main(args=args, prog_name="surd", standalone_mode=False)
         except Exception as error:  # typer vendors click: match its exceptions by shape
             if hasattr(error, "show") and hasattr(error, "exit_code"):  # usage errors
                 error.show()
@@ -346,6 +254,7 @@ def run_configured(ws, config_path: Path) -> None:
 
 @build_app.command("run")
 def run_command(
+    ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
     config: Annotated[
         Path | None,
@@ -356,4 +265,4 @@ def run_command(
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    run_configured(ws, config or ws.root / "surd.toml")
+    run_configured(ctx, ws, config or ws.root / "surd.toml")

@@ -8,17 +8,17 @@ from typing import Annotated
 
 import typer
 
-from surd_builder.cli_build import (
+from surd_builder.cli.build import build_app
+from surd_builder.cli.options import (
     EngineOption,
     ProgressOption,
     RayAddressOption,
     RayWorkersOption,
     WorkspaceOption,
-    _given_on_command_line,
-    build_app,
     engine_options,
-    print_run_report,
+    given_on_command_line,
 )
+from surd_builder.cli.reports import print_run_report
 from surd_builder.config import (
     MAX_BATCH_SIZE,
     RewriteSettings,
@@ -40,7 +40,7 @@ def _settings(ctx: typer.Context, current, values: dict):
     """``current`` (from surd.toml) with the options the user gave laid over it."""
     known = {f.name for f in fields(current)}
     return resolve(
-        current, {k: v for k, v in values.items() if k in known}, _given_on_command_line(ctx)
+        current, {k: v for k, v in values.items() if k in known}, given_on_command_line(ctx)
     )
 
 
