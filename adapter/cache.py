@@ -38,12 +38,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from surd_builder.atomic import atomic_path
+from surd_builder.atomic import atomic_path, part_name
 from surd_builder.errors import OutputError
 from surd_builder.models import batched
 from surd_builder.progress import progress_bar
 from surd_builder.ray_engine import RayOptions
-from surd_builder.workspace import part_name
 
 T = TypeVar("T")
 KEY_DTYPE = np.dtype("S64")  # a hex sha256

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 
 from annotation.tasks import media_type
 from surd_builder.errors import InputError
-from surd_builder.workspace import Workspace, read_shard_images
+from surd_builder.image_store import read_shard_images
+from surd_builder.workspace import Workspace
 
 _IMAGE_PATH = re.compile(r"^/images/([0-9a-f]{64})$")
 RELOAD_SECONDS = 2.0

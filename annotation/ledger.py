@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from surd_builder.atomic import write_parquet_atomic
-from surd_builder.workspace import Workspace, part_name
+from surd_builder.atomic import part_name, write_parquet_atomic
+from surd_builder.workspace import Workspace
 
 LEDGER_SCHEMA = pa.schema(
     [

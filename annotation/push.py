@@ -2,7 +2,7 @@
 
 Which samples: those with a narrative prompt and an image whose review is still ``pending``
 (auto-rejected ones too with ``include_auto_rejected``), most doubtful first
-(:func:`pipelines.screen.review_priority`). Idempotent: a sample already in the ledger or already
+(:func:`surd_builder.review.review_priority`). Idempotent: a sample already in the ledger or already
 a task of the project (asked of the server, so a lost ledger or a push from another machine is
 no problem) is never sent again. The server's task list is read only when the ledger and the
 server disagree on the number of tasks, so a re-push with nothing new costs two small requests.
@@ -32,9 +32,9 @@ from annotation.tasks import (
     image_url,
     sample_to_task,
 )
-from pipelines.screen import SCREEN_REVIEWER, review_priority
 from surd_builder.errors import InputError
 from surd_builder.progress import progress_bar
+from surd_builder.review import SCREEN_REVIEWER, review_priority
 from surd_builder.workspace import Workspace
 
 # what a refresh rewrites in a task's data (the rest, the image address among it, stays)

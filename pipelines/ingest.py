@@ -27,17 +27,15 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, Stage
+from pipelines.record_files import MAX_PROMPT_FILE_BYTES, decode_prompt_file, iter_records
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
-    MAX_PROMPT_FILE_BYTES,
     ItemRejected,
     clean_prompt,
     collected_row,
-    decode_prompt_file,
     default_prompt_column,
     failed_row,
     is_encodable,
-    iter_records,
     sample_fields,
 )
 from surd_builder.config import IngestSettings

@@ -7,7 +7,8 @@ off. An item that is opted out is not stored and ends as a failure with reason `
 ``noindex``, ``noimageindex`` and ``none`` opt out, when unscoped or scoped to surd (``surd:
 noai``) or to every agent (``*: noai``); directives scoped to another agent (``googlebot:
 noindex``) do not apply. Several headers are read one by one; in one header, an ``agent:`` prefix
-applies to the directives after it.
+applies to the directives after it. Parsed in ``pipelines.x_robots``, applied by
+``pipelines.download.Fetcher.get_image``.
 
 **robots.txt** (the ``urls`` source, whose items are pages of the open web; API sources are
 governed by their API terms): fetched once per origin (scheme, host and port) per process,
@@ -31,48 +32,39 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pipelines.download import FetchError, check_url
+from pipelines.fetch_errors import FetchError, OptedOut
+from pipelines.url_policy import check_url
+from pipelines.x_robots import PRODUCT_TOKEN
 
-if TYPE_CHECKING:
-    from pipelines.download import Fetcher
-
-PRODUCT_TOKEN = "surd"
-OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex", "none"})
-# directives that carry a value after a colon, so "name: value" is not an agent scope
-VALUED_DIRECTIVES = frozenset(
-    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
-)
 ROBOTS_TTL_SECONDS = 24 * 3600.0
 MIN_TTL_SECONDS = 60.0
 UNAVAILABLE_TTL_SECONDS = 300.0
-# a product token scoping X-Robots-Tag directives ("googlebot: noindex"); a date fragment of
-# "unavailable_after: Friday, 25-Jun-30 15:00:00 GMT" has spaces, so it is never one
-AGENT_TOKEN = re.compile(r"^[a-z0-9_*.-]+$")
 
 
-def x_robots_opt_outs(header_values: list[str], agent: str = PRODUCT_TOKEN) -> list[str]:
-    """The opt-out directives among ``X-Robots-Tag`` header values that apply to ``agent``."""
-    found: list[str] = []
-    for value in header_values:
-        scope: str | None = None  # None: every agent
-        for piece in value.split(","):
-            piece = piece.strip().lower()
-            name, colon, rest = piece.partition(":")
-            name = name.strip()
-            if colon and name not in VALUED_DIRECTIVES and AGENT_TOKEN.match(name):
-                scope, piece = name, rest.strip()
-            if piece in OPT_OUT_DIRECTIVES and scope in (None, "*", agent):
-                found.append(piece if scope is None else f"{scope}: {piece}")
-    return list(dict.fromkeys(found))
+class _Options(Protocol):
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
 
 
-class OptedOut(FetchError):
-    """The item's owner opted out (``reason`` ``opted-out``) or robots.txt could not be read
-    (``robots-unavailable``); ``detail`` says how. A ``FetchError``, so it becomes the item's
-    failure reason like any other."""
+class _Page(Protocol):
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def cache_control(self) -> str: ...
+
+
+class RobotsFetcher(Protocol):
+    """What robots.txt needs of a fetcher (``pipelines.download.Fetcher`` is one): a protocol,
+    so that this module does not import the fetcher, which applies its X-Robots-Tag rules."""
+
+    @property
+    def options(self) -> _Options: ...
+
+    def get(self, url: str) -> _Page: ...
 
 
 @dataclass
@@ -92,7 +84,7 @@ class RobotsPolicy:
 
     def __init__(
         self,
-        fetcher: Fetcher,
+        fetcher: RobotsFetcher,
         agent: str = PRODUCT_TOKEN,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -152,7 +144,7 @@ _POLICIES: dict[str, RobotsPolicy] = {}
 _POLICIES_LOCK = threading.Lock()
 
 
-def shared_policy(fetcher: Fetcher) -> RobotsPolicy:
+def shared_policy(fetcher: RobotsFetcher) -> RobotsPolicy:
     """One policy per process and fetch settings, so a worker process asks each origin once
     however many batches (and stage copies) it runs."""
     key = repr(fetcher.options)

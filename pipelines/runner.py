@@ -33,10 +33,11 @@ import pyarrow.compute as pc
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
 from surd_builder.errors import InputError, Interrupted, ServiceError, WorkspaceError
+from surd_builder.image_store import read_shard_images
 from surd_builder.progress import progress_bar
 from surd_builder.ray_engine import RayOptions, check_engine
 from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, table_spec
-from surd_builder.workspace import MARKER_FILE, Workspace, read_shard_images, utc_now
+from surd_builder.workspace import MARKER_FILE, Workspace, utc_now
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.base import HostLimiter, Stage
-from pipelines.download import Fetcher, FetchError, FetchOptions
+from pipelines.download import Fetcher, FetchOptions
+from pipelines.fetch_errors import FetchError
 from pipelines.records import (
     COLLECT_OUTPUT_SCHEMA,
     REJECTED_ROW,

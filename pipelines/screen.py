@@ -13,8 +13,8 @@ a re-run with other thresholds moves samples in or out without recomputing a sco
 cached by ``screening_key`` (models + image + both prompts), and a sample is done only when its
 key and its verdict under the current thresholds both match what is stored.
 
-:func:`review_priority` orders samples most doubtful first; the annotation stage pushes tasks in
-that order.
+:func:`surd_builder.review.review_priority` orders samples most doubtful first; the annotation
+stage pushes tasks in that order.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from pipelines.base import IMAGE_BYTES, Stage, WorkerNeeds, shared_device
 from pipelines.rewriters.rules import strip_prompt_syntax
 from pipelines.scorers import ClipScorer, TextEmbedder
 from surd_builder.ids import text_key
+from surd_builder.review import SCREEN_REVIEWER
 from surd_builder.schema import SAMPLE_SCHEMA
 from surd_builder.workspace import utc_now
 
 if TYPE_CHECKING:
     from surd_builder.workspace import Workspace
 
-SCREEN_REVIEWER = "surd-screen"
 LOW_CLIP_TAG = "low-clip-score"
 LOW_TEXT_TAG = "low-text-similarity"
 CACHED = ("cached_clip_score", "cached_text_similarity")
@@ -206,31 +206,3 @@ class ScreenStage(Stage):
                 "reviewed_at": pa.array([now if t else None for t in tags], timestamp),
             }
         )
-
-
-def review_priority(data: pa.Table) -> pa.Array:
-    """Row order for human review, most doubtful first.
-
-    Each available score is turned into its percentile rank among the rows (0 = lowest); a
-    row's doubt is its worst (lowest) rank, so a sample that is bad on either score comes early.
-    Rows with no score at all come last, in ``sample_id`` order (stable between pushes).
-    """
-    count = data.num_rows
-    worst = [None] * count
-    for column in ("clip_score", "text_similarity"):
-        if column not in data.column_names:
-            continue
-        values = data[column].to_pylist()
-        present = sorted(v for v in values if v is not None)
-        first_rank: dict[float, int] = {}
-        for rank, value in enumerate(present):
-            first_rank.setdefault(value, rank)  # equal scores share a rank: ties go to sample_id
-        for index, value in enumerate(values):
-            if value is None:
-                continue
-            percentile = first_rank[value] / max(len(present) - 1, 1)
-            if worst[index] is None or percentile < worst[index]:
-                worst[index] = percentile
-    ids = data["sample_id"].to_pylist()
-    order = sorted(range(count), key=lambda i: (worst[i] is None, worst[i] or 0.0, ids[i]))
-    return pa.array(order, pa.int64())

@@ -27,9 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from surd_builder.atomic import write_parquet_atomic
+from surd_builder.atomic import part_name, write_parquet_atomic
 from surd_builder.errors import InputError
-from surd_builder.workspace import Workspace, part_name
+from surd_builder.workspace import Workspace
 
 KINDS = ("url", "source-item", "sample-id", "image")
 MAX_DISTANCE = 6  # pHash bits: no false positives among 499,500 distinct pairs (FACTS.md)

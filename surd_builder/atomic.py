@@ -10,6 +10,7 @@ leaves at most a hidden temporary file, which readers never match and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -21,6 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TEMP_PREFIX = ".tmp-"
+
+_part_counter = itertools.count()
+
+
+def part_name(prefix: str) -> str:
+    # Names sort in write order (nanosecond clock), and pid + counter keep concurrent writers apart.
+    return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{next(_part_counter):06d}.parquet"
 
 
 def _fsync_dir(directory: Path) -> None:

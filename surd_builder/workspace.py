@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import json
 import os
 import socket
-import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +39,7 @@ import pyarrow.parquet as pq
 from surd_builder import __version__
 from surd_builder.atomic import (
     atomic_path,
+    part_name,
     remove_stale_temp_files,
     write_json_atomic,
     write_parquet_atomic,
@@ -48,10 +47,10 @@ from surd_builder.atomic import (
 from surd_builder.config import CONFIG_FILE
 from surd_builder.config import TEMPLATE as CONFIG_TEMPLATE
 from surd_builder.errors import WorkspaceError
+from surd_builder.image_store import ImageStore
 from surd_builder.schema import (
     COLUMN_GROUPS,
     FAILURES_SCHEMA,
-    IMAGES_SCHEMA,
     LISTING_SCHEMA,
     SAMPLE_SCHEMA,
     STAGE_TABLES,
@@ -62,21 +61,10 @@ from surd_builder.schema import (
 MARKER_FILE = "surd-workspace.json"
 FORMAT_NAME = "surd-workspace"
 FORMAT_VERSION = 1
-# Rows per Parquet row group in the image store: small groups let a reader fetch a few images
-# without decompressing a whole shard (shards are sorted by sha256, so row-group statistics prune).
-IMAGE_ROW_GROUP = 64
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-_part_counter = itertools.count()
-
-
-def part_name(prefix: str) -> str:
-    # Names sort in write order (nanosecond clock), and pid + counter keep concurrent writers apart.
-    return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{next(_part_counter):06d}.parquet"
 
 
 def _read_json(path: Path) -> Any:
@@ -114,20 +102,12 @@ def _read_parts(paths: list[Path], schema: pa.Schema, columns: list[str] | None)
     return pa.concat_tables(tables)
 
 
-def read_shard_images(shard: Path, shas: list[str]) -> dict[str, bytes]:
-    """The bytes of ``shas`` from one image shard (shards are immutable: safe without locks)."""
-    table = pq.read_table(shard, filters=pc.is_in(pc.field("image_sha256"), pa.array(shas)))
-    return dict(
-        zip(table["image_sha256"].to_pylist(), table["image_bytes"].to_pylist(), strict=True)
-    )
-
-
 class Workspace:
     """A surd workspace folder. Use :meth:`create` or :meth:`open`, not the constructor."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._image_index: dict[str, Path] | None = None
+        self.images = ImageStore(self.root / "images")
 
     # ----------------------------------------------------------------- create / open
     @classmethod
@@ -289,70 +269,22 @@ class Workspace:
 
     # ----------------------------------------------------------------- images
     def image_shards(self) -> list[Path]:
-        return sorted((self.root / "images").glob("shard-*.parquet"))
+        return self.images.shards()
 
     def image_index(self) -> dict[str, Path]:
-        """sha256 -> shard holding those bytes (read once, then kept up to date by writes)."""
-        if self._image_index is None:
-            index: dict[str, Path] = {}
-            for shard in self.image_shards():
-                for sha in pq.read_table(shard, columns=["image_sha256"])[
-                    "image_sha256"
-                ].to_pylist():
-                    index[sha] = shard
-            self._image_index = index
-        return self._image_index
+        return self.images.index()
 
     def write_images(self, images: pa.Table) -> int:
-        """Store image bytes not stored yet; returns how many new images were written."""
-        if images.num_rows == 0:
-            return 0
-        index = self.image_index()
-        images = conform(images, IMAGES_SCHEMA)
-        # the last row of each image not stored yet, sorted by sha256: worked out on the sha256
-        # column and taken once (each filter or sort of the table copies every image's bytes);
-        # the batch is looked up in the index (O(batch)), not the index in the batch (O(store))
-        last = {sha: row for row, sha in enumerate(images["image_sha256"].to_pylist())}
-        new = sorted((sha, row) for sha, row in last.items() if sha not in index)
-        if not new:
-            return 0
-        images = images.take(pa.array([row for _, row in new], pa.int64()))
-        shard = write_parquet_atomic(
-            images,
-            self.root / "images" / part_name("shard"),
-            row_group_size=IMAGE_ROW_GROUP,
-            # encoded images do not compress: zstd over them costs CPU and saves nothing; nor do
-            # a dictionary or min/max statistics of image bytes help (readers select by sha256)
-            compression={"image_sha256": "zstd", "image_bytes": "none"},
-            use_dictionary=["image_sha256"],
-            write_statistics=["image_sha256"],
-        )
-        for sha in images["image_sha256"].to_pylist():
-            index[sha] = shard
-        return images.num_rows
+        return self.images.write(images)
 
     def read_images(self, shas: Iterable[str]) -> dict[str, bytes]:
-        """Bytes of the given images, reading each shard once."""
-        index = self.image_index()
-        by_shard: dict[Path, list[str]] = {}
-        for sha in set(shas):
-            if sha not in index:
-                raise WorkspaceError(f"image {sha} is not in the workspace's image store")
-            by_shard.setdefault(index[sha], []).append(sha)
-        found: dict[str, bytes] = {}
-        for shard, wanted in by_shard.items():
-            found.update(read_shard_images(shard, wanted))
-        return found
+        return self.images.read(shas)
 
     def reload_image_index(self) -> None:
-        """Forget the cached index: other processes may have stored images since."""
-        self._image_index = None
+        self.images.reload()
 
     def image_stats(self) -> tuple[int, int]:
-        """(number of distinct stored images, bytes of their shards on disk). Concurrent writers
-        may each store an image they both fetched; it is counted once."""
-        self.reload_image_index()
-        return len(self.image_index()), sum(s.stat().st_size for s in self.image_shards())
+        return self.images.stats()
 
     # ----------------------------------------------------------------- scrape listings
     def _listing_dir(self, source: str) -> Path:

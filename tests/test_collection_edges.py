@@ -14,11 +14,13 @@ import time
 import pytest
 from PIL import Image
 
-from pipelines import connection_guard, download
-from pipelines.download import Fetcher, FetchError, FetchOptions, check_url
+from pipelines import connection_guard, url_policy
+from pipelines.download import Fetcher, FetchOptions
+from pipelines.fetch_errors import FetchError
 from pipelines.ingest import IngestStage
 from pipelines.records import nsfw_level
 from pipelines.runner import RunOptions, run_stage
+from pipelines.url_policy import check_url
 from tests.conftest import write_image
 from tests.http_fixture import FaultServer
 
@@ -75,7 +77,7 @@ def test_the_connected_address_is_checked_even_with_no_proxy_set(server, monkeyp
         "getaddrinfo",
         lambda host, *a, **k: resolve("127.0.0.1" if host == "rebind.test" else host, *a, **k),
     )
-    monkeypatch.setattr(download, "_address_kind", lambda host: ("public", None))
+    monkeypatch.setattr(url_policy, "_address_kind", lambda host: ("public", None))
     with pytest.raises(FetchError) as refused:
         Fetcher(FetchOptions(retries=0)).get(f"http://rebind.test:{server.port}/img/2.jpg")
     assert refused.value.reason == "private-address"

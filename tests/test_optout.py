@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 
 from pipelines.download import Fetcher, FetchOptions, user_agent_for
-from pipelines.optout import RobotsPolicy, forget_robots_rules, x_robots_opt_outs
+from pipelines.optout import RobotsPolicy, forget_robots_rules
 from pipelines.runner import RunOptions, run_stage
 from pipelines.scrape import ScrapeStage
 from pipelines.sources.urls import UrlListSource
+from pipelines.x_robots import x_robots_opt_outs
 from tests.http_fixture import FaultyServer
 
 QUIET = RunOptions(batch_size=8, show_progress=False)

@@ -8,7 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from pipelines.download import Fetcher, FetchError, FetchOptions
+from pipelines.download import Fetcher, FetchOptions
+from pipelines.fetch_errors import FetchError
 from pipelines.runner import RunOptions, run_stage
 from pipelines.scrape import ScrapeStage
 from pipelines.sources.urls import UrlListSource

@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.download import Fetcher, FetchError, FetchOptions
+from pipelines.download import Fetcher, FetchOptions
+from pipelines.fetch_errors import FetchError
 from pipelines.runner import RunOptions, run_stage
 from pipelines.scrape import ScrapeStage
 from pipelines.sources.civitai import CivitaiImages, CivitaiModels
@@ -640,7 +641,7 @@ def test_an_address_that_changes_after_the_check_is_refused_at_connect(server, m
     """DNS rebinding: the name looked public when it was checked, then resolved to loopback
     when the connection was made. The peer address of the socket is checked as well, before
     anything is sent, so the request never reaches the server."""
-    from pipelines import download
+    from pipelines import url_policy
 
     resolve = socket.getaddrinfo
 
@@ -648,7 +649,7 @@ def test_an_address_that_changes_after_the_check_is_refused_at_connect(server, m
         return resolve("127.0.0.1" if host == "rebind.test" else host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    monkeypatch.setattr(download, "_address_kind", lambda host: ("public", None))  # 1st answer
+    monkeypatch.setattr(url_policy, "_address_kind", lambda host: ("public", None))  # 1st answer
     url = f"http://rebind.test:{server.port}/img/7.jpg"
     with pytest.raises(FetchError) as refused:
         Fetcher(FetchOptions(retries=0)).get(url)

@@ -23,14 +23,9 @@ from pipelines.ingest import IngestStage
 from pipelines.rewriters.rules import strip_prompt_syntax
 from pipelines.runner import RunOptions, run_stage
 from pipelines.scorers import ClipScorer, TextEmbedder
-from pipelines.screen import (
-    LOW_TEXT_TAG,
-    SCREEN_REVIEWER,
-    ScreenStage,
-    Thresholds,
-    review_priority,
-)
+from pipelines.screen import LOW_TEXT_TAG, ScreenStage, Thresholds
 from surd_builder.demo import make_demo_folder
+from surd_builder.review import SCREEN_REVIEWER, review_priority
 from surd_builder.schema import SAMPLE_SCHEMA
 from surd_builder.workspace import Workspace, utc_now
 from tests.conftest import run_surd

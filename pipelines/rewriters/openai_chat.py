@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from pipelines.base import WorkerNeeds
-from pipelines.download import FetchError, Retryable, retry_after_seconds, with_retries
+from pipelines.fetch_errors import FetchError, Retryable, retry_after_seconds, with_retries
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from surd_builder.errors import InputError

@@ -91,7 +91,7 @@ class PagedSource(Source):
         for a document that is not a page of this API."""
 
     def plan(self, workspace: Workspace, fetcher: Fetcher) -> pa.Table:
-        from pipelines.download import FetchError
+        from pipelines.fetch_errors import FetchError
 
         state_name = f"listing-{self.name}"
         asked = json.loads(json.dumps(self.params(), default=str))  # as it reads back from JSON

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.download import Fetched, FetchError
+from pipelines.download import Fetched
+from pipelines.fetch_errors import FetchError
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 from surd_builder.schema import LISTING_SCHEMA

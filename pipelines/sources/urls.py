@@ -12,13 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.records import (
-    PROMPT_COLUMN_CANDIDATES,
-    REJECTED_ROW,
-    Record,
-    default_prompt_column,
-    iter_records,
-)
+from pipelines.optout import shared_policy
+from pipelines.record_files import Record, iter_records
+from pipelines.records import PROMPT_COLUMN_CANDIDATES, REJECTED_ROW, default_prompt_column
 from pipelines.sources.base import Source, items_table
 from surd_builder.errors import InputError
 
@@ -57,7 +53,7 @@ class UrlListSource(Source):
     def fetch_image(self, item: dict[str, Any], fetcher: Fetcher) -> Fetched:
         """The open web: robots.txt is checked before every request, redirect hops included,
         on top of ``X-Robots-Tag``; see ``pipelines.optout``."""
-        robots = fetcher.robots.check if fetcher.options.respect_opt_out else None
+        robots = shared_policy(fetcher).check if fetcher.options.respect_opt_out else None
         return fetcher.get_image(item["image_url"], before_each_hop=robots)
 
     def params(self) -> dict[str, Any]:
