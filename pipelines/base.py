@@ -26,10 +26,11 @@ A stage turns work items into rows of one stage table. It has two parts:
       table, and are retried by the next run. A per-item problem is never an exception.
 
 The runner (``pipelines/runner.py``) owns everything else: skipping items already done (see
-``done_ids``; ``force`` redoes them), batching, workers, progress, atomic writes (its
-``commit_batch`` can run wherever the batch was processed), ``updated_at`` when a stage leaves it
-unset, counts, and the manifest. It runs the same ``process`` on one of two engines: ``local``
-(in-process or a process pool) or ``ray`` (Ray Data ``map_batches`` over actors on a cluster).
+``done_ids``; ``force`` redoes them), batching, workers, progress, atomic writes
+(``pipelines/batch_commit.py``, run wherever the batch was processed), ``updated_at`` when a
+stage leaves it unset, counts, and the manifest. It runs the same ``process`` on one of two
+engines: ``local`` (in-process or a process pool) or ``ray`` (Ray Data ``map_batches`` over
+actors on a cluster).
 A stage never knows which; it only says what one worker needs (``worker_needs``) and, if it
 sends requests to other people's hosts, the per-host rate it keeps (``host_rate``).
 

@@ -1,6 +1,7 @@
-"""Runs a stage over a workspace: the only module that knows about batching, workers and writes.
+"""Runs a stage over a workspace: the only module that knows about batching and workers.
 
-Two engines run the same batches through the same ``stage.process`` and :func:`commit_batch`:
+Two engines run the same batches through the same ``stage.process`` and commit
+(:mod:`pipelines.batch_commit`, which does the writes):
 
 - ``local`` (the default): in-process, or a process pool with ``workers > 1`` whose workers
   commit their own batches;
@@ -31,13 +32,20 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
+from pipelines.base import Stage
+from pipelines.batch_commit import (
+    BatchCounts,
+    commit_output,
+    images_from_shards,
+    process_and_commit,
+    process_batch,
+    process_loaded,
+    with_image_shards,
+)
 from surd_builder.errors import InputError, Interrupted, ServiceError, WorkspaceError
-from surd_builder.image_store import read_shard_images
 from surd_builder.progress import progress_bar
 from surd_builder.ray_engine import RayOptions, check_engine
-from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, table_spec
-from surd_builder.workspace import MARKER_FILE, Workspace, utc_now
+from surd_builder.workspace import MARKER_FILE, Workspace
 
 
 @dataclass(frozen=True)
@@ -78,150 +86,9 @@ class RunReport:
         return data
 
 
-def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[pa.Table, ...]:
-    """Split a stage's output batch into (table rows, images to store, failure rows). Pure."""
-    spec = table_spec(output_table)
-    names = output.column_names
-    if "sample_id" not in names:
-        raise ValueError(f"stage {stage_name!r} returned rows without sample_id")
-    if FAILURE_REASON in names and output[FAILURE_REASON].null_count < output.num_rows:
-        failed_mask = pc.is_valid(output[FAILURE_REASON])
-        good = output.filter(pc.invert(failed_mask))
-        bad = output.filter(failed_mask)
-    else:  # nothing failed: no filter (it would copy every image's bytes)
-        good, bad = output, output.slice(0, 0)
-
-    images = IMAGES_SCHEMA.empty_table()
-    if IMAGE_BYTES in names:
-        images = pa.table(
-            {"image_sha256": good["image_sha256"], "image_bytes": good[IMAGE_BYTES]},
-            schema=IMAGES_SCHEMA,
-        )
-    records = good.select([c for c in names if c in spec.columns])
-    if "updated_at" in spec.columns:
-        stamp = pa.array([utc_now()] * records.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
-        if "updated_at" in records.column_names:
-            stamped = pc.coalesce(records["updated_at"], stamp)
-            records = records.set_column(
-                records.column_names.index("updated_at"), "updated_at", stamped
-            )
-        else:
-            records = records.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
-
-    def column(name: str) -> pa.ChunkedArray | pa.Array:
-        return bad[name] if name in names else pa.nulls(bad.num_rows, pa.string())
-
-    failures = pa.table(
-        {
-            "stage": pa.array([stage_name] * bad.num_rows, pa.string()),
-            "sample_id": bad["sample_id"],
-            "source": column("source"),
-            "source_item_id": column("source_item_id"),
-            "reason": column(FAILURE_REASON),
-            "detail": column(FAILURE_DETAIL),
-            "failed_at": pa.array(
-                [utc_now()] * bad.num_rows, FAILURES_SCHEMA.field("failed_at").type
-            ),
-        }
-    ).cast(FAILURES_SCHEMA)
-    return records, images, failures
-
-
-@dataclass
-class BatchCounts:
-    written: int
-    failed: int
-    new_images: int
-    image_bytes: int
-    failure_reasons: list[str]
-    stage_counts: dict[str, int] = field(default_factory=dict)
-
-
-def commit_batch(
-    workspace: Workspace, stage_name: str, output_table: str, output: pa.Table
-) -> BatchCounts:
-    """Write one processed batch: images first, then the rows that reference them, then the
-    failures. Each write is atomic and part names are unique per process, so batches can be
-    committed from several processes (e.g. Ray workers) into one workspace."""
-    records, images, failures = split_output(stage_name, output, output_table)
-    new_images = workspace.write_images(images)
-    workspace.write_table_part(output_table, records)
-    workspace.write_failures(failures)
-    image_bytes = pc.sum(pc.binary_length(images["image_bytes"]), min_count=0).as_py()
-    return BatchCounts(
-        records.num_rows, failures.num_rows, new_images, image_bytes, failures["reason"].to_pylist()
-    )
-
-
-def with_images(workspace: Workspace, batch: pa.Table) -> pa.Table:
-    """``batch`` plus an ``image_bytes`` column read from the image store (by ``image_sha256``;
-    null where a row has none or the store lacks it: the stage fails that item, not the run),
-    for stages with ``needs_images``."""
-    return images_from_shards(str(workspace.root), with_image_shards(workspace, batch))
-
-
-# Where each item's image is, added by the driver for workers that read images themselves.
-IMAGE_SHARD = "__image_shard"
-
-
-def with_image_shards(workspace: Workspace, batch: pa.Table) -> pa.Table:
-    """``batch`` plus the name of the image shard holding each row's image (null: none), so a
-    worker reads the images it needs without building an index of the whole store."""
-    stored = workspace.image_index()
-    shards = [stored.get(sha) for sha in batch["image_sha256"].to_pylist()]
-    names = [shard.name if shard is not None else None for shard in shards]
-    return batch.append_column(IMAGE_SHARD, pa.array(names, pa.string()))
-
-
-def images_from_shards(root: str, batch: pa.Table) -> pa.Table:
-    """A batch carrying :data:`IMAGE_SHARD` with ``image_bytes`` in its place, each shard read
-    once (the half of :func:`with_images` a worker without the store's index can do)."""
-    shas, shards = batch["image_sha256"].to_pylist(), batch[IMAGE_SHARD].to_pylist()
-    wanted: dict[str, list[str]] = {}
-    for sha, shard in zip(shas, shards, strict=True):
-        if shard is not None:
-            wanted.setdefault(shard, []).append(sha)
-    found: dict[str, bytes] = {}
-    for shard, shard_shas in wanted.items():
-        found.update(read_shard_images(Path(root) / "images" / shard, shard_shas))
-    column = pa.array([found.get(sha) for sha in shas], pa.binary())
-    return batch.drop_columns([IMAGE_SHARD]).append_column(IMAGE_BYTES, column)
-
-
-def _process(stage: Stage, batch: pa.Table) -> pa.Table:
-    output = stage.process(batch)
-    if stage.needs_images and IMAGE_BYTES in output.column_names:
-        output = output.drop_columns([IMAGE_BYTES])  # input images are not new images to store
-    return output
-
-
-def process_batch(stage: Stage, batch: pa.Table, workspace: Workspace) -> pa.Table:
-    """Run ``stage.process`` on one batch, after the input I/O the stage asked for."""
-    return _process(stage, with_images(workspace, batch) if stage.needs_images else batch)
-
-
-def _commit(workspace: Workspace, stage: Stage, output: pa.Table) -> BatchCounts:
-    counts = commit_batch(workspace, stage.name, stage.output_table, output)
-    counts.stage_counts = stage.take_counts()
-    return counts
-
-
 def _batches(items: pa.Table, batch_size: int) -> Iterator[pa.Table]:
     for offset in range(0, items.num_rows, batch_size):
         yield items.slice(offset, batch_size)
-
-
-_worker_workspaces: dict[str, Workspace] = {}
-
-
-def _process_and_commit(stage: Stage, batch: pa.Table, root: str) -> BatchCounts:
-    """A worker process's task: process one batch and commit it itself, so image bytes never
-    travel back through a pipe to the parent (atomic writes with unique part names make several
-    writers safe; the workspace object, with its image index, is kept per process)."""
-    workspace = _worker_workspaces.get(root)
-    if workspace is None:
-        workspace = _worker_workspaces[root] = Workspace(root)
-    return _commit(workspace, stage, process_batch(stage, batch, workspace))
 
 
 def _run_batches(
@@ -234,7 +101,8 @@ def _run_batches(
         return
     if options.workers <= 1:
         for batch in _batches(items, options.batch_size):
-            yield batch.num_rows, _commit(workspace, stage, process_batch(stage, batch, workspace))
+            output = process_batch(stage, batch, workspace)
+            yield batch.num_rows, commit_output(workspace, stage, output)
         return
     # spawn, not fork: the parent may hold threads (progress bar) and loaded native libraries.
     context = multiprocessing.get_context("spawn")
@@ -247,7 +115,7 @@ def _run_batches(
             batch = next(batches, None)
             if batch is None:
                 return
-            task = pool.submit(_process_and_commit, stage, batch, str(workspace.root))
+            task = pool.submit(process_and_commit, stage, batch, str(workspace.root))
             pending[task] = batch.num_rows
 
     try:
@@ -279,7 +147,8 @@ class _RayStageWorker:
         self.stage, self.workspace = stage, Workspace(Path(root))
 
     def __call__(self, batch: pa.Table) -> tuple[int, BatchCounts]:
-        return batch.num_rows, _commit(self.workspace, self.stage, _process(self.stage, batch))
+        output = process_loaded(self.stage, batch)
+        return batch.num_rows, commit_output(self.workspace, self.stage, output)
 
 
 def _check_ray(stage: Stage) -> None:

@@ -12,17 +12,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from adapter.evaluate import (
-    EvalCase,
+from adapter.evaluate import EvalCase, evaluate, load_suite
+from adapter.generate import GenerateOptions
+from adapter.metrics import (
     attribute_correct,
     clip_iqa,
     clip_score,
-    evaluate,
     frechet_distance,
     kernel_distance,
-    load_suite,
 )
-from adapter.generate import GenerateOptions
 from adapter.model import SURAdapter
 from adapter.pipeline import load_pipeline
 from surd_builder.cli import app
