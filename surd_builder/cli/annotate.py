@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from annotation.tasks import DEFAULT_IMAGE_URL
-from surd_builder.cli.options import ProgressOption, WorkspaceOption
+from surd_builder.cli.options import ProgressOption, WorkspaceOption, option_groups
 
 annotate_app = typer.Typer(
     help="Send samples to Label Studio for review and read the decisions back.",
@@ -18,55 +19,62 @@ annotate_app = typer.Typer(
 )
 console = Console()
 
-UrlOption = Annotated[
-    str,
-    typer.Option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio base URL."),
-]
-ApiKeyOption = Annotated[
-    str,
-    typer.Option(
-        "--api-key",
-        envvar="LABEL_STUDIO_API_KEY",
-        help="API token (legacy token or personal access token); prefer the variable.",
-        show_default=False,
-    ),
-]
-ProjectOption = Annotated[str, typer.Option("--project", "-p", help="Label Studio project title.")]
-FullOption = Annotated[
-    bool,
-    typer.Option(
-        "--full",
-        help="Read every task again instead of only what changed since the last read.",
-    ),
-]
-PolicyOption = Annotated[
-    str,
-    typer.Option(
-        help="Several annotations on a task: 'latest' decision wins, or only 'unanimous' ones."
-    ),
-]
+
+@dataclass(frozen=True)
+class ProjectOptions:
+    """The workspace and the Label Studio project a command connects."""
+
+    project: Annotated[str, typer.Option("--project", "-p", help="Label Studio project title.")]
+    workspace: WorkspaceOption = Path(".")
+    url: Annotated[
+        str, typer.Option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio base URL.")
+    ] = "http://127.0.0.1:8080"
+    api_key: Annotated[
+        str,
+        typer.Option(
+            "--api-key",
+            envvar="LABEL_STUDIO_API_KEY",
+            help="API token (legacy token or personal access token); prefer the variable.",
+            show_default=False,
+        ),
+    ] = ""
+
+    def client(self):
+        from annotation.client import LabelStudioClient
+
+        return LabelStudioClient(self.url, self.api_key)
 
 
-def _client(url: str, api_key: str):
-    from annotation.client import LabelStudioClient
+@dataclass(frozen=True)
+class ReadOptions:
+    """How annotations are read back from the project."""
 
-    return LabelStudioClient(url, api_key)
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Several annotations on a task: 'latest' decision wins, or only 'unanimous' ones."
+        ),
+    ] = "latest"
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Read every task again instead of only what changed since the last read.",
+        ),
+    ] = False
 
+    def __post_init__(self) -> None:
+        from annotation.tasks import POLICIES
+        from surd_builder.errors import InputError
 
-def _check_policy(policy: str) -> None:
-    from annotation.tasks import POLICIES
-    from surd_builder.errors import InputError
-
-    if policy not in POLICIES:
-        raise InputError(f"--policy must be one of: {', '.join(POLICIES)}")
+        if self.policy not in POLICIES:
+            raise InputError(f"--policy must be one of: {', '.join(POLICIES)}")
 
 
 @annotate_app.command("push")
+@option_groups
 def push_command(
-    project: ProjectOption,
-    workspace: WorkspaceOption = Path("."),
-    url: UrlOption = "http://127.0.0.1:8080",
-    api_key: ApiKeyOption = "",
+    studio: ProjectOptions,
     image_url_template: Annotated[
         str,
         typer.Option(
@@ -104,7 +112,7 @@ def push_command(
     from annotation.push import PushOptions, push
     from surd_builder.workspace import Workspace
 
-    ws = Workspace.open(workspace)
+    ws = Workspace.open(studio.workspace)
     options = PushOptions(
         image_url_template=image_url_template,
         embed_images=embed_images,
@@ -115,7 +123,7 @@ def push_command(
         local_files=local_files,
         show_progress=progress,
     )
-    report = push(ws, _client(url, api_key), project, options)
+    report = push(ws, studio.client(), studio.project, options)
     created = "created" if report.created_project else "existing"
     console.print(
         f"[bold]push[/bold]: {report.pushed:,} tasks -> {created} project {report.project.title!r}"
@@ -140,20 +148,14 @@ def push_command(
 
 
 @annotate_app.command("pull")
-def pull_command(
-    project: ProjectOption,
-    workspace: WorkspaceOption = Path("."),
-    url: UrlOption = "http://127.0.0.1:8080",
-    api_key: ApiKeyOption = "",
-    policy: PolicyOption = "latest",
-    full: FullOption = False,
-) -> None:
+@option_groups
+def pull_command(studio: ProjectOptions, read: ReadOptions) -> None:
     """Apply finished annotations to the workspace (idempotent; never replaces newer reviews)."""
     from annotation.pull import pull
     from surd_builder.workspace import Workspace
 
-    _check_policy(policy)
-    report = pull(Workspace.open(workspace), _client(url, api_key), project, policy, full)
+    ws = Workspace.open(studio.workspace)
+    report = pull(ws, studio.client(), studio.project, read.policy, read.full)
     written = sum(report.written.values())
     console.print(
         f"[bold]pull[/bold]: {written:,} decisions written; {report.read:,} of {report.tasks:,} "
@@ -166,7 +168,7 @@ def pull_command(
         table.add_row(f"written: {status}", f"{number:,}")
     table.add_row("already applied", f"{report.unchanged:,}")
     table.add_row("pending (skipped or not done)", f"{report.pending:,}")
-    if policy == "unanimous":
+    if read.policy == "unanimous":
         table.add_row("annotators disagree (left pending)", f"{report.conflicts:,}")
     table.add_row("tasks of unknown samples", f"{report.unknown_samples:,}")
     if report.agreement is not None:
@@ -178,24 +180,18 @@ def pull_command(
 
 
 @annotate_app.command("status")
-def status_command(
-    project: ProjectOption,
-    workspace: WorkspaceOption = Path("."),
-    url: UrlOption = "http://127.0.0.1:8080",
-    api_key: ApiKeyOption = "",
-    policy: PolicyOption = "latest",
-    full: FullOption = False,
-) -> None:
+@option_groups
+def status_command(studio: ProjectOptions, read: ReadOptions) -> None:
     """Counts in the project: pending / accepted / corrected / rejected, and per annotator."""
     from annotation.pull import project_status
     from surd_builder.workspace import Workspace
 
-    _check_policy(policy)
-    status = project_status(Workspace.open(workspace), _client(url, api_key), project, policy, full)
+    ws = Workspace.open(studio.workspace)
+    status = project_status(ws, studio.client(), studio.project, read.policy, read.full)
     statuses = ("pending", "accepted", "corrected", "rejected")
     table = Table(
-        title=f"project {project!r}: {status.tasks:,} tasks ({status.read:,} read now: new or "
-        "changed since the last read)",
+        title=f"project {studio.project!r}: {status.tasks:,} tasks ({status.read:,} read now: "
+        "new or changed since the last read)",
         title_justify="left",
     )
     table.add_column("annotator")

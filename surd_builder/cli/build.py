@@ -9,13 +9,11 @@ import typer
 from rich.table import Table
 
 from surd_builder.cli.options import (
-    EngineOption,
+    EngineOptions,
     ProgressOption,
-    RayAddressOption,
-    RayWorkersOption,
     WorkspaceOption,
-    engine_options,
-    given_on_command_line,
+    configured,
+    option_groups,
 )
 from surd_builder.cli.reports import console, print_export_report, print_run_report
 from surd_builder.config import (
@@ -24,7 +22,6 @@ from surd_builder.config import (
     ExportSettings,
     IngestSettings,
     load_config,
-    resolve,
 )
 
 build_app = typer.Typer(
@@ -34,6 +31,7 @@ build_app = typer.Typer(
 
 
 @build_app.command()
+@option_groups
 def ingest(
     ctx: typer.Context,
     folder: Annotated[
@@ -72,9 +70,8 @@ def ingest(
         int | None, typer.Option(min=1, help="Process at most this many new items.")
     ] = None,
     progress: ProgressOption = True,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    engine: EngineOptions,
 ) -> None:
     """Ingest a local folder of images with prompts into the workspace (resumable). With
     --engine ray the folder must be on storage every Ray node sees, at the same path."""
@@ -83,10 +80,10 @@ def ingest(
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    settings = resolve(
+    settings = configured(
+        ctx,
         load_config(ws.root).ingest,
         {"batch_size": batch_size, "workers": workers, "max_image_mb": max_image_mb},
-        given_on_command_line(ctx),
     )
     stage = IngestStage(
         folder,
@@ -101,7 +98,7 @@ def ingest(
         force=force,
         limit=limit,
         show_progress=progress,
-        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
+        **engine.run_fields(ctx, ws.root),
     )
     print_run_report(run_stage(stage, ws, options))
 
@@ -151,7 +148,7 @@ def export(
         "min_side": min_side,
         "nsfw": nsfw,
     }
-    settings = resolve(load_config(ws.root).export, given, given_on_command_line(ctx))
+    settings = configured(ctx, load_config(ws.root).export, given)
     options = ExportOptions(
         statuses=settings.status,
         drop_duplicates=not settings.keep_duplicates,

@@ -10,18 +10,17 @@ import typer
 
 from surd_builder.cli.build import build_app
 from surd_builder.cli.options import (
-    EngineOption,
+    EngineOptions,
     ProgressOption,
-    RayAddressOption,
-    RayWorkersOption,
     WorkspaceOption,
-    engine_options,
+    option_groups,
 )
 from surd_builder.cli.reports import print_run_report
 from surd_builder.config import MAX_BATCH_SIZE, MAX_WORKERS
 
 
 @build_app.command()
+@option_groups
 def dedupe(
     ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
@@ -74,9 +73,8 @@ def dedupe(
     ] = None,
     show: Annotated[int, typer.Option(min=0, help="Clusters to list.")] = 10,
     progress: ProgressOption = True,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    engine: EngineOptions,
 ) -> None:
     """Hash every image, find near-duplicates, keep the best sample of each cluster. With
     --engine ray the hashing runs on Ray; the pair search and clustering run here (1M hashes
@@ -102,7 +100,7 @@ def dedupe(
         batch_size=batch_size,
         workers=workers,
         show_progress=progress,
-        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
+        **engine.run_fields(ctx, ws.root),
     )
     print_run_report(run_stage(stage, ws, options))
     if max_distance is None:

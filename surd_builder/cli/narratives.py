@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -10,38 +10,51 @@ import typer
 
 from surd_builder.cli.build import build_app
 from surd_builder.cli.options import (
-    EngineOption,
+    EngineOptions,
     ProgressOption,
-    RayAddressOption,
-    RayWorkersOption,
     WorkspaceOption,
-    engine_options,
-    given_on_command_line,
+    configured,
+    option_groups,
 )
 from surd_builder.cli.reports import print_run_report
-from surd_builder.config import (
-    MAX_BATCH_SIZE,
-    RewriteSettings,
-    ScreenSettings,
-    load_config,
-    resolve,
-)
+from surd_builder.config import MAX_BATCH_SIZE, RewriteSettings, ScreenSettings, load_config
 from surd_builder.errors import InputError
 
-DEVICE_HELP = "auto (a CUDA GPU when present, else CPU), cpu, cuda, cuda:N or mps."
-DTYPE_HELP = "auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16."
-ForceOption = Annotated[
-    bool, typer.Option(help="Redo samples already done (the cache still applies).")
+DeviceOption = Annotated[
+    str, typer.Option(help="auto (a CUDA GPU when present, else CPU), cpu, cuda, cuda:N or mps.")
 ]
-LimitOption = Annotated[int | None, typer.Option(min=1, help="Process at most this many items.")]
+DtypeOption = Annotated[
+    str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")
+]
+BatchSizeOption = Annotated[
+    int, typer.Option(min=1, max=MAX_BATCH_SIZE, help="Items per batch (one Parquet part).")
+]
 
 
-def _settings(ctx: typer.Context, current, values: dict):
-    """``current`` (from surd.toml) with the options the user gave laid over it."""
-    known = {f.name for f in fields(current)}
-    return resolve(
-        current, {k: v for k, v in values.items() if k in known}, given_on_command_line(ctx)
+@dataclass(frozen=True)
+class StageRun:
+    """Which samples a model stage takes on, and whether it shows its progress."""
+
+    force: Annotated[
+        bool, typer.Option(help="Redo samples already done (the cache still applies).")
+    ] = False
+    limit: Annotated[int | None, typer.Option(min=1, help="Process at most this many items.")] = (
+        None
     )
+    progress: ProgressOption = True
+
+    def run_stage(self, ctx: typer.Context, stage, ws, batch_size: int, engine: EngineOptions):
+        """Run ``stage`` on ``ws`` with these options; its report."""
+        from pipelines.runner import RunOptions, run_stage
+
+        options = RunOptions(
+            batch_size=batch_size,
+            force=self.force,
+            limit=self.limit,
+            show_progress=self.progress,
+            **engine.run_fields(ctx, ws.root),
+        )
+        return run_stage(stage, ws, options)
 
 
 def _absolute(path: str) -> str:
@@ -50,6 +63,7 @@ def _absolute(path: str) -> str:
 
 
 @build_app.command()
+@option_groups
 def rewrite(
     ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
@@ -78,8 +92,8 @@ def rewrite(
     caption_prompt: Annotated[
         str, typer.Option(help='caption: conditional text, e.g. "a picture of".')
     ] = RewriteSettings.caption_prompt,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = RewriteSettings.device,
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = RewriteSettings.dtype,
+    device: DeviceOption = RewriteSettings.device,
+    dtype: DtypeOption = RewriteSettings.dtype,
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Longest answer, in tokens.")
     ] = RewriteSettings.max_new_tokens,
@@ -110,42 +124,29 @@ def rewrite(
     include_source_narratives: Annotated[
         bool, typer.Option(help="Also rewrite samples whose narrative came with the source.")
     ] = RewriteSettings.include_source_narratives,
-    batch_size: Annotated[
-        int, typer.Option(min=1, max=MAX_BATCH_SIZE, help="Items per batch (one Parquet part).")
-    ] = RewriteSettings.batch_size,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    batch_size: BatchSizeOption = RewriteSettings.batch_size,
+    *,
+    run: StageRun,
+    engine: EngineOptions,
 ) -> None:
     """Write a narrative prompt for every sample with a keyword prompt (resumable, cached)."""
     from pipelines.rewrite import RewriteStage
     from pipelines.rewriters import make_rewriter
     from pipelines.rewriters.cleaning import ValidationBounds
-    from pipelines.runner import RunOptions, run_stage
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
     values = dict(ctx.params)
     for name in ("template", "merge_template"):
         values[name] = _absolute(values[name])
-    settings = _settings(ctx, load_config(ws.root).rewrite, values)
+    settings = configured(ctx, load_config(ws.root).rewrite, values)
     stage = RewriteStage(
         make_rewriter(settings.rewriter, settings, base_dir=ws.root),
         ValidationBounds(settings.min_words, settings.max_words),
         max_attempts=settings.max_attempts,
         include_source_narratives=settings.include_source_narratives,
     )
-    options = RunOptions(
-        batch_size=settings.batch_size,
-        force=force,
-        limit=limit,
-        show_progress=progress,
-        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
-    )
-    report = run_stage(stage, ws, options)
+    report = run.run_stage(ctx, stage, ws, settings.batch_size, engine)
     print_run_report(report)
     if report.planned == 0 and not settings.include_source_narratives:
         typer.echo(
@@ -155,6 +156,7 @@ def rewrite(
 
 
 @build_app.command()
+@option_groups
 def screen(
     ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
@@ -176,29 +178,23 @@ def screen(
         float | None,
         typer.Option(min=-1.0, max=1.0, help="Auto-reject below this text cosine."),
     ] = ScreenSettings.min_text_similarity,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = ScreenSettings.device,
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = ScreenSettings.dtype,
+    device: DeviceOption = ScreenSettings.device,
+    dtype: DtypeOption = ScreenSettings.dtype,
     model_batch_size: Annotated[
         int, typer.Option(min=1, help="Images or texts per model call.")
     ] = ScreenSettings.model_batch_size,
-    batch_size: Annotated[
-        int, typer.Option(min=1, max=MAX_BATCH_SIZE, help="Items per batch (one Parquet part).")
-    ] = ScreenSettings.batch_size,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    batch_size: BatchSizeOption = ScreenSettings.batch_size,
+    *,
+    run: StageRun,
+    engine: EngineOptions,
 ) -> None:
     """Score image <-> narrative (CLIP) and narrative <-> keywords; auto-reject by threshold."""
-    from pipelines.runner import RunOptions, run_stage
     from pipelines.scorers import ClipScorer, TextEmbedder
     from pipelines.screen import ScreenStage, Thresholds
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    settings = _settings(ctx, load_config(ws.root).screen, dict(ctx.params))
+    settings = configured(ctx, load_config(ws.root).screen, dict(ctx.params))
     if not (settings.clip_model or settings.text_model):
         raise InputError("give --clip-model, --text-model or both (or set them in surd.toml)")
     clip = text = None
@@ -213,11 +209,4 @@ def screen(
     stage = ScreenStage(
         clip, text, Thresholds(settings.min_clip_score, settings.min_text_similarity)
     )
-    options = RunOptions(
-        batch_size=settings.batch_size,
-        force=force,
-        limit=limit,
-        show_progress=progress,
-        **engine_options(ctx, ws.root, engine, ray_address, ray_workers),
-    )
-    print_run_report(run_stage(stage, ws, options))
+    print_run_report(run.run_stage(ctx, stage, ws, settings.batch_size, engine))

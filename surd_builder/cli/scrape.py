@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from surd_builder.cli.options import (
-    EngineOption,
+    Adjusted,
+    EngineOptions,
     ProgressOption,
-    RayAddressOption,
-    RayWorkersOption,
     WorkspaceOption,
-    engine_options,
+    option_groups,
 )
 from surd_builder.cli.reports import print_run_report
 
@@ -23,91 +23,106 @@ scrape_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ThreadsOption = Annotated[
-    int, typer.Option(min=1, max=512, help="Concurrent downloads per worker process.")
-]
-WorkersOption = Annotated[
-    int, typer.Option(min=1, max=64, help="Worker processes (each with --threads downloads).")
-]
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
-BatchOption = Annotated[
-    int, typer.Option(min=1, max=100_000, help="Items per batch (one Parquet part each).")
-]
-RetriesOption = Annotated[
-    int, typer.Option(min=0, max=20, help="Retries after a timeout, 429 or 5xx.")
-]
-TimeoutOption = Annotated[float, typer.Option(min=0.1, help="Read timeout per request, seconds.")]
-MaxImageOption = Annotated[float, typer.Option(min=0.001, help="Largest image accepted, MiB.")]
-RateOption = Annotated[
-    float,
-    typer.Option(
-        min=0.0,
-        help="Requests per second per host (0: no limit), for the whole run: locally it uses "
-        "one worker process; on Ray every worker books from one shared limiter.",
-    ),
-]
-AllowHostOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--allow-host",
-        metavar="HOST[:PORT]",
-        help="A host that may resolve to a private or loopback address, e.g. a local mirror "
-        "(repeat for more; without a port every port). Link-local and cloud-metadata "
-        "addresses are refused whatever is allowed.",
-    ),
-]
-PrivateOption = Annotated[
-    bool,
-    typer.Option(
-        "--allow-private",
-        hidden=True,
-        help="Deprecated: --allow-host localhost --allow-host 127.0.0.1 --allow-host ::1.",
-    ),
-]
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-DeadlineOption = Annotated[
-    float,
-    typer.Option(
-        min=1.0,
-        help="Seconds one request (each redirect hop) may take in all (a server trickling "
-        "bytes is cut there, as 'timeout'); --timeout bounds each wait for the next bytes.",
-    ),
-]
-ForceOption = Annotated[bool, typer.Option(help="Download items already in the workspace again.")]
-ResizeOption = Annotated[
-    int | None,
-    typer.Option(min=16, help="Store images shrunk to this longer side (default: the original)."),
-]
-DecodeOption = Annotated[
-    bool,
-    typer.Option(
-        help="Decode every image to reject corrupt data (off: header check only, ~25% faster)."
-    ),
-]
-IgnoreOptOutOption = Annotated[
-    bool,
-    typer.Option(
-        "--ignore-opt-out",
-        help="Store images whose X-Robots-Tag opts out of AI use or indexing, and ignore "
-        "robots.txt. Off by default; use only with the owners' permission.",
-    ),
-]
-ContactOption = Annotated[
-    str | None,
-    typer.Option(
-        help="A URL or e-mail for site owners, sent in the user agent: surd/<version> "
-        "(+CONTACT) (default: the project's page)."
-    ),
-]
-LimitOption = Annotated[
-    int | None, typer.Option(min=1, help="Download at most this many new items.")
-]
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How a scrape command downloads, whatever the source: the options they all share."""
+
+    threads: Annotated[
+        int, typer.Option(min=1, max=512, help="Concurrent downloads per worker process.")
+    ] = 16
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Worker processes (each with --threads downloads).")
+    ] = DEFAULT_WORKERS
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Items per batch (one Parquet part each).")
+    ] = 256
+    retries: Annotated[
+        int, typer.Option(min=0, max=20, help="Retries after a timeout, 429 or 5xx.")
+    ] = 3
+    timeout: Annotated[float, typer.Option(min=0.1, help="Read timeout per request, seconds.")] = (
+        30.0
+    )
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image accepted, MiB.")] = (
+        64.0
+    )
+    per_host_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Requests per second per host (0: no limit), for the whole run: locally it uses "
+            "one worker process; on Ray every worker books from one shared limiter.",
+        ),
+    ] = 0.0
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="HOST[:PORT]",
+            help="A host that may resolve to a private or loopback address, e.g. a local mirror "
+            "(repeat for more; without a port every port). Link-local and cloud-metadata "
+            "addresses are refused whatever is allowed.",
+        ),
+    ] = None
+    allow_private: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private",
+            hidden=True,
+            help="Deprecated: --allow-host localhost --allow-host 127.0.0.1 --allow-host ::1.",
+        ),
+    ] = False
+    deadline: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="Seconds one request (each redirect hop) may take in all (a server trickling "
+            "bytes is cut there, as 'timeout'); --timeout bounds each wait for the next bytes.",
+        ),
+    ] = 120.0
+    resize_max_side: Annotated[
+        int | None,
+        typer.Option(
+            min=16, help="Store images shrunk to this longer side (default: the original)."
+        ),
+    ] = None
+    decode_check: Annotated[
+        bool,
+        typer.Option(
+            help="Decode every image to reject corrupt data (off: header check only, ~25% faster)."
+        ),
+    ] = True
+    force: Annotated[bool, typer.Option(help="Download items already in the workspace again.")] = (
+        False
+    )
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Download at most this many new items.")
+    ] = None
+    progress: ProgressOption = True
+    ignore_opt_out: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-opt-out",
+            help="Store images whose X-Robots-Tag opts out of AI use or indexing, and ignore "
+            "robots.txt. Off by default; use only with the owners' permission.",
+        ),
+    ] = False
+    contact: Annotated[
+        str | None,
+        typer.Option(
+            help="A URL or e-mail for site owners, sent in the user agent: surd/<version> "
+            "(+CONTACT) (default: the project's page)."
+        ),
+    ] = None
 
 
 def allowed_host_list(allow_host: list[str] | None, allow_private: bool) -> tuple[str, ...]:
     """The checked ``--allow-host`` entries (and the loopback names the deprecated
     ``--allow-private`` stands for)."""
-    from pipelines.download import parse_allowed_host
+    from pipelines.url_policy import parse_allowed_host
     from surd_builder.errors import InputError
 
     hosts = list(allow_host or [])
@@ -130,33 +145,15 @@ def _scrape(
     ctx: typer.Context,
     source,
     workspace: Path,
-    *,
-    engine: str,
-    ray_address: str | None,
-    ray_workers: int | None,
-    threads: int,
-    workers: int,
-    batch_size: int,
-    retries: int,
-    timeout: float,
-    max_image_mb: float,
-    per_host_rate: float,
-    allow_host: list[str] | None,
-    allow_private: bool,
-    deadline: float,
-    resize_max_side: int | None,
-    decode_check: bool,
-    force: bool,
-    limit: int | None,
-    progress: bool,
+    download: DownloadOptions,
+    engine: EngineOptions,
     auth_headers: dict[str, str] | None = None,
-    ignore_opt_out: bool = False,
-    contact: str | None = None,
 ) -> None:
     """What every scrape command does once it has its source: download, report, warn."""
     from pipelines.download import FetchOptions, user_agent_for
     from surd_builder.errors import InputError
 
+    contact = download.contact
     if contact is not None and not (
         contact.isascii() and contact.isprintable() and contact.strip()
     ):
@@ -165,35 +162,36 @@ def _scrape(
     from pipelines.scrape import ScrapeStage
     from surd_builder.workspace import Workspace
 
-    allowed_hosts = allowed_host_list(allow_host, allow_private)
+    allowed_hosts = allowed_host_list(download.allow_host, download.allow_private)
     fetch = FetchOptions(
-        read_timeout=timeout,
-        deadline_seconds=deadline,
-        retries=retries,
-        max_bytes=int(max_image_mb * 2**20),
-        per_host_rate=per_host_rate,
+        read_timeout=download.timeout,
+        deadline_seconds=download.deadline,
+        retries=download.retries,
+        max_bytes=int(download.max_image_mb * 2**20),
+        per_host_rate=download.per_host_rate,
         allowed_hosts=allowed_hosts,
-        respect_opt_out=not ignore_opt_out,
+        respect_opt_out=not download.ignore_opt_out,
         user_agent=user_agent_for(contact),
     )
     stage = ScrapeStage(
         source,
         fetch,
-        threads=threads,
+        threads=download.threads,
         auth_headers=auth_headers,
-        resize_max_side=resize_max_side,
-        decode_check=decode_check,
+        resize_max_side=download.resize_max_side,
+        decode_check=download.decode_check,
     )
     ws = Workspace.open(workspace)
-    engine_fields = engine_options(ctx, ws.root, engine, ray_address, ray_workers)
-    if per_host_rate > 0 and engine_fields["engine"] == "local":
+    engine_fields = engine.run_fields(ctx, ws.root)
+    workers = download.workers
+    if download.per_host_rate > 0 and engine_fields["engine"] == "local":
         workers = 1  # the local rate limit is kept per process: one process keeps it exact
     options = RunOptions(
-        batch_size=batch_size,
+        batch_size=download.batch_size,
         workers=workers,
-        force=force,
-        limit=limit,
-        show_progress=progress,
+        force=download.force,
+        limit=download.limit,
+        show_progress=download.progress,
         **engine_fields,
     )
     report = run_stage(stage, ws, options)
@@ -213,6 +211,7 @@ def _scrape(
 
 
 @scrape_app.command()
+@option_groups
 def urls(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file with URLs and prompts.")],
@@ -229,26 +228,9 @@ def urls(
         str | None, typer.Option(help="Column with a stable item id (default: the URL).")
     ] = None,
     source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = "urls",
-    threads: ThreadsOption = 16,
-    workers: WorkersOption = DEFAULT_WORKERS,
-    batch_size: BatchOption = 256,
-    retries: RetriesOption = 3,
-    timeout: TimeoutOption = 30.0,
-    max_image_mb: MaxImageOption = 64.0,
-    per_host_rate: RateOption = 0.0,
-    allow_host: AllowHostOption = None,
-    allow_private: PrivateOption = False,
-    deadline: DeadlineOption = 120.0,
-    resize_max_side: ResizeOption = None,
-    decode_check: DecodeOption = True,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    ignore_opt_out: IgnoreOptOutOption = False,
-    contact: ContactOption = None,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    download: DownloadOptions,
+    engine: EngineOptions,
 ) -> None:
     """Download images listed in a file of URLs and prompts (like img2dataset's input)."""
     from pipelines.sources.urls import UrlListSource
@@ -256,31 +238,7 @@ def urls(
     listing = UrlListSource(
         file, name=source, url_column=url_column, prompt_column=prompt_column, id_column=id_column
     )
-    _scrape(
-        ctx,
-        listing,
-        workspace,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        threads=threads,
-        workers=workers,
-        batch_size=batch_size,
-        retries=retries,
-        timeout=timeout,
-        max_image_mb=max_image_mb,
-        per_host_rate=per_host_rate,
-        allow_host=allow_host,
-        allow_private=allow_private,
-        deadline=deadline,
-        resize_max_side=resize_max_side,
-        decode_check=decode_check,
-        force=force,
-        limit=limit,
-        progress=progress,
-        ignore_opt_out=ignore_opt_out,
-        contact=contact,
-    )
+    _scrape(ctx, listing, workspace, download, engine)
 
 
 MaxItemsOption = Annotated[
@@ -293,6 +251,7 @@ RelistOption = Annotated[
 
 
 @scrape_app.command()
+@option_groups
 def civitai(
     ctx: typer.Context,
     workspace: WorkspaceOption = Path("."),
@@ -328,26 +287,9 @@ def civitai(
         "https://civitai.com"
     ),
     source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = "civitai",
-    threads: ThreadsOption = 16,
-    workers: WorkersOption = DEFAULT_WORKERS,
-    batch_size: BatchOption = 256,
-    retries: RetriesOption = 3,
-    timeout: TimeoutOption = 30.0,
-    max_image_mb: MaxImageOption = 64.0,
-    per_host_rate: RateOption = 0.0,
-    allow_host: AllowHostOption = None,
-    allow_private: PrivateOption = False,
-    deadline: DeadlineOption = 120.0,
-    resize_max_side: ResizeOption = None,
-    decode_check: DecodeOption = True,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    ignore_opt_out: IgnoreOptOutOption = False,
-    contact: ContactOption = None,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    download: DownloadOptions,
+    engine: EngineOptions,
 ) -> None:
     """Images with their prompts from Civitai's REST API; token from CIVITAI_API_TOKEN."""
     from pipelines.sources.civitai import CivitaiImages, CivitaiModels, token_headers
@@ -375,35 +317,11 @@ def civitai(
         relist=relist,
         name=source,
     )
-    _scrape(
-        ctx,
-        listing,
-        workspace,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        threads=threads,
-        workers=workers,
-        batch_size=batch_size,
-        retries=retries,
-        timeout=timeout,
-        max_image_mb=max_image_mb,
-        per_host_rate=per_host_rate,
-        allow_host=allow_host,
-        allow_private=allow_private,
-        deadline=deadline,
-        resize_max_side=resize_max_side,
-        decode_check=decode_check,
-        force=force,
-        limit=limit,
-        progress=progress,
-        ignore_opt_out=ignore_opt_out,
-        contact=contact,
-        auth_headers=token_headers(os.environ),
-    )
+    _scrape(ctx, listing, workspace, download, engine, token_headers(os.environ))
 
 
 @scrape_app.command()
+@option_groups
 def lexica(
     ctx: typer.Context,
     query: Annotated[list[str], typer.Argument(help="Search queries; each gives one page.")],
@@ -412,26 +330,9 @@ def lexica(
     relist: RelistOption = False,
     base_url: Annotated[str, typer.Option(help="API base URL.")] = "https://lexica.art",
     source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = "lexica",
-    threads: ThreadsOption = 16,
-    workers: WorkersOption = DEFAULT_WORKERS,
-    batch_size: BatchOption = 256,
-    retries: RetriesOption = 3,
-    timeout: TimeoutOption = 30.0,
-    max_image_mb: MaxImageOption = 64.0,
-    per_host_rate: RateOption = 0.0,
-    allow_host: AllowHostOption = None,
-    allow_private: PrivateOption = False,
-    deadline: DeadlineOption = 120.0,
-    resize_max_side: ResizeOption = None,
-    decode_check: DecodeOption = True,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    ignore_opt_out: IgnoreOptOutOption = False,
-    contact: ContactOption = None,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    download: DownloadOptions,
+    engine: EngineOptions,
 ) -> None:
     """Images with their prompts from Lexica's search API (about 50 per query)."""
     from pipelines.sources.lexica import LexicaSearch
@@ -439,34 +340,11 @@ def lexica(
     listing = LexicaSearch(
         query, base_url=base_url, max_items=max_items, relist=relist, name=source
     )
-    _scrape(
-        ctx,
-        listing,
-        workspace,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        threads=threads,
-        workers=workers,
-        batch_size=batch_size,
-        retries=retries,
-        timeout=timeout,
-        max_image_mb=max_image_mb,
-        per_host_rate=per_host_rate,
-        allow_host=allow_host,
-        allow_private=allow_private,
-        deadline=deadline,
-        resize_max_side=resize_max_side,
-        decode_check=decode_check,
-        force=force,
-        limit=limit,
-        progress=progress,
-        ignore_opt_out=ignore_opt_out,
-        contact=contact,
-    )
+    _scrape(ctx, listing, workspace, download, engine)
 
 
 @scrape_app.command()
+@option_groups
 def diffusiondb(
     ctx: typer.Context,
     location: Annotated[
@@ -482,25 +360,12 @@ def diffusiondb(
     source: Annotated[str, typer.Option(help="Source name recorded on the samples.")] = (
         "diffusiondb"
     ),
-    threads: ThreadsOption = 8,
-    workers: WorkersOption = DEFAULT_WORKERS,
-    batch_size: BatchOption = 256,
-    retries: RetriesOption = 3,
-    timeout: TimeoutOption = 60.0,
-    max_image_mb: MaxImageOption = 64.0,
-    allow_host: AllowHostOption = None,
-    allow_private: PrivateOption = False,
-    deadline: DeadlineOption = 120.0,
-    resize_max_side: ResizeOption = None,
-    decode_check: DecodeOption = True,
-    force: ForceOption = False,
-    limit: LimitOption = None,
-    progress: ProgressOption = True,
-    ignore_opt_out: IgnoreOptOutOption = False,
-    contact: ContactOption = None,
-    engine: EngineOption = "local",
-    ray_address: RayAddressOption = None,
-    ray_workers: RayWorkersOption = None,
+    *,
+    download: Annotated[  # diffusiondb has no --per-host-rate
+        DownloadOptions,
+        Adjusted(defaults={"threads": 8, "timeout": 60.0}, fixed={"per_host_rate": 0.0}),
+    ],
+    engine: EngineOptions,
 ) -> None:
     """Images with prompts from the DiffusionDB layout (part zips + their JSON)."""
     from pipelines.sources.diffusiondb import DiffusionDB, parse_parts
@@ -508,28 +373,4 @@ def diffusiondb(
     part_numbers = parse_parts(parts, large)
 
     listing = DiffusionDB(location, parts=part_numbers, large=large, name=source)
-    _scrape(
-        ctx,
-        listing,
-        workspace,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        threads=threads,
-        workers=workers,
-        batch_size=batch_size,
-        retries=retries,
-        timeout=timeout,
-        max_image_mb=max_image_mb,
-        per_host_rate=0.0,
-        allow_host=allow_host,
-        allow_private=allow_private,
-        deadline=deadline,
-        resize_max_side=resize_max_side,
-        decode_check=decode_check,
-        force=force,
-        limit=limit,
-        progress=progress,
-        ignore_opt_out=ignore_opt_out,
-        contact=contact,
-    )
+    _scrape(ctx, listing, workspace, download, engine)
