@@ -47,9 +47,9 @@ input).
 
 Then, in this process, for the largest N: the step time from mapped caches against arrays in
 RAM. The train set is built as ``surd train`` builds it, by calling
-``adapter.train.build_cached_sets`` with a one-process stand-in for the accelerator (the caches
-are complete, so it only computes the keys and maps the files: the least fragile way to get the
-very ``CachedSet`` training uses). The in-RAM set is the same rows gathered once into NumPy
+``adapter.train_caches.build_cached_sets`` with a one-process stand-in for the accelerator (the
+caches are complete, so it only computes the keys and maps the files: the least fragile way to
+get the very ``CachedSet`` training uses). The in-RAM set is the same rows gathered once into NumPy
 arrays, read through a second mapping of the same files that is then closed, so the mapped
 set's own mapping is still untouched when it is timed. Identical steps
 (``adapter.step.compute_losses`` with the tiny UNet at 64x64 latents, backward, gradient
@@ -63,25 +63,23 @@ process's RSS/PSS with the mapped set and with the in-RAM copy.
 Everything is printed as markdown tables at the end; ``--json PATH`` writes all the numbers.
 A ``surd train`` that fails is retried once after ``--retry-wait`` seconds (the code may be
 mid-edit); its log is under ``--work``/logs.
+
+Here: the CLI, the measured ``surd train`` runs and the tables. Beside it in bench/:
+``memory_bench_data`` (the models and the dataset), ``process_memory`` (``TreeSampler``, the
+sampling from ``/proc``) and ``mapped_step_timing`` (``step_timing``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import io
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,318 +87,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+from bench.mapped_step_timing import step_timing  # noqa: E402
+from bench.memory_bench_data import LLM_LAYER, RESOLUTION, make_dataset, save_models  # noqa: E402
+from bench.process_memory import TreeSampler  # noqa: E402
 
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "one-node-8-gpus.yaml"
-RESOLUTION = 512
-ROW_GROUP_ROWS = 100  # as surd build export writes them
-LLM_LAYER = 2
 SMALL_ADAPTER = ["--adapter-heads", "4", "--adapter-feedforward", "64", "--adapter-mlp", "64"]
 MIB = 1024 * 1024
-# the tiny base model: latents at real size, as little compute as diffusers allows around them
-VAE = dict(
-    in_channels=3, out_channels=3, block_out_channels=(1, 1, 1, 1), layers_per_block=0,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4, norm_num_groups=1, sample_size=RESOLUTION, mid_block_add_attention=False,
-)  # fmt: skip
-UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16),
-    layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
-    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-)  # fmt: skip
-
-
-# ---------------------------------------------------------------- models
-
-
-def save_models(root: Path) -> tuple[Path, Path]:
-    """(base model, LLM) folders, built once and reused."""
-    spec = hashlib.sha256(json.dumps([VAE, UNET]).encode()).hexdigest()[:8]
-    sd, lm = root / f"sd-512-{spec}", root / "lm"  # another architecture: another folder
-    if not (sd / "model_index.json").is_file():
-        save_stable_diffusion_512(sd)
-    if not (lm / "config.json").is_file():
-        from tests.tiny_models import save_tiny_causal_lm
-
-        save_tiny_causal_lm(lm)
-    return sd, lm
-
-
-def save_stable_diffusion_512(directory: Path) -> None:
-    """tests.tiny_models.save_tiny_stable_diffusion with latents at real size: a VAE of 4 down
-    blocks (512 px -> 4x64x64) of 1 channel and no resnet each, no mid-block attention (4096
-    tokens), so a CPU encodes an image in ~30 ms; a UNet of sample_size 64 whose attention
-    starts at 16x16 (~0.4 s a step of 8 on a CPU). Written to a temporary folder, renamed."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from tests.tiny_models import _clip_bpe, _clip_text_config
-
-    text_width = 32
-    vocab, merges = _clip_bpe()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET, cross_attention_dim=text_width)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
-    vae = AutoencoderKL(**VAE)
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    temp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    pipeline.save_pretrained(temp)
-    temp.rename(directory)
-
-
-# ---------------------------------------------------------------- data
-
-
-def make_image(index: int) -> bytes:
-    """A 512x512 JPEG (quality 90) of its own per index: a random 8x8 RGB image upscaled
-    bilinearly, 3-6 filled shapes, a little noise (so it compresses like a photo: ~45 KB)."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng([19, index])
-    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    image = small.resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR)
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(3, 7))):
-        x, y = (int(v) for v in rng.integers(0, RESOLUTION - 64, 2))
-        width, height = (int(v) for v in rng.integers(32, 256, 2))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([x, y, x + width, y + height], fill=colour)
-    noisy = np.asarray(image, dtype=np.int16) + rng.integers(-7, 8, (RESOLUTION, RESOLUTION, 3))
-    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
-def make_prompts(index: int) -> tuple[str, str]:
-    """(narrative, keyword) prompts of their own per index, from the tiny tokenizers' words."""
-    from tests.tiny_models import PROMPT_WORDS
-
-    rng = np.random.default_rng([20, index])
-    narrative = " ".join(rng.choice(PROMPT_WORDS, int(rng.integers(12, 30))))
-    keyword = " , ".join(rng.choice(PROMPT_WORDS, int(rng.integers(8, 20))))
-    return f"{narrative} {index}", keyword
-
-
-def export_schema() -> Any:
-    """The four columns surd train reads, typed as the export types them, with the
-    ``huggingface`` metadata ``surd build export`` writes (surd_builder.schema.export_schema's
-    recipe on these columns)."""
-    import pyarrow as pa
-
-    from surd_builder.schema import IMAGE_FIELD, SAMPLE_SCHEMA, hf_features
-
-    fields = [SAMPLE_SCHEMA.field("narrative_prompt"), SAMPLE_SCHEMA.field("complex_prompt"),
-              IMAGE_FIELD, SAMPLE_SCHEMA.field("image_sha256")]  # fmt: skip
-    schema = pa.schema(fields)
-    features = hf_features(schema)
-    return schema.with_metadata(
-        {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
-    )
-
-
-def make_dataset(folder: Path, samples: int, shard_rows: int) -> Path:
-    """``folder`` as an export (``data/train-*.parquet``), written once: a ``.complete`` marker
-    names the sample count, a folder without it is written again."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    marker = folder / ".complete"
-    if marker.is_file() and marker.read_text().strip() == str(samples):
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    data = folder / "data"
-    data.mkdir(parents=True)
-    schema = export_schema()
-    shards = max(1, -(-samples // shard_rows))
-    started, done = time.monotonic(), 0
-    print(f"writing {samples:,} samples of {RESOLUTION} px into {folder} ...", flush=True)
-    for shard in range(shards):
-        rows = range(shard * shard_rows, min(samples, (shard + 1) * shard_rows))
-        path = data / f"train-{shard:05d}-of-{shards:05d}.parquet"
-        with pq.ParquetWriter(path, schema) as writer:
-            for start in range(rows.start, rows.stop, ROW_GROUP_ROWS):
-                chunk = range(start, min(rows.stop, start + ROW_GROUP_ROWS))
-                images = [make_image(index) for index in chunk]
-                prompts = [make_prompts(index) for index in chunk]
-                table = pa.table(
-                    {
-                        "narrative_prompt": [narrative for narrative, _ in prompts],
-                        "complex_prompt": [keyword for _, keyword in prompts],
-                        "image": [
-                            {"bytes": image, "path": f"{index:08d}.jpg"}
-                            for index, image in zip(chunk, images, strict=True)
-                        ],
-                        "image_sha256": [hashlib.sha256(image).hexdigest() for image in images],
-                    },  # fmt: skip
-                    schema=schema,
-                )
-                writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-                done += len(chunk)
-                if done % 1000 == 0 or done == samples:
-                    elapsed = time.monotonic() - started
-                    print(f"  {done:,}/{samples:,} samples ({elapsed:.0f} s)", flush=True)
-    marker.write_text(f"{samples}\n")
-    return folder
-
-
-# ---------------------------------------------------------------- memory of a process tree
-
-
-def _smaps(pid: int) -> dict[str, int]:
-    """The kB fields of ``/proc/<pid>/smaps_rollup`` (empty if the process is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return {}
-    values = {}
-    for line in text.splitlines()[1:]:
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[name] = int(parts[0])
-    return values
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and its descendants, from every process's parent in ``/proc/*/stat``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def _mapped_under(pid: int, prefix: str) -> tuple[int, int]:
-    """(Rss, Pss) in kB of ``pid``'s mappings of files under ``prefix``, from
-    ``/proc/<pid>/smaps`` ((0, 0) if the process is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return 0, 0
-    rss = pss = 0
-    inside = False
-    for line in text.splitlines():
-        head = line.split(None, 5)
-        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-            inside = len(head) == 6 and head[5].startswith(prefix)  # a mapping's header line
-        elif inside and line.startswith("Rss:"):
-            rss += int(line.split()[1])
-        elif inside and line.startswith("Pss:"):
-            pss += int(line.split()[1])
-    return rss, pss
-
-
-class TreeSampler(threading.Thread):
-    """Polls a process tree's smaps_rollup every ``interval`` s, keeping each sum's peak; about
-    once a second also its full smaps, for what it maps of the files under ``mapped_prefix``
-    (the cache folder)."""
-
-    SUMS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous")
-
-    def __init__(self, root: int, interval: float, mapped_prefix: str | None = None):
-        super().__init__(daemon=True)
-        self.root, self.interval, self.prefix = root, interval, mapped_prefix
-        self.stop = threading.Event()
-        self.peaks = dict.fromkeys(self.SUMS, 0)
-        self.peak_single_rss, self.peak_processes, self.samples = 0, 0, 0
-        # at the once-a-second samples: the cache's mapped pages, and PSS without them
-        self.peak_cache_rss = self.peak_cache_pss = self.peak_pss_without_cache = 0
-        # [s, Rss, Pss, Pss_Anon, cache Rss, cache Pss] (kB), about once a second
-        self.timeline: list[list[float]] = []
-        self.per_process: dict[int, dict[str, Any]] = {}  # pid -> its command and peaks
-        self.started = time.monotonic()
-
-    def run(self) -> None:
-        last_detail = -1.0
-        while not self.stop.is_set():
-            sums = dict.fromkeys(self.SUMS, 0)
-            pids = _tree(self.root)
-            for pid in pids:
-                values = _smaps(pid)
-                for name in self.SUMS:
-                    sums[name] += values.get(name, 0)
-                self.peak_single_rss = max(self.peak_single_rss, values.get("Rss", 0))
-                self._per_process(pid, values)
-            for name in self.SUMS:
-                self.peaks[name] = max(self.peaks[name], sums[name])
-            self.peak_processes = max(self.peak_processes, len(pids))
-            self.samples += 1
-            now = time.monotonic() - self.started
-            if now - last_detail >= 1.0:
-                cache_rss = cache_pss = 0
-                if self.prefix:
-                    for pid in pids:
-                        rss, pss = _mapped_under(pid, self.prefix)
-                        cache_rss, cache_pss = cache_rss + rss, cache_pss + pss
-                self.peak_cache_rss = max(self.peak_cache_rss, cache_rss)
-                self.peak_cache_pss = max(self.peak_cache_pss, cache_pss)
-                self.peak_pss_without_cache = max(
-                    self.peak_pss_without_cache, sums["Pss"] - cache_pss
-                )
-                self.timeline.append([round(now, 1), sums["Rss"], sums["Pss"], sums["Pss_Anon"],
-                                      cache_rss, cache_pss])  # fmt: skip
-                last_detail = now
-            self.stop.wait(self.interval)
-
-    def _per_process(self, pid: int, values: dict[str, int]) -> None:
-        if not values:
-            return
-        if pid not in self.per_process:
-            try:
-                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                words = []
-            command = " ".join(word.decode(errors="replace") for word in words[:4])
-            self.per_process[pid] = {"command": command, "rss_mib": 0.0, "pss_mib": 0.0,
-                                     "pss_anon_mib": 0.0}  # fmt: skip
-        entry = self.per_process[pid]
-        for key, name in (("rss_mib", "Rss"), ("pss_mib", "Pss"), ("pss_anon_mib", "Pss_Anon")):
-            entry[key] = max(entry[key], values.get(name, 0) / 1024)
-
-    def result(self) -> dict[str, Any]:
-        return {
-            "peak_rss_mib": self.peaks["Rss"] / 1024,
-            "peak_pss_mib": self.peaks["Pss"] / 1024,
-            "peak_pss_anon_mib": self.peaks["Pss_Anon"] / 1024,
-            "peak_pss_file_mib": self.peaks["Pss_File"] / 1024,
-            "peak_anonymous_mib": self.peaks["Anonymous"] / 1024,
-            "peak_single_process_rss_mib": self.peak_single_rss / 1024,
-            "peak_cache_mapped_rss_mib": self.peak_cache_rss / 1024,
-            "peak_cache_mapped_pss_mib": self.peak_cache_pss / 1024,
-            "peak_pss_without_cache_mib": self.peak_pss_without_cache / 1024,
-            "peak_processes": self.peak_processes,
-            "per_process_peaks": [
-                entry for entry in self.per_process.values() if entry["rss_mib"] >= 20
-            ],  # fmt: skip
-            "memory_samples": self.samples,
-            "timeline_kib": self.timeline,
-        }
 
 
 # ---------------------------------------------------------------- surd train runs
@@ -546,159 +239,6 @@ def measure_samples(args: argparse.Namespace, samples: int, sd: Path, lm: Path) 
         "cache_usage": disk_usage(cache),
         "cache_usage_by_kind": kinds_usage,
         "runs": runs,
-    }
-
-
-# ---------------------------------------------------------------- step time: mapped vs RAM
-
-
-class _OneProcess:
-    """What build_cached_sets asks of the accelerator, for one process."""
-
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def _self_memory() -> dict[str, float]:
-    values = _smaps(os.getpid())
-    return {f"{name}_mib": values.get(name, 0) / 1024 for name in TreeSampler.SUMS}
-
-
-def _in_ram(rows: Any) -> Any:
-    """The records of a CacheRows gathered into one array, through a mapping of its own
-    (closed afterwards: the CacheRows' mapping stays untouched)."""
-    if rows is None:
-        return None
-    from adapter.cache import CacheRows
-
-    files = [np.load(mapped.filename, mmap_mode="r", allow_pickle=False) for mapped in rows.files]
-    array = CacheRows(files, rows.file_of, rows.row_of).gather(np.arange(len(rows)))
-    del files  # the last references: unmapped
-    return array
-
-
-def step_timing(args: argparse.Namespace, samples: int, sd: Path, lm: Path) -> dict[str, Any]:
-    import torch
-
-    from adapter.data import load_split
-    from adapter.features import LLMFeatureExtractor
-    from adapter.stable_diffusion import load_stable_diffusion
-    from adapter.step import CachedSet, LossSettings, compute_losses
-    from adapter.train import TrainConfig, build_cached_sets, make_adapter
-
-    data, cache = args.work / f"data-{samples}", args.work / "caches" / f"cache-{samples}"
-    config = TrainConfig(
-        data=str(data), base_model=str(sd), llm=str(lm), llm_layer=LLM_LAYER,
-        output=args.work / "runs" / "step-timing", cache_dir=cache, resolution=RESOLUTION,
-        batch_size=args.batch_size, device="cpu", validation_split="none",
-        validation_prompts=(), show_progress=False, adapter_heads=4, adapter_feedforward=64,
-        adapter_mlp=64, encode_batch_size=args.encode_batch_size,
-    )  # fmt: skip
-    torch.set_num_threads(args.threads)
-    dtype, device = torch.float32, torch.device("cpu")  # what surd train uses on a CPU
-    parts = load_stable_diffusion(str(sd), dtype)
-    llm = LLMFeatureExtractor(str(lm), LLM_LAYER, config.llm_pooling, config.llm_batch_size,
-                              device="cpu", dtype=config.llm_dtype)  # fmt: skip
-    rows = load_split(str(data), "train")
-    computed: dict[str, int] = {}
-    started = time.perf_counter()
-    ((mapped, unreadable),) = build_cached_sets(
-        [rows], parts, llm, config, device, dtype, computed, False, _OneProcess()
-    )
-    build_s = time.perf_counter() - started
-    del rows, llm
-    memory_mapped = _self_memory()
-    ram = CachedSet(**{field.name: _in_ram(getattr(mapped, field.name))
-                       for field in dataclasses.fields(CachedSet)})  # fmt: skip
-    memory_ram = _self_memory()
-
-    torch.manual_seed(0)
-    adapter = make_adapter(config, parts.text_width, mapped.llm_dim, parts).train()
-    trainable = [param for param in adapter.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    unet, scheduler = parts.unet, parts.noise_scheduler
-    settings = LossSettings(prediction_type=parts.prediction_type)
-    scaling = parts.vae.config.scaling_factor
-    shift = getattr(parts.vae.config, "shift_factor", None)
-    rng = np.random.default_rng(0)
-    batch = args.batch_size
-
-    def draw(count: int) -> list[tuple[np.ndarray, torch.Tensor]]:
-        return [(rng.integers(0, len(mapped), batch), torch.from_numpy(rng.random(batch) < 0.5))
-                for _ in range(count)]  # fmt: skip
-
-    def train_step(cached: CachedSet, indices: np.ndarray, flips: torch.Tensor, seed: int):
-        begun = time.perf_counter()
-        tensors = cached.batch(torch.from_numpy(indices), flips, device)
-        gathered = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed)
-        terms = compute_losses(adapter, unet, scheduler, tensors, generator, settings, scaling,
-                               shift)  # fmt: skip
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - begun, gathered - begun
-
-    sets = {"mapped": mapped, "in RAM": ram}
-    steps = {name: [] for name in sets}
-    gathers = {name: [] for name in sets}
-    faults = {name: [0, 0, 0] for name in sets}  # minor, major, steps
-    for indices, flips in draw(2):  # warm-up (allocator, first calls), not timed
-        train_step(ram, indices, flips, 0)
-    print(f"step timing on {len(mapped):,} samples: {args.rounds} rounds x "
-          f"{args.round_steps} steps each way ...", flush=True)  # fmt: skip
-    for round_number in range(args.rounds):
-        plan = draw(args.round_steps)  # the same batches and noise both ways
-        order = list(sets)[round_number % 2 :] + list(sets)[: round_number % 2]
-        for name in order:
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            for number, (indices, flips) in enumerate(plan):
-                total, gather = train_step(sets[name], indices, flips, round_number * 1000 + number)
-                steps[name].append(total)
-                gathers[name].append(gather)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            faults[name][0] += after.ru_minflt - before.ru_minflt
-            faults[name][1] += after.ru_majflt - before.ru_majflt
-            faults[name][2] += len(plan)
-        print(f"  round {round_number + 1}: "
-              + ", ".join(f"{n} {statistics.median(steps[n][-len(plan):]) * 1e3:.1f} ms"
-                          for n in sets), flush=True)  # fmt: skip
-
-    batch_us = {name: [] for name in sets}
-    for round_number in range(args.rounds):
-        plan = draw(args.batch_calls)
-        order = list(sets)[round_number % 2 :] + list(sets)[: round_number % 2]
-        for name in order:
-            for indices, flips in plan:
-                begun = time.perf_counter()
-                sets[name].batch(torch.from_numpy(indices), flips, device)
-                batch_us[name].append((time.perf_counter() - begun) * 1e6)
-
-    medians = {name: statistics.median(values) for name, values in steps.items()}
-    return {
-        "samples": len(mapped),
-        "unreadable": unreadable,
-        "computed_while_building": computed,
-        "build_cached_sets_s": build_s,
-        "batch_size": batch,
-        "rounds": args.rounds,
-        "steps_per_round": args.round_steps,
-        "torch_threads": torch.get_num_threads(),
-        "step_ms_median": {name: value * 1e3 for name, value in medians.items()},
-        "step_ms_min_max": {name: [min(v) * 1e3, max(v) * 1e3] for name, v in steps.items()},
-        "step_ratio_mapped_over_ram": medians["mapped"] / medians["in RAM"],
-        "gather_in_step_us_median": {n: statistics.median(v) * 1e6 for n, v in gathers.items()},
-        "batch_us_median": {name: statistics.median(v) for name, v in batch_us.items()},
-        "batch_calls": len(batch_us["mapped"]),
-        "page_faults_per_step": {
-            name: {"minor": minor / count, "major": major / count}
-            for name, (minor, major, count) in faults.items()
-        },
-        "process_memory_with_mapped_set": memory_mapped,
-        "process_memory_with_ram_copy": memory_ram,
     }
 
 

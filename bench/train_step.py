@@ -23,7 +23,7 @@ Three measurements, in the same run, on the same device and dtype:
 The three are interleaved over ``--rounds`` rounds (the order rotates each round) and each is
 reported as the median samples/s with its range: run one after the other on a shared machine,
 whatever else ran at the time skewed them apart ((a)/(b) = 1.42 once, which cannot be).
-The ``sd15`` adapter is built with ``surd train``'s defaults (``adapter.train.TrainConfig``).
+The ``sd15`` adapter is built with ``surd train``'s defaults (``adapter.train_config.TrainConfig``).
 
 Reported: median samples/s (and min-max) and peak GPU memory of each, (a)/(b) and (a)/(c) of
 the medians, the device and dtype.
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from adapter.losses import noise_prediction_loss  # noqa: E402
 from adapter.model import SURAdapter  # noqa: E402
 from adapter.step import CachedSet, LossSettings, compute_losses, step_generator  # noqa: E402
-from adapter.train import TrainConfig  # noqa: E402
+from adapter.train_config import TrainConfig  # noqa: E402
 
 
 def trainer_adapter() -> dict:

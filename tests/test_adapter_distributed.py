@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from adapter.model import SURAdapter
-from adapter.train import cache_share, train
+from adapter.train import train
+from adapter.train_setup import cache_share
 from tests.test_adapter_train import Stack, config, history, make_stack
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

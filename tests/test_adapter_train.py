@@ -296,7 +296,7 @@ def test_resuming_with_other_settings_is_refused_and_resume_none_sets_old_runs_a
 def test_checkpoints_from_before_a_setting_existed_resume_with_its_old_value(
     stack, tmp_path
 ) -> None:
-    from adapter.train import STATE_FILE, check_resume_settings
+    from adapter.checkpoints import STATE_FILE, check_resume_settings
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
