@@ -214,8 +214,11 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     prompts = sidecar_folder(folder, 23)
     # Ingest refuses pipes (a pipe named x.png would hang it), so the child is held by a gate
     # the test puts in front of this item: a sitecustomize that makes its collection first read
-    # a FIFO, which blocks until the test opens it. The run stops deterministically at this
-    # item, after the batches before it (sorted first) have been written.
+    # a byte from a FIFO. Opening it blocks until the test opens the other end; the read then
+    # blocks until the test writes or closes it, which it does only after the signal, so the
+    # run stops deterministically at this item, after the batches before it (sorted first)
+    # have been written. (Only opening the FIFO let the child run on once the test had opened
+    # it: on a loaded machine it finished the whole run before the signal came.)
     write_image(folder / "zzz-blocking.png")
     (folder / "zzz-blocking.txt").write_text("the last one")
     gate = tmp_path / "gate"
@@ -227,7 +230,8 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
         "collect = ingest.IngestStage._collect\n"
         "def gated(self, item, identity):\n"
         "    if item['source_item_id'] == 'zzz-blocking.png':\n"
-        f"        open({str(gate)!r}, 'rb').close()\n"
+        f"        with open({str(gate)!r}, 'rb') as gate:\n"
+        "            gate.read(1)\n"
         "    return collect(self, item, identity)\n"
         "ingest.IngestStage._collect = gated\n"
     )
