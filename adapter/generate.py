@@ -65,13 +65,25 @@ def save_png(image: Any, path: Path) -> Path:
     return path
 
 
+COMPARE_HEADERS = ("without adapter", "with adapter")
+
+
+def compare_grid(prompt: str, seeds: list[int], without: list[Any], with_adapter: list[Any]):
+    """The prompt on top, "without adapter" / "with adapter" column headers, a row per seed
+    (labelled with it); a :class:`surd_builder.pictures.Grid`."""
+    from surd_builder.pictures import labelled_grid
+
+    rows = list(zip(without, with_adapter, strict=True))
+    return labelled_grid(
+        rows, COMPARE_HEADERS, [f"seed {seed}" for seed in seeds], title=prompt, max_label_lines=1
+    )
+
+
 def generate(
     pipeline: Any, prompts: list[str], out: Path, options: GenerateOptions, progress: Any = None
 ) -> list[Path]:
     """Write ``NNN-<prompt>-seed<S>.png`` per prompt and seed; with ``compare``, also
     ``NNN-<prompt>-compare.png``: a row per seed, without the adapter left, with it right."""
-    from diffusers.utils import make_image_grid
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for number, prompt in enumerate(prompts):
@@ -81,8 +93,7 @@ def generate(
             written.append(save_png(image, out / f"{stem}-seed{seed}.png"))
         if options.compare:
             without = generate_for_prompt(pipeline, prompt, options, use_adapter=False)
-            pairs = [image for row in zip(without, images, strict=True) for image in row]
-            grid = make_image_grid(pairs, rows=len(options.seeds), cols=2)
+            grid = compare_grid(prompt, options.seeds, without, images).image
             written.append(save_png(grid, out / f"{stem}-compare.png"))
         if progress is not None:
             progress(1)

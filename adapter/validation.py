@@ -19,6 +19,7 @@ from adapter.step import (
     draw_step_noise,
     step_generator,
 )
+from surd_builder.pictures import labelled_grid
 
 DEFAULT_VALIDATION_PROMPTS = (
     "three dogs playing in the snow",
@@ -26,6 +27,7 @@ DEFAULT_VALIDATION_PROMPTS = (
     "an old man reading a book under a tree",
 )
 HELD_OUT_SEED = 1234
+COMPARE_HEADERS = ("without adapter", "with adapter")
 
 
 @torch.no_grad()
@@ -69,9 +71,9 @@ def held_out_losses(
 def validation_grid(
     pipeline: Any, prompts: list[str], seed: int, num_inference_steps: int, guidance_scale: float
 ) -> Any:
-    """A PIL grid: one row per prompt, without the adapter (left) and with it (right), with the
-    same seed, so the difference is the adapter's alone. ``pipeline``: a SURAdapterPipeline."""
-    from diffusers.utils import make_image_grid
+    """A PIL grid: one row per prompt (its text above it), without the adapter (left) and with
+    it (right) under those column headers, with the same seed, so the difference is the
+    adapter's alone. ``pipeline``: a SURAdapterPipeline."""
 
     def generate(use_adapter: bool) -> list[Any]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -84,8 +86,9 @@ def validation_grid(
         ).images
 
     without, with_adapter = generate(False), generate(True)
-    pairs = [image for row in zip(without, with_adapter, strict=True) for image in row]
-    return make_image_grid(pairs, rows=len(prompts), cols=2)
+    return labelled_grid(
+        list(zip(without, with_adapter, strict=True)), COMPARE_HEADERS, prompts
+    ).image
 
 
 def read_history(path: Path) -> list[dict]:

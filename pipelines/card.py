@@ -3,18 +3,22 @@
 The card's YAML front matter is what the Hugging Face Hub and ``datasets`` read: ``configs`` (the
 data files of each split), ``dataset_info`` (features, split sizes, byte counts). Its body says
 what the dataset is, how it was built and filtered, and its statistics. ``report.html`` shows the
-same numbers as tables and bar charts, in one file that opens in a browser without a server.
+same numbers as tables and bar charts, with histograms of the screening scores and thumbnails per
+source and review status (``pipelines/report_page.py``), in one file that opens in a browser
+without a server.
 """
 
 from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipelines.report_page import report_html
 from surd_builder.atomic import atomic_path
 from surd_builder.schema import export_schema, hf_features
 
@@ -178,35 +182,15 @@ def _collection_section(collection: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def _bars(title: str, counts: dict[str, int]) -> str:
-    top = max(counts.values(), default=1) or 1
-    rows = "".join(
-        f"<tr><td>{html.escape(str(label))}</td><td class=n>{count:,}</td>"
-        f"<td><div class=bar style='width:{300 * count / top:.0f}px'></div></td></tr>"
-        for label, count in counts.items()
-    )
-    return f"<h2>{html.escape(title)}</h2><table>{rows}</table>"
-
-
-def report_html(report, stats: dict[str, Any]) -> str:
-    sections = [
-        _bars("Samples per split", stats["split"]),
-        _bars("Samples per source", stats["source"]),
-        _bars("Samples per review status", stats["review_status"]),
-        _bars("Narrative written by", stats["narrative_origin"]),
-        _bars("Narrative prompt length (words)", stats["narrative_prompt_words"]["histogram"]),
-        _bars("Keyword prompt length (words)", stats["complex_prompt_words"]["histogram"]),
-    ]
-    return (
-        "<!doctype html><html><head><meta charset=utf-8><title>surd export report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.n{text-align:right}"
-        ".bar{background:#4a7bd0;height:12px}</style></head><body>"
-        f"<h1>surd export: {report.exported:,} samples</h1>" + "".join(sections) + "</body></html>"
-    )
-
-
-def write_card(folder: Path, selected: pa.Table, report, marker: dict[str, Any]) -> None:
-    """``README.md`` (card with YAML front matter) and ``report.html`` into ``folder``."""
+def write_card(
+    folder: Path,
+    selected: pa.Table,
+    report,
+    marker: dict[str, Any],
+    read_images: Callable[[Iterable[str]], dict[str, bytes]] | None = None,
+) -> None:
+    """``README.md`` (card with YAML front matter) and ``report.html`` into ``folder``; the
+    page's thumbnails are read with ``read_images`` (none without it)."""
     stats = statistics(selected)
     with atomic_path(Path(folder) / "README.md") as temp:
         temp.write_text(
@@ -214,4 +198,4 @@ def write_card(folder: Path, selected: pa.Table, report, marker: dict[str, Any])
             encoding="utf-8",
         )
     with atomic_path(Path(folder) / "report.html") as temp:
-        temp.write_text(report_html(report, stats), encoding="utf-8")
+        temp.write_text(report_html(report, stats, selected, read_images), encoding="utf-8")

@@ -242,7 +242,7 @@ def export_dataset(
         from pipelines.takedown import collection_summary
 
         marker = {**_marker(report, options), "collection": collection_summary(workspace)}
-        write_card(staging, selected, report, marker)
+        write_card(staging, selected, report, marker, workspace.read_images)
         _swap_into_place(staging, out)
     except OSError as error:
         raise OutputError(f"cannot write the export to {out}: {error.strerror or error}") from None

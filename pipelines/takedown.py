@@ -32,6 +32,7 @@ from surd_builder.errors import InputError
 from surd_builder.workspace import Workspace
 
 KINDS = ("url", "source-item", "sample-id", "image")
+LINE_FORM = f'expected "KIND VALUE" with KIND one of {", ".join(KINDS)}'
 MAX_DISTANCE = 6  # pHash bits: no false positives among 499,500 distinct pairs (FACTS.md)
 # a pHash with fewer set (or unset) bits than this comes from a nearly flat image: every flat
 # image hashes alike, so such an image request would remove unrelated samples
@@ -114,8 +115,8 @@ def read_request_file(path: Path, reason: str, requested_at: str) -> list[Takedo
         if not line or line.startswith("#"):
             continue
         kind, _, value = line.partition(" ")
-        if kind not in KINDS:
-            raise InputError(f"{path}:{number}: start the line with one of {', '.join(KINDS)}")
+        if kind not in KINDS or not value.strip():  # e.g. "url|https://..." or a bare "url"
+            raise InputError(f"{path}:{number}: {line[:60]!r}: {LINE_FORM}")
         requests.append(make_request(kind, value, reason, requested_at))
     return requests
 

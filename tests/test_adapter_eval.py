@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from adapter.evaluate import EvalCase, evaluate, load_suite
-from adapter.generate import GenerateOptions
+from adapter.generate import GenerateOptions, compare_grid
 from adapter.metrics import (
     attribute_correct,
     clip_iqa,
@@ -106,10 +106,24 @@ def test_generate_writes_images_and_a_side_by_side_grid(models, tmp_path) -> Non
         "000-three-dogs-playing-in-the-snow-seed3.png",
         "000-three-dogs-playing-in-the-snow-seed4.png",
     ]
-    grid = Image.open(tmp_path / "out" / names[0])
-    assert grid.size == (64, 64)  # 2 columns (without | with) x 2 seeds of 32 px
-    right_top, left_top = np.asarray(grid)[:32, 32:], np.asarray(grid)[:32, :32]
-    seed3 = np.asarray(Image.open(tmp_path / "out" / names[1]))
+    grid = Image.open(tmp_path / "out" / names[0]).convert("RGB")
+    # the layout is fixed by the labels and the image size: the same grid of blanks shows it
+    blank = [Image.new("RGB", (32, 32), (255, 255, 255))] * 2
+    layout = compare_grid("three dogs playing in the snow", [3, 4], blank, blank)
+    assert grid.size == layout.image.size
+    plain = (64, 64)  # 2 columns (without | with) x 2 seeds of 32 px, unlabelled
+    assert grid.size[0] >= plain[0] and grid.size[1] > plain[1] + layout.header_height - 1
+    header = np.asarray(grid)[: layout.header_height]
+    assert (header < 128).any()  # the prompt and the column headers are drawn in dark ink
+    assert np.array_equal(header, np.asarray(layout.image)[: layout.header_height])
+
+    def cell(row: int, column: int) -> np.ndarray:
+        x, y, width, _ = layout.cells[row][column]
+        left = x + (width - 32) // 2
+        return np.asarray(grid)[y : y + 32, left : left + 32]
+
+    right_top, left_top = cell(0, 1), cell(0, 0)
+    seed3 = np.asarray(Image.open(tmp_path / "out" / names[1]).convert("RGB"))
     assert np.abs(right_top.astype(int) - seed3.astype(int)).max() <= 2  # the adapter's image
     pipeline = load_pipeline(str(models["sd"]), models["active"], device="cpu")
     without = pipeline(
@@ -125,6 +139,66 @@ def test_generate_writes_images_and_a_side_by_side_grid(models, tmp_path) -> Non
          "--device", "cpu"],
     )  # fmt: skip
     assert missing.exit_code == 2 and "no adapter there" in missing.output
+
+
+class SolidPipeline:
+    """Stands in for a SURAdapterPipeline: one solid image per prompt, red without the adapter,
+    blue with it."""
+
+    def __call__(self, prompts, use_adapter, **_):
+        from types import SimpleNamespace
+
+        colour = (40, 60, 220) if use_adapter else (220, 40, 40)
+        return SimpleNamespace(images=[Image.new("RGB", (64, 64), colour) for _ in prompts])
+
+
+def test_the_validation_grid_is_labelled_with_prompts_and_column_headers() -> None:
+    from adapter.validation import validation_grid
+    from surd_builder.pictures import BACKGROUND, labelled_grid
+
+    long = "an old man reading a book under a tree, " * 12 + "the end"
+    prompts = ["three dogs playing in the snow", long]
+    grid = validation_grid(SolidPipeline(), prompts, 0, 2, 7.5)
+    pixels = np.asarray(grid).astype(int)
+    assert grid.width >= 2 * 64 and grid.height > 2 * 64  # taller than the plain 2 x 2 grid
+    unlabelled = labelled_grid([[Image.new("RGB", (64, 64))] * 2] * 2)
+    assert grid.height > unlabelled.image.height  # by the header and the prompt bands
+    # the same labels over blanks give the layout: a header band of dark ink on grey first
+    layout = labelled_grid(
+        [[Image.new("RGB", (64, 64))] * 2] * 2, ("without adapter", "with adapter"), prompts
+    )
+    assert grid.size == layout.image.size
+    header = pixels[: layout.header_height]
+    assert layout.header_height > 0 and (header < 100).all(axis=2).sum() > 20  # ink, not band
+    assert np.array_equal(np.asarray(layout.image)[: layout.header_height], header)
+    # above the first row: its prompt; the images where the layout says, red left, blue right
+    (x0, y0, w0, _), (x1, y1, w1, _) = layout.cells[0]
+    label = pixels[layout.header_height : y0]
+    assert (np.abs(label - BACKGROUND).sum(axis=2) > 200).sum() > 20  # the prompt's ink
+    left, right = x0 + (w0 - 64) // 2, x1 + (w1 - 64) // 2
+    assert (pixels[y0 + 32, left + 32] == (220, 40, 40)).all()
+    assert (pixels[y1 + 32, right + 32] == (40, 60, 220)).all()
+    # the long prompt is cut to three lines with an ellipsis
+    from surd_builder.pictures import ELLIPSIS, font, font_size_for, wrap
+
+    lines = wrap(long, font(font_size_for(64)), layout.image.width - 2 * 4, 3)
+    assert len(lines) == 3 and lines[-1].endswith(ELLIPSIS)
+
+
+def test_wrapping_fits_the_width_and_cuts_with_an_ellipsis() -> None:
+    from surd_builder.pictures import ELLIPSIS, fit, font, text_width, wrap
+
+    face = font(14)
+    text = "a red car parked in front of a blue house " * 5
+    lines = wrap(text, face, 200, max_lines=10)
+    assert len(lines) > 1 and all(text_width(face, line) <= 200 for line in lines)
+    assert " ".join(lines) == " ".join(text.split())  # nothing lost when it fits
+    cut = wrap(text, face, 200, max_lines=2)
+    assert len(cut) == 2 and cut[-1].endswith(ELLIPSIS) and text_width(face, cut[-1]) <= 200
+    word = wrap("x" * 200, face, 100, max_lines=3)  # a word longer than a line is broken
+    assert all(text_width(face, line) <= 100 for line in word) and word[-1].endswith(ELLIPSIS)
+    assert fit("short", face, 200) == "short"
+    assert fit("sample-" * 20, face, 80).endswith(ELLIPSIS)
 
 
 def test_attribute_accuracy_and_the_scores_on_constructed_embeddings() -> None:

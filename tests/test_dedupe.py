@@ -279,3 +279,64 @@ def test_hash_options_are_checked() -> None:
         HashStage("phash", 16)
     with pytest.raises(InputError, match="unknown hash"):
         HashStage("md5")
+
+
+def test_the_cluster_grid_has_a_legend_sizes_distances_and_names(
+    workspace, tmp_path, monkeypatch
+) -> None:
+    import surd_builder.pictures as pictures
+    from pipelines.dedupe_grid import DUPLICATE_COLOUR, KEPT_COLOUR, cluster_grid
+
+    images, extra = {}, {}
+    for seed in range(3):
+        original = photo(seed)
+        images[f"img{seed:02d}"] = encode(original)
+        extra[f"img{seed:02d}"] = {"source_item_id": f"holiday/img{seed:02d}.jpg"}
+        if seed < 2:
+            for name, data in variants(original).items():
+                images[f"img{seed:02d}-{name}"] = data
+    add_samples(workspace, images, **extra)
+    run_stage(HashStage(), workspace, QUIET)
+    clusters_ = dedupe(workspace, "phash-8", dry_run=True).clusters
+    assert [len(c) for c in clusters_] == [6, 6]
+    drawn = {}
+    real = pictures.labelled_grid
+
+    def recording(*args, **kwargs):
+        drawn.update(kwargs, rows=args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pictures, "labelled_grid", recording)
+    path = cluster_grid(workspace, clusters_, tmp_path / "grid.png", 8, 4, "phash-8")
+    # what is written: the legend, a label per cluster with its size, a caption per image
+    assert "Each row is one cluster" in drawn["title"] and "green frame" in drawn["title"]
+    assert "kept" in drawn["title"] and "distance" in drawn["title"]
+    assert drawn["row_labels"] == [
+        "cluster 1 of 2: 6 samples, first 4 shown",
+        "cluster 2 of 2: 6 samples, first 4 shown",
+    ]
+    hashes = {s: image_hash(images[s]) for s in images}
+    for cluster, notes in zip(clusters_, drawn["captions"], strict=True):
+        kept = cluster[0]
+        assert notes[0] == ["kept", f"{kept}.jpg", kept]
+        for sample_id, note in zip(cluster[1:4], notes[1:], strict=True):
+            bits = bin(int(hashes[kept], 16) ^ int(hashes[sample_id], 16)).count("1")
+            assert note == [f"d = {bits}", sample_id, sample_id]
+    # ... and it is really drawn: a legend band above the rows, frames in the two colours
+    layout = real(
+        drawn["rows"], row_labels=drawn["row_labels"], title=drawn["title"],
+        max_label_lines=1, captions=drawn["captions"], max_title_lines=8, min_width=4 * 132 + 4,
+    )  # fmt: skip
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    plain_height = 2 * (128 + 6) + 6  # the unlabelled grid of two rows
+    assert pixels.shape[0] > plain_height + layout.header_height - 1
+    legend = pixels[: layout.header_height]
+    assert layout.header_height > 20 and (legend.sum(axis=2) < 300).sum() > 100  # dark ink
+    for row in range(2):
+        (x, y, width, _), (x1, y1, _, _) = layout.cells[row][0], layout.cells[row][1]
+        left = x + (width - 128) // 2
+        assert tuple(pixels[y + 1, left + 64]) == KEPT_COLOUR
+        assert tuple(pixels[y1 + 1, x1 + (width - 128) // 2 + 64]) == DUPLICATE_COLOUR
+        caption = pixels[y + 128 : y + 128 + 40, x : x + width]
+        assert (caption.sum(axis=2) < 300).sum() > 20  # "kept", the name and the id

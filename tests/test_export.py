@@ -314,3 +314,62 @@ def test_a_filtered_out_keeper_leaves_one_stand_in_of_its_cluster(tmp_path, demo
     )
     assert first in exported and second not in exported and keeper not in exported
     assert _cell("CC | BY\n# not a heading") == "CC \\| BY # not a heading"
+
+
+def test_report_has_score_histograms_and_bounded_offline_thumbnails(tmp_path, demo_workspace):
+    import base64
+    import re
+
+    from pipelines.report_page import THUMBNAIL_SIDE, THUMBNAILS_PER_GROUP
+
+    make_demo_folder(tmp_path / "other", count=12, seed=5, size=32)
+    run_stage(
+        IngestStage(tmp_path / "other", source="other"), demo_workspace,
+        RunOptions(show_progress=False),
+    )  # fmt: skip
+    ids = sorted(demo_workspace.sample_ids("samples"))
+    scores = [
+        {"sample_id": s, "clip_score": 0.2 + 0.01 * (n % 10), "text_similarity": 0.5 + n / 200}
+        for n, s in enumerate(ids)
+    ]
+    scores[0]["clip_score"] = None  # a sample without a CLIP score is counted as such
+    demo_workspace.write_table_part(
+        "screening", records_to_table(scores, STAGE_TABLES["screening"].schema)
+    )
+    reviews = [{"sample_id": s, "review_status": "accepted"} for s in ids[:10]]
+    demo_workspace.write_table_part(
+        "reviews", records_to_table(reviews, STAGE_TABLES["reviews"].schema)
+    )
+    out = tmp_path / "export"
+    export_dataset(demo_workspace, out, QUIET)
+    page = (out / "report.html").read_text()
+    # a histogram per screening score, with its summary
+    assert page.count("<svg class=hist") == 2
+    assert "CLIP score" in page and "Text similarity" in page
+    assert "51 samples, mean" in page and "1 without a score" in page
+    # galleries per source (demo, other) and per review status (pending, accepted)
+    thumbnails = re.findall(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(thumbnails) == 4 * THUMBNAILS_PER_GROUP
+    groups = re.findall(r"<div class=gallery>(.*?)</div>", page)
+    assert len(groups) == 4 and all(g.count("<img") <= THUMBNAILS_PER_GROUP for g in groups)
+    for name in ("demo", "other", "pending", "accepted"):
+        assert f"<h3>{name} <span class=note>(8 of" in page
+    with Image.open(io.BytesIO(base64.b64decode(thumbnails[0]))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) <= THUMBNAIL_SIDE
+    # offline: nothing external is referenced, no script
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    assert len(page.encode()) < 300_000
+
+
+def test_report_thumbnails_are_bounded_per_group(tmp_path, demo_workspace, monkeypatch):
+    import pipelines.report_page as report_page
+
+    monkeypatch.setattr(report_page, "THUMBNAILS_PER_GROUP", 3)
+    out = tmp_path / "export"
+    export_dataset(demo_workspace, out, QUIET)
+    page = (out / "report.html").read_text()
+    # one source, one review status: 3 thumbnails each; no scores, so no histogram
+    assert page.count('<img src="data:image/jpeg;base64,') == 6
+    assert "(3 of 40)" in page and "<svg" not in page

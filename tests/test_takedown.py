@@ -166,6 +166,20 @@ def test_bad_takedown_input_is_a_one_line_error(workspace, tmp_path) -> None:
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_bad_request_file_line_shows_the_expected_form(workspace, tmp_path) -> None:
+    base = ["build", "takedown", "-w", str(workspace.root)]
+    lines = tmp_path / "requests.txt"
+    for bad in ("url|https://example.org/a.jpg", "url", "sample-id|abc"):
+        lines.write_text(f"# owner mail\n{bad}\n")
+        result = CliRunner().invoke(app, [*base, "--from-file", str(lines)])
+        assert result.exit_code == 2, result.output
+        assert "requests.txt:2" in result.output
+        assert 'expected "KIND VALUE" with KIND one of url, source-item, sample-id, image' in (
+            result.output
+        )
+        assert len(result.output.strip().splitlines()) == 1
+
+
 def test_requests_hold_under_force_and_match_urls_written_another_way(
     server, workspace, tmp_path
 ) -> None:

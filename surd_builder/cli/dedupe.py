@@ -84,9 +84,9 @@ def dedupe(
         PROMPT_MODES,
         HashStage,
         check_keep,
-        cluster_grid,
     )
     from pipelines.dedupe import dedupe as run_dedupe
+    from pipelines.dedupe_grid import cluster_grid
     from pipelines.runner import RunOptions, run_stage
     from surd_builder.errors import InputError
     from surd_builder.workspace import Workspace
@@ -120,5 +120,5 @@ def dedupe(
             + (f" (+{len(cluster) - 6})" if len(cluster) > 6 else "")
         )
     if report is not None:
-        written = cluster_grid(ws, result.clusters, report)
+        written = cluster_grid(ws, result.clusters, report, hash_label=stage.label)
         typer.echo(f"cluster grid: {written}" if written else "no clusters: no grid written")
