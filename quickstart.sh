@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: create .venv, install surd with its test tools, then run the main
-# job on the embedded demo data (generate -> ingest -> export). Extra arguments go to
-# `surd quickstart` (see `surd quickstart --help`).
+# One command on a fresh machine: create .venv, install surd with its test tools, then run the whole
+# mission on the embedded demo data, offline (build the dataset -> train -> generate -> eval, on tiny
+# models surd writes itself). Extra arguments go to `surd quickstart` (see `surd quickstart --help`;
+# --no-train builds the dataset only).
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}

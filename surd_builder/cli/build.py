@@ -209,30 +209,33 @@ def status_command(workspace: WorkspaceOption = Path(".")) -> None:
         console.print(runs)
 
 
-def run_configured(ctx: typer.Context, ws, config_path: Path) -> None:
-    """Run the [run] steps of ``config_path`` on ``ws`` in this process; print one summary.
+def run_surd_command(ctx: typer.Context, args: list[str]) -> int:
+    """Run ``surd ARGS`` in this process, as a user's shell would; return its exit code (its
+    errors are printed as the CLI prints them). It runs on the root ``surd`` command of ``ctx``
+    (the running one), so this module needs no import of the app that includes it."""
+    root_command = ctx.find_root().command
+    try:
+        # without standalone mode, click returns a command's exit code instead of exiting
+        result = root_command.main(args=args, prog_name="surd", standalone_mode=False)
+    except Exception as error:  # typer vendors click: match its exceptions by shape
+        if hasattr(error, "show") and hasattr(error, "exit_code"):  # usage errors
+            error.show()
+            return error.exit_code or 2
+        if type(error).__name__ in ("Exit", "Abort"):
+            return getattr(error, "exit_code", 1)
+        raise
+    return result if isinstance(result, int) else 0
 
-    Each step is run by the root ``surd`` command of ``ctx`` (the running one), so this module
-    needs no import of the app that includes it."""
+
+def run_configured(ctx: typer.Context, ws, config_path: Path) -> None:
+    """Run the [run] steps of ``config_path`` on ``ws`` in this process; print one summary."""
     from surd_builder.errors import SurdError
     from surd_builder.run import load_steps, run_steps
 
     steps = load_steps(config_path)
 
-    root_command = ctx.find_root().command
-
     def invoke(args: list[str]) -> int:
-        try:
-            # without standalone mode, click returns a command's exit code instead of exiting
-            result = root_command.main(args=args, prog_name="surd", standalone_mode=False)
-        except Exception as error:  # typer vendors click: match its exceptions by shape
-            if hasattr(error, "show") and hasattr(error, "exit_code"):  # usage errors
-                error.show()
-                return error.exit_code or 2
-            if type(error).__name__ in ("Exit", "Abort"):
-                return getattr(error, "exit_code", 1)
-            raise
-        return result if isinstance(result, int) else 0
+        return run_surd_command(ctx, args)
 
     summary = run_steps(steps, ws.root, Path(config_path).resolve().parent, invoke, typer.echo)
     table = Table(title="surd build run", title_justify="left")

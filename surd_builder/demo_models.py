@@ -1,0 +1,380 @@
+"""Tiny random-weight models built from configs in code: surd's demo models and the tests' models.
+
+``surd demo-models DIR`` (and ``surd quickstart``) write a tiny Stable Diffusion, a tiny causal LM
+and a tiny CLIP with :func:`write_demo_models`, so ``surd train``, ``surd generate`` and
+``surd eval`` run offline, on any machine, in seconds. The tests build the same models
+(``tests/tiny_models.py`` imports them from here).
+
+Every model and tokenizer/processor is built locally (no hub downloads) and written with
+``save_pretrained``, so production code loads it by path through the normal ``from_pretrained``
+route, exactly as it would a real checkpoint. Weights are random but seeded
+(``torch.manual_seed(0)``), so outputs are deterministic yet meaningless. torch, diffusers and
+transformers are imported inside the functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Lowercase words typical of text-to-image prompts, so tokenized test prompts are mostly not <unk>.
+_PROMPT_TEXT = """
+a an the of and with in on at by for to from under over near behind beside through into
+is are was while very one two three four five six seven eight nine ten
+cat cats dog dogs fox foxes wolf wolves bird birds horse horses deer owl owls fish whale dragon
+man men woman women girl boy child children knight wizard robot astronaut princess king queen
+warrior samurai monk witch portrait face eyes hair hand flower flowers rose roses tree trees
+castle house city street car ship boat train mountain mountains river lake ocean sea beach
+forest jungle desert island sky clouds sun moon stars planet space galaxy field garden village
+bridge tower temple road waterfall cave valley snow rain storm fog fire smoke light shadow
+sword armor crown glass metal stone wood crystal candle lantern book
+red orange yellow green blue purple pink brown black white gray grey golden silver dark bright
+colorful pastel neon vibrant
+big small tiny giant old young ancient futuristic beautiful cute happy sad angry fluffy
+glowing shiny wet snowy sunny rainy foggy misty cozy epic magical mysterious detailed
+running walking flying sitting standing sleeping swimming jumping dancing reading eating
+fighting playing smiling looking holding wearing riding
+night day morning evening sunset sunrise winter summer autumn spring underwater indoors outdoors
+background foreground landscape scene room kitchen library cafe market
+style art painting drawing sketch photo photograph illustration render concept digital oil
+watercolor anime cartoon cinematic realistic photorealistic hyperrealistic surreal fantasy
+minimalist abstract impressionism baroque cyberpunk steampunk vaporwave lowpoly pixel
+8k 4k hd uhd hdr masterpiece artstation trending unreal engine octane highly sharp focus
+intricate elegant dramatic lighting volumetric studio soft lens bokeh wide angle closeup
+quality best award winning greg rutkowski artgerm mucha
+system user assistant
+"""
+PROMPT_WORDS = _PROMPT_TEXT.split()
+PUNCTUATION = [",", ".", ":"]
+
+# Renders each message as "<s> role : content </s>" from vocab tokens only; the generation prompt
+# opens an assistant turn ("<s> assistant :") for the model to continue.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<s> ' + message['role'] + ' : ' + message['content'] + ' </s> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s> assistant :' }}{% endif %}"
+)
+
+
+def _words_vocab(specials: list[str], extra_words: tuple[str, ...] = ()) -> dict[str, int]:
+    """``specials`` first (ids 0..n-1, so pad/unk ids are stable), then words and punctuation,
+    then ``extra_words`` not already there (so the ids of the others do not move)."""
+    tokens = dict.fromkeys([*specials, *PROMPT_WORDS, *PUNCTUATION, *extra_words])
+    return {token: index for index, token in enumerate(tokens)}
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off (restored afterwards): saving prints none."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _save(directory: Path, model: Any, processor: Any) -> Path:
+    """``save_pretrained`` both, quietly."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with _no_progress_bars():
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_causal_lm(
+    directory: Path,
+    chat_template: bool = False,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    max_positions: int = 256,
+    extra_words: tuple[str, ...] = (),
+) -> Path:
+    """Save a 2-layer Llama + word-level tokenizer, loadable via ``AutoModelForCausalLM``.
+
+    The tokenizer pads on the left (what batched decoder-only generation needs) and decodes to
+    space-separated words. ``chat_template=True`` adds a template for chat-style callers. The
+    size options make bigger random models of the same kind for benchmarks; ``extra_words`` are
+    added to the vocabulary (after the others, whose ids stay the same).
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = _words_vocab(["<pad>", "<unk>", "<s>", "</s>"], extra_words)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    # With no "##" pieces this decoder just joins tokens with spaces; cleanup=False keeps "a , b"
+    # (not "a, b") so decoded text re-tokenizes to the same ids.
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        model_max_length=max_positions,
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+    torch.manual_seed(0)
+    special_ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"])
+    special_ids["eos_token_id"] = vocab["</s>"]
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(vocab),
+        max_position_embeddings=max_positions,
+        **special_ids,
+    )
+    model = LlamaForCausalLM(config)
+    # An explicit pad id keeps generate() from warning "Setting pad_token_id to eos_token_id".
+    model.generation_config.update(**special_ids)
+    return _save(Path(directory), model, tokenizer)
+
+
+def save_tiny_blip(directory: Path) -> Path:
+    """Save a 1-layer BLIP captioner + ``BlipProcessor`` (32x32 images, word-level BERT vocab).
+
+    Loads with ``AutoModelForImageTextToText`` / ``BlipForConditionalGeneration`` and
+    ``AutoProcessor``.
+    """
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    # Like the real checkpoint, the decoder starts from a "[DEC]" bos token and stops at "[SEP]";
+    # making "[DEC]" the tokenizer's bos lets skip_special_tokens drop it from captions.
+    vocab = _words_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
+    tokenizer = BertTokenizerFast(vocab=vocab, bos_token="[DEC]", model_max_length=512)
+    # The PIL backend: the default one needs torchvision and warns when it falls back.
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+
+    torch.manual_seed(0)
+    special_ids = dict(pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[DEC]"])
+    special_ids["eos_token_id"] = vocab["[SEP]"]
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = BlipConfig(
+        text_config=dict(
+            tower,
+            vocab_size=len(vocab),
+            encoder_hidden_size=32,
+            # 512 like real BLIP: pipelines generate long captions from random weights.
+            max_position_embeddings=512,
+            sep_token_id=vocab["[SEP]"],
+            **special_ids,
+        ),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+        image_text_hidden_size=16,
+    )
+    model = BlipForConditionalGeneration(config)
+    model.generation_config.update(**special_ids)
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _save(Path(directory), model, processor)
+
+
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE in CLIP's layout: 256 byte symbols, the same + "</w>", merges, specials."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to U+0100+.
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    shifted = iter(range(256, 512))
+    symbols = [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    tokens = symbols + [symbol + "</w>" for symbol in symbols]
+    # A few merges so some prompt words become one token (e.g. "cat" -> "cat</w>").
+    merges = []
+    for word in ["cat", "dog", "red", "the", "fox"]:
+        merges += [(word[0], word[1]), (word[:2], word[2] + "</w>")]
+        tokens += [word[:2], word + "</w>"]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def _clip_text_config(vocab: dict[str, int], width: int) -> dict:
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        # Real ids (not CLIP's legacy eos_token_id=2), so text pooling finds the eos token.
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def tiny_unet(text_width: int = 32):
+    """The UNet of :func:`save_tiny_stable_diffusion`: 8x8 latents, random weights (seed 0)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=text_width,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
+
+
+def save_tiny_clip(directory: Path) -> Path:
+    """Save a 1-layer CLIP (text + vision towers, 16-d projection) and its ``CLIPProcessor``.
+
+    Loads with ``CLIPModel`` / ``AutoModel`` and ``AutoProcessor``. ``get_image_features`` and
+    ``get_text_features`` return ``BaseModelOutputWithPooling``; the projected (batch, 16)
+    embeddings are its ``.pooler_output``.
+    """
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # The PIL backend: the default one needs torchvision and warns when it falls back.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=_clip_text_config(vocab, 32),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _save(Path(directory), model, processor)
+
+
+def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
+    """Save a tiny Stable Diffusion in diffusers layout (``model_index.json`` + 5 subfolders).
+
+    32x32 images map to 8x8 latents (VAE with 3 blocks); the UNet's cross-attention and the CLIP
+    text encoder are ``text_width`` wide. Loads with ``StableDiffusionPipeline.from_pretrained``
+    and each part with its class's ``from_pretrained(directory, subfolder=...)``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    unet = tiny_unet(text_width)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with _no_progress_bars():
+        pipeline.save_pretrained(directory)
+    return Path(directory)
+
+
+# What `surd demo-models DIR` writes: three folders and a marker, written last (a complete set).
+DEMO_MODELS_FILE = "surd-demo-models.json"
+DEMO_IMAGE_SIZE = 32  # the tiny Stable Diffusion's image side (8x8 latents)
+DEMO_LLM_LAYER = 2  # the tiny LLM's last block: `surd train --llm-layer 2`
+
+
+@dataclass(frozen=True)
+class DemoModels:
+    """The folders of a demo-models set: ``sd/`` (diffusers layout), ``llm/``, ``clip/``."""
+
+    root: Path
+
+    @property
+    def sd(self) -> Path:
+        return self.root / "sd"
+
+    @property
+    def llm(self) -> Path:
+        return self.root / "llm"
+
+    @property
+    def clip(self) -> Path:
+        return self.root / "clip"
+
+
+def demo_words() -> tuple[str, ...]:
+    """The demo data's words (counts, colours, shapes), so its prompts tokenize without <unk>."""
+    from surd_builder.demo import COLORS, COUNT_WORDS, SHAPES
+
+    plurals = tuple(f"{shape}s" for shape in SHAPES)
+    return (*COUNT_WORDS.values(), *COLORS, *SHAPES, *plurals, "background")
+
+
+def write_demo_models(directory: Path | str, overwrite: bool = False) -> DemoModels:
+    """Write the tiny Stable Diffusion, causal LM (with the demo's words) and CLIP into
+    ``directory`` (missing or empty, unless ``overwrite``). Seeded: the same files every time."""
+    from surd_builder.atomic import write_json_atomic
+    from surd_builder.errors import OutputExistsError
+
+    models = DemoModels(Path(directory))
+    if models.root.is_dir() and any(models.root.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{models.root} exists and is not empty (pass --overwrite to replace it)"
+        )
+    (models.root / DEMO_MODELS_FILE).unlink(missing_ok=True)
+    save_tiny_stable_diffusion(models.sd)
+    save_tiny_causal_lm(models.llm, extra_words=demo_words())
+    save_tiny_clip(models.clip)
+    marker = {"image_size": DEMO_IMAGE_SIZE, "llm_layer": DEMO_LLM_LAYER, "weights": "random"}
+    write_json_atomic(marker, models.root / DEMO_MODELS_FILE)
+    return models
+
+
+def read_demo_models(directory: Path | str) -> DemoModels | None:
+    """The demo models in ``directory`` if a complete set is there, else None."""
+    models = DemoModels(Path(directory))
+    return models if (models.root / DEMO_MODELS_FILE).is_file() else None
