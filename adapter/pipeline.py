@@ -25,7 +25,7 @@ from typing import Any
 
 from adapter.stable_diffusion import stable_diffusion_pipeline_class
 from surd_builder.errors import InputError
-from surd_builder.models import load_pretrained, resolve_device, resolve_dtype
+from surd_builder.models import check_hub_model, load_pretrained, resolve_device, resolve_dtype
 
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
@@ -117,6 +117,7 @@ def load_pipeline(
 
     if scheduler not in SCHEDULERS:
         raise InputError(f"--scheduler must be one of: {', '.join(SCHEDULERS)}")
+    check_hub_model(base_model, "base model")  # an unreachable hub fails before any loading
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model = None

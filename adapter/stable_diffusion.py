@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surd_builder.errors import InputError
-from surd_builder.models import load_pretrained
+from surd_builder.models import check_hub_model, load_pretrained
 
 
 @dataclass
@@ -60,6 +60,7 @@ def load_stable_diffusion(
     (default float32) on the CPU (the caller moves them), frozen, with the text width checked
     against the UNet's cross-attention width when both are loaded. A worker filling one cache
     loads only what it needs (the text encoder, or the VAE)."""
+    check_hub_model(base_model, "base model")  # an unreachable hub fails before the imports
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -17,6 +17,7 @@ from surd_builder.clip import ClipScorer
 from surd_builder.errors import InputError
 from surd_builder.models import (
     batched,
+    check_hub_model,
     check_local_model,
     load_pretrained,
     resolve_device,
@@ -56,9 +57,10 @@ class TextEmbedder:
 
     def load(self) -> tuple[Any, Any, str]:
         if self._loaded is None:
+            path = resolve_text_model(self.model)
+            check_hub_model(path, "text model")  # before importing torch
             from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-            path = resolve_text_model(self.model)
             device = resolve_device(self.device_option)
             dtype = resolve_dtype(self.dtype_option, device)
             config = load_pretrained(AutoConfig.from_pretrained, path, "text model")
@@ -74,9 +76,9 @@ class TextEmbedder:
 
     def embed(self, texts: list[str]):
         """L2-normalised embeddings, one row per text (a float32 CPU tensor)."""
+        tokenizer, model, device = self.load()  # first: fails before importing torch
         import torch
 
-        tokenizer, model, device = self.load()
         rows = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
         for chunk in batched(order, self.batch_size):

@@ -12,6 +12,7 @@ from typing import Any
 from surd_builder.errors import InputError
 from surd_builder.models import (
     batched,
+    check_hub_model,
     check_local_model,
     decode_rgb,
     load_pretrained,
@@ -37,6 +38,7 @@ class ClipScorer:
 
     def load(self) -> tuple[Any, Any, str, Any]:
         if self._loaded is None:
+            check_hub_model(self.model, "CLIP model")  # before importing torch
             from transformers import AutoConfig, AutoProcessor, CLIPModel
 
             device = resolve_device(self.device_option)
@@ -56,9 +58,9 @@ class ClipScorer:
 
     def image_features(self, images: list[Any]) -> Any:
         """L2-normalised image embeddings (float32 tensor on the CPU) of RGB PIL images."""
+        processor, model, device, dtype = self.load()  # first: fails before importing torch
         import torch
 
-        processor, model, device, dtype = self.load()
         rows = []
         for chunk in batched(images, self.batch_size):
             pixels = processor(images=chunk, return_tensors="pt")["pixel_values"]
@@ -71,9 +73,9 @@ class ClipScorer:
 
     def text_features(self, texts: list[str]) -> Any:
         """L2-normalised text embeddings (float32 tensor on the CPU), truncated to 77 tokens."""
+        processor, model, device, _dtype = self.load()
         import torch
 
-        processor, model, device, _dtype = self.load()
         rows = []
         for chunk in batched(texts, self.batch_size):
             tokens = processor(

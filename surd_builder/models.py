@@ -1,13 +1,25 @@
 """Loading transformers models by path or hub id, on the right device, with one-line errors.
 
 Shared by every part that runs a model in-process (the ``hf`` and ``caption`` rewriters,
-screening, the adapter's feature caches). Users pass a local folder or a hub id exactly as
-``from_pretrained`` takes it; a model that cannot be found (no such folder, no network to the
-hub) is a one-line error naming the model, not a traceback.
+screening, the adapter's feature caches and pipeline). Users pass a local folder or a hub id
+exactly as ``from_pretrained`` takes it; a model that cannot be found (no such folder, no network
+to the hub) is a one-line error naming the model, not a traceback.
+
+The hub is probed once per process, before the first hub id loads (one HEAD request to
+``HF_ENDPOINT``, default https://huggingface.co, with a timeout of ``HF_HUB_ETAG_TIMEOUT`` or
+:data:`HUB_PROBE_TIMEOUT` seconds). When it cannot be reached, hub ids load from the local hub
+cache alone (``local_files_only``), so no request is retried for minutes, and a model missing
+from the cache is one line naming it and the ways out: a local folder, ``HF_HUB_OFFLINE=1`` with
+a copied hub cache, or a mirror in ``HF_ENDPOINT``. ``HF_HUB_OFFLINE=1`` skips the probe (the
+cache alone, the same one line for a model it lacks). Both checks need no torch, so the loaders
+(:func:`check_hub_model`) make them before importing it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +28,22 @@ from surd_builder.errors import InputError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 T = TypeVar("T")
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+HUB_PROBE_TIMEOUT = 5.0  # seconds; HF_HUB_ETAG_TIMEOUT overrides it
+HUB_FIXES = (
+    "give a local folder, copy a hub cache that has it here (HF_HUB_CACHE; HF_HUB_OFFLINE=1 "
+    "then uses it without asking the hub), or set HF_ENDPOINT to a reachable mirror"
+)
+OFFLINE_FIXES = (
+    "give a local folder, copy a hub cache that has it here (HF_HUB_CACHE), or unset "
+    "HF_HUB_OFFLINE where the hub or a mirror (HF_ENDPOINT) can be reached"
+)
+# Phrases of transformers'/diffusers' errors that mean "not cached, and the hub was not asked or
+# not reached" (their exception types differ across versions; these words have not).
+_OFFLINE_MARKERS = ("couldn't connect", "not fully cached", "cached files", "local_files_only",
+                    "outgoing traffic has been disabled", "offline mode")  # fmt: skip
+_probe_lock = threading.Lock()
+_probe_results: dict[str, str | None] = {}  # endpoint -> None (reachable) or why not
 
 
 def resolve_device(device: str) -> str:
@@ -71,18 +99,153 @@ def check_local_model(model: str, what: str) -> None:
         raise InputError(f"cannot load {what}: the folder {model} does not exist")
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: hub ids load from the cache."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/")
+
+
+def is_hub_id(model: str) -> bool:
+    """Not a file or folder here, so ``from_pretrained`` looks it up on the hub."""
+    return not Path(model).expanduser().exists()
+
+
+def _probe_timeout() -> float:
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
+    except ValueError:
+        return HUB_PROBE_TIMEOUT
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures and timeouts, of Python and of the HTTP clients huggingface_hub uses
+    (httpx2 now, requests before 1.0); ``OfflineModeIsEnabled`` is a ``ConnectionError``."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        with contextlib.suppress(ImportError):
+            module = __import__(module_name)
+            errors += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(errors)
+
+
+def _network_reason(error: BaseException, timeout: float) -> str:
+    if "timeout" in type(error).__name__.lower():
+        return f"no answer in {timeout:g} s; HF_HUB_ETAG_TIMEOUT sets the wait"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub endpoint cannot be reached, or ``None`` when it answers (any HTTP status).
+    Asked once per process and endpoint: one HEAD request with a short timeout."""
+    endpoint = hub_endpoint()
+    with _probe_lock:
+        if endpoint not in _probe_results:
+            _probe_results[endpoint] = _probe(endpoint)
+        return _probe_results[endpoint]
+
+
+def _probe(endpoint: str) -> str | None:
+    from huggingface_hub.utils import get_session
+
+    timeout = _probe_timeout()
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except (OSError, *_network_errors()) as error:
+        return _network_reason(error, timeout)
+    return None
+
+
+def _offline_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the files are not cached and the hub was not
+    asked or not reached, rather than e.g. "no such repository"."""
+    network = _network_errors()
+    seen: BaseException | None = error
+    for _ in range(8):  # the cause chain, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, network) or type(seen).__name__ == "LocalEntryNotFoundError":
+            return True
+        if any(marker in str(seen).lower() for marker in _OFFLINE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).replace("Please check out the root cause in the stacktrace above.", "")
+    text = text.strip()
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def in_hub_cache(model: str) -> bool:
+    """Whether the local hub cache holds a snapshot of ``model`` (what ``local_files_only``
+    then loads; a partial one fails there, naming what is missing)."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def _not_cached(model: str, what: str, why: str, fixes: str, how: str = "") -> InputError:
+    return InputError(
+        f"cannot load {what} {model!r}: it is not {how}in the local hub cache and {why}; {fixes}"
+    )
+
+
+def check_hub_model(model: str, what: str) -> bool:
+    """For a hub id that cannot be fetched (``HF_HUB_OFFLINE``, or the hub cannot be reached):
+    ``True`` (load it with ``local_files_only``) when the hub cache has it, else a one-line
+    :class:`InputError` naming it and the ways out. ``False`` for local folders and when the
+    hub answers. Needs no torch: model loaders call it first, so a model that cannot load
+    fails in a second, not after importing torch."""
+    if not is_hub_id(model):
+        return False
+    if hub_offline():
+        why, fixes = "HF_HUB_OFFLINE is set", OFFLINE_FIXES
+    else:
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            return False
+        why, fixes = f"the hub at {hub_endpoint()} cannot be reached ({unreachable})", HUB_FIXES
+    if not in_hub_cache(model):
+        raise _not_cached(model, what, why, fixes)
+    return True
+
+
 def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
-    """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors."""
+    """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors;
+    a hub id loads from the local hub cache alone when the hub cannot be reached."""
     check_local_model(model, what)
+    cache_only = check_hub_model(model, what)
+    if cache_only:
+        kwargs["local_files_only"] = True  # the cache or nothing: no retries for minutes
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # surd draws its own progress; one bar per load is noise
     try:
         return loader(model, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except (OSError, ValueError, KeyError, TypeError, ImportError, *_network_errors()) as error:
+        if is_hub_id(model) and (cache_only or _offline_error(error)):
+            if hub_offline():
+                why, fixes = "HF_HUB_OFFLINE is set", OFFLINE_FIXES
+            elif (reason := hub_unreachable()) is not None:
+                why, fixes = f"the hub at {hub_endpoint()} cannot be reached ({reason})", HUB_FIXES
+            else:  # it answered the probe, not this model's requests (a proxy, a partial mirror)
+                why = f"the hub at {hub_endpoint()} did not serve it ({_first_line(error)})"
+                fixes = HUB_FIXES
+            raise _not_cached(model, what, why, fixes, "(fully) ") from None
         raise InputError(
-            f"cannot load {what} {model!r}: {first_line or type(error).__name__} "
+            f"cannot load {what} {model!r}: {_first_line(error)} "
             "(give a local folder, or a hub id on a machine that can reach the hub)"
         ) from None
 

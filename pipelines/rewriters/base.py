@@ -87,3 +87,9 @@ class Rewriter(ABC):
     def environment(self) -> tuple[str, ...]:
         """Environment variables it reads (``Stage.environment``)."""
         return ()
+
+    def check_reachable(self) -> None:
+        """Raise :class:`RewriterUnavailable` when a service this rewriter needs (an LLM server)
+        cannot be reached; quick, and called before loading any model (a captioner checks its
+        merge pass's server first). Nothing to check by default."""
+        return None

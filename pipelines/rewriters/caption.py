@@ -17,6 +17,7 @@ from pipelines.base import WorkerNeeds, shared_device
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 from surd_builder.models import (
     batched,
+    check_hub_model,
     check_local_model,
     decode_rgb,
     load_pretrained,
@@ -77,8 +78,14 @@ class CaptionRewriter(Rewriter):
             "merge": self.merge.identity() if self.merge is not None else None,
         }
 
+    def check_reachable(self) -> None:
+        if self.merge is not None:
+            self.merge.check_reachable()
+
     def load(self) -> tuple[Any, Any, str, Any]:
         if self._loaded is None:
+            self.check_reachable()  # a merge server that is down fails before minutes of loading
+            check_hub_model(self.model, "captioning model")  # before importing torch
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             device = resolve_device(self.options.device)
@@ -96,9 +103,9 @@ class CaptionRewriter(Rewriter):
 
     def caption(self, images: list[bytes], attempt: int) -> list[str | ItemFailed]:
         """One caption per encoded image (an undecodable image fails alone)."""
+        processor, model, device, dtype = self.load()  # first: fails before importing torch
         import torch
 
-        processor, model, device, dtype = self.load()
         captions: list[str | ItemFailed] = [ItemFailed("not-captioned")] * len(images)
         decoded, failed = decode_rgb(images)
         for index, error in failed.items():

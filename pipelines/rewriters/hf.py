@@ -17,6 +17,7 @@ from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from surd_builder.models import (
     batched,
+    check_hub_model,
     check_local_model,
     load_pretrained,
     resolve_device,
@@ -68,6 +69,7 @@ class HFCausalLMRewriter(Rewriter):
     def load(self) -> tuple[Any, Any, str]:
         """(tokenizer, model, device), loaded on first use and kept."""
         if self._loaded is None:
+            check_hub_model(self.model, "language model")  # before importing torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             device = resolve_device(self.options.device)

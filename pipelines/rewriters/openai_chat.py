@@ -155,6 +155,25 @@ class OpenAIChatRewriter(Rewriter):
             pool.shutdown(wait=True, cancel_futures=True)
         return answers
 
+    def check_reachable(self) -> None:
+        """One ``GET {base}/models`` within the connect timeout: any HTTP answer means the
+        server is up (what it thinks of the key or the model is for the first request)."""
+        import requests
+
+        if self._reached:
+            return
+        timeout = self.options.connect_timeout
+        try:
+            self._session().get(f"{self.base_url}/models", timeout=(timeout, timeout)).close()
+        except requests.Timeout:
+            raise RewriterUnavailable(
+                f"cannot reach {self.base_url} (no answer in {timeout:g} s): is the server running?"
+            ) from None
+        except requests.ConnectionError:
+            raise RewriterUnavailable(
+                f"cannot reach {self.base_url} (connection-error): is the server running?"
+            ) from None
+
     def _check_reached(self, answer: str | ItemFailed) -> str | ItemFailed:
         unreachable = isinstance(answer, ItemFailed) and answer.reason in (
             "connection-error",

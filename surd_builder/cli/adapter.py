@@ -53,6 +53,9 @@ def generate(
     progress: ProgressOption = True,
 ) -> None:
     """Generate images for narrative prompts with the SUR-adapter."""
+    from surd_builder.models import check_hub_model
+
+    check_hub_model(base_model, "base model")  # an unreachable hub: one line before torch loads
     from adapter.generate import GenerateOptions
     from adapter.generate import generate as run_generate
     from adapter.pipeline import load_pipeline
@@ -120,6 +123,10 @@ def evaluate(
 ) -> None:
     """Generate with and without the adapter under the same seeds and compare: CLIP score,
     semantic accuracy per category, CLIP-IQA, FID/KID against reference images."""
+    from surd_builder.models import check_hub_model
+
+    check_hub_model(clip_model, "CLIP model")  # an unreachable hub: one line before torch loads
+    check_hub_model(base_model, "base model")
     from adapter.data import narrative_prompts
     from adapter.evaluate import EvalCase, load_suite, reference_features
     from adapter.evaluate import evaluate as run_evaluate

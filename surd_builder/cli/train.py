@@ -324,6 +324,11 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show progress bars.", rich_help_panel=RUN)] = True,
 ) -> None:
     """Train the SUR-adapter on a frozen Stable Diffusion model, distilling from an LLM."""
+    from surd_builder.models import check_hub_model
+
+    # every run loads the base model (the LLM may be unreachable while its vectors are cached):
+    # an unreachable hub is one line before torch loads
+    check_hub_model(base_model, "base model")
     from adapter.data import Columns
     from adapter.train import TrainConfig
     from adapter.train import train as run_training
