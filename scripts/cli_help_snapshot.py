@@ -23,17 +23,9 @@ import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 
-def command_paths(group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every command path under ``group``, depth first in name order (the root is ``()``)."""
-    paths = [path]
-    if hasattr(group, "commands"):  # a group (Typer vendors its own Click)
-        for name in sorted(group.commands):
-            paths += command_paths(group.commands[name], (*path, name))
-    return paths
-
-
 def main() -> None:
     from surd_builder.cli import app
+    from surd_builder.cli.help_layout import command_paths
 
     root = typer.main.get_command(app)
     runner = CliRunner()

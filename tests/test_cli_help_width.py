@@ -17,18 +17,10 @@ from typer import rich_utils
 from typer.testing import CliRunner
 
 from surd_builder.cli import app
+from surd_builder.cli.help_layout import command_paths
 
 WIDTH = 80
 runner = CliRunner()
-
-
-def command_paths(group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every command path under ``group``, as ``scripts/cli_help_snapshot.py`` walks them."""
-    paths = [path]
-    if hasattr(group, "commands"):  # a group (Typer vendors its own Click)
-        for name in sorted(group.commands):
-            paths += command_paths(group.commands[name], (*path, name))
-    return paths
 
 
 def context_at(root, path: tuple[str, ...]) -> typer.Context:

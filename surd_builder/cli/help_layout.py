@@ -52,6 +52,16 @@ def use_readable_help(command: Any) -> None:
         use_readable_help(sub)
 
 
+def command_paths(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path under the Click command ``group``, depth first in name order (the
+    root is ``()``): what a check of every command's ``--help`` walks."""
+    paths = [path]
+    if hasattr(group, "commands"):  # a group (Typer vendors its own Click)
+        for name in sorted(group.commands):
+            paths += command_paths(group.commands[name], (*path, name))
+    return paths
+
+
 def reflow(text: str) -> str:
     """``text`` with the single line breaks inside its paragraphs made spaces (see the module)."""
     return "\n\n".join(_reflow_paragraph(p) for p in text.split("\n\n"))
