@@ -114,10 +114,10 @@ def read_request_file(path: Path, reason: str, requested_at: str) -> list[Takedo
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        kind, _, value = line.partition(" ")
+        kind, _, value = line.replace("\t", " ", 1).partition(" ")  # a tab separates too
         if kind not in KINDS or not value.strip():  # e.g. "url|https://..." or a bare "url"
             raise InputError(f"{path}:{number}: {line[:60]!r}: {LINE_FORM}")
-        requests.append(make_request(kind, value, reason, requested_at))
+        requests.append(make_request(kind, value.strip(), reason, requested_at))
     return requests
 
 

@@ -118,3 +118,21 @@ def test_demo_models_writes_the_quickstart_models_the_same_every_time(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(first.llm)
     ids = tokenizer(" ".join(demo_words()))["input_ids"]
     assert tokenizer.unk_token_id not in ids  # the demo's prompts are in the LLM's vocabulary
+
+
+def test_eval_takes_test_prompts_only_where_the_export_has_a_test_split(tmp_path):
+    """A few demo images may all fall in train: eval then runs without the export's test
+    prompts instead of failing at the end of the mission (`--count 3` did)."""
+    from surd_builder.cli.quickstart import Mission
+
+    export = tmp_path / "export"
+    (export / "data").mkdir(parents=True)
+    (export / "data" / "train-00000-of-00001.parquet").touch()
+    mission = Mission(tmp_path, export, progress=False, train_steps=2, sample_steps=1)
+
+    def eval_args() -> list[str]:
+        return dict(mission.commands())["eval"]
+
+    assert "--data" not in eval_args() and "--reference" in eval_args()
+    (export / "data" / "test-00000-of-00001.parquet").touch()
+    assert eval_args()[eval_args().index("--data") + 1] == str(export)

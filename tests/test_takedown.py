@@ -180,6 +180,20 @@ def test_a_bad_request_file_line_shows_the_expected_form(workspace, tmp_path) ->
         assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_request_file_line_may_separate_kind_and_value_by_a_tab(tmp_path) -> None:
+    from pipelines.takedown import read_request_file
+
+    lines = tmp_path / "requests.txt"
+    lines.write_text(
+        "sample-id\t0123456789abcdef0123456789abcdef\nurl   https://example.org/a b.jpg\n"
+    )
+    requests = read_request_file(lines, "owner request", "2026-12-02T00:00:00Z")
+    assert [(r.kind, r.value) for r in requests] == [
+        ("sample-id", "0123456789abcdef0123456789abcdef"),
+        ("url", "https://example.org/a b.jpg"),
+    ]
+
+
 def test_requests_hold_under_force_and_match_urls_written_another_way(
     server, workspace, tmp_path
 ) -> None:

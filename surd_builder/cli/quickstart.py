@@ -238,11 +238,14 @@ class Mission:
             "generate", *SAMPLE_PROMPTS, *sampling, "--output", str(self.generate_dir),
             "--seed", "0", "--seed", "1", "--compare", *quiet,
         ]  # fmt: skip
+        # prompts of the export's test split, where the split has any (a few demo images may
+        # all fall in train)
+        has_test = any((self.export / "data").glob("test-*.parquet"))
+        data_prompts = ["--data", str(self.export), "--data-prompts", str(EVAL_DATA_PROMPTS)]
         evaluate = [
             "eval", *sampling, "--clip-model", str(models.clip), "--output", str(self.eval_dir),
             "--no-default-prompts", "--prompts", str(self.directory / "eval-prompts.toml"),
-            "--data", str(self.export), "--data-prompts", str(EVAL_DATA_PROMPTS),
-            "--reference", str(self.export), *quiet,
+            *(data_prompts if has_test else []), "--reference", str(self.export), *quiet,
         ]  # fmt: skip
         return [
             ("train", None if done == steps else train),
