@@ -212,26 +212,32 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     then run it again."""
     folder = tmp_path / "in"
     prompts = sidecar_folder(folder, 23)
-    # Ingest refuses pipes (a pipe named x.png would hang it), so the child is held by a gate
-    # the test puts in front of this item: a sitecustomize that makes its collection first read
-    # a byte from a FIFO. Opening it blocks until the test opens the other end; the read then
-    # blocks until the test writes or closes it, which it does only after the signal, so the
-    # run stops deterministically at this item, after the batches before it (sorted first)
-    # have been written. (Only opening the FIFO let the child run on once the test had opened
-    # it: on a loaded machine it finished the whole run before the signal came.)
+    # The run must stop at this item, after the batches before it (sorted first) were written.
+    # A sitecustomize hooks its collection. For kill -9 the child reads a byte from a FIFO: the
+    # open blocks until the test opens the other end, the read until the test closes it, which
+    # it does only after the kill. For Ctrl-C the child raises SIGINT itself at this item
+    # (signal.raise_signal: Python's handler runs before it returns, as for a key press), since
+    # a SIGINT sent from outside can land between the child's open() and read() of the FIFO,
+    # be handled by no bytecode before the read blocks, and leave it blocked for good; and
+    # only opening the FIFO let the child run on past the item once the test had opened it (on
+    # a loaded machine it finished the run before the signal came). Ingest refuses pipes (a
+    # pipe named x.png would hang it), hence the hook.
     write_image(folder / "zzz-blocking.png")
     (folder / "zzz-blocking.txt").write_text("the last one")
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     hooks = tmp_path / "hooks"
     hooks.mkdir()
+    if stop_signal == signal.SIGINT:
+        stop = "        import signal\n        signal.raise_signal(signal.SIGINT)\n"
+    else:
+        stop = f"        with open({str(gate)!r}, 'rb') as gate:\n            gate.read(1)\n"
     (hooks / "sitecustomize.py").write_text(
         "import pipelines.ingest as ingest\n"
         "collect = ingest.IngestStage._collect\n"
         "def gated(self, item, identity):\n"
         "    if item['source_item_id'] == 'zzz-blocking.png':\n"
-        f"        with open({str(gate)!r}, 'rb') as gate:\n"
-        "            gate.read(1)\n"
+        f"{stop}"
         "    return collect(self, item, identity)\n"
         "ingest.IngestStage._collect = gated\n"
     )
@@ -255,11 +261,14 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     try:
-        fd = os.open(gate, os.O_WRONLY)  # returns once the ingest has opened the gate to read it
-        # the child is now blocked at the gate, after writing every batch before this item's
-        child.send_signal(stop_signal)
-        _, stderr = child.communicate(timeout=60)
-        os.close(fd)
+        if stop_signal == signal.SIGKILL:
+            fd = os.open(gate, os.O_WRONLY)  # returns once the ingest has opened the gate
+            # the child is now held at the gate, after writing every batch before this item's
+            child.send_signal(stop_signal)
+            _, stderr = child.communicate(timeout=60)
+            os.close(fd)
+        else:
+            _, stderr = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
