@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from adapter.validation import COMPARE_HEADERS
 from surd_builder.atomic import atomic_path
 
 
@@ -63,9 +64,6 @@ def save_png(image: Any, path: Path) -> Path:
     with atomic_path(path) as temp:
         image.save(temp, format="PNG")
     return path
-
-
-COMPARE_HEADERS = ("without adapter", "with adapter")
 
 
 def compare_grid(prompt: str, seeds: list[int], without: list[Any], with_adapter: list[Any]):

@@ -198,4 +198,5 @@ def write_card(
             encoding="utf-8",
         )
     with atomic_path(Path(folder) / "report.html") as temp:
-        temp.write_text(report_html(report, stats, selected, read_images), encoding="utf-8")
+        nsfw = marker.get("options", {}).get("nsfw", "include")
+        temp.write_text(report_html(report, stats, selected, read_images, nsfw), encoding="utf-8")

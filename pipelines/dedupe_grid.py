@@ -18,6 +18,16 @@ def _distance(a: str | None, b: str | None) -> int | None:
     return hamming(a, b) if a and b else None
 
 
+def _decoded(thumbnail, data: bytes | None, side: int):
+    """The thumbnail of ``data``, None where there is none or it does not decode."""
+    if data is None:
+        return None
+    try:
+        return thumbnail(data, side)
+    except Exception:  # noqa: BLE001 (PIL raises many kinds for a damaged image)
+        return None
+
+
 def _display_name(source_item_id: str | None) -> str:
     """A file's name (a folder's relative path, a URL's last part) or the source's own id."""
     text = (source_item_id or "").rstrip("/")
@@ -69,9 +79,8 @@ def cluster_grid(
         for column, sample_id in enumerate(cluster[:per_row]):
             tile = Image.new("RGB", (cell, cell), "white")
             draw = ImageDraw.Draw(tile)
-            data = images.get(shas.get(sample_id))
-            if data is not None:
-                small = thumbnail(data, cell - 6)
+            small = _decoded(thumbnail, images.get(shas.get(sample_id)), cell - 6)
+            if small is not None:
                 tile.paste(small, ((cell - small.width) // 2, (cell - small.height) // 2))
             else:
                 gone = fit("no image", face, cell - 8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,13 +55,17 @@ def bars(title: str, counts: dict[str, int]) -> str:
 
 
 def score_summary(values: list[float], bins: int = SCORE_BINS) -> dict[str, Any]:
-    """Count, mean, median, range and an equal-width histogram over the range. Pure."""
-    values = sorted(values)
+    """Count, mean, median, range and an equal-width histogram over the range of the finite
+    ``values`` (NaN and infinities are left out, not counted); one bar, from the value to
+    itself, when they are all equal. Pure."""
+    values = sorted(value for value in values if math.isfinite(value))
+    if not values:
+        raise ValueError("no finite score to summarise")
     low, high = values[0], values[-1]
-    width = (high - low) / bins if high > low else 1.0
+    width = (high - low) / bins if high > low else 0.0
     counts = [0] * (bins if high > low else 1)
     for value in values:
-        counts[min(len(counts) - 1, int((value - low) / width))] += 1
+        counts[min(len(counts) - 1, int((value - low) / width)) if width else 0] += 1
     return {
         "count": len(values),
         "mean": sum(values) / len(values),
@@ -72,21 +77,31 @@ def score_summary(values: list[float], bins: int = SCORE_BINS) -> dict[str, Any]
     }
 
 
+def _range(low: float, high: float) -> str:
+    return f"{low:.3f}" if low == high else f"{low:.3f} to {high:.3f}"
+
+
 def histogram_svg(summary: dict[str, Any], width: int = 480, height: int = 150) -> str:
     """Bars of ``summary["counts"]`` with the range and the tallest bar's count as labels."""
     counts, edges = summary["counts"], summary["edges"]
     top = max(counts) or 1
     left, bottom, plot_h = 36, 18, height - 30
     bar_w = (width - left - 4) / len(counts)
+    single = edges[0] == edges[-1]  # all values equal: one bar, labelled with the value
     rects = "".join(
         f"<rect x='{left + i * bar_w + 1:.1f}' y='{height - bottom - plot_h * c / top:.1f}' "
         f"width='{max(bar_w - 2, 1):.1f}' height='{plot_h * c / top:.1f}'>"
-        f"<title>{edges[i]:.3f} to {edges[i + 1]:.3f}: {c:,}</title></rect>"
+        f"<title>{_range(edges[i], edges[i + 1])}: {c:,}</title></rect>"
         for i, c in enumerate(counts)
     )
-    labels = (
-        f"<text x='{left}' y='{height - 4}'>{edges[0]:.3f}</text>"
+    ends = (
+        f"<text x='{(left + width - 4) / 2:.1f}' y='{height - 4}' text-anchor=middle>"
+        f"{edges[0]:.3f}</text>"
+        if single
+        else f"<text x='{left}' y='{height - 4}'>{edges[0]:.3f}</text>"
         f"<text x='{width - 4}' y='{height - 4}' text-anchor=end>{edges[-1]:.3f}</text>"
+    )
+    labels = ends + (
         f"<text x='{left - 4}' y='{height - bottom - plot_h + 10}' text-anchor=end>{top:,}</text>"
         f"<text x='{left - 4}' y='{height - bottom}' text-anchor=end>0</text>"
     )
@@ -103,13 +118,19 @@ def score_sections(selected: pa.Table) -> list[str]:
         if column not in selected.column_names:
             continue
         values = [float(v) for v in selected[column].to_pylist() if v is not None]
+        values = [v for v in values if math.isfinite(v)]  # NaN or infinite: without a score
         if not values:
             continue
         summary = score_summary(values)
-        missing = selected.num_rows - len(values)
+        missing = selected.num_rows - summary["count"]
+        spread = (
+            f"all {summary['min']:.3f}"
+            if summary["min"] == summary["max"]
+            else f"range {summary['min']:.3f} to {summary['max']:.3f}"
+        )
         note = (
             f"{summary['count']:,} samples, mean {summary['mean']:.3f}, median "
-            f"{summary['median']:.3f}, range {summary['min']:.3f} to {summary['max']:.3f}"
+            f"{summary['median']:.3f}, {spread}"
             + (f"; {missing:,} without a score" if missing else "")
         )
         sections.append(
@@ -155,21 +176,31 @@ def _figure(row: dict[str, Any], uri: str) -> str:
     )
 
 
+def nsfw_marked(row: dict[str, Any]) -> bool:
+    """Whether a sample is marked NSFW: its ``nsfw`` is true or it has an ``nsfw_level`` other
+    than "None" (as the export's ``--nsfw`` filter tells them)."""
+    return row.get("nsfw") is True or row.get("nsfw_level") not in (None, "None")
+
+
 def gallery_sections(
-    selected: pa.Table, read_images: Callable[[Iterable[str]], dict[str, bytes]] | None
+    selected: pa.Table,
+    read_images: Callable[[Iterable[str]], dict[str, bytes]] | None,
+    nsfw: str = "include",
 ) -> list[str]:
-    """Thumbnails per source and per review status, embedded as small JPEGs."""
+    """Thumbnails per source and per review status, embedded as small JPEGs. Samples marked
+    NSFW are not shown (a note counts them) unless the export is ``--nsfw only``."""
     if read_images is None or selected.num_rows == 0:
         return []
     columns = ["sample_id", "image_sha256", "narrative_prompt", "clip_score"]
-    columns += ["source", "review_status"]
+    columns += ["source", "review_status", "nsfw", "nsfw_level"]
     rows = selected.select([c for c in columns if c in selected.column_names]).to_pylist()
+    shown = rows if nsfw == "only" else [row for row in rows if not nsfw_marked(row)]
     galleries = {
-        "source": ("Samples per source", pick_gallery(rows, "source")),
+        "source": ("Samples per source", pick_gallery(shown, "source")),
         # another order: where one source is one status, the two galleries show other samples
         "review_status": (
             "Samples per review status",
-            pick_gallery(rows, "review_status", "image_sha256"),
+            pick_gallery(shown, "review_status", "image_sha256"),
         ),
     }
     wanted = {
@@ -181,21 +212,24 @@ def gallery_sections(
     images = read_images(sorted(wanted))
     uris = {sha: _thumbnail_uri(data) for sha, data in images.items()}
     sections = []
+    hidden = len(rows) - len(shown)
+    if hidden:
+        sections.append(f"<p class=note>{hidden:,} NSFW-marked samples not shown</p>")
     for column, (title, groups) in galleries.items():
         values = Counter(row[column] or "unknown" for row in rows)
         parts = [f"<h2>{_escape(title)}: thumbnails</h2>"]
         for value, group in groups.items():
-            figures = "".join(
+            figures = [
                 _figure(row, uris[row["image_sha256"]])
                 for row in group
                 if uris.get(row["image_sha256"])
-            )
+            ]
             parts.append(
-                f"<h3>{_escape(value)} <span class=note>({len(group)} of "
-                f"{values[value]:,})</span></h3><div class=gallery>{figures}</div>"
+                f"<h3>{_escape(value)} <span class=note>({len(figures)} of "
+                f"{values[value]:,})</span></h3><div class=gallery>{''.join(figures)}</div>"
             )
         if len(values) > len(groups):
-            others = [v for v, _ in values.most_common()][len(groups) :]
+            others = [v for v, _ in values.most_common() if v not in groups]
             rest = ", ".join(_escape(v) for v in others[:50]) + (", ..." * (len(others) > 50))
             parts.append(f"<p class=note>Not shown: {rest}</p>")
         sections.append("".join(parts))
@@ -207,8 +241,10 @@ def report_html(
     stats: dict[str, Any],
     selected: pa.Table | None = None,
     read_images: Callable[[Iterable[str]], dict[str, bytes]] | None = None,
+    nsfw: str = "include",
 ) -> str:
-    """The page; score histograms from ``selected``, thumbnails read with ``read_images``."""
+    """The page; score histograms from ``selected``, thumbnails read with ``read_images``
+    (NSFW-marked samples not among them unless ``nsfw`` is the export's "only")."""
     sections = [
         bars("Samples per split", stats["split"]),
         bars("Samples per source", stats["source"]),
@@ -219,7 +255,7 @@ def report_html(
     ]
     if selected is not None:
         sections += score_sections(selected)
-        sections += gallery_sections(selected, read_images)
+        sections += gallery_sections(selected, read_images, nsfw)
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>surd export report</title>"
         f"<style>{STYLE}</style></head><body>"

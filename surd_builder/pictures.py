@@ -1,10 +1,12 @@
-"""Labelled pictures: text drawn with PIL's built-in font, wrapped or cut to fit, and grids of
+"""Labelled pictures: text drawn with a bundled font, wrapped or cut to fit, and grids of
 images with a title, column headers and a label above each row.
 
 Used by the adapter (validation and ``generate --compare`` grids) and the pipelines (the dedupe
 cluster grid, the thumbnails of ``report.html``), so it lives in the core. Nothing needs a font
-file: ``ImageFont.load_default(size=...)`` (Pillow >= 10.1) is a scalable FreeType font bundled
-with Pillow.
+installed: text is drawn in matplotlib's bundled DejaVu Sans (accents, Greek, Cyrillic,
+dashes), else Pillow's bundled ``ImageFont.load_default(size=...)`` (Pillow >= 10.1; Latin
+letters without accents only), else Pillow's bitmap font, which can encode only Latin-1: with
+it, the ellipsis is "..." and other characters are replaced (:func:`drawable`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 BACKGROUND = (255, 255, 255)
@@ -23,16 +26,53 @@ ELLIPSIS = "\u2026"
 MIN_FONT, MAX_FONT = 12, 32
 
 
+def _dejavu_sans() -> str | None:
+    """The path of matplotlib's bundled ``DejaVuSans.ttf``, None where it is not there."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    except Exception:  # noqa: BLE001 (no or a broken matplotlib: Pillow's font will do)
+        return None
+    return str(path) if path.is_file() else None
+
+
 @lru_cache(maxsize=16)
 def font(size: int) -> Any:
-    """PIL's default font at ``size`` pixels (the fixed-size bitmap font on a Pillow without
-    FreeType, which ignores the size)."""
+    """DejaVu Sans at ``size`` pixels (from matplotlib), else PIL's default font (the fixed-size
+    bitmap font on a Pillow without FreeType, which ignores the size)."""
     from PIL import ImageFont
 
+    path = _dejavu_sans()
+    if path is not None:
+        try:
+            return ImageFont.truetype(path, size)
+        except (ImportError, OSError):  # no FreeType, or an unreadable file
+            pass
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
         return ImageFont.load_default()
+
+
+def _is_freetype(face: Any) -> bool:
+    from PIL import ImageFont
+
+    return isinstance(face, ImageFont.FreeTypeFont | ImageFont.TransposedFont)
+
+
+def ellipsis_for(face: Any) -> str:
+    """The ellipsis character, or "..." for a bitmap font (which cannot encode it)."""
+    return ELLIPSIS if _is_freetype(face) else "..."
+
+
+def drawable(face: Any, text: str) -> str:
+    """``text`` as ``face`` can draw it: as it is for a FreeType font; for a bitmap font (Latin-1
+    only) with the ellipsis as "..." and other characters it cannot encode as "?"."""
+    if _is_freetype(face):
+        return text
+    text = text.replace(ELLIPSIS, "...")
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def font_size_for(width: int) -> int:
@@ -41,7 +81,7 @@ def font_size_for(width: int) -> int:
 
 
 def text_width(face: Any, text: str) -> int:
-    return int(round(face.getlength(text)))
+    return int(round(face.getlength(drawable(face, text))))
 
 
 def line_height(face: Any) -> int:
@@ -56,17 +96,18 @@ def line_height(face: Any) -> int:
 
 def fit(text: str, face: Any, width: int) -> str:
     """``text`` on one line of at most ``width`` pixels: as it is, or cut with an ellipsis."""
-    text = " ".join(text.split())
+    text = drawable(face, " ".join(text.split()))
     if text_width(face, text) <= width:
         return text
+    ellipsis = ellipsis_for(face)
     low, high = 0, len(text)  # the longest prefix that fits with the ellipsis
     while low < high:
         middle = (low + high + 1) // 2
-        if text_width(face, text[:middle].rstrip() + ELLIPSIS) <= width:
+        if text_width(face, text[:middle].rstrip() + ellipsis) <= width:
             low = middle
         else:
             high = middle - 1
-    return text[:low].rstrip() + ELLIPSIS
+    return text[:low].rstrip() + ellipsis
 
 
 def wrap(text: str, face: Any, width: int, max_lines: int = 3) -> list[str]:
@@ -75,7 +116,8 @@ def wrap(text: str, face: Any, width: int, max_lines: int = 3) -> list[str]:
     text is left over."""
     lines: list[str] = []
     current = ""
-    words = text.split()
+    words = drawable(face, text).split()
+    ellipsis = ellipsis_for(face)
     for index, word in enumerate(words):
         candidate = f"{current} {word}" if current else word
         if text_width(face, candidate) <= width:
@@ -84,8 +126,9 @@ def wrap(text: str, face: Any, width: int, max_lines: int = 3) -> list[str]:
         if current:
             lines.append(current)
         current = word
-        while text_width(face, current) > width and len(current) > 1:  # an over-long word
-            cut = len(fit(current, face, width + text_width(face, ELLIPSIS))) - 1
+        # an over-long word, broken into lines until there are enough (the rest is cut below)
+        while len(lines) < max_lines and text_width(face, current) > width and len(current) > 1:
+            cut = len(fit(current, face, width + text_width(face, ellipsis))) - len(ellipsis)
             cut = max(1, cut)
             lines.append(current[:cut])
             current = current[cut:]
@@ -111,6 +154,7 @@ def draw_lines(
     x, y = xy
     step = line_height(face)
     for number, line in enumerate(lines):
+        line = drawable(face, line)
         left = x if width is None else x + max(0, (width - text_width(face, line)) // 2)
         draw.text((left, y + number * step), line, font=face, fill=fill)
     return step * len(lines)
