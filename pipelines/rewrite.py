@@ -17,6 +17,10 @@ Every answer goes through :func:`~pipelines.rewriters.cleaning.clean_output` and
 up to ``max_attempts`` times, then recorded as a failure with the validation reason. Cached and
 current answers are re-validated, so tightened bounds redo exactly what no longer passes (a
 narrative that fails again stays as it was, with a failure row saying why).
+
+Before any input without a cached answer is rewritten, the plan checks the services the rewriter
+needs (:meth:`~pipelines.rewriters.base.Rewriter.check_reachable`): a server that is down fails
+the run at once, with one line, on the CLI and through ``run_stage`` alike.
 """
 
 from __future__ import annotations
@@ -128,6 +132,11 @@ class RewriteStage(Stage):
             },
             schema=ITEM_SCHEMA,
         )
+        if pc.any(pc.is_null(items[CACHED_NARRATIVE])).as_py():
+            # the rewriter will be asked: a server it needs that is down (an LLM server, a
+            # captioner's merge server) stops the run here, on the driver, with one line, before
+            # any worker starts, any model loads or any request is retried
+            self.rewriter.check_reachable()
         return items.sort_by([("rewrite_key", "ascending"), ("sample_id", "ascending")])
 
     def _cached_answers(self, workspace: Workspace, keys: set[str]) -> dict[str, str]:

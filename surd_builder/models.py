@@ -12,13 +12,17 @@ cache alone (``local_files_only``), so no request is retried for minutes, and a 
 from the cache is one line naming it and the ways out: a local folder, ``HF_HUB_OFFLINE=1`` with
 a copied hub cache, or a mirror in ``HF_ENDPOINT``. ``HF_HUB_OFFLINE=1`` skips the probe (the
 cache alone, the same one line for a model it lacks). Both checks need no torch, so the loaders
-(:func:`check_hub_model`) make them before importing it.
+(:func:`check_hub_model`) make them before importing it. A name that is no hub id (a path, a
+file, ``a/b/c``) and no folder here fails before either, naming the folder; no message shows the
+``user:password@`` of an endpoint (:func:`without_credentials`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +46,11 @@ OFFLINE_FIXES = (
 # not reached" (their exception types differ across versions; these words have not).
 _OFFLINE_MARKERS = ("couldn't connect", "not fully cached", "cached files", "local_files_only",
                     "outgoing traffic has been disabled", "offline mode")  # fmt: skip
+# A hub id as huggingface_hub's ``validate_repo_id`` takes it: ``name`` or ``namespace/name``,
+# each of ASCII letters, digits, ``-``, ``_`` and ``.``, starting and ending with a letter, digit
+# or ``_``, at most 96 characters; no ``--`` or ``..``, not ending in ``.git``.
+_HUB_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)
+_URL_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
 _probe_lock = threading.Lock()
 _probe_results: dict[str, str | None] = {}  # endpoint -> None (reachable) or why not
 
@@ -93,10 +102,41 @@ def dtype_name(dtype: Any) -> str:
 
 
 def check_local_model(model: str, what: str) -> None:
-    """Fail before any work (and before importing torch) when ``model`` is clearly a local path
-    that does not exist; hub ids are checked when they load."""
-    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+    """Fail before any work (and before importing torch) when ``model`` can only be a local
+    folder and is not one: a path (``/``, ``./``, ``../``, ``~``) that does not exist, a file,
+    or a name that is not a hub id either (see :func:`could_be_hub_id`). Hub ids are checked
+    when they load (:func:`check_hub_model`)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise InputError(
+            f"cannot load {what}: the folder {model} does not exist ({model} is a file)"
+        )
+    if model.startswith(("/", "./", "../", "~")):
         raise InputError(f"cannot load {what}: the folder {model} does not exist")
+    if not could_be_hub_id(model):
+        raise InputError(
+            f"cannot load {what}: the folder {model} does not exist, and {model!r} is not a "
+            "hub id (name or namespace/name)"
+        )
+
+
+def could_be_hub_id(model: str) -> bool:
+    """Whether the hub would take ``model`` as a model id (huggingface_hub's
+    ``validate_repo_id``): ``name`` or ``namespace/name``; never a path form."""
+    return (
+        _HUB_ID.fullmatch(model) is not None
+        and "--" not in model
+        and ".." not in model
+        and not model.endswith(".git")
+    )
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it left out: what errors and the
+    manifest show of an endpoint (``https://user:secret@host/v1`` -> ``https://host/v1``)."""
+    return _URL_USERINFO.sub("", text)
 
 
 def hub_offline() -> bool:
@@ -115,10 +155,13 @@ def is_hub_id(model: str) -> bool:
 
 
 def _probe_timeout() -> float:
+    """``HF_HUB_ETAG_TIMEOUT`` when it is a positive number of seconds, else
+    :data:`HUB_PROBE_TIMEOUT` (huggingface_hub, too, takes 0 for its default)."""
     try:
-        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
+        seconds = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT)
     except ValueError:
         return HUB_PROBE_TIMEOUT
+    return seconds if math.isfinite(seconds) and seconds > 0 else HUB_PROBE_TIMEOUT
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -196,9 +239,24 @@ def in_hub_cache(model: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def _not_cached(model: str, what: str, why: str, fixes: str, how: str = "") -> InputError:
+def _hub_problem() -> tuple[str, str] | None:
+    """(why hub ids cannot be fetched, the ways out): ``HF_HUB_OFFLINE`` is set, or the hub
+    cannot be reached; ``None`` when the hub answers."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set", OFFLINE_FIXES
+    reason = hub_unreachable()
+    if reason is not None:
+        return f"the hub at {hub_endpoint()} cannot be reached ({reason})", HUB_FIXES
+    return None
+
+
+def _not_cached(model: str, what: str, problem: tuple[str, str], how: str = "") -> InputError:
+    why, fixes = problem
     return InputError(
-        f"cannot load {what} {model!r}: it is not {how}in the local hub cache and {why}; {fixes}"
+        without_credentials(
+            f"cannot load {what} {model!r}: it is not {how}in the local hub cache and {why}; "
+            f"{fixes}"
+        )
     )
 
 
@@ -206,26 +264,23 @@ def check_hub_model(model: str, what: str) -> bool:
     """For a hub id that cannot be fetched (``HF_HUB_OFFLINE``, or the hub cannot be reached):
     ``True`` (load it with ``local_files_only``) when the hub cache has it, else a one-line
     :class:`InputError` naming it and the ways out. ``False`` for local folders and when the
-    hub answers. Needs no torch: model loaders call it first, so a model that cannot load
-    fails in a second, not after importing torch."""
+    hub answers. A name that can only be a local folder and is not one fails first
+    (:func:`check_local_model`), without asking the hub. Needs no torch: model loaders call it
+    first, so a model that cannot load fails in a second, not after importing torch."""
+    check_local_model(model, what)
     if not is_hub_id(model):
         return False
-    if hub_offline():
-        why, fixes = "HF_HUB_OFFLINE is set", OFFLINE_FIXES
-    else:
-        unreachable = hub_unreachable()
-        if unreachable is None:
-            return False
-        why, fixes = f"the hub at {hub_endpoint()} cannot be reached ({unreachable})", HUB_FIXES
+    problem = _hub_problem()
+    if problem is None:
+        return False
     if not in_hub_cache(model):
-        raise _not_cached(model, what, why, fixes)
+        raise _not_cached(model, what, problem)
     return True
 
 
 def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: Any) -> T:
     """``loader(model, **kwargs)`` (a ``from_pretrained``) with failures as one-line errors;
     a hub id loads from the local hub cache alone when the hub cannot be reached."""
-    check_local_model(model, what)
     cache_only = check_hub_model(model, what)
     if cache_only:
         kwargs["local_files_only"] = True  # the cache or nothing: no retries for minutes
@@ -236,17 +291,17 @@ def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: A
         return loader(model, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, ImportError, *_network_errors()) as error:
         if is_hub_id(model) and (cache_only or _offline_error(error)):
-            if hub_offline():
-                why, fixes = "HF_HUB_OFFLINE is set", OFFLINE_FIXES
-            elif (reason := hub_unreachable()) is not None:
-                why, fixes = f"the hub at {hub_endpoint()} cannot be reached ({reason})", HUB_FIXES
-            else:  # it answered the probe, not this model's requests (a proxy, a partial mirror)
-                why = f"the hub at {hub_endpoint()} did not serve it ({_first_line(error)})"
-                fixes = HUB_FIXES
-            raise _not_cached(model, what, why, fixes, "(fully) ") from None
+            # the hub answered the probe, not this model's requests (a proxy, a partial mirror)
+            problem = _hub_problem() or (
+                f"the hub at {hub_endpoint()} did not serve it ({_first_line(error)})",
+                HUB_FIXES,
+            )
+            raise _not_cached(model, what, problem, "(fully) ") from None
         raise InputError(
-            f"cannot load {what} {model!r}: {_first_line(error)} "
-            "(give a local folder, or a hub id on a machine that can reach the hub)"
+            without_credentials(
+                f"cannot load {what} {model!r}: {_first_line(error)} "
+                "(give a local folder, or a hub id on a machine that can reach the hub)"
+            )
         ) from None
 
 

@@ -3,7 +3,11 @@
 Two kinds of unreachable ``HF_ENDPOINT`` on loopback: a port with nothing listening (refused at
 once) and a server that accepts connections and never answers (the slow case: a firewall that
 drops packets, a dead proxy). Each command runs as a user runs it, in a child process with a
-clean environment (no ``HF_HUB_OFFLINE``, an empty hub cache), all of them side by side.
+clean environment (no ``HF_HUB_OFFLINE``, an empty hub cache, a ``user:password@`` in
+``HF_ENDPOINT`` that no message may show), one after another: each one's time is then its own,
+as a user would see it, not that of six processes sharing a small CI machine's cores (side by
+side on two cores, each took several times as long as alone). Alone each takes about a second,
+plus the silent hub's probe wait (2 s here), so the sequence stays short.
 
 Also: a captioner whose ``--merge-with`` server is down fails on that server before loading its
 model, and a model in the hub cache still loads with the hub unreachable, and with
@@ -32,6 +36,7 @@ from surd_builder.workspace import Workspace
 from tests.conftest import REPO
 
 LIMIT_SECONDS = 15.0  # the whole command, Python start and imports included
+SECRET = "s3cret"  # the password in HF_ENDPOINT: never in any output
 PROBE_SECONDS = "2"  # HF_HUB_ETAG_TIMEOUT: the probe's wait for a silent hub (default 5 s)
 HUB_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HOME",
                  "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_ETAG_TIMEOUT")  # fmt: skip
@@ -73,13 +78,18 @@ class SilentServer:
 
 
 @pytest.fixture(scope="module")
-def endpoints():
+def silent_server():
     silent = SilentServer()
-    yield {
-        "refused": f"http://127.0.0.1:{free_port()}",
-        "silent": f"http://127.0.0.1:{silent.port}",
-    }
+    yield silent
     silent.close()
+
+
+@pytest.fixture(scope="module")
+def endpoints(silent_server):
+    return {
+        "refused": f"http://127.0.0.1:{free_port()}",
+        "silent": f"http://127.0.0.1:{silent_server.port}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -169,16 +179,17 @@ def commands(inputs: dict[str, Path], kind: str) -> dict[str, tuple[list[str], s
     }  # fmt: skip
 
 
+def with_credentials(endpoint: str) -> str:
+    return endpoint.replace("://", f"://user:{SECRET}@")
+
+
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_each_command_fails_fast_naming_the_model_and_the_fixes(endpoints, inputs, kind, tmp_path):
-    env = {**clean_env(endpoints[kind], tmp_path / "hf-home"), "HF_HUB_ETAG_TIMEOUT": PROBE_SECONDS}
+    endpoint = with_credentials(endpoints[kind])  # the errors show endpoints[kind], without them
+    env = {**clean_env(endpoint, tmp_path / "hf-home"), "HF_HUB_ETAG_TIMEOUT": PROBE_SECONDS}
     runs = commands(inputs, kind)
-    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        futures = {
-            name: pool.submit(run_timed, args, env, inputs["root"])
-            for name, (args, _) in runs.items()
-        }
-        results = {name: future.result() for name, future in futures.items()}
+    # one at a time: each duration is the command's own (see the module docstring)
+    results = {name: run_timed(args, env, inputs["root"]) for name, (args, _) in runs.items()}
     problems = []
     for name, (seconds, result) in results.items():
         model = runs[name][1]
@@ -195,7 +206,7 @@ def test_each_command_fails_fast_naming_the_model_and_the_fixes(endpoints, input
         missing = [text for text in wanted if text not in error]
         if not error.startswith("error: ") or missing:
             problems.append(f"{said}\nmissing from the last line: {missing}")
-        for noise in ("Traceback", "Retrying", "thrown while requesting", "stacktrace"):
+        for noise in ("Traceback", "Retrying", "thrown while requesting", "stacktrace", SECRET):
             if noise in result.stderr + result.stdout:
                 problems.append(f"{said}\n{noise!r} in the output")
     times = ", ".join(f"{name} {seconds:.1f} s" for name, (seconds, _) in results.items())
@@ -315,3 +326,134 @@ def test_the_openai_server_check_asks_models_once_and_names_a_dead_server():
     options = ChatOptions(connect_timeout=2.0)
     with pytest.raises(RewriterUnavailable, match=f"cannot reach {dead}"):
         OpenAIChatRewriter(dead, "m", options=options).check_reachable()
+
+
+# ----------------------------------------------------------------------------- review fixes
+NOT_HUB_IDS = ["/nope/sd", "./nope-sd", "../nope-sd", "~/nope-surd-sd", "models/sd/v1",
+               "a//b", "sd v1", "surd-test/sd--tiny", "-sd", "sd.git", "models/"]  # fmt: skip
+
+
+@pytest.fixture
+def probe_calls(monkeypatch, endpoints) -> list[str]:
+    """The endpoints the hub probe is asked about (it answers "down"); the real hub cache is
+    never read (importing huggingface_hub under HF_HUB_OFFLINE=1 would keep it offline for the
+    rest of this test process)."""
+    calls: list[str] = []
+    monkeypatch.setattr(models, "_probe", lambda endpoint: calls.append(endpoint) or "down")
+    monkeypatch.setattr(models, "_probe_results", {})
+    monkeypatch.setattr(models, "in_hub_cache", lambda model: False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoints["refused"])
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_name_that_can_only_be_a_folder_is_a_missing_folder_without_asking_the_hub(
+    probe_calls, monkeypatch, tmp_path, offline
+):
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"")
+    for model in [*NOT_HUB_IDS, str(a_file)]:
+        with pytest.raises(models.InputError) as raised:
+            models.check_hub_model(model, "base model")
+        message = str(raised.value)
+        assert message.startswith(f"cannot load base model: the folder {model} does not exist")
+        assert "hub cache" not in message and "HF_HUB_OFFLINE" not in message
+    assert probe_calls == []
+    for model in ("sd-tiny", "surd-test/sd-tiny", "Org_1/sd.v1-5"):  # hub ids: as before
+        with pytest.raises(models.InputError, match="in the local hub cache"):
+            models.check_hub_model(model, "base model")
+    assert probe_calls == ([] if offline else [models.hub_endpoint()])
+
+
+def test_hub_ids_are_what_huggingface_hub_validates(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    names = [*NOT_HUB_IDS, "sd", "surd-test/sd-tiny", "Org_1/sd.v1-5", "a" * 96, "a" * 97,
+             "a/b.", "_a/_b_", "café", "a..b", "a.b/c", ".a", "1/2"]  # fmt: skip
+    for name in names:
+        try:
+            validate_repo_id(name)
+            valid = True
+        except HFValidationError:
+            valid = False
+        assert models.could_be_hub_id(name) == valid, name
+
+
+def test_cli_a_mistyped_folder_is_named_at_once(inputs, silent_server, endpoints, tmp_path):
+    """The reported case (HF_HUB_OFFLINE=1), and a silent hub that is never asked."""
+    seen = len(silent_server.connections)
+    for offline in (True, False):
+        env = clean_env(endpoints["silent"], tmp_path / "hf-home")  # the default 5 s probe
+        if offline:
+            env["HF_HUB_OFFLINE"] = "1"
+        seconds, result = run_timed(
+            ["generate", "x", "--base-model", "/nope/sd", "--adapter", str(inputs["adapter"]),
+             "--output", str(tmp_path / "out"), "--device", "cpu"],
+            env,
+            tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "error: cannot load base model: the folder /nope/sd does not exist"
+        ]
+        assert seconds <= LIMIT_SECONDS
+    assert len(silent_server.connections) == seen  # the hub was not probed
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("", 5.0), ("2", 2.0), ("0.5", 0.5), ("0", 5.0), ("-1", 5.0), ("-0.5", 5.0),
+     ("soon", 5.0), ("inf", 5.0), ("nan", 5.0)],
+)  # fmt: skip
+def test_hf_hub_etag_timeout_is_used_only_when_positive(monkeypatch, value, seconds):
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", value)
+    assert models._probe_timeout() == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_reachable_hub_is_reachable_whatever_hf_hub_etag_timeout_says(monkeypatch, server, value):
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", value)
+    assert models._probe(server.base) is None  # neither "no answer in 0 s" nor a ValueError
+
+
+def test_without_credentials_drops_only_the_userinfo():
+    drop = models.without_credentials
+    assert drop("https://user:s3cret@hub.example.com:8443/v1") == "https://hub.example.com:8443/v1"
+    assert drop("http://tok@127.0.0.1:1") == "http://127.0.0.1:1"
+    assert drop("https://u:p@ss@h/x?a=b@c") == "https://h/x?a=b@c"  # the last @ of the host part
+    assert drop("at https://hub.example.com/a@b and http://u:p@x/") == (
+        "at https://hub.example.com/a@b and http://x/"
+    )
+    assert drop("no URL: a@b, surd-test/sd") == "no URL: a@b, surd-test/sd"
+
+
+def test_hub_errors_never_show_the_endpoint_password(monkeypatch, endpoints):
+    """Unreachable (the probe's reason) and answering but not serving the model (the loader's
+    error naming the URL it asked)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_probe_results", {})
+    monkeypatch.setattr(models, "in_hub_cache", lambda model: False)
+    monkeypatch.setenv("HF_ENDPOINT", with_credentials(endpoints["refused"]))
+    with pytest.raises(models.InputError) as raised:
+        models.check_hub_model("surd-test/x", "model")
+    assert endpoints["refused"] in str(raised.value) and SECRET not in str(raised.value)
+
+    monkeypatch.setattr(models, "_probe", lambda endpoint: None)  # it answers
+    monkeypatch.setattr(models, "_probe_results", {})
+
+    def loader(model, **kwargs):
+        url = f"{models.hub_endpoint()}/{model}/resolve/main/config.json"
+        raise OSError(f"We couldn't connect to '{url}' to load the files")
+
+    with pytest.raises(models.InputError) as raised:
+        models.load_pretrained(loader, "surd-test/x", "model")
+    message = str(raised.value)
+    assert "did not serve it" in message and endpoints["refused"] in message
+    assert SECRET not in message and "user:" not in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.rewrite import RewriteStage
-from pipelines.rewriters import RewriterUnavailable, make_rewriter
+from pipelines.rewriters import RewriteRequest, RewriterUnavailable, make_rewriter
 from pipelines.rewriters.openai_chat import ChatOptions, OpenAIChatRewriter
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from pipelines.runner import RunOptions, RunReport, run_stage
@@ -26,11 +27,12 @@ from surd_builder.ids import make_sample_id
 from surd_builder.schema import records_to_table, table_spec
 from surd_builder.workspace import Workspace
 from tests.chat_server import ChatCompletionsServer
-from tests.conftest import run_surd
+from tests.conftest import REPO, run_surd
 
 MODEL = "test-model"
 ORIGIN = f"openai:{MODEL}"
 COMPLETIONS = "/v1/chat/completions"
+MODELS = "/v1/models"  # the server check before a run's first request
 QUIET = RunOptions(show_progress=False)
 KEY_ENV = "SURD_TEST_REWRITE_OPENAI_KEY"  # our own name: the user's OPENAI_API_KEY is never read
 
@@ -84,6 +86,11 @@ def completion_bodies(server: ChatCompletionsServer) -> list[dict[str, Any]]:
     ]
 
 
+def completions(server: ChatCompletionsServer) -> int:
+    """Chat-completion requests the server has had (its ``/v1/models`` checks not counted)."""
+    return server.paths.count(COMPLETIONS)
+
+
 def rewriter(server: ChatCompletionsServer, sleeps: list[float] | None = None, **options: Any):
     settings = {"backoff_seconds": 0.0, "retries": 2, "read_timeout": 5.0, **options}
     sleep = sleeps.append if sleeps is not None else (lambda seconds: None)
@@ -122,7 +129,7 @@ def test_stage_writes_cleaned_answers_and_sends_the_template(server, workspace):
         sample_id: (expected_sentence(prompt), ORIGIN)
         for sample_id, prompt in zip(ids, prompts, strict=True)
     }
-    assert set(server.paths) == {COMPLETIONS}
+    assert server.paths[0] == MODELS and set(server.paths[1:]) == {COMPLETIONS}  # checked once
     bodies = completion_bodies(server)
     assert sorted(keyword_prompt(b) for b in bodies) == sorted(prompts)  # one request each
     for body in bodies:
@@ -162,7 +169,7 @@ def test_requests_run_concurrently(workspace):
     add_samples(workspace, [fox_prompt(n) for n in range(16)])
     with ChatCompletionsServer(model=MODEL, responder=sentence_responder, latency=0.1) as server:
         report = rewrite(workspace, rewriter(server, concurrency=8))
-    assert report.written == 16 and server.hits == 16
+    assert report.written == 16 and completions(server) == 16
     assert server.max_concurrency >= 4
 
 
@@ -185,7 +192,7 @@ def test_a_transient_fault_is_retried_and_the_item_succeeds(server, workspace, k
     report = rewrite(workspace, rewriter(server, sleeps, read_timeout=0.3))
     assert (report.written, report.failed) == (1, 0)
     assert narratives(workspace) == {sample_id: (expected_sentence(fox_prompt(7)), ORIGIN)}
-    assert server.hits == 2 and server.pending_faults == 0
+    assert completions(server) == 2 and server.pending_faults == 0
     assert sleeps == [0.0]  # one backoff (0 s here) between the two tries
     assert workspace.read_failures("rewrite").num_rows == 0
 
@@ -197,7 +204,7 @@ def test_429_waits_the_retry_after_value(server, workspace):
     report = rewrite(workspace, rewriter(server, sleeps, backoff_seconds=0.25))
     assert (report.written, report.failed) == (1, 0)
     assert narratives(workspace)[sample_id] == (expected_sentence(fox_prompt(2)), ORIGIN)
-    assert server.hits == 2
+    assert completions(server) == 2
     assert sleeps == [3.0]  # the server's Retry-After, not the client's own backoff
 
 
@@ -209,7 +216,7 @@ def test_retry_after_is_capped_and_backoff_is_exponential(server, workspace):
     chat = rewriter(server, sleeps, retries=4, backoff_seconds=0.5, max_wait_seconds=5.0)
     report = rewrite(workspace, chat)
     assert (report.written, report.failed) == (1, 0)
-    assert server.hits == 5
+    assert completions(server) == 5
     assert sleeps == [5.0, 1.0, 2.0, 4.0]  # capped Retry-After, then 0.5 * 2**tries
 
 
@@ -223,7 +230,7 @@ def test_persistent_500_is_a_failure_row_and_a_rerun_after_recovery_writes_it(se
 
     assert (report.planned, report.written, report.failed) == (3, 2, 1)
     assert report.failures_by_reason == {"http-500": 1}
-    assert server.hits == 5  # 3 tries of the failing item, 1 each for the others
+    assert completions(server) == 5  # 3 tries of the failing item, 1 each for the others
     # the first item in plan order (sorted by rewrite key) took every fault
     keys = {chat.cache_key(p, None): i for i, p in zip(ids, prompts, strict=True)}
     failed_id = keys[min(keys)]
@@ -238,7 +245,7 @@ def test_persistent_500_is_a_failure_row_and_a_rerun_after_recovery_writes_it(se
     again = rewrite(workspace, chat)  # the server has recovered (no faults left)
 
     assert (again.already_done, again.processed, again.written, again.failed) == (2, 1, 1, 0)
-    assert server.hits == 6
+    assert completions(server) == 6
     index = ids.index(failed_id)
     assert narratives(workspace)[failed_id] == (expected_sentence(prompts[index]), ORIGIN)
     assert workspace.read_failures("rewrite", outstanding_in="narratives").num_rows == 0
@@ -249,7 +256,7 @@ def test_400_fails_only_that_item_without_retrying(server, workspace):
     server.fail_next("400", message="prompt is too long for the model")
     report = rewrite(workspace, rewriter(server, retries=3))
     assert (report.written, report.failed) == (0, 1)
-    assert server.hits == 1  # neither the client nor the stage retries a 400
+    assert completions(server) == 1  # neither the client nor the stage retries a 400
     (failure,) = workspace.read_failures("rewrite").to_pylist()
     assert (failure["sample_id"], failure["reason"]) == (sample_id, "http-400")
     assert "too long" in failure["detail"]
@@ -343,7 +350,7 @@ def test_cli_key_errors_are_one_line_and_the_key_is_sent_but_never_stored(worksp
 
         assert accepted.returncode == 0, (accepted.stdout, accepted.stderr)
         new_requests = server.requests[before:]
-        assert len(new_requests) == 3
+        assert server.paths[before:] == [MODELS] + [COMPLETIONS] * 3
         assert all(h.get("authorization") == f"Bearer {key}" for _, h in new_requests)
     assert set(narratives(workspace)) == set(ids)
     assert {origin for _, origin in narratives(workspace).values()} == {ORIGIN}
@@ -395,7 +402,7 @@ def test_a_wrapped_answer_is_cleaned_before_it_is_stored(workspace, answer):
         report = rewrite(workspace, rewriter(server))
     assert report.written == 1
     assert narratives(workspace) == {sample_id: ("a red fox in a snowy forest", ORIGIN)}
-    assert server.hits == 1
+    assert completions(server) == 1
 
 
 def test_an_answer_that_stays_too_short_fails_after_max_attempts(workspace):
@@ -405,7 +412,7 @@ def test_an_answer_that_stays_too_short_fails_after_max_attempts(workspace):
         report = run_stage(stage, workspace, QUIET)
     assert (report.written, report.failed) == (0, 1)
     assert report.failures_by_reason == {"invalid-too-short": 1}
-    assert server.hits == 3
+    assert completions(server) == 3
     assert [b["temperature"] for b in completion_bodies(server)] == [0, 0.7, 0.7]
     (failure,) = workspace.read_failures("rewrite").to_pylist()
     assert (failure["sample_id"], failure["reason"]) == (sample_id, "invalid-too-short")
@@ -418,15 +425,15 @@ def test_reruns_and_force_use_the_cache_and_a_new_template_does_not(server, work
     prompts = [fox_prompt(n) for n in range(4)]
     ids = add_samples(workspace, prompts)
     first = rewrite(workspace, rewriter(server))
-    assert first.written == 4 and server.hits == 4
+    assert first.written == 4 and completions(server) == 4
     stored = narratives(workspace)
 
     again = rewrite(workspace, rewriter(server))
-    assert server.hits == 4
+    assert completions(server) == 4
     assert again.already_done == again.planned == 4 and again.processed == 0
 
     forced, hits = rewrite_counting_cache_hits(workspace, rewriter(server), force=True)
-    assert server.hits == 4  # every answer came from the cache
+    assert completions(server) == 4  # every answer came from the cache
     assert (forced.already_done, forced.processed, forced.written) == (0, 4, 4)
     assert hits == 4
     assert narratives(workspace) == stored
@@ -440,7 +447,7 @@ def test_reruns_and_force_use_the_cache_and_a_new_template_does_not(server, work
     changed = OpenAIChatRewriter(server.base_url, MODEL, template, options)
     redone, hits = rewrite_counting_cache_hits(workspace, changed)
     assert (redone.already_done, redone.written, hits) == (0, 4, 0)
-    assert server.hits == 8
+    assert completions(server) == 8
     new_bodies = completion_bodies(server)[4:]
     assert sorted(keyword_prompt(b) for b in new_bodies) == sorted(prompts)
     assert {b["messages"][0]["content"] for b in new_bodies} == {template.system}
@@ -448,7 +455,7 @@ def test_reruns_and_force_use_the_cache_and_a_new_template_does_not(server, work
 
     # back to the default template: its answers are still in the table's history
     back, hits = rewrite_counting_cache_hits(workspace, rewriter(server))
-    assert server.hits == 8
+    assert completions(server) == 8
     assert (back.already_done, back.written, hits) == (0, 4, 4)
     assert narratives(workspace) == stored
 
@@ -458,7 +465,7 @@ def test_identical_keyword_prompts_cost_one_request(server, workspace):
     ids = add_samples(workspace, prompts)
     report = rewrite(workspace, rewriter(server))
     assert report.written == 6
-    assert server.hits == 2
+    assert completions(server) == 2
     assert sorted(keyword_prompt(b) for b in completion_bodies(server)) == sorted(set(prompts))
     assert narratives(workspace) == {
         sample_id: (expected_sentence(prompt), ORIGIN)
@@ -467,21 +474,126 @@ def test_identical_keyword_prompts_cost_one_request(server, workspace):
 
 
 # ----------------------------------------------------------------------------- review fixes
-def test_a_server_that_is_down_stops_the_run_after_one_item(workspace: Workspace) -> None:
+def dead_url(credentials: str = "") -> str:
+    """The base URL of a loopback port nothing listens on (connections are refused)."""
     import socket
 
-    with socket.socket() as probe:  # a port nothing listens on
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    return f"http://{credentials}127.0.0.1:{port}/v1"
+
+
+def test_a_server_that_is_down_stops_the_run_before_any_request(workspace: Workspace) -> None:
+    """Through ``run_stage`` (the Python API) as on the CLI: the plan checks the server."""
     add_samples(workspace, [fox_prompt(n) for n in range(20)])
     waits: list[float] = []
-    rewriter = OpenAIChatRewriter(
-        f"http://127.0.0.1:{port}/v1", MODEL, options=ChatOptions(retries=2), sleep=waits.append
-    )
-    with pytest.raises(RewriterUnavailable, match="cannot reach"):
+    url = dead_url()
+    rewriter = OpenAIChatRewriter(url, MODEL, options=ChatOptions(retries=2), sleep=waits.append)
+    with pytest.raises(RewriterUnavailable, match=f"cannot reach {url}"):
         run_stage(RewriteStage(rewriter), workspace, QUIET)
-    assert len(waits) == 2  # one item's retries, not twenty items'
+    assert waits == []  # no request was made, so none was retried
     assert workspace.read_table("narratives").num_rows == 0
+    assert [run["status"] for run in workspace.runs()] == ["failed"]
+
+
+def test_a_server_that_goes_down_after_the_check_costs_one_items_retries() -> None:
+    """The fallback when the server was not checked (``generate`` called directly): the first
+    request alone, then the stop, not twenty items' retries."""
+    waits: list[float] = []
+    rewriter = OpenAIChatRewriter(
+        dead_url(), MODEL, options=ChatOptions(retries=2), sleep=waits.append
+    )
+    requests = [RewriteRequest(fox_prompt(n)) for n in range(20)]
+    with pytest.raises(RewriterUnavailable, match="cannot reach"):
+        rewriter.generate(requests, attempt=0)
+    assert len(waits) == 2  # one item's retries
+
+
+def test_the_server_check_asks_once(server) -> None:
+    chat = rewriter(server)
+    chat.check_reachable()
+    chat.check_reachable()
+    assert server.paths == [MODELS]
+    chat.generate([RewriteRequest(fox_prompt(1)), RewriteRequest(fox_prompt(2))], attempt=0)
+    assert server.paths == [MODELS, COMPLETIONS, COMPLETIONS]
+
+
+# Counts, in the child process, every request the openai rewriter sends through its retry loop
+# and every backoff wait of that loop (recorded, never slept).
+RETRY_HOOK = """
+import os
+import pipelines.rewriters.openai_chat as chat
+
+def _log(line):
+    with open(os.environ["SURD_TEST_RETRY_LOG"], "a") as log:
+        log.write(line + "\\n")
+
+def counted(call, retries, backoff_seconds, max_wait_seconds, sleep):
+    _log("request")
+    wait = lambda seconds: _log(f"backoff {seconds}")
+    return original(call, retries, backoff_seconds, max_wait_seconds, wait)
+
+original = chat.with_retries
+chat.with_retries = counted
+"""
+
+
+def test_cli_a_dead_server_is_one_line_at_once_without_retries_or_credentials(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    add_samples(workspace, [fox_prompt(n) for n in range(3)])
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(RETRY_HOOK)
+    log = tmp_path / "retries.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO)]),
+        "SURD_TEST_RETRY_LOG": str(log),
+    }
+    url = dead_url("user:s3cret@")
+    shown = url.replace("user:s3cret@", "")
+    result = run_surd(
+        "build", "rewrite", "-w", str(workspace.root), "--rewriter", f"openai:{url}",
+        "--model", MODEL, "--no-progress", env=env,
+    )  # fmt: skip
+    assert result.returncode == 7, result.stderr  # a ServiceError
+    assert not log.exists(), log.read_text()  # not one request, so no retry and no backoff
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach {shown} "), lines
+    output = result.stdout + result.stderr
+    assert "s3cret" not in output and "user:" not in output
+    assert "retr" not in output.lower() and "Traceback" not in output
+    assert b"s3cret" not in _workspace_text(workspace.root)  # the failed run's manifest entry
+
+
+def test_messages_and_failure_details_leave_url_credentials_out(monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    said: list[str] = []
+    options = ChatOptions(retries=0, connect_timeout=2.0)
+    down = OpenAIChatRewriter(dead_url("user:hunter2@"), MODEL, options=options)
+    with pytest.raises(RewriterUnavailable) as raised:
+        down.check_reachable()
+    said.append(str(raised.value))
+    with pytest.raises(RewriterUnavailable) as raised:  # the first request's own stop
+        down.generate([RewriteRequest(fox_prompt(1))], attempt=0)
+    said.append(str(raised.value))
+    down._reached = True  # it answered once, then went down: a failure row per item
+    (failed,) = down.generate([RewriteRequest(fox_prompt(1))], attempt=0)
+    said.append(failed.detail)
+    for server_options in ({"api_key": "sk-right"}, {"known_models": ["other"]}):  # 401, 404
+        with ChatCompletionsServer(responder=sentence_responder, **server_options) as srv:
+            url = srv.base_url.replace("://", "://user:hunter2@")
+            chat = OpenAIChatRewriter(url, MODEL, options=replace(options, api_key_env=KEY_ENV))
+            with pytest.raises(RewriterUnavailable) as raised:
+                chat.generate([RewriteRequest(fox_prompt(1))], attempt=0)
+            said.append(str(raised.value))
+    with pytest.raises(Exception, match="http") as raised:
+        OpenAIChatRewriter("ftp://user:hunter2@llm.example.com/v1", MODEL)
+    said.append(str(raised.value))
+    assert [text for text in said if "hunter2" in text or "user:" in text] == []
+    assert "127.0.0.1" in said[0] and "401" in said[3] and "404" in said[4]
 
 
 def test_api_key_env_must_be_a_variable_name_and_is_never_echoed() -> None:

@@ -27,6 +27,7 @@ from pipelines.fetch_errors import FetchError, Retryable, retry_after_seconds, w
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
 from surd_builder.errors import InputError
+from surd_builder.models import without_credentials
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -66,7 +67,9 @@ class OpenAIChatRewriter(Rewriter):
     ):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(f"openai rewriter needs an http(s) base URL, got {base_url!r}")
+            raise InputError(
+                f"openai rewriter needs an http(s) base URL, got {without_credentials(base_url)!r}"
+            )
         if not model:
             raise InputError("the openai rewriter needs --model (the name the server serves)")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", (options or ChatOptions()).api_key_env):
@@ -74,6 +77,7 @@ class OpenAIChatRewriter(Rewriter):
             raise InputError("--api-key-env takes the NAME of an environment variable, not a key")
         super().__init__(model)
         self.base_url = base_url.rstrip("/")
+        self.shown_url = without_credentials(self.base_url)  # for messages: no user:password@
         self.template = template
         self.options = options or ChatOptions()
         self._sleep = sleep
@@ -106,12 +110,9 @@ class OpenAIChatRewriter(Rewriter):
         }
 
     def params(self) -> dict[str, Any]:
-        parts = urlsplit(self.base_url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host  # user:password@ left out
         return {
             **self.identity(),
-            "base_url": parts._replace(netloc=netloc).geturl(),
+            "base_url": self.shown_url,
             "concurrency": self.options.concurrency,
         }
 
@@ -157,7 +158,8 @@ class OpenAIChatRewriter(Rewriter):
 
     def check_reachable(self) -> None:
         """One ``GET {base}/models`` within the connect timeout: any HTTP answer means the
-        server is up (what it thinks of the key or the model is for the first request)."""
+        server is up (what it thinks of the key or the model is for the first request). Asked
+        once: a server that answered is not asked again, here or before the first request."""
         import requests
 
         if self._reached:
@@ -167,12 +169,14 @@ class OpenAIChatRewriter(Rewriter):
             self._session().get(f"{self.base_url}/models", timeout=(timeout, timeout)).close()
         except requests.Timeout:
             raise RewriterUnavailable(
-                f"cannot reach {self.base_url} (no answer in {timeout:g} s): is the server running?"
+                f"cannot reach {self.shown_url} (no answer in {timeout:g} s): "
+                "is the server running?"
             ) from None
         except requests.ConnectionError:
             raise RewriterUnavailable(
-                f"cannot reach {self.base_url} (connection-error): is the server running?"
+                f"cannot reach {self.shown_url} (connection-error): is the server running?"
             ) from None
+        self._reached = True
 
     def _check_reached(self, answer: str | ItemFailed) -> str | ItemFailed:
         unreachable = isinstance(answer, ItemFailed) and answer.reason in (
@@ -181,7 +185,7 @@ class OpenAIChatRewriter(Rewriter):
         )
         if unreachable and not self._reached:
             raise RewriterUnavailable(
-                f"cannot reach {self.base_url} ({answer.reason}): is the server running?"
+                f"cannot reach {self.shown_url} ({answer.reason}): is the server running?"
             )
         return answer
 
@@ -215,20 +219,20 @@ class OpenAIChatRewriter(Rewriter):
                 url, json=body, timeout=(self.options.connect_timeout, self.options.read_timeout)
             )
         except requests.Timeout:
-            raise Retryable("timeout", f"no answer from {self.base_url} in time") from None
+            raise Retryable("timeout", f"no answer from {self.shown_url} in time") from None
         except requests.ConnectionError as error:
-            detail = f"{self.base_url}: {type(error).__name__}"
+            detail = f"{self.shown_url}: {type(error).__name__}"
             raise Retryable("connection-error", detail) from None
         self._reached = True
         status = response.status_code
         if status in (401, 403):
             raise RewriterUnavailable(
-                f"{self.base_url} refused the API key (HTTP {status}); set "
+                f"{self.shown_url} refused the API key (HTTP {status}); set "
                 f"{self.options.api_key_env} to a valid key"
             )
         if status == 404:
             raise RewriterUnavailable(
-                f"{self.base_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
+                f"{self.shown_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
             )
         if status == 429 or status >= 500:
             raise Retryable(
