@@ -129,10 +129,13 @@ def test_every_stage_on_ray_writes_the_tables_the_local_engine_writes(
     assert ray_reports["rewrite"].written == DEMO_COUNT
     assert ray_reports["screen"].stage_counts == {"scored": DEMO_COUNT}  # one GPU worker
 
-    # the Ray workers wrote the rows, not this process: two of them for the CPU stages
+    # the Ray workers wrote the rows, not this process: at most the two asked for in the CPU
+    # stages (Ray Data hands each batch to whichever actor is free, so one that started first
+    # may take all five small batches of a stage: "exactly two" failed now and then)
     for table in ("samples", "narratives", "screening", "hashes"):
         assert str(os.getpid()) not in writers(on_ray, table), table
-    assert all(len(writers(on_ray, table)) == 2 for table in ("samples", "narratives", "hashes"))
+    for table in ("samples", "narratives", "hashes"):
+        assert 1 <= len(writers(on_ray, table)) <= 2, table
     assert writers(local, "samples") == {str(os.getpid())}
 
     # a forced re-run takes its answers from the cache: counted in two workers, added up
