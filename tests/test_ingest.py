@@ -229,7 +229,13 @@ def test_ingest_stopped_part_way_then_resumed_has_every_sample_once(
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     if stop_signal == signal.SIGINT:
-        stop = "        import signal\n        signal.raise_signal(signal.SIGINT)\n"
+        # Python's own Ctrl-C handler, as in a terminal: a suite started in the background
+        # (`nohup ... &`) hands its children SIGINT ignored, and Python keeps it so
+        stop = (
+            "        import signal\n"
+            "        signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "        signal.raise_signal(signal.SIGINT)\n"
+        )
     else:
         stop = f"        with open({str(gate)!r}, 'rb') as gate:\n            gate.read(1)\n"
     (hooks / "sitecustomize.py").write_text(
