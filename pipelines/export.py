@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.card import write_card
+from pipelines.records import nsfw_marked
 from surd_builder import __version__
 from surd_builder.atomic import TEMP_PREFIX, is_stale_temp, write_json_atomic
 from surd_builder.config import ExportSettings
@@ -121,9 +122,7 @@ def select_samples(
     if options.min_side:
         smaller = pc.min_element_wise(dataset["width"], dataset["height"])
         keep(pc.greater_equal(smaller, options.min_side), "too-small")
-    # the boolean is derived from the level at collection; a level alone still marks a sample
-    leveled = pc.not_equal(dataset["nsfw_level"], "None")
-    marked = pc.fill_null(pc.or_kleene(dataset["nsfw"], leveled), False)
+    marked = nsfw_marked(dataset)
     if options.nsfw == "exclude":
         keep(pc.invert(marked), "nsfw")
     elif options.nsfw == "only":

@@ -50,6 +50,20 @@ _NSFW_LEVEL_NAMES = {
 }
 
 
+def nsfw_marked(table: pa.Table) -> pa.Array:
+    """Per row, whether the sample is marked NSFW: its ``nsfw`` is true or it has an
+    ``nsfw_level`` other than "None" (the boolean is derived from the level at collection; a
+    level alone still marks a sample). A table without those columns marks nothing. The one
+    rule the export's ``--nsfw`` filter and its report's galleries apply."""
+    import pyarrow.compute as pc
+
+    def column(name: str, kind: pa.DataType) -> pa.ChunkedArray | pa.Array:
+        return table[name] if name in table.column_names else pa.nulls(table.num_rows, kind)
+
+    leveled = pc.not_equal(column("nsfw_level", pa.string()), "None")
+    return pc.fill_null(pc.or_kleene(column("nsfw", pa.bool_()), leveled), False)
+
+
 def nsfw_level(value: Any) -> str | None:
     """A source's NSFW level as one of :data:`NSFW_LEVELS` (``None`` when not given):
     Civitai's names ("None", "Soft", "Mature", "X"), its browsing-level numbers (the highest

@@ -18,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.records import nsfw_marked
+
 SCORE_COLUMNS = {
     "clip_score": "CLIP score (image vs. narrative prompt)",
     "text_similarity": "Text similarity (narrative vs. keyword prompt)",
@@ -176,12 +178,6 @@ def _figure(row: dict[str, Any], uri: str) -> str:
     )
 
 
-def nsfw_marked(row: dict[str, Any]) -> bool:
-    """Whether a sample is marked NSFW: its ``nsfw`` is true or it has an ``nsfw_level`` other
-    than "None" (as the export's ``--nsfw`` filter tells them)."""
-    return row.get("nsfw") is True or row.get("nsfw_level") not in (None, "None")
-
-
 def gallery_sections(
     selected: pa.Table,
     read_images: Callable[[Iterable[str]], dict[str, bytes]] | None,
@@ -192,9 +188,10 @@ def gallery_sections(
     if read_images is None or selected.num_rows == 0:
         return []
     columns = ["sample_id", "image_sha256", "narrative_prompt", "clip_score"]
-    columns += ["source", "review_status", "nsfw", "nsfw_level"]
+    columns += ["source", "review_status"]
     rows = selected.select([c for c in columns if c in selected.column_names]).to_pylist()
-    shown = rows if nsfw == "only" else [row for row in rows if not nsfw_marked(row)]
+    marked = nsfw_marked(selected).to_pylist()
+    shown = rows if nsfw == "only" else [row for row, m in zip(rows, marked, strict=True) if not m]
     galleries = {
         "source": ("Samples per source", pick_gallery(shown, "source")),
         # another order: where one source is one status, the two galleries show other samples
