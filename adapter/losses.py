@@ -7,7 +7,7 @@ total = quality + eta_llm * distillation + eta_prompt * prompt_alignment
 - distillation: KL(softmax(enc / T) || softmax(llm / T)) over the feature dimension, per token,
   with the projected LLM vector broadcast over the tokens;
 - prompt alignment: KL(softmax(y / T) || softmax(c / T)) per token, ``c`` the keyword prompt's
-  embedding.
+  embedding; for SDXL the pooled embeddings are aligned the same way, as one more token.
 
 Both KLs take the adapter's side as the first argument, as the paper writes them, and are
 scaled as the released code's ``F.kl_div(..., reduction="batchmean") * T**2``: summed over the
@@ -39,9 +39,18 @@ def distillation_loss(encoded: torch.Tensor, llm_projected: torch.Tensor, temper
 
 
 def prompt_alignment_loss(
-    prompt_embeds: torch.Tensor, keyword_embeds: torch.Tensor, temperature=1.0
+    prompt_embeds: torch.Tensor,
+    keyword_embeds: torch.Tensor,
+    temperature: float = 1.0,
+    pooled: torch.Tensor | None = None,
+    keyword_pooled: torch.Tensor | None = None,
 ):
-    return kl_per_token(prompt_embeds, keyword_embeds, temperature)
+    """Per-token KL of the adapted narrative embedding to the keyword prompt's; with SDXL's
+    pooled embeddings (batch, pooled_dim) given, their KL is added as that of one more token."""
+    loss = kl_per_token(prompt_embeds, keyword_embeds, temperature)
+    if pooled is not None and keyword_pooled is not None:
+        loss = loss + kl_per_token(pooled.unsqueeze(1), keyword_pooled.unsqueeze(1), temperature)
+    return loss
 
 
 def noise_prediction_loss(

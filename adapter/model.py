@@ -11,7 +11,14 @@ with the structure of the released code:
 3. a linear layer initialised to zero, weight AND bias, mixed back in:
    ``y = w * out(h) + (1 - w) * x`` with ``w = adapter_weight`` (0.1 in the released run).
 
-A fresh adapter therefore returns exactly ``(1 - w) * x``. It also owns the projection of the
+A fresh adapter therefore returns exactly ``(1 - w) * x``. For Stable Diffusion XL
+(``family="sdxl"``) ``x`` is the 2048-wide concatenation of both text encoders' penultimate states,
+and the UNet also takes a pooled embedding ``p`` (``pooled_dim`` wide, 1280). With
+``pooled_head`` (the default for SDXL) a small head adapts it the same way:
+``p' = w * head([p, mean over tokens of the encoder's output]) + (1 - w) * p`` (a 2-layer ReLU MLP
+whose last layer starts at zero), so what the encoder distils from the LLM reaches the pooled
+vector too, and the quality and prompt-alignment losses train it; without the head ``p`` is
+passed through unchanged. It also owns the projection of the
 LLM's pooled hidden state to ``d`` used by the distillation loss: seeded, saved with the adapter,
 trainable or frozen (``train_llm_projection``; the released one was frozen, unseeded, unsaved).
 
@@ -45,6 +52,7 @@ class AdapterOutput:
     prompt_embeds: torch.Tensor  # y: what the UNet is conditioned on
     encoded: torch.Tensor  # the Transformer encoder's output (distilled towards the LLM)
     llm_projected: torch.Tensor | None = None  # the LLM vectors in the text width, when given
+    pooled_embeds: torch.Tensor | None = None  # SDXL: the pooled embedding the UNet takes
 
 
 class TokenAttention(nn.Module):
@@ -91,6 +99,9 @@ class SURAdapter(ModelMixin, ConfigMixin):
         train_llm_projection: bool = False,
         projection_seed: int = 0,
         attention_heads: int = 1,
+        family: str = "sd",
+        pooled_dim: int = 0,
+        pooled_head: bool = False,
     ):
         super().__init__()
         layer = nn.TransformerEncoderLayer(
@@ -116,18 +127,30 @@ class SURAdapter(ModelMixin, ConfigMixin):
             self.llm_projection.weight.uniform_(-bound, bound, generator=generator)
             self.llm_projection.bias.uniform_(-bound, bound, generator=generator)
         self.llm_projection.requires_grad_(train_llm_projection)
+        self.pooled_mlp = None
+        if pooled_dim and pooled_head:
+            self.pooled_mlp = nn.Sequential(
+                nn.Linear(pooled_dim + embed_dim, mlp_dim),
+                nn.ReLU(),
+                nn.Linear(mlp_dim, pooled_dim),
+            )
+            nn.init.zeros_(self.pooled_mlp[2].weight)
+            nn.init.zeros_(self.pooled_mlp[2].bias)
 
     def forward(
         self,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         llm_features: torch.Tensor | None = None,
+        pooled_embeds: torch.Tensor | None = None,
     ) -> AdapterOutput:
         """``text_embeds``: (batch, tokens, embed_dim) from the frozen text encoder.
         ``attention_mask`` (batch, tokens), 1 = real token, masks padding keys if given (Stable
         Diffusion conditions on all 77 tokens, so training passes none).
         ``llm_features`` (batch, llm_dim), pooled LLM states, are projected in the same call
-        (training), so a distributed wrapper sees every trained parameter used in forward."""
+        (training), so a distributed wrapper sees every trained parameter used in forward.
+        ``pooled_embeds`` (batch, pooled_dim), SDXL's pooled embedding, comes back adapted by the
+        pooled head (or unchanged without one)."""
         padding = None if attention_mask is None else attention_mask == 0
         encoded = self.encoder(text_embeds, src_key_padding_mask=padding)
         hidden = self.attention(encoded, text_embeds, padding) + text_embeds
@@ -135,8 +158,19 @@ class SURAdapter(ModelMixin, ConfigMixin):
         weight = self.config.adapter_weight
         prompt_embeds = weight * self.out(hidden) + (1.0 - weight) * text_embeds
         projected = None if llm_features is None else self.project_llm(llm_features)
-        return AdapterOutput(prompt_embeds, encoded, projected)
+        pooled = pooled_embeds
+        if pooled_embeds is not None and self.pooled_mlp is not None:
+            summary = encoded.mean(dim=1) if padding is None else _mean_over(encoded, ~padding)
+            head = self.pooled_mlp(torch.cat([pooled_embeds, summary], dim=-1))
+            pooled = weight * head + (1.0 - weight) * pooled_embeds
+        return AdapterOutput(prompt_embeds, encoded, projected, pooled)
 
     def project_llm(self, llm_features: torch.Tensor) -> torch.Tensor:
         """(batch, llm_dim) pooled LLM hidden states -> (batch, embed_dim)."""
         return self.llm_projection(llm_features.to(self.llm_projection.weight.dtype))
+
+
+def _mean_over(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean of (batch, tokens, width) ``states`` over the tokens where ``keep``."""
+    weights = keep.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)

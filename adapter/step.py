@@ -55,6 +55,35 @@ class InMemoryRows:
 Rows = Any  # CacheRows (memory-mapped) or InMemoryRows: len(), .shape, .dtype, .gather()
 
 
+class RecordPart:
+    """Part of each record of ``rows``: ``record[first:last, :width]`` (one row squeezed when
+    ``last`` is None), with ``gather`` like the rows' own. SDXL's text record keeps the token
+    states and the pooled embedding together (:func:`adapter.frozen_inputs.split_text_record`);
+    these views give the set each on its own."""
+
+    def __init__(self, rows: Rows, first: int, last: int | None, width: int):
+        self.rows, self.first, self.last, self.width = rows, first, last, width
+        tokens = () if last is None else (last - first,)
+        self.shape, self.dtype = (*tokens, width), rows.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, indices: np.ndarray) -> RecordPart:
+        return RecordPart(self.rows.select(indices), self.first, self.last, self.width)
+
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        records = self.rows.gather(indices)
+        if self.last is None:
+            part = records[:, self.first, : self.width]
+        else:
+            part = records[:, self.first : self.last, : self.width]
+        if out is None:
+            return np.ascontiguousarray(part)
+        out[...] = part
+        return out
+
+
 class _HostBuffers:
     """Page-locked host buffers a batch is gathered into before its copy to the GPU, two per
     shape taken in turn: the copy of one runs (non-blocking) while the next batch is gathered
@@ -91,17 +120,22 @@ class _HostBuffers:
 class CachedSet:
     """A split's frozen inputs, row-aligned, left where they are (memory-mapped cache files, see
     :class:`adapter.cache.CacheRows`); a batch is gathered by index. Tensors or arrays are
-    accepted too (kept in memory). float16 except the LLM vectors (float32)."""
+    accepted too (kept in memory). float16 except the LLM vectors and time ids (float32). SDXL
+    sets the last three."""
 
     latent_moments: Rows  # (N, 2C, h, w): mean and log-variance
     flipped_moments: Rows | None  # the same for the mirrored images (random flip on)
     narrative_embeds: Rows  # (N, 77, d)
     keyword_embeds: Rows  # (N, 77, d)
     llm_features: Rows  # (N, llm_dim) float32
+    narrative_pooled: Rows | None = None  # (N, pooled_dim): SDXL's pooled text embedding
+    keyword_pooled: Rows | None = None  # (N, pooled_dim)
+    time_ids: Rows | None = None  # (N, 2, 6) float32: SDXL's add_time_ids, plain and mirrored
 
     def __post_init__(self) -> None:
         for name in ("latent_moments", "flipped_moments", "narrative_embeds", "keyword_embeds",
-                     "llm_features"):  # fmt: skip
+                     "llm_features", "narrative_pooled", "keyword_pooled",
+                     "time_ids"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, np.ndarray | torch.Tensor):
                 setattr(self, name, InMemoryRows(value))
@@ -123,8 +157,9 @@ class CachedSet:
     def batch(
         self, indices: torch.Tensor | np.ndarray, flips: torch.Tensor | None, device: Any
     ) -> dict[str, torch.Tensor]:
-        """The rows ``indices`` on ``device``, the mirrored latents where ``flips``. For a GPU
-        they are gathered into page-locked memory and copied without blocking."""
+        """The rows ``indices`` on ``device``, the mirrored latents (and SDXL's time ids of the
+        mirrored crop) where ``flips``. For a GPU they are gathered into page-locked memory and
+        copied without blocking."""
         rows = np.asarray(indices, dtype=np.int64)
         pinned = torch.device(device).type == "cuda"
         if pinned and self._buffers is None:
@@ -135,7 +170,15 @@ class CachedSet:
             "keyword_embeds": self.keyword_embeds,
             "llm_features": self.llm_features,
         }
+        for name in ("narrative_pooled", "keyword_pooled"):
+            if getattr(self, name) is not None:
+                sources[name] = getattr(self, name)
         out: dict[str, torch.Tensor] = {}
+        if self.time_ids is not None:  # 6 numbers a sample: gathered plainly
+            both = self.time_ids.gather(rows)
+            mirrored = np.zeros(len(rows), np.int64) if flips is None else np.asarray(flips, int)
+            chosen = both[np.arange(len(rows)), mirrored]
+            out["time_ids"] = torch.from_numpy(np.ascontiguousarray(chosen)).to(device)
         for name, source in sources.items():
             shape = (len(rows), *source.shape)
             host = self._buffers.take(shape, source.dtype) if pinned else None
@@ -301,11 +344,20 @@ def compute_losses(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    output = adapter(batch["narrative_embeds"].float(), llm_features=batch["llm_features"])
+    pooled = batch.get("narrative_pooled")
+    output = adapter(
+        batch["narrative_embeds"].float(), llm_features=batch["llm_features"],
+        pooled_embeds=None if pooled is None else pooled.float(),
+    )  # fmt: skip
     condition = output.prompt_embeds.to(unet.dtype)
+    added = None
+    if pooled is not None:  # SDXL: the pooled embedding and time ids enter the time embedding
+        added = {"text_embeds": output.pooled_embeds.to(unet.dtype),
+                 "time_ids": batch["time_ids"].to(unet.dtype)}  # fmt: skip
     if not settings.quality_reaches_adapter:
         condition = condition.detach()
-    prediction = unet(noisy.to(unet.dtype), timesteps, condition).sample
+        added = None if added is None else {k: v.detach() for k, v in added.items()}
+    prediction = unet(noisy.to(unet.dtype), timesteps, condition, added_cond_kwargs=added).sample
     snr = None
     if settings.min_snr_gamma is not None:
         from diffusers.training_utils import compute_snr
@@ -315,7 +367,9 @@ def compute_losses(
         prediction, target, snr, settings.min_snr_gamma, settings.prediction_type
     )
     distillation = distillation_loss(output.encoded, output.llm_projected, settings.temperature)
+    keyword_pooled = batch.get("keyword_pooled")
     alignment = prompt_alignment_loss(
-        output.prompt_embeds, batch["keyword_embeds"].float(), settings.temperature
-    )
+        output.prompt_embeds, batch["keyword_embeds"].float(), settings.temperature,
+        output.pooled_embeds, None if keyword_pooled is None else keyword_pooled.float(),
+    )  # fmt: skip
     return total_loss(quality, distillation, alignment, settings.eta_llm, settings.eta_prompt)

@@ -61,6 +61,7 @@ from adapter.train_setup import (
     make_optimizer,
     make_output_folder,
     prepare_unet,
+    resolve_model_defaults,
     seed_process,
 )
 from adapter.validation import held_out_losses
@@ -77,6 +78,7 @@ def train(config: TrainConfig) -> TrainReport:
         from surd_builder.ray_engine import require_ray
 
         require_ray()  # before hours of loading, not after
+    resolve_model_defaults(config)  # --resolution etc. from the base model, before resuming
     accelerator, weight_dtype = make_accelerator(config)
     show = config.show_progress and accelerator.is_main_process
     make_output_folder(accelerator, config)

@@ -67,11 +67,15 @@ def load_inputs(
     import torch
 
     from adapter.features import LLMFeatureExtractor
+    from adapter.frozen_inputs import vae_dtype
     from adapter.stable_diffusion import load_stable_diffusion
 
     device = accelerator.device
     train_rows, held_rows = load_rows(config)
-    parts = load_stable_diffusion(config.base_model, weight_dtype, config.variant, config.revision)
+    parts = load_stable_diffusion(
+        config.base_model, weight_dtype, config.variant, config.revision,
+        vae_model=config.vae,
+    )  # fmt: skip
     llm = LLMFeatureExtractor(
         config.llm, config.llm_layer, config.llm_pooling, config.llm_batch_size,
         device=str(device), dtype=config.llm_dtype,
@@ -80,8 +84,11 @@ def load_inputs(
     llm_dtype_name = llm.resolved_dtype_name()
     if config.init_adapter is None and parts.text_width % config.adapter_heads:
         make_adapter(config, parts.text_width, 0, parts)  # fails fast, before any caching
-    parts.text_encoder.to(device)
+    for encoder in parts.text_encoders:
+        encoder.to(device)
     parts.vae.to(device)
+    if vae_dtype(parts.vae, weight_dtype) != parts.vae.dtype:  # SDXL's VAE under fp16
+        parts.vae.to(dtype=vae_dtype(parts.vae, weight_dtype))
     computed: dict[str, int] = {}
     row_sets = [train_rows] + ([held_rows] if held_rows is not None and len(held_rows) else [])
     sets = build_cached_sets(
@@ -111,7 +118,7 @@ def build_cached_sets(
     each folder is filled once. Then all wait for each other, one process per folder merges
     its small parts (:meth:`ArrayCache.compact`), all wait again, and each maps the complete
     cache read-only: the page cache holds one copy per node."""
-    from adapter.frozen_inputs import LatentMoments, TextEmbeddings
+    from adapter.frozen_inputs import LatentMoments, TextEmbeddings, TimeIds, vae_dtype
 
     root = Path(config.cache_dir or default_cache_dir())
     narratives = [text for rows in row_sets for text in rows.narrative_prompts]
@@ -124,9 +131,12 @@ def build_cached_sets(
     prompts = narratives + keywords
     text = filler.fill("text", TextEmbeddings(parts, device, dtype), prompts, prompts,
                        config.encode_batch_size)  # fmt: skip
-    encoders = [LatentMoments(parts, config.resolution, False, device, dtype)]
+    latent_dtype = vae_dtype(parts.vae, dtype)
+    encoders: list[Any] = [LatentMoments(parts, config.resolution, False, device, latent_dtype)]
     if config.random_flip:
-        encoders.append(LatentMoments(parts, config.resolution, True, device, dtype))
+        encoders.append(LatentMoments(parts, config.resolution, True, device, latent_dtype))
+    if parts.family == "sdxl":
+        encoders.append(TimeIds(config.resolution))
     latents = filler.fill_latents(encoders, images, image_hashes)
     llm_vectors = filler.fill("llm", llm, narratives, narratives, config.llm_batch_size)
     accelerator.wait_for_everyone()  # every writer of every folder has finished
@@ -134,7 +144,10 @@ def build_cached_sets(
         for cache, _keys in [text, *latents, llm_vectors]:
             cache.compact()
     accelerator.wait_for_everyone()
-    return _split_sets(row_sets, text, latents, llm_vectors, len(narratives))
+    time_ids = latents.pop() if parts.family == "sdxl" else None
+    return _split_sets(
+        row_sets, text, latents, llm_vectors, len(narratives), parts.pooled_width, time_ids
+    )
 
 
 def _process_share(accelerator: Any, root: Path, on_ray: bool) -> tuple[tuple[int, int], bool]:
@@ -169,6 +182,7 @@ class _CacheFiller:
     def folder(self, kind: str, encoder: Any) -> tuple[ArrayCache, str]:
         """One folder per identity: a run reads only the parts of its own models and settings."""
         identity = encoder.cache_identity()
+        kind = "time-ids" if identity.startswith("time-ids") else kind
         return ArrayCache(self.root / kind / cache_key(identity, "")[:16]), identity
 
     def fill(
@@ -214,15 +228,26 @@ class _CacheFiller:
 
 def _split_sets(
     row_sets: list[SplitRows], text: CacheFiles, latents: list[CacheFiles],
-    llm_vectors: CacheFiles, num_narratives: int,
+    llm_vectors: CacheFiles, num_narratives: int, pooled_width: int = 0,
+    time_ids: CacheFiles | None = None,
 ) -> list[tuple[Any, int]]:  # fmt: skip
     """The filled caches cut back into one CachedSet per row set (text rows: the narrative
-    prompts, then the keyword prompts), without the rows whose image did not decode."""
-    from adapter.step import CachedSet
+    prompts, then the keyword prompts), without the rows whose image did not decode. SDXL
+    (``pooled_width`` > 0): the text records split into token states and pooled embeddings,
+    and the time ids of each image."""
+    from adapter.step import CachedSet, RecordPart
 
     text_rows = text[0].rows(text[1])
     narrative_rows = text_rows.select(np.arange(num_narratives))
     keyword_rows = text_rows.select(np.arange(num_narratives, len(text[1])))
+    narrative_pooled = keyword_pooled = None
+    if pooled_width:
+        tokens, width = text_rows.shape[0] - 1, text_rows.shape[1]
+        narrative_pooled = RecordPart(narrative_rows, tokens, None, pooled_width)
+        keyword_pooled = RecordPart(keyword_rows, tokens, None, pooled_width)
+        narrative_rows = RecordPart(narrative_rows, 0, tokens, width)
+        keyword_rows = RecordPart(keyword_rows, 0, tokens, width)
+    time_rows = None if time_ids is None else time_ids[0].rows(time_ids[1])
     latent_rows = [cache.rows(keys) for cache, keys in latents]
     moments = latent_rows[0]
     flipped = latent_rows[1] if len(latent_rows) > 1 else None
@@ -237,6 +262,8 @@ def _split_sets(
         cached_set = CachedSet(
             moments.select(keep), None if flipped is None else flipped.select(keep),
             narrative_rows.select(keep), keyword_rows.select(keep), llm_rows.select(keep),
+            *(None if part is None else part.select(keep)
+              for part in (narrative_pooled, keyword_pooled, time_rows)),
         )  # fmt: skip
         out.append((cached_set, int(len(span) - len(keep))))
     return out
@@ -246,12 +273,13 @@ def fill_latent_caches(
     caches: list[CacheFiles], encoders: list[Any], images: list[Any],
     image_hashes: list[str], batch_size: int, share: tuple[int, int], show_progress: bool,
 ) -> int:  # fmt: skip
-    """Fill the latent caches (plain and, with random flip, mirrored) in one pass over the
-    images they lack: each image is read and preprocessed once for both, a batch at a time
-    (images are read from the data files then, never held together). ``share``: this process
-    takes the images whose hash it owns. Returns how many arrays were computed."""
+    """Fill the latent caches (plain and, with random flip, mirrored; for SDXL also the time
+    ids) in one pass over the images they lack: each image is read and preprocessed once for
+    all, a batch at a time (images are read from the data files then, never held together).
+    ``share``: this process takes the images whose hash it owns. Returns how many arrays were
+    computed."""
     from adapter.data import read_images
-    from adapter.frozen_inputs import mirrored, preprocess_image
+    from adapter.frozen_inputs import prepare_image
     from surd_builder.models import batched
     from surd_builder.progress import progress_bar
 
@@ -270,18 +298,16 @@ def fill_latent_caches(
         "caching latents", total=len(rows), enabled=show_progress and bool(rows)
     ) as advance:
         for chunk in batched(rows, batch_size):
-            pixels = [
-                None if data is None else preprocess_image(data, resolution, False)
+            prepared = [
+                None if data is None else prepare_image(data, resolution)
                 for data in read_images([images[row] for row in chunk])
             ]
             for (cache, keys), encoder, needs in zip(caches, encoders, missing, strict=True):
                 todo = [n for n, row in enumerate(chunk) if keys[row] in needs]
                 if not todo:
                     continue
-                batch = [pixels[n] for n in todo]
-                if encoder.flip:
-                    batch = [None if x is None else mirrored(x) for x in batch]
-                cache.write([keys[chunk[n]] for n in todo], encoder.encode_pixels(batch))
+                batch = [prepared[n] for n in todo]
+                cache.write([keys[chunk[n]] for n in todo], encoder.encode_prepared(batch))
                 count += len(todo)
             advance(len(chunk))
     return count

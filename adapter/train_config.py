@@ -28,9 +28,11 @@ RESUME_KEYS = (
     "max_grad_norm", "eta_llm", "eta_prompt", "temperature", "min_snr_gamma", "prediction_type",
     "adapter_weight", "adapter_layers", "adapter_heads", "adapter_feedforward", "adapter_mlp",
     "adapter_dropout", "train_llm_projection", "init_adapter", "mixed_precision", "objective",
+    "vae", "pooled_head",
 )  # fmt: skip
 # settings added to RESUME_KEYS later, with the value that checkpoints written before had
-ADDED_RESUME_KEYS = {"adapter_dropout": 0.1, "objective": "surd"}
+ADDED_RESUME_KEYS = {"adapter_dropout": 0.1, "objective": "surd", "vae": None,
+                     "pooled_head": True}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,9 @@ class TrainConfig:
     cache_dir: Path | None = None
     variant: str | None = None
     revision: str | None = None
-    resolution: int = 512
+    resolution: int | None = None  # None: the base model's own (see resolve_model_defaults)
+    vae: str | None = None  # a VAE folder or hub id instead of the base model's (SDXL fp16 fix)
+    pooled_head: bool = True  # SDXL: adapt the pooled text embedding too (else passed through)
     random_flip: bool = True
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -111,7 +115,7 @@ class TrainConfig:
     validation_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
     held_out_samples: int = 256
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on for SDXL, off for SD 1.x/2.x
     compile: bool = False
     encode_batch_size: int = 32
     cache_engine: str = "local"  # or "ray": caches filled by Ray workers (GPUs of a cluster)
@@ -137,7 +141,7 @@ class TrainConfig:
              f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.prediction_type in (None, "epsilon", "v_prediction"),
              "--prediction-type must be epsilon or v_prediction"),
-            (self.resolution >= 8 and self.resolution % 8 == 0,
+            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
              "--resolution must be a positive multiple of 8"),
             (self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
              "--batch-size and --gradient-accumulation-steps must be >= 1"),

@@ -19,14 +19,11 @@ def save_validation_images(
 ) -> None:
     """``validation/step-N.png`` (and TensorBoard's copy): the validation prompts drawn with the
     adapter as it is at ``step``, from the same seed every time so the grids compare."""
-    from adapter.pipeline import SURAdapterPipeline
+    from adapter.pipeline import pipeline_from_parts
     from adapter.validation import validation_grid
 
     model = accelerator.unwrap_model(adapter)
-    pipeline = SURAdapterPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=accelerator.unwrap_model(unet), scheduler=parts.inference_scheduler(), adapter=model,
-    )  # fmt: skip
+    pipeline = pipeline_from_parts(parts, accelerator.unwrap_model(unet), model)
     pipeline.set_progress_bar_config(disable=True)
     model.eval()
     with accelerator.autocast():

@@ -115,11 +115,27 @@ def make_output_folder(accelerator: Any, config: TrainConfig) -> None:
         )
 
 
+def resolve_model_defaults(config: TrainConfig) -> str:
+    """Fill in what defaults to the base model's own, from its configs alone (before any
+    checkpoint is compared with the run's settings): ``--resolution`` (the UNet's native image
+    side) and ``--gradient-checkpointing`` (on for SDXL, whose UNet at 1024 px needs it at any
+    useful batch). Returns the family."""
+    from adapter.stable_diffusion import detect_family, native_resolution
+
+    family = detect_family(config.base_model, config.revision)
+    if config.resolution is None:
+        config.resolution = native_resolution(config.base_model, config.revision)
+    if config.gradient_checkpointing is None:
+        config.gradient_checkpointing = family == "sdxl"
+    return family
+
+
 def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any) -> Any:
     """The adapter to train: from ``--init-adapter`` (checked against the models), else a new
-    one. Fails with an input error, not a shape error, on widths that do not fit."""
+    one for the base model's family and widths. Fails with an input error, not a shape error,
+    on widths that do not fit."""
     from adapter.model import SURAdapter
-    from adapter.stable_diffusion import check_adapter_width
+    from adapter.stable_diffusion import check_adapter_fits
 
     if config.init_adapter:
         path = Path(config.init_adapter)
@@ -128,7 +144,7 @@ def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any)
         if not (path / "config.json").is_file():
             raise InputError(f"--init-adapter {path}: no adapter there (config.json is missing)")
         adapter = SURAdapter.from_pretrained(path, dropout=config.adapter_dropout)
-        check_adapter_width(adapter.config.embed_dim, parts, f"--init-adapter {path}")
+        check_adapter_fits(adapter.config, parts, f"--init-adapter {path}")
         if adapter.config.llm_dim != llm_dim:
             raise InputError(
                 f"--init-adapter {path} projects LLM vectors of width {adapter.config.llm_dim}, "
@@ -151,6 +167,9 @@ def make_adapter(config: TrainConfig, text_width: int, llm_dim: int, parts: Any)
         llm_dim=llm_dim,
         train_llm_projection=config.train_llm_projection,
         projection_seed=config.seed,
+        family=parts.family,
+        pooled_dim=parts.pooled_width,
+        pooled_head=config.pooled_head and parts.pooled_width > 0,
     )
 
 

@@ -209,11 +209,16 @@ def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def _clip_text_config(vocab: dict[str, int], width: int) -> dict:
+def _clip_text_config(vocab: dict[str, int], width: int, layers: int = 1) -> dict:
+    """A CLIP text tower ``width`` wide with ``layers`` blocks over the :func:`_clip_bpe` vocab.
+
+    One layer is enough where only the last hidden state is used (the tiny SD 1.x, the tiny CLIP);
+    SD 2.x and SDXL read the penultimate one, which with one layer would be the bare embeddings.
+    """
     return dict(
         hidden_size=width,
         intermediate_size=2 * width,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         vocab_size=len(vocab),
         max_position_embeddings=77,
@@ -286,7 +291,7 @@ def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
     and each part with its class's ``from_pretrained(directory, subfolder=...)``.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = _clip_bpe()
@@ -294,16 +299,7 @@ def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
     unet = tiny_unet(text_width)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -315,10 +311,164 @@ def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    Path(directory).mkdir(parents=True, exist_ok=True)
+    return _save_pipeline(Path(directory), pipeline)
+
+
+def _tiny_vae(**config: Any):
+    """The tiny SD's VAE: 3 blocks (8, 16, 16), so 32x32 images <-> 8x8x4 latents.
+
+    Not seeded here: each caller seeds once before building its models, and building this in the
+    same place keeps its weights (and the files of :func:`save_tiny_stable_diffusion`) the same.
+    ``config`` adds or overrides ``AutoencoderKL`` settings (SDXL's ``force_upcast`` and scale).
+    """
+    from diffusers import AutoencoderKL
+
+    settings: dict[str, Any] = dict(
+        block_out_channels=(8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    return AutoencoderKL(**{**settings, **config})
+
+
+def _save_pipeline(directory: Path, pipeline: Any) -> Path:
+    """``save_pretrained`` a diffusers pipeline into ``directory`` (created), quietly."""
+    directory.mkdir(parents=True, exist_ok=True)
     with _no_progress_bars():
         pipeline.save_pretrained(directory)
-    return Path(directory)
+    return directory
+
+
+# SD 2.x / SDXL's training noise schedule (also SD 1.x's, whose tiny model keeps DDPM's defaults).
+_SD_BETAS: dict[str, Any] = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+)
+
+
+def save_tiny_sd2(directory: Path) -> Path:
+    """Save a tiny Stable Diffusion 2.x in diffusers layout (``StableDiffusionPipeline``).
+
+    The structure of SD 2.x at tiny size, so code paths that differ from SD 1.x get exercised:
+    a 64-wide, 2-layer CLIP text encoder (SD 2.x's OpenCLIP is 1024 wide and its pipelines may
+    read the penultimate layer, which must not be the bare embeddings), a UNet with
+    ``use_linear_projection=True`` and one ``attention_head_dim`` per block (4, 8), and a
+    ``v_prediction`` scheduler (SD 2.x 768 predicts velocity, not noise). As the tiny SD:
+    32x32 images, 8x8x4 latents, seeded random weights.
+    """
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    width = 64
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=width,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, width, layers=2)))
+    vae = _tiny_vae()
+    scheduler = DDPMScheduler(clip_sample=False, prediction_type="v_prediction", **_SD_BETAS)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _save_pipeline(Path(directory), pipeline)
+
+
+# The tiny SDXL's widths: its UNet attends to both encoders' penultimate states side by side
+# (32 + 48 = 80) and conditions on the second one's pooled projection (24) plus six size/crop
+# numbers, each embedded SDXL's way (sinusoids 8 wide): 24 + 6 * 8 = 72.
+SDXL_TEXT_WIDTHS = (32, 48)
+SDXL_POOLED_WIDTH = 24
+SDXL_TIME_EMBED_DIM = 8
+
+
+def save_tiny_sdxl(directory: Path) -> Path:
+    """Save a tiny Stable Diffusion XL in diffusers layout (``StableDiffusionXLPipeline``).
+
+    SDXL's structure at tiny size: two tokenizers (the same CLIP BPE here) and two text encoders,
+    ``CLIPTextModel`` 32 wide and ``CLIPTextModelWithProjection`` 48 wide with a 24-d
+    projection, 2 layers each (SDXL reads ``hidden_states[-2]``). Their penultimate states are
+    concatenated into 80-wide prompt embeddings for the UNet's cross-attention; the pooled 24-d
+    embedding and the ``(original size, crop top-left, target size)`` ids go into its
+    ``"text_time"`` added embedding (``projection_class_embeddings_input_dim`` 24 + 6 * 8 = 72).
+    The VAE is the tiny SD's (32x32 images <-> 8x8x4 latents) with SDXL's ``force_upcast`` and
+    ``scaling_factor`` 0.13025; the scheduler has SDXL's noise schedule and timestep spacing. Saved
+    with the pipeline's defaults (``force_zeros_for_empty_prompt``). Seeded random weights.
+    """
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    width, width_2 = SDXL_TEXT_WIDTHS
+    vocab, merges = _clip_bpe()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=width + width_2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=1,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + 6 * SDXL_TIME_EMBED_DIM,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, width, layers=2)))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **_clip_text_config(vocab, width_2, layers=2), projection_dim=SDXL_POOLED_WIDTH
+        )
+    )
+    vae = _tiny_vae(force_upcast=True, scaling_factor=0.13025)
+    # SDXL ships an Euler config with this schedule; DDPM with the same settings is
+    # interchangeable (``from_config``) and, unlike Euler's ``set_timesteps`` here, warns nothing.
+    scheduler = DDPMScheduler(
+        clip_sample=False, prediction_type="epsilon", timestep_spacing="leading", **_SD_BETAS
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    return _save_pipeline(Path(directory), pipeline)
 
 
 # What `surd demo-models DIR` writes: three folders and a marker, written last (a complete set).

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import diffusers
+import numpy as np
 import torch
 import transformers
 from PIL import Image
 
-from tests.tiny_models import save_tiny_blip, save_tiny_causal_lm, save_tiny_clip
+from tests.tiny_models import (
+    SDXL_POOLED_WIDTH,
+    SDXL_TEXT_WIDTHS,
+    SDXL_TIME_EMBED_DIM,
+    save_tiny_blip,
+    save_tiny_causal_lm,
+    save_tiny_clip,
+    save_tiny_sd2,
+    save_tiny_sdxl,
+)
 
 PROMPTS = ["a red fox", "two cute cats sitting in a snowy forest , 8k , artstation", "castle"]
 
@@ -112,3 +125,83 @@ def test_clip_reloads_and_embeds(tmp_path: Path) -> None:
         assert torch.isfinite(out.pooler_output).all()
     assert image_out.last_hidden_state.shape == (2, 17, 32)  # CLS + 4x4 patches
     assert processor.tokenizer.decode(text["input_ids"][0], skip_special_tokens=True) == "a red cat"
+
+
+def generate_32x32(pipeline: Any) -> np.ndarray:
+    """Two denoising steps of a 32x32 image from "a red fox", seeded, as a numpy batch."""
+    pipeline.set_progress_bar_config(disable=True)
+    out = pipeline(
+        "a red fox",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    return out.images
+
+
+def test_sdxl_reloads_encodes_both_towers_and_generates(tmp_path: Path) -> None:
+    directory = save_tiny_sdxl(tmp_path / "sdxl")
+    assert directory == tmp_path / "sdxl"
+    index = json.loads((directory / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["force_zeros_for_empty_prompt"] is True
+    for part in ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet"]:
+        assert (directory / part).is_dir(), part
+
+    pipeline = diffusers.StableDiffusionXLPipeline.from_pretrained(directory)
+    assert isinstance(pipeline.text_encoder, transformers.CLIPTextModel)
+    assert isinstance(pipeline.text_encoder_2, transformers.CLIPTextModelWithProjection)
+    assert pipeline.text_encoder.config.hidden_size == 32
+    assert pipeline.text_encoder_2.config.hidden_size == 48
+    assert pipeline.text_encoder_2.config.projection_dim == SDXL_POOLED_WIDTH == 24
+    # SDXL reads hidden_states[-2]: with one layer that would be the bare embeddings.
+    assert pipeline.text_encoder.config.num_hidden_layers >= 2
+    assert pipeline.text_encoder_2.config.num_hidden_layers >= 2
+    unet = pipeline.unet.config
+    assert unet.addition_embed_type == "text_time"
+    assert unet.cross_attention_dim == sum(SDXL_TEXT_WIDTHS) == 80
+    assert unet.addition_time_embed_dim == SDXL_TIME_EMBED_DIM
+    assert unet.projection_class_embeddings_input_dim == 24 + 6 * SDXL_TIME_EMBED_DIM
+    assert pipeline.vae.config.force_upcast is True
+    assert pipeline.vae.config.scaling_factor == 0.13025
+    assert pipeline.scheduler.config.prediction_type == "epsilon"
+    assert pipeline.scheduler.config.timestep_spacing == "leading"
+
+    with torch.inference_mode():
+        embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            ["a red fox", "castle"], device="cpu", do_classifier_free_guidance=True
+        )
+    assert embeds.shape == negative.shape == (2, 77, 80)
+    assert pooled.shape == negative_pooled.shape == (2, 24)
+    assert torch.isfinite(embeds).all() and torch.isfinite(pooled).all()
+    # force_zeros_for_empty_prompt: no negative prompt means all-zero negative embeddings.
+    assert not negative.any() and not negative_pooled.any()
+
+    image = generate_32x32(pipeline)
+    assert image.shape == (1, 32, 32, 3)
+    assert np.isfinite(image).all()
+
+
+def test_sd2_reloads_with_v_prediction_and_generates(tmp_path: Path) -> None:
+    directory = save_tiny_sd2(tmp_path / "sd2")
+    assert directory == tmp_path / "sd2"
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(directory)
+    assert type(pipeline) is diffusers.StableDiffusionPipeline
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert pipeline.text_encoder.config.hidden_size == 64
+    assert pipeline.text_encoder.config.num_hidden_layers == 2
+    assert pipeline.unet.config.cross_attention_dim == 64
+    assert pipeline.unet.config.use_linear_projection is True
+    assert tuple(pipeline.unet.config.attention_head_dim) == (4, 8)
+
+    with torch.inference_mode():
+        embeds, _ = pipeline.encode_prompt(
+            "a red fox", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    assert embeds.shape == (1, 77, 64)
+
+    image = generate_32x32(pipeline)
+    assert image.shape == (1, 32, 32, 3)
+    assert np.isfinite(image).all()

@@ -25,7 +25,8 @@ def train(
     base_model: Annotated[
         str,
         typer.Option(
-            help="Stable Diffusion 1.x/2.x in diffusers layout: a folder or a hub id.",
+            help="Stable Diffusion 1.x/2.x or XL in diffusers layout: a folder or a hub id "
+            "(the family is read from its components).",
             rich_help_panel=MODEL,
         ),
     ],
@@ -62,6 +63,23 @@ def train(
     revision: Annotated[
         str | None, typer.Option(help="Hub revision of the base model.", rich_help_panel=MODEL)
     ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            help="A VAE (folder or hub id) instead of the base model's, e.g. an SDXL VAE fixed "
+            "for float16 (without one SDXL's VAE is upcast to float32 under fp16).",
+            rich_help_panel=MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    pooled_head: Annotated[
+        bool,
+        typer.Option(
+            help="SDXL: adapt the pooled text embedding with a small head trained by the same "
+            "losses (--no-pooled-head: the narrative prompt's, unchanged).",
+            rich_help_panel=MODEL,
+        ),
+    ] = True,
     split: Annotated[str, typer.Option(help="Split to train on.", rich_help_panel=DATA)] = "train",
     validation_split: Annotated[
         str,
@@ -83,8 +101,15 @@ def train(
         typer.Option(help="Column of the image (HF Image struct or bytes).", rich_help_panel=DATA),
     ] = "image",
     resolution: Annotated[
-        int, typer.Option(min=8, help="Training image side (centre crop).", rich_help_panel=DATA)
-    ] = 512,
+        int | None,
+        typer.Option(
+            min=8,
+            help="Training image side (centre crop). Default: the base model's own (512 for SD "
+            "1.x, 768 for SD 2.x-v, 1024 for SDXL).",
+            rich_help_panel=DATA,
+            show_default=False,
+        ),
+    ] = None,
     random_flip: Annotated[
         bool, typer.Option(help="Mirror half the images (both cached).", rich_help_panel=DATA)
     ] = True,
@@ -275,9 +300,14 @@ def train(
         int, typer.Option(min=1, help="Denoising steps of validation images.", rich_help_panel=RUN)
     ] = 25,
     gradient_checkpointing: Annotated[
-        bool,
-        typer.Option(help="Recompute UNet activations: less memory, slower.", rich_help_panel=RUN),
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="Recompute UNet activations: less memory, slower. Default: on for SDXL, off "
+            "for SD 1.x/2.x.",
+            rich_help_panel=RUN,
+            show_default=False,
+        ),
+    ] = None,
     compile: Annotated[
         bool, typer.Option(help="torch.compile the UNet.", rich_help_panel=RUN)
     ] = False,
@@ -338,6 +368,7 @@ def train(
     config = TrainConfig(
         data=data, base_model=base_model, llm=llm, llm_layer=llm_layer, output=output,
         llm_pooling=llm_pooling, llm_dtype=llm_dtype, variant=variant, revision=revision,
+        vae=vae, pooled_head=pooled_head,
         columns=Columns(narrative_column, keyword_column, image_column), split=split,
         validation_split=validation_split, held_out_samples=held_out_samples,
         resolution=resolution, random_flip=random_flip, cache_dir=cache_dir,
