@@ -13,10 +13,17 @@
 #                resumed; max abs diff of the final adapter weights and the history
 #   screen       `surd build screen --clip-model` (tiny CLIP), items/s, on cuda
 #   rewrite      `surd build rewrite --rewriter hf:` (tiny Llama), prompts/s, on cuda
+#   train_step_sdxl      bench/train_step.py --size sdxl --batch-size 8 (bf16, 1024 px, SDXL-base's
+#                UNet, gradient checkpointing on, 3 short rounds, ~90 s): (a) surd, (b) ceiling,
+#                samples/s and peak GiB; no (c): the released trainer never ran SDXL. JSON:
+#                train-step-sdxl.json; the row is train_step.py's own (--row)
 #   train_step_compile   the same as train_step with --compile (last: it gets what is left)
 #
-# Quick mode, to check this script on a machine without a GPU (small sizes, a few minutes on
+# Quick mode, to check this script on a machine without a GPU (small sizes, ~10 minutes on
 # 2 cores):  SURD_GPU_CHECK_DEVICE=cpu bench/gpu_check.sh   (or: bench/gpu_check.sh --quick)
+# There train_step_sdxl still builds SDXL's real 2.6 B-parameter UNet (bf16, ~7 GB resident) but
+# runs it at 64 px, batch 1, one call of each step, on all cores (~2-3 minutes): the code path,
+# not a speed.
 #
 # The GPU machine (the device tool's nvidia-h200: Python 3.12, torch 2.11, transformers 5.17,
 # accelerate, typer, rich, pyarrow, tensorboard, matplotlib, ...) has no diffusers, and the repo
@@ -189,8 +196,12 @@ fi
 if [[ $QUICK == 1 ]]; then
     STEP_ARGS=(--size small --batch-size 8 --rounds 1 --steps 2 --warmup 1)
     STAGE_ARGS=(--items 48 --warmup 8 --batch 16 --new-tokens 8)
-    CAPS=(env=60 train_step=150 train_e2e=240 screen=90 rewrite=90 train_step_compile=240)
-    BUDGET=${SURD_GPU_CHECK_BUDGET:-900}
+    SDXL_ARGS=(--size sdxl --dtype bfloat16 --batch-size 1 --resolution 64 --rounds 1 --steps 1
+        --warmup 0)
+    SDXL_ENV=(env "OMP_NUM_THREADS=$(nproc)") # 2.6 B parameters: not a small model
+    CAPS=(env=60 train_step=150 train_e2e=240 screen=90 rewrite=90 train_step_sdxl=300
+        train_step_compile=240)
+    BUDGET=${SURD_GPU_CHECK_BUDGET:-1200}
     # inductor's C++ build of the UNet takes ~3 min on 2 cores: trace with dynamo and AOT
     # autograd but skip the code generation (SURD_GPU_CHECK_INDUCTOR=1 keeps inductor)
     if [[ ${SURD_GPU_CHECK_INDUCTOR:-0} != 1 ]]; then
@@ -199,7 +210,10 @@ if [[ $QUICK == 1 ]]; then
 else
     STEP_ARGS=(--size sd15 --batch-size 32 --rounds 3 --steps 8 --warmup 3)
     STAGE_ARGS=(--items 2048 --warmup 64 --batch 256 --new-tokens 16)
-    CAPS=(env=30 train_step=90 train_e2e=90 screen=45 rewrite=45 train_step_compile=260)
+    SDXL_ARGS=(--size sdxl --dtype bfloat16 --batch-size 8 --rounds 3 --steps 4 --warmup 2)
+    SDXL_ENV=()
+    CAPS=(env=30 train_step=90 train_e2e=90 screen=45 rewrite=45 train_step_sdxl=90
+        train_step_compile=260)
 fi
 cap() { # the limit of piece $1 in CAPS
     local entry
@@ -217,6 +231,10 @@ run_piece train_step "$(cap train_step)" "${STAGE[@]}" train-step --row "$ROWS/t
 run_piece train_e2e "$(cap train_e2e)" "${STAGE[@]}" train --row "$ROWS/train_e2e"
 run_piece screen "$(cap screen)" "${STAGE[@]}" screen --row "$ROWS/screen" "${STAGE_ARGS[@]}"
 run_piece rewrite "$(cap rewrite)" "${STAGE[@]}" rewrite --row "$ROWS/rewrite" "${STAGE_ARGS[@]}"
+# not through gpu_check.py's train-step (its row has a (c) column): train_step.py writes the row
+run_piece train_step_sdxl "$(cap train_step_sdxl)" "${SDXL_ENV[@]}" "$PY" bench/train_step.py \
+    --device "$DEVICE" --json "$RESULTS/train-step-sdxl.json" --row "$ROWS/train_step_sdxl" \
+    "${SDXL_ARGS[@]}"
 run_piece train_step_compile "$(cap train_step_compile)" "${COMPILE_ENV[@]}" "${STAGE[@]}" \
     train-step --row "$ROWS/train_step_compile" --json "$RESULTS/train-step-compile.json" \
     -- "${STEP_ARGS[@]}" --compile
