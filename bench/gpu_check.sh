@@ -19,11 +19,11 @@
 #                train-step-sdxl.json; the row is train_step.py's own (--row)
 #   train_step_compile   the same as train_step with --compile (last: it gets what is left)
 #
-# Quick mode, to check this script on a machine without a GPU (small sizes, ~10 minutes on
+# Quick mode, to check this script on a machine without a GPU (small sizes, a few minutes on
 # 2 cores):  SURD_GPU_CHECK_DEVICE=cpu bench/gpu_check.sh   (or: bench/gpu_check.sh --quick)
 # There train_step_sdxl still builds SDXL's real 2.6 B-parameter UNet (bf16, ~7 GB resident) but
-# runs it at 64 px, batch 1, one call of each step, on all cores (~2-3 minutes): the code path,
-# not a speed.
+# runs it at 64 px, batch 1, one call of each step, on all cores (about a minute on an idle
+# machine, several on a busy one): the code path, not a speed.
 #
 # The GPU machine (the device tool's nvidia-h200: Python 3.12, torch 2.11, transformers 5.17,
 # accelerate, typer, rich, pyarrow, tensorboard, matplotlib, ...) has no diffusers, and the repo
@@ -198,7 +198,8 @@ if [[ $QUICK == 1 ]]; then
     STAGE_ARGS=(--items 48 --warmup 8 --batch 16 --new-tokens 8)
     SDXL_ARGS=(--size sdxl --dtype bfloat16 --batch-size 1 --resolution 64 --rounds 1 --steps 1
         --warmup 0)
-    SDXL_ENV=(env "OMP_NUM_THREADS=$(nproc)") # 2.6 B parameters: not a small model
+    # 2.6 B parameters: not a small model (nproc itself follows OMP_NUM_THREADS, set above)
+    SDXL_ENV=(env "OMP_NUM_THREADS=$(env -u OMP_NUM_THREADS nproc)")
     CAPS=(env=60 train_step=150 train_e2e=240 screen=90 rewrite=90 train_step_sdxl=300
         train_step_compile=240)
     BUDGET=${SURD_GPU_CHECK_BUDGET:-1200}
