@@ -103,6 +103,8 @@ def decoder_blocks(model: Any) -> Any:
 class LLMFeatureExtractor:
     """Pooled output of block ``layer`` (1-based, 1..number of blocks) for each text."""
 
+    cache_kind = "llm"  # the cache folder's name (adapter.train_caches)
+
     def __init__(
         self,
         model: str,

@@ -118,6 +118,8 @@ class TextEmbeddings:
     2048): both encoders' penultimate states, then the pooled embedding in the last row (see
     :func:`split_text_record`)."""
 
+    cache_kind = "text"  # the cache folder's name (adapter.train_caches)
+
     def __init__(self, parts: StableDiffusionParts, device: str, dtype: Any):
         self.parts, self.device, self.dtype = parts, device, dtype
 
@@ -137,13 +139,7 @@ class TextEmbeddings:
         import torch
 
         tokenizer, encoder = self.parts.tokenizer, self.parts.text_encoder
-        tokens = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = _padded_tokens(tokenizer, texts)
         mask = None
         if getattr(encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
@@ -160,10 +156,7 @@ class TextEmbeddings:
         pairs = ((self.parts.tokenizer, self.parts.text_encoder),
                  (self.parts.tokenizer_2, self.parts.text_encoder_2))  # fmt: skip
         for tokenizer, encoder in pairs:
-            tokens = tokenizer(
-                texts, padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            )  # fmt: skip
+            tokens = _padded_tokens(tokenizer, texts)
             with torch.inference_mode():
                 output = encoder(tokens.input_ids.to(self.device), output_hidden_states=True)
             if output[0].ndim == 2:  # the projected pooled embedding (the second encoder's)
@@ -174,6 +167,15 @@ class TextEmbeddings:
         record[:, :-1] = sequence.cpu()
         record[:, -1, : pooled.shape[-1]] = pooled.float().cpu()
         return record.numpy().astype(np.float16)
+
+
+def _padded_tokens(tokenizer: Any, texts: list[str]) -> Any:
+    """``texts`` tokenized as Stable Diffusion's pipelines do: padded (and cut) to the
+    tokenizer's ``model_max_length`` (77)."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
 
 
 def split_text_record(record: np.ndarray, pooled_width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,6 +200,7 @@ class TimeIds:
     float32 (NaN for an image that does not decode). Computed from the image as shown, so they
     match the crop :class:`LatentMoments` encodes."""
 
+    cache_kind = "time-ids"
     flip = False
 
     def __init__(self, resolution: int):
@@ -228,6 +231,8 @@ class TimeIds:
 
 class LatentMoments:
     """The VAE's latent mean and log-variance, (batch, 2 x latent channels, r/8, r/8) float16."""
+
+    cache_kind = "latents"
 
     def __init__(
         self, parts: StableDiffusionParts, resolution: int, flip: bool, device: str, dtype: Any

@@ -50,9 +50,8 @@ _BaseXL = stable_diffusion_xl_pipeline_class()
 
 class _AdapterSwitch:
     """``use_adapter=False`` on a call generates without the adapter (same seeds, same
-    everything else): the side-by-side comparisons of ``generate --compare`` and ``eval``."""
-
-    use_adapter = True
+    everything else): the side-by-side comparisons of ``generate --compare`` and ``eval``.
+    Each pipeline's ``__init__`` sets ``use_adapter = True``."""
 
     def __call__(self, *args: Any, use_adapter: bool = True, **kwargs: Any) -> Any:
         """diffusers' call; ``use_adapter=False`` leaves the adapter out of this one."""

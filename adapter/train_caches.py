@@ -179,16 +179,16 @@ class _CacheFiller:
         self.share, self.computed, self.show_progress = share, computed, show_progress
         self.on_ray = config.cache_engine == "ray"
 
-    def folder(self, kind: str, encoder: Any) -> tuple[ArrayCache, str]:
-        """One folder per identity: a run reads only the parts of its own models and settings."""
+    def folder(self, encoder: Any) -> tuple[ArrayCache, str]:
+        """One folder per identity, under the encoder's ``cache_kind``: a run reads only the
+        parts of its own models and settings."""
         identity = encoder.cache_identity()
-        kind = "time-ids" if identity.startswith("time-ids") else kind
-        return ArrayCache(self.root / kind / cache_key(identity, "")[:16]), identity
+        return ArrayCache(self.root / encoder.cache_kind / cache_key(identity, "")[:16]), identity
 
     def fill(
         self, kind: str, encoder: Any, contents: list[str], inputs: list, size: int
     ) -> CacheFiles:
-        cache, identity = self.folder(kind, encoder)
+        cache, identity = self.folder(encoder)
         keys = [cache_key(identity, content) for content in contents]
         if not self.on_ray:
             count = fill_cache(
@@ -218,7 +218,7 @@ class _CacheFiller:
             ]
         latents = []
         for encoder in encoders:
-            cache, identity = self.folder("latents", encoder)
+            cache, identity = self.folder(encoder)
             latents.append((cache, [cache_key(identity, digest) for digest in image_hashes]))
         self.computed["latents"] = self.computed.get("latents", 0) + fill_latent_caches(
             latents, encoders, images, image_hashes, size, self.share, self.show_progress

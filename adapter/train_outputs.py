@@ -24,7 +24,6 @@ def save_validation_images(
 
     model = accelerator.unwrap_model(adapter)
     pipeline = pipeline_from_parts(parts, accelerator.unwrap_model(unet), model)
-    pipeline.set_progress_bar_config(disable=True)
     model.eval()
     with accelerator.autocast():
         grid = validation_grid(

@@ -229,13 +229,14 @@ def _clip_text_config(vocab: dict[str, int], width: int, layers: int = 1) -> dic
     )
 
 
-def tiny_unet(text_width: int = 32):
-    """The UNet of :func:`save_tiny_stable_diffusion`: 8x8 latents, random weights (seed 0)."""
+def tiny_unet(text_width: int = 32, **config: Any):
+    """The UNet of :func:`save_tiny_stable_diffusion`: 8x8 latents, random weights (seed 0).
+    ``config`` adds or overrides ``UNet2DConditionModel`` settings (SD 2.x's linear projection
+    and per-block heads)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
+    settings: dict[str, Any] = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=text_width,
@@ -246,6 +247,8 @@ def tiny_unet(text_width: int = 32):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=8,
     )
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**{**settings, **config})
 
 
 def save_tiny_clip(directory: Path) -> Path:
@@ -291,18 +294,29 @@ def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
     and each part with its class's ``from_pretrained(directory, subfolder=...)``.
     """
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
+
+    unet = tiny_unet(text_width)
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
+    return _save_sd_pipeline(Path(directory), text_width, 1, unet, scheduler)
+
+
+def _save_sd_pipeline(
+    directory: Path, text_width: int, text_layers: int, unet: Any, scheduler: Any
+) -> Path:
+    """A ``StableDiffusionPipeline`` of ``unet``, ``scheduler``, the CLIP BPE tokenizer, a CLIP
+    text encoder ``text_width`` wide with ``text_layers`` layers and the tiny VAE (built in that
+    order from the current RNG state), saved in ``directory``."""
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = _clip_bpe()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    unet = tiny_unet(text_width)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, text_width)))
-    vae = _tiny_vae()
-    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
+    text_config = _clip_text_config(vocab, text_width, layers=text_layers)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     pipeline = StableDiffusionPipeline(
-        vae=vae,
+        vae=_tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -311,7 +325,7 @@ def save_tiny_stable_diffusion(directory: Path, text_width: int = 32) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return _save_pipeline(Path(directory), pipeline)
+    return _save_pipeline(directory, pipeline)
 
 
 def _tiny_vae(**config: Any):
@@ -360,40 +374,12 @@ def save_tiny_sd2(directory: Path) -> Path:
     ``v_prediction`` scheduler (SD 2.x 768 predicts velocity, not noise). As the tiny SD:
     32x32 images, 8x8x4 latents, seeded random weights.
     """
-    import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
     width = 64
-    vocab, merges = _clip_bpe()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=width,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(4, 8),
-        use_linear_projection=True,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(vocab, width, layers=2)))
-    vae = _tiny_vae()
+    unet = tiny_unet(width, attention_head_dim=(4, 8), use_linear_projection=True)  # seeds 0
     scheduler = DDPMScheduler(clip_sample=False, prediction_type="v_prediction", **_SD_BETAS)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _save_pipeline(Path(directory), pipeline)
+    return _save_sd_pipeline(Path(directory), width, 2, unet, scheduler)
 
 
 # The tiny SDXL's widths: its UNet attends to both encoders' penultimate states side by side
