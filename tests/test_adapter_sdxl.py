@@ -131,6 +131,9 @@ def test_the_family_is_read_from_the_pipelines_components(models, tmp_path) -> N
     )
     with pytest.raises(InputError, match="FluxPipeline is not a UNet Stable Diffusion"):
         detect_family(str(flux))
+    (flux / "model_index.json").write_bytes(b'{"_class_name": "Stable\xff')  # truncated
+    with pytest.raises(InputError, match="unreadable model_index.json"):
+        detect_family(str(flux))
 
 
 def test_the_cached_sdxl_record_is_what_the_pipeline_conditions_on(models) -> None:
@@ -161,6 +164,9 @@ def test_time_ids_are_those_of_the_crop_actually_taken(tmp_path) -> None:
     assert geometry.time_ids().tolist() == [[48, 64, 0, 5, 32, 32], [48, 64, 0, 6, 32, 32]]
     tall = CropGeometry.of(30, 90, 32)
     assert tall.time_ids()[0].tolist() == [90, 30, 32, 0, 32, 32]  # 32x96, 32 down
+    # a large photo's size is kept exactly (float32, not float16: 6001 is not a float16)
+    huge = CropGeometry.of(6001, 4003, 1024).time_ids()
+    assert huge[0, :2].tolist() == [4003, 6001] and huge.dtype == np.float32
 
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
