@@ -34,11 +34,11 @@ from annotation.tasks import (
 )
 from surd_builder.errors import InputError
 from surd_builder.progress import progress_bar
-from surd_builder.review import SCREEN_REVIEWER, review_priority
+from surd_builder.review import SCREEN_REVIEWER, SCREEN_SCORES, review_priority
 from surd_builder.workspace import Workspace
 
 # what a refresh rewrites in a task's data (the rest, the image address among it, stays)
-_REFRESHED_FIELDS = ("narrative_prompt", "narrative_origin", "clip_score", "text_similarity")
+_REFRESHED_FIELDS = ("narrative_prompt", "narrative_origin", *SCREEN_SCORES)
 # what a task shows of a sample (annotation.tasks.sample_to_task)
 _TASK_COLUMNS = [
     "sample_id",
@@ -48,8 +48,7 @@ _TASK_COLUMNS = [
     "complex_prompt",
     "narrative_prompt",
     "narrative_origin",
-    "clip_score",
-    "text_similarity",
+    *SCREEN_SCORES,
 ]
 
 

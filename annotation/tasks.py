@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from annotation.config import PROBLEM_TAGS
+from surd_builder.review import SCREEN_SCORES
 
 POLICIES = ("latest", "unanimous")
 # names the reading rules below: change it with them, so mirrors of decisions read under other
@@ -104,7 +105,7 @@ def sample_to_task(
         "source": sample.get("source") or "",
         "narrative_origin": sample.get("narrative_origin") or "",
     }
-    for score in ("clip_score", "text_similarity"):
+    for score in SCREEN_SCORES:
         if sample.get(score) is not None:
             data[score] = round(float(sample[score]), 4)
     task: dict[str, Any] = {"data": data}

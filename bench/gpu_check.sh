@@ -3,7 +3,7 @@
 #
 # Runs each piece under its own time limit, inside a total budget (8 minutes by default), and
 # prints ONE markdown table at the end, also written to $OUT/gpu-check.md (bench-out/ when OUT is
-# unset), with the pieces' logs beside it (gpu-check.log) and train_step.py's JSON reports.
+# unset), with the pieces' logs beside it (gpu-check.log), train_step.py's and rewrite.py's JSONs.
 # A piece that fails or runs out of time is a FAILED row with its log's last error line.
 #
 #   env          Python, torch, the GPU; which packages surd needs here are missing
@@ -13,6 +13,10 @@
 #                resumed; max abs diff of the final adapter weights and the history
 #   screen       `surd build screen --clip-model` (tiny CLIP), items/s, on cuda
 #   rewrite      `surd build rewrite --rewriter hf:` (tiny Llama), prompts/s, on cuda
+#   rewrite_vlm  bench/rewrite.py's vlm part on cuda: the tiny Idefics3 VLM (the pipeline's
+#                overhead, not a real model) over 512x384 JPEGs, images/s one at a time and
+#                batched (8, 32), 16 tokens each, and the vlm judge's pairs/s (~30 s). JSON:
+#                rewrite-vlm.json; the row is rewrite.py's own (--row)
 #   train_step_sdxl      bench/train_step.py --size sdxl --batch-size 8 (bf16, 1024 px, SDXL-base's
 #                UNet, gradient checkpointing on, 3 short rounds, ~90 s): (a) surd, (b) ceiling,
 #                samples/s and peak GiB; no (c): the released trainer never ran SDXL. JSON:
@@ -43,7 +47,7 @@
 #
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
-# The table comes back as $OUT/gpu-check.md, with gpu-check.log and the train-step JSONs.
+# The table comes back as $OUT/gpu-check.md, with gpu-check.log and the train-step/rewrite JSONs.
 #
 # Environment: SURD_GPU_CHECK_DEVICE (cuda; cpu = quick mode), SURD_GPU_CHECK_BUDGET (seconds,
 # 460), PYTHON (default: .venv/bin/python when there is one, else python3), SURD_WHEELS,
@@ -200,8 +204,9 @@ if [[ $QUICK == 1 ]]; then
         --warmup 0)
     # 2.6 B parameters: not a small model (nproc itself follows OMP_NUM_THREADS, set above)
     SDXL_ENV=(env "OMP_NUM_THREADS=$(env -u OMP_NUM_THREADS nproc)")
-    CAPS=(env=60 train_step=150 train_e2e=240 screen=90 rewrite=90 train_step_sdxl=300
-        train_step_compile=240)
+    VLM_ARGS=(--vlm-images 16 --vlm-single 4 --vlm-batch-sizes 8 --new-tokens 8)
+    CAPS=(env=60 train_step=150 train_e2e=240 screen=90 rewrite=90 rewrite_vlm=90
+        train_step_sdxl=300 train_step_compile=240)
     BUDGET=${SURD_GPU_CHECK_BUDGET:-1200}
     # inductor's C++ build of the UNet takes ~3 min on 2 cores: trace with dynamo and AOT
     # autograd but skip the code generation (SURD_GPU_CHECK_INDUCTOR=1 keeps inductor)
@@ -213,8 +218,9 @@ else
     STAGE_ARGS=(--items 2048 --warmup 64 --batch 256 --new-tokens 16)
     SDXL_ARGS=(--size sdxl --dtype bfloat16 --batch-size 8 --rounds 3 --steps 4 --warmup 2)
     SDXL_ENV=()
-    CAPS=(env=30 train_step=90 train_e2e=90 screen=45 rewrite=45 train_step_sdxl=90
-        train_step_compile=260)
+    VLM_ARGS=(--vlm-images 128 --vlm-single 16 --vlm-batch-sizes 8 32 --new-tokens 16)
+    CAPS=(env=30 train_step=90 train_e2e=90 screen=45 rewrite=45 rewrite_vlm=60
+        train_step_sdxl=90 train_step_compile=260)
 fi
 cap() { # the limit of piece $1 in CAPS
     local entry
@@ -232,6 +238,10 @@ run_piece train_step "$(cap train_step)" "${STAGE[@]}" train-step --row "$ROWS/t
 run_piece train_e2e "$(cap train_e2e)" "${STAGE[@]}" train --row "$ROWS/train_e2e"
 run_piece screen "$(cap screen)" "${STAGE[@]}" screen --row "$ROWS/screen" "${STAGE_ARGS[@]}"
 run_piece rewrite "$(cap rewrite)" "${STAGE[@]}" rewrite --row "$ROWS/rewrite" "${STAGE_ARGS[@]}"
+# bench/rewrite.py's vlm part alone (its other parts need no GPU); it writes the row itself
+run_piece rewrite_vlm "$(cap rewrite_vlm)" "$PY" bench/rewrite.py --device "$DEVICE" \
+    --skip hf openai rules openai-image --json "$RESULTS/rewrite-vlm.json" \
+    --row "$ROWS/rewrite_vlm" "${VLM_ARGS[@]}"
 # not through gpu_check.py's train-step (its row has a (c) column): train_step.py writes the row
 run_piece train_step_sdxl "$(cap train_step_sdxl)" "${SDXL_ENV[@]}" "$PY" bench/train_step.py \
     --device "$DEVICE" --json "$RESULTS/train-step-sdxl.json" --row "$ROWS/train_step_sdxl" \

@@ -1,16 +1,19 @@
 """``surd build screen``: score every sample so doubtful ones reach reviewers first.
 
-Two scores, each optional (give at least one model):
+Three scores, each optional (give at least one model):
 
 - ``clip_score``: image <-> narrative prompt (does the sentence say what the image shows?);
 - ``text_similarity``: narrative <-> keyword prompt, with prompt syntax (weights, LoRA tags)
-  removed first (did the rewrite keep the meaning?).
+  removed first (did the rewrite keep the meaning?);
+- ``judge_score``: a vision-language model's probability that the narrative matches the image
+  (:mod:`pipelines.judge`; it reads the sentence, so it sees wrong counts and colours).
 
-Thresholds (``min_clip_score``, ``min_text_similarity``) auto-reject: the screening row then
-carries ``review_status = rejected``, ``reviewer = surd-screen`` and tags naming the low scores.
-The screening table comes before ``reviews`` in the join, so a human's decision still wins, and
-a re-run with other thresholds moves samples in or out without recomputing a score: scores are
-cached by ``screening_key`` (models + image + both prompts), and a sample is done only when its
+Thresholds (``min_clip_score``, ``min_text_similarity``, ``min_judge_score``) auto-reject: the
+screening row then carries ``review_status = rejected``, ``reviewer = surd-screen`` and tags
+naming the low scores. The screening table comes before ``reviews`` in the join, so a human's
+decision still wins, and a re-run with other thresholds moves samples in or out without
+recomputing a score: scores are cached by ``screening_key`` (models + image + both prompts +
+the judge), and a sample is done only when its
 key and its verdict under the current thresholds both match what is stored.
 
 :func:`surd_builder.review.review_priority` orders samples most doubtful first; the annotation
@@ -28,10 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.base import IMAGE_BYTES, Stage, WorkerNeeds, shared_device
+from pipelines.judge import Judge
+from pipelines.rewriters.base import ItemFailed
 from pipelines.rewriters.rules import strip_prompt_syntax
 from pipelines.scorers import ClipScorer, TextEmbedder
 from surd_builder.ids import text_key
-from surd_builder.review import SCREEN_REVIEWER
+from surd_builder.review import SCREEN_REVIEWER, SCREEN_SCORES
 from surd_builder.schema import SAMPLE_SCHEMA
 from surd_builder.workspace import utc_now
 
@@ -40,26 +45,35 @@ if TYPE_CHECKING:
 
 LOW_CLIP_TAG = "low-clip-score"
 LOW_TEXT_TAG = "low-text-similarity"
-CACHED = ("cached_clip_score", "cached_text_similarity")
+LOW_JUDGE_TAG = "low-judge-score"
+SCORES = SCREEN_SCORES  # each one's column, in the order Thresholds.tags takes them
+CACHED = tuple(f"cached_{score}" for score in SCORES)
 
 
 @dataclass(frozen=True)
 class Thresholds:
     min_clip_score: float | None = None
     min_text_similarity: float | None = None
+    min_judge_score: float | None = None
 
-    def tags(self, clip_score: float | None, text_similarity: float | None) -> list[str]:
+    def tags(
+        self,
+        clip_score: float | None,
+        text_similarity: float | None,
+        judge_score: float | None = None,
+    ) -> list[str]:
         """The problems a sample's scores show (empty: it passes). A missing score never
         rejects: no evidence is not evidence of a bad sample."""
-        tags = []
-        if None not in (self.min_clip_score, clip_score) and clip_score < self.min_clip_score:
-            tags.append(LOW_CLIP_TAG)
-        if (
-            None not in (self.min_text_similarity, text_similarity)
-            and text_similarity < self.min_text_similarity
-        ):
-            tags.append(LOW_TEXT_TAG)
-        return tags
+        checks = (
+            (self.min_clip_score, clip_score, LOW_CLIP_TAG),
+            (self.min_text_similarity, text_similarity, LOW_TEXT_TAG),
+            (self.min_judge_score, judge_score, LOW_JUDGE_TAG),
+        )
+        return [
+            tag
+            for minimum, score, tag in checks
+            if minimum is not None and score is not None and score < minimum
+        ]
 
 
 class ScreenStage(Stage):
@@ -71,12 +85,13 @@ class ScreenStage(Stage):
         clip: ClipScorer | None = None,
         text: TextEmbedder | None = None,
         thresholds: Thresholds | None = None,
+        judge: Judge | None = None,
     ):
-        if clip is None and text is None:
-            raise ValueError("screening needs a CLIP model, a text model, or both")
-        self.clip, self.text = clip, text
+        if clip is None and text is None and judge is None:
+            raise ValueError("screening needs a CLIP model, a text model or a judge")
+        self.clip, self.text, self.judge = clip, text, judge
         self.thresholds = thresholds or Thresholds()
-        self.needs_images = clip is not None
+        self.needs_images = clip is not None or judge is not None
 
     @property
     def scored(self) -> int:
@@ -85,25 +100,35 @@ class ScreenStage(Stage):
         return self.counts["scored"]
 
     def worker_needs(self) -> WorkerNeeds:
-        models = [model for model in (self.clip, self.text) if model is not None]
-        return WorkerNeeds(device=shared_device(*(model.device_option for model in models)))
+        models = [model for model in (self.clip, self.text, self.judge) if model is not None]
+        needs = WorkerNeeds(device=shared_device(*(model.device_option for model in models)))
+        if self.judge is not None and self.clip is None and self.text is None:
+            return self.judge.worker_needs()  # a server judge: threads waiting, not a device
+        return needs
+
+    def environment(self) -> tuple[str, ...]:
+        return self.judge.environment() if self.judge is not None else ()
 
     def params(self) -> dict[str, Any]:
         return {
             "clip_model": self.clip.model if self.clip else None,
             "text_model": self.text.model if self.text else None,
+            "judge": self.judge.identity() if self.judge else None,
             "min_clip_score": self.thresholds.min_clip_score,
             "min_text_similarity": self.thresholds.min_text_similarity,
+            "min_judge_score": self.thresholds.min_judge_score,
         }
 
     def screening_key(self, image_sha256: str | None, narrative: str, keywords: str) -> str:
         identity = {
             "clip": self.clip.model if self.clip else None,
             "text": self.text.model if self.text else None,
-            "image": image_sha256 if self.clip else None,
+            "image": image_sha256 if (self.clip or self.judge) else None,
             "narrative": text_key(narrative),
             "keywords": text_key(keywords) if self.text else None,
         }
+        if self.judge is not None:  # absent otherwise: keys of earlier screenings stay valid
+            identity["judge"] = self.judge.identity()
         canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -120,20 +145,19 @@ class ScreenStage(Stage):
             self.screening_key(s, n, k) for s, n, k in zip(shas, narratives, keywords, strict=True)
         ]
         # every row ever written: a narrative changed and changed back finds its old scores
-        stored = workspace.read_table_history(
-            self.output_table, ["screening_key", "clip_score", "text_similarity"]
-        )
+        stored = workspace.read_table_history(self.output_table, ["screening_key", *SCORES])
         by_key = {
-            key: (clip, text)
-            for key, clip, text in zip(
+            key: scores
+            for key, *scores in zip(
                 stored["screening_key"].to_pylist(),
-                stored["clip_score"].to_pylist(),
-                stored["text_similarity"].to_pylist(),
+                *(stored[score].to_pylist() for score in SCORES),
                 strict=True,
             )
             if key is not None
         }
-        cached = [by_key.get(k, (None, None)) for k in keys]
+        cached = [by_key.get(k, (None,) * len(SCORES)) for k in keys]
+        if self.judge is not None and not all(k in by_key for k in keys):
+            self.judge.check_reachable()  # a judge server that is down or refuses images: now
         return pa.table(
             {
                 "sample_id": data["sample_id"],
@@ -144,15 +168,17 @@ class ScreenStage(Stage):
                 "complex_prompt": pa.array(keywords, pa.string()),
                 "screening_key": pa.array(keys, pa.string()),
                 "has_cache": pa.array([k in by_key for k in keys]),
-                CACHED[0]: pa.array([c[0] for c in cached], pa.float32()),
-                CACHED[1]: pa.array([c[1] for c in cached], pa.float32()),
+                **{
+                    name: pa.array([c[position] for c in cached], pa.float32())
+                    for position, name in enumerate(CACHED)
+                },
             }
         )
 
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
         """Same key and the same verdict under the current thresholds as stored."""
         current = workspace.read_table(
-            self.output_table, ["screening_key", "clip_score", "text_similarity", "review_status"]
+            self.output_table, ["screening_key", *SCORES, "review_status"]
         )
         stored = {row["sample_id"]: row for row in current.to_pylist()}
         done = set()
@@ -162,7 +188,7 @@ class ScreenStage(Stage):
             row = stored.get(sample_id)
             if row is None or row["screening_key"] != key:
                 continue
-            rejected = bool(self.thresholds.tags(row["clip_score"], row["text_similarity"]))
+            rejected = bool(self.thresholds.tags(*(row[score] for score in SCORES)))
             if rejected == (row["review_status"] == "rejected"):
                 done.add(sample_id)
         return done
@@ -172,6 +198,8 @@ class ScreenStage(Stage):
         rows = batch.to_pylist()
         clip_scores = [r[CACHED[0]] for r in rows]
         text_scores = [r[CACHED[1]] for r in rows]
+        judge_scores = [r[CACHED[2]] for r in rows]
+        keys = batch["screening_key"].to_pylist()
         todo = [i for i, r in enumerate(rows) if not r["has_cache"]]
         if self.clip is not None:
             with_image = [i for i in todo if rows[i].get(IMAGE_BYTES) is not None]
@@ -189,17 +217,34 @@ class ScreenStage(Stage):
             )
             for index, similarity in zip(with_keywords, similarities, strict=True):
                 text_scores[index] = similarity
+        if self.judge is not None:
+            with_image = [i for i in todo if rows[i].get(IMAGE_BYTES) is not None]
+            verdicts = self.judge.scores(
+                [rows[i][IMAGE_BYTES] for i in with_image],
+                [rows[i]["narrative_prompt"] for i in with_image],
+            )
+            for index, verdict in zip(with_image, verdicts, strict=True):
+                if isinstance(verdict, ItemFailed):
+                    # no score, which never rejects; no key either, so the next run asks again
+                    self.count("judge_failed")
+                    keys[index] = None
+                else:
+                    judge_scores[index] = verdict
         self.count("scored", len(todo))
 
         now = utc_now()
-        tags = [self.thresholds.tags(c, t) for c, t in zip(clip_scores, text_scores, strict=True)]
+        tags = [
+            self.thresholds.tags(*scores)
+            for scores in zip(clip_scores, text_scores, judge_scores, strict=True)
+        ]
         timestamp = SAMPLE_SCHEMA.field("reviewed_at").type
         return pa.table(
             {
                 "sample_id": batch["sample_id"],
                 "clip_score": pa.array(clip_scores, pa.float32()),
                 "text_similarity": pa.array(text_scores, pa.float32()),
-                "screening_key": batch["screening_key"],
+                "judge_score": pa.array(judge_scores, pa.float32()),
+                "screening_key": pa.array(keys, pa.string()),
                 "review_status": pa.array(["rejected" if t else None for t in tags], pa.string()),
                 "review_tags": pa.array([t or None for t in tags], pa.list_(pa.string())),
                 "reviewer": pa.array([SCREEN_REVIEWER if t else None for t in tags], pa.string()),

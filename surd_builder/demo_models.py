@@ -192,6 +192,118 @@ def save_tiny_blip(directory: Path) -> Path:
     return _save(Path(directory), model, processor)
 
 
+# A vision-language chat model's words: yes/no answers and the wording of surd's judge and vision
+# rewriter instructions, on top of the prompt words ("-" for "text-to-image").
+_VLM_TEXT = """
+yes no you check image images descriptions text dataset answer word or sentence does this describe
+what shows its subjects how many their colours they do setting without saying anything not show
+write short plain english that says look say main subject there doing as actually them also get
+keyword narrative prompt caption generated use only where confirms it name number colour place
+never leave out words engines camera settings artist names -
+"""
+VLM_WORDS = tuple(_VLM_TEXT.split())
+# SmolVLM's (Idefics3's) chat format: "<|im_start|>System: ...<end_of_utterance>\nUser:<image>...
+# <end_of_utterance>\nAssistant:", each content a string or a list of text/image parts.
+VLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+VLM_TILE = 32  # the tiny VLM's vision input: 32x32 tiles of 8x8 patches, 4 image tokens a tile
+
+
+def save_tiny_vlm(directory: Path) -> Path:
+    """Save a tiny Idefics3 (SmolVLM's architecture) chat VLM + ``Idefics3Processor``.
+
+    Loads with ``AutoModelForImageTextToText`` and ``AutoProcessor``, for tests of code that runs
+    a vision-language chat model (``vlm:`` rewriting and judging). Idefics3 rather than Qwen2-VL:
+    Qwen2-VL/2.5-VL processors (like SmolVLM's and Pixtral's) need torchvision, which surd does
+    not install; Idefics3's resolution is still dynamic: an image longer than one 32x32 tile is
+    split into up to 2x2 tiles plus a global view, 4 image tokens each.
+
+    The tokenizer is word-level over real words (lowercased first, so "Yes" is "yes"), with
+    "yes" and "no" single tokens and the family's special tokens (``<image>``,
+    ``<fake_token_around_image>``, ``<global-img>``, ``<row_i_col_j>``, ``<end_of_utterance>``,
+    ``<|im_start|>``); it pads on the left. The chat template is SmolVLM's. Weights are random
+    (seed 0), the language model's with ``initializer_range`` 0.1, so logits are of order 1 and
+    greedy choices are not near-ties (batched generation equals one conversation at a time).
+    """
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    image_tokens = ["<fake_token_around_image>", "<image>", "<global-img>"]
+    # The processor looks up a token per tile position, up to 6x6 (it uses at most 2x2 here).
+    image_tokens += [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)]
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", *image_tokens]
+    vocab = _words_vocab(specials, (*demo_words(), *VLM_WORDS))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Special tokens are matched before lowercasing and splitting, so "User:<image>" splits.
+    backend.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # as save_tiny_causal_lm
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        padding_side="left",
+        model_max_length=1024,
+    )
+    # The PIL backend: the default one needs torchvision. Images are resized to a longest side
+    # of 64 and cut into 32x32 tiles; one that fits a tile is not split (one global view).
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 2 * VLM_TILE}, max_image_size={"longest_edge": VLM_TILE}
+    )
+    patch, scale_factor = 8, 2
+    image_seq_len = (VLM_TILE // patch) ** 2 // scale_factor**2
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
+
+    torch.manual_seed(0)
+    special_ids = dict(pad_token_id=vocab["<pad>"], bos_token_id=vocab["<|im_start|>"])
+    special_ids["eos_token_id"] = vocab["<end_of_utterance>"]
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = Idefics3Config(
+        vision_config=dict(tower, image_size=VLM_TILE, patch_size=patch),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(vocab),
+            max_position_embeddings=1024,
+            **special_ids,
+        ),
+        scale_factor=scale_factor,
+        image_token_id=vocab["<image>"],
+        initializer_range=0.1,  # the text model's init (the vision tower keeps 0.02)
+        **special_ids,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.update(**special_ids)
+    return _save(Path(directory), model, processor)
+
+
 def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE in CLIP's layout: 256 byte symbols, the same + "</w>", merges, specials."""
     # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest to U+0100+.

@@ -12,6 +12,9 @@ import pyarrow as pa
 SCREEN_REVIEWER = "surd-screen"
 """The ``reviewer`` of a sample the screen's thresholds rejected (not a human's decision)."""
 
+SCREEN_SCORES = ("clip_score", "text_similarity", "judge_score")
+"""The screen's scores, each higher-is-better: what review order and annotation tasks read."""
+
 
 def review_priority(data: pa.Table) -> pa.Array:
     """Row order for human review, most doubtful first.
@@ -22,7 +25,7 @@ def review_priority(data: pa.Table) -> pa.Array:
     """
     count = data.num_rows
     worst = [None] * count
-    for column in ("clip_score", "text_similarity"):
+    for column in SCREEN_SCORES:
         if column not in data.column_names:
             continue
         values = data[column].to_pylist()

@@ -90,6 +90,11 @@ SAMPLE_SCHEMA = pa.schema(
         _field("clip_score", pa.float32(), "image <-> narrative_prompt similarity (CLIP)"),
         _field("text_similarity", pa.float32(), "narrative <-> keyword prompt text similarity"),
         _field(
+            "judge_score",
+            pa.float32(),
+            "a vision-language judge's probability (0..1) that the narrative matches the image",
+        ),
+        _field(
             "screening_key",
             pa.string(),
             "hash of (models, image, narrative, keyword prompt) the scores were computed from",
@@ -177,6 +182,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
                 "sample_id",
                 "clip_score",
                 "text_similarity",
+                "judge_score",
                 "screening_key",
                 "nsfw",
                 "review_status",
@@ -345,6 +351,7 @@ EXPORT_COLUMNS = (
     "review_tags",
     "clip_score",
     "text_similarity",
+    "judge_score",
     "phash",
     "hash_kind",
     "image_sha256",

@@ -19,6 +19,13 @@ Faults are queued with ``fail_next`` and consumed FIFO, one per chat-completions
 
 ``latency`` delays every request, to stand in for a model's per-request time when
 benchmarking a client's concurrency; ``max_concurrency`` records the peak reached.
+
+Vision: ``accepts_images=False`` answers any request with an ``image_url`` part as a text-only
+model behind vLLM does (HTTP 400 "<model> is not a multimodal model"), or with
+``image_refusal="llama.cpp"`` as llama.cpp's server started without ``--mmproj`` does (HTTP 500
+"image input is not supported by this server"); ``first_token_logprobs`` returns the first
+token's alternatives ``[(token, logprob), ...]`` for a request that asks for ``logprobs``, as a
+``choices[0].logprobs.content`` block (what a judge reads).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Responder = Callable[[dict[str, Any]], str]
+LogprobsFunction = Callable[[dict[str, Any]], list[tuple[str, float]]]
 
 FAULT_KINDS = ("timeout", "malformed", "no-choices", "disconnect")
 MALFORMED_BODY = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": ['
@@ -48,6 +56,17 @@ def message_text(content: Any) -> str:
         parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
         return "\n".join(str(p.get("text", "")) for p in parts)
     return ""
+
+
+def image_urls(body: dict[str, Any]) -> list[str]:
+    """Every ``image_url`` URL in a request's messages, in order."""
+    urls = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                urls.append(str((part.get("image_url") or {}).get("url", "")))
+    return urls
 
 
 def default_responder(body: dict[str, Any]) -> str:
@@ -91,8 +110,14 @@ class ChatCompletionsServer(ThreadingHTTPServer):
         api_key: str | None = None,
         known_models: list[str] | None = None,
         latency: float = 0.0,
+        accepts_images: bool = True,
+        image_refusal: str = "vllm",
+        first_token_logprobs: LogprobsFunction | None = None,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.accepts_images = accepts_images
+        self.image_refusal = image_refusal
+        self.first_token_logprobs = first_token_logprobs
         self.model = model
         self.responder: Responder = responder or default_responder
         self.api_key = api_key
@@ -352,6 +377,12 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"The model `{model}` does not exist."
             error = _error(message, "invalid_request_error", "model_not_found", "model")
             return self._send_json(404, error)
+        if not server.accepts_images and image_urls(body):
+            if server.image_refusal == "llama.cpp":  # llama-server without a projector
+                message = "image input is not supported by this server"
+                return self._send_json(500, _error(message, "server_error"))
+            message = f"{model} is not a multimodal model"  # vLLM serving a text-only model
+            return self._send_json(400, _error(message, "BadRequestError", None, "messages"))
         try:
             text = server.responder(body)
             if not isinstance(text, str):
@@ -368,6 +399,12 @@ class _Handler(BaseHTTPRequestHandler):
             len(message_text(m.get("content")).split()) for m in messages if isinstance(m, dict)
         )
         document = self._completion_document(model, text, finish, prompt_tokens)
+        if body.get("logprobs") and server.first_token_logprobs is not None:
+            alternatives = server.first_token_logprobs(body)
+            top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives]
+            top = top[: int(body.get("top_logprobs") or 0) or len(top)]
+            first = {**top[0], "top_logprobs": top} if top else None
+            document["choices"][0]["logprobs"] = {"content": [first] if first else []}
         self._send_json(200, document)
 
     def _completion_document(

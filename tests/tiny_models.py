@@ -21,5 +21,6 @@ from surd_builder.demo_models import (  # noqa: F401 (re-exported for the tests 
     save_tiny_sd2,
     save_tiny_sdxl,
     save_tiny_stable_diffusion,
+    save_tiny_vlm,
     tiny_unet,
 )

@@ -1,6 +1,7 @@
 """Rewriting backends: keyword prompt (and image) -> narrative prompt.
 
-``--rewriter`` picks one: ``rules``, ``hf:<model>``, ``openai:<base URL>``, ``caption:<model>``.
+``--rewriter`` picks one: ``rules``, ``hf:<model>``, ``openai:<base URL>`` (``--with-image``:
+the server's model sees the image too), ``caption:<model>``, ``vlm:<model>``.
 Each module holds one backend; :mod:`.base` is the interface, :mod:`.template` the instruction,
 :mod:`.cleaning` the output checks they all share. :func:`make_rewriter` is the one place that
 maps a spec string to a backend.
@@ -15,6 +16,7 @@ from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, Rewri
 from pipelines.rewriters.template import (
     DEFAULT_MERGE_TEMPLATE,
     DEFAULT_TEMPLATE,
+    DEFAULT_VISION_TEMPLATE,
     PromptTemplate,
     load_template,
 )
@@ -29,7 +31,7 @@ __all__ = [
     "make_rewriter",
 ]
 
-BACKENDS = ("rules", "hf", "openai", "caption")
+BACKENDS = ("rules", "hf", "openai", "caption", "vlm")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -37,8 +39,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     backend, _, target = spec.partition(":")
     if backend not in BACKENDS:
         raise InputError(
-            f"unknown rewriter {spec!r}: use rules, hf:<model>, openai:<base URL> or "
-            "caption:<model>"
+            f"unknown rewriter {spec!r}: use rules, hf:<model>, openai:<base URL>, "
+            "caption:<model> or vlm:<model>"
         )
     if backend == "rules":
         if target:
@@ -60,12 +62,34 @@ def make_rewriter(
     in whichever process runs the batch."""
     settings = settings or RewriteSettings()
     backend, target = parse_spec(spec)
-    if template is None:
-        template = (
-            load_template(_path(settings.template, base_dir))
-            if settings.template
-            else DEFAULT_TEMPLATE
+    sees_image = backend == "vlm" or (backend == "openai" and settings.with_image)
+    if settings.with_image and backend != "openai":
+        raise InputError(
+            "--with-image is for openai:<base URL> (vlm: and caption: always see the image)"
         )
+    if template is None:
+        if settings.template:
+            template = load_template(_path(settings.template, base_dir))
+        else:
+            template = DEFAULT_VISION_TEMPLATE if sees_image else DEFAULT_TEMPLATE
+    if template.places_image and not sees_image:
+        raise InputError(
+            f"the template places an {{image}}, but --rewriter {backend} does not see images "
+            "(use vlm:<model> or openai:<base URL> --with-image)"
+        )
+    if sees_image and template.uses_caption:
+        raise InputError("a rewriter that sees the image takes no {caption} in its template")
+    if backend == "vlm":
+        from pipelines.rewriters.vlm import VLMOptions, VLMRewriter
+
+        vlm_options = VLMOptions(
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.generation_batch_size,
+            image_max_side=settings.image_max_side,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+        return VLMRewriter(target, template, vlm_options)
     if backend == "rules":
         from pipelines.rewriters.rules import RulesRewriter
 
@@ -89,6 +113,8 @@ def make_rewriter(
             retries=settings.retries,
             read_timeout=settings.request_timeout,
             api_key_env=settings.api_key_env,
+            with_image=settings.with_image,
+            image_max_side=settings.image_max_side,
         )
         return OpenAIChatRewriter(target, settings.model, template, options)
     from pipelines.rewriters.caption import CaptionOptions, CaptionRewriter

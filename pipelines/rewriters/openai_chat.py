@@ -8,6 +8,12 @@ concurrently (a thread pool; the server batches them), each retried with exponen
 Errors that would fail every item the same way (401/403: bad key; 404: no such model or URL)
 stop the run with one line. The API key comes from an environment variable (``--api-key-env``,
 default ``OPENAI_API_KEY``), is sent only to the base URL's host, and is never logged or stored.
+
+With ``--with-image`` each request also carries the sample's image, downscaled to
+``--image-max-side`` (:mod:`.vision`), as a base64 ``image_url`` content part of the user turn:
+one call that sees the image and the keyword prompt. Before any work, one small request with an
+8x8 image checks that the server takes images: a text-only model or a server started without
+vision support is then one line, not a failure row per sample.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pipelines.base import WorkerNeeds
 from pipelines.fetch_errors import FetchError, Retryable, retry_after_seconds, with_retries
 from pipelines.rewriters.base import ItemFailed, Rewriter, RewriteRequest, RewriterUnavailable
 from pipelines.rewriters.template import DEFAULT_TEMPLATE, PromptTemplate
+from pipelines.rewriters.vision import DEFAULT_IMAGE_MAX_SIDE, UploadImage, upload_image
 from surd_builder.errors import InputError
 from surd_builder.models import without_credentials
 
@@ -43,6 +50,27 @@ class ChatOptions:
     read_timeout: float = 120.0
     retry_temperature: float = 0.7
     api_key_env: str = DEFAULT_API_KEY_ENV
+    with_image: bool = False  # send the image with each request (a vision model)
+    image_max_side: int = DEFAULT_IMAGE_MAX_SIDE
+
+
+Reader = Callable[[dict[str, Any]], Any]
+
+
+def completion_text(document: dict[str, Any]) -> str:
+    """The answer's text in a chat-completion document."""
+    return document["choices"][0]["message"]["content"] or ""
+
+
+def _probe_image() -> UploadImage:
+    """An 8x8 grey PNG: the smallest image every vision server decodes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
+    return UploadImage(buffer.getvalue(), "image/png", 8, 8)
 
 
 def _error_message(response) -> str:
@@ -76,6 +104,7 @@ class OpenAIChatRewriter(Rewriter):
             # never echo it: a key pasted here by mistake must not reach the terminal or logs
             raise InputError("--api-key-env takes the NAME of an environment variable, not a key")
         super().__init__(model)
+        self.uses_image = (options or ChatOptions()).with_image  # this instance's, not the class's
         self.base_url = base_url.rstrip("/")
         self.shown_url = without_credentials(self.base_url)  # for messages: no user:password@
         self.template = template
@@ -83,6 +112,7 @@ class OpenAIChatRewriter(Rewriter):
         self._sleep = sleep
         self._local = threading.local()
         self._reached = False  # set once the server has answered anything
+        self._took_image = False  # set once the server has answered a request with an image
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -103,11 +133,14 @@ class OpenAIChatRewriter(Rewriter):
 
     def identity(self) -> dict[str, Any]:
         # the server's address is not part of it: the same model behind another URL answers alike
-        return {
+        identity = {
             **super().identity(),
             "template": self.template.digest(),
             "max_tokens": self.options.max_tokens,
         }
+        if self.uses_image:  # what the model sees (the image's hash is in the cache key too)
+            identity["image_max_side"] = self.options.image_max_side
+        return identity
 
     def params(self) -> dict[str, Any]:
         return {
@@ -129,28 +162,58 @@ class OpenAIChatRewriter(Rewriter):
         return session
 
     def generate(self, requests: list[RewriteRequest], attempt: int) -> list[str | ItemFailed]:
-        conversations = [self.template.messages(r.complex_prompt, r.caption) for r in requests]
-        return self.complete_all(conversations, attempt)
+        if not self.uses_image:
+            conversations = [self.template.messages(r.complex_prompt, r.caption) for r in requests]
+            return self.complete_all(conversations, attempt)
+        answers: list[str | ItemFailed] = [ItemFailed("not-generated")] * len(requests)
+        conversations, asked = [], []
+        for index, request in enumerate(requests):
+            part = self.image_part(request.image)
+            if isinstance(part, ItemFailed):
+                answers[index] = part
+                continue
+            conversations.append(self.template.vision_messages(request.complex_prompt, part))
+            asked.append(index)
+        for index, answer in zip(asked, self.complete_all(conversations, attempt), strict=True):
+            answers[index] = answer
+        return answers
+
+    def image_part(self, image: bytes | None) -> dict[str, Any] | ItemFailed:
+        """The ``image_url`` content part for one stored image, encoded once (a retry of the
+        request sends the same body), or why it cannot be sent."""
+        if image is None:
+            return ItemFailed("no-image", "the sample has no stored image")
+        try:
+            return upload_image(image, self.options.image_max_side).content_part()
+        except ItemFailed as failure:
+            return failure
 
     def complete_all(
-        self, conversations: list[list[dict[str, str]]], attempt: int
-    ) -> list[str | ItemFailed]:
-        """One answer per conversation, ``concurrency`` requests in flight at a time.
+        self,
+        conversations: list[list[dict[str, Any]]],
+        attempt: int,
+        extra: dict[str, Any] | None = None,
+        read: Reader = completion_text,
+    ) -> list[Any]:
+        """One answer per conversation (``read`` from its completion, or an
+        :class:`ItemFailed`), ``concurrency`` requests in flight at a time; ``extra`` adds to
+        or replaces request fields (a judge asks for one token and its logprobs).
 
         Stops at the first error that concerns the whole server (bad key, no such model) and,
         until the server has answered once, when it cannot be reached: a run against a server
         that is down ends with one line instead of hours of retries."""
         if not conversations:
             return []
-        answers: list[str | ItemFailed] = []
+        answers: list[Any] = []
         if not self._reached:
             # one request alone first: a server that is down costs one item's retries, not all
-            answers.append(self._check_reached(self._complete(conversations[0], attempt)))
+            first = self._complete(conversations[0], attempt, extra, read)
+            answers.append(self._check_reached(first))
         rest = conversations[len(answers) :]
         workers = max(1, min(self.options.concurrency, len(rest)))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surd-chat")
         try:
-            futures = [pool.submit(self._complete, c, attempt) for c in rest]
+            futures = [pool.submit(self._complete, c, attempt, extra, read) for c in rest]
             answers += [future.result() for future in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -163,6 +226,7 @@ class OpenAIChatRewriter(Rewriter):
         import requests
 
         if self._reached:
+            self._check_takes_images()
             return
         timeout = self.options.connect_timeout
         try:
@@ -177,6 +241,41 @@ class OpenAIChatRewriter(Rewriter):
                 f"cannot reach {self.shown_url} (connection-error): is the server running?"
             ) from None
         self._reached = True
+        self._check_takes_images()
+
+    def _check_takes_images(self) -> None:
+        """With ``--with-image``: one request with an 8x8 image and a one-token answer. A server
+        that refuses it for a reason other than load (HTTP 400/422/500 "model does not support
+        images", "no mmproj", "0 images allowed") stops the run here, before any work."""
+        if not self.uses_image or self._took_image:
+            return
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What colour is this image? One word."},
+                    _probe_image().content_part(),
+                ],
+            }
+        ]
+        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0}
+        try:
+            with_retries(
+                lambda: self._post(body, completion_text, image_probe=True),
+                self.options.retries,
+                self.options.backoff_seconds,
+                self.options.max_wait_seconds,
+                self._sleep,
+            )
+        except (FetchError, ItemFailed) as error:
+            reason = error.reason
+            detail = f": {error.detail}" if error.detail else ""
+            raise RewriterUnavailable(
+                f"{self.shown_url} did not take an image for model {self.model!r} "
+                f"({reason}{detail}); serve a vision-language model with image input enabled, "
+                "or drop --with-image"
+            ) from None
+        self._took_image = True
 
     def _check_reached(self, answer: str | ItemFailed) -> str | ItemFailed:
         unreachable = isinstance(answer, ItemFailed) and answer.reason in (
@@ -189,17 +288,24 @@ class OpenAIChatRewriter(Rewriter):
             )
         return answer
 
-    def _complete(self, messages: list[dict[str, str]], attempt: int) -> str | ItemFailed:
+    def _complete(
+        self,
+        messages: list[dict[str, Any]],
+        attempt: int,
+        extra: dict[str, Any] | None = None,
+        read: Reader = completion_text,
+    ) -> Any:
         options = self.options
         body = {
             "model": self.model,
             "messages": messages,
             "max_tokens": options.max_tokens,
             "temperature": 0.0 if attempt == 0 else options.retry_temperature,
+            **(extra or {}),
         }
         try:
             return with_retries(
-                lambda: self._post(body),
+                lambda: self._post(body, read),
                 options.retries,
                 options.backoff_seconds,
                 options.max_wait_seconds,
@@ -210,7 +316,7 @@ class OpenAIChatRewriter(Rewriter):
         except ItemFailed as error:
             return error
 
-    def _post(self, body: dict[str, Any]) -> str:
+    def _post(self, body: dict[str, Any], read: Reader, image_probe: bool = False) -> Any:
         import requests
 
         url = f"{self.base_url}/chat/completions"
@@ -234,6 +340,9 @@ class OpenAIChatRewriter(Rewriter):
             raise RewriterUnavailable(
                 f"{self.shown_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
             )
+        if image_probe and status in (400, 415, 422, 500, 501):
+            # a refusal of the image itself, not load: retrying will not change it
+            raise ItemFailed(f"http-{status}", _error_message(response))
         if status == 429 or status >= 500:
             raise Retryable(
                 f"http-{status}",
@@ -243,6 +352,6 @@ class OpenAIChatRewriter(Rewriter):
         if status != 200:  # 400: e.g. the prompt is too long for the model; this item only
             raise ItemFailed(f"http-{status}", _error_message(response))
         try:
-            return response.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
+            return read(response.json())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise Retryable("bad-response", "answer is not a chat completion") from None

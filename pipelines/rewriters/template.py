@@ -10,9 +10,10 @@ template (as one text ending where the answer should start). Users replace it wi
     keyword_prompt = "3 red circles, blue background, 8k"
     narrative_prompt = "three red circles on a blue background"
 
-``user`` may use ``{keyword_prompt}`` and, for the caption-merge pass, ``{caption}``; nothing
-else. Its hash is part of the rewrite cache key, so editing the template redoes exactly the
-outputs it could change.
+``user`` may use ``{keyword_prompt}``, for the caption-merge pass ``{caption}``, and for
+rewriters that see the image (``vlm:``, ``openai: --with-image``) ``{image}``: where the image
+goes in the user turn (at the start when the template does not say). Nothing else. Its hash is
+part of the rewrite cache key, so editing the template redoes exactly the outputs it could change.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from surd_builder.errors import ConfigError
 
-PLACEHOLDERS = ("keyword_prompt", "caption")
+PLACEHOLDERS = ("keyword_prompt", "caption", "image")
+IMAGE_PLACEHOLDER = "{image}"
+# One content part of a multimodal user turn: {"type": "text", "text": ...} or the image's part.
+ContentPart = dict[str, Any]
 ANSWER_LABEL = "Narrative prompt:"
 
 
@@ -58,6 +63,10 @@ class PromptTemplate:
     def uses_caption(self) -> bool:
         return "{caption}" in self.user
 
+    @property
+    def places_image(self) -> bool:
+        return IMAGE_PLACEHOLDER in self.user
+
     def digest(self) -> str:
         """Stable hash of everything that shapes the model's input."""
         canonical = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -65,7 +74,46 @@ class PromptTemplate:
 
     def user_message(self, keyword_prompt: str, caption: str = "") -> str:
         # plain replacement, not str.format: prompts are full of braces
-        return self.user.replace("{keyword_prompt}", keyword_prompt).replace("{caption}", caption)
+        text = self.user.replace(IMAGE_PLACEHOLDER, "")
+        return text.replace("{keyword_prompt}", keyword_prompt).replace("{caption}", caption)
+
+    def user_parts(self, keyword_prompt: str, image_part: ContentPart) -> list[ContentPart]:
+        """The user turn of a model that sees the image: text parts around ``image_part``,
+        placed where ``{image}`` stands (first when the template has no ``{image}``)."""
+        user = self.user if self.places_image else IMAGE_PLACEHOLDER + self.user
+        before, _, after = user.partition(IMAGE_PLACEHOLDER)
+        parts: list[ContentPart] = []
+        for text, is_image in ((before, False), ("", True), (after, False)):
+            if is_image:
+                parts.append(image_part)
+                continue
+            text = text.replace(IMAGE_PLACEHOLDER, "")  # a second {image}: one image per turn
+            text = text.replace("{keyword_prompt}", keyword_prompt).strip()
+            if text:
+                parts.append({"type": "text", "text": text})
+        return parts
+
+    def vision_messages(
+        self, keyword_prompt: str, image_part: ContentPart, parts_everywhere: bool = False
+    ) -> list[dict[str, Any]]:
+        """Chat messages for a model that sees the image: the item's user turn holds
+        ``image_part``; examples stay text turns (they have no image). ``parts_everywhere``
+        writes every content as a list of parts, which some processors' chat templates need
+        (the OpenAI format takes plain strings for text-only turns)."""
+
+        def text(value: str) -> str | list[ContentPart]:
+            return [{"type": "text", "text": value}] if parts_everywhere else value
+
+        messages: list[dict[str, Any]] = []
+        if self.system.strip():
+            messages.append({"role": "system", "content": text(self.system)})
+        for example in self.examples:
+            messages.append(
+                {"role": "user", "content": text(self.user_message(example.keyword_prompt))}
+            )
+            messages.append({"role": "assistant", "content": text(example.narrative_prompt)})
+        messages.append({"role": "user", "content": self.user_parts(keyword_prompt, image_part)})
+        return messages
 
     def messages(self, keyword_prompt: str, caption: str = "") -> list[dict[str, str]]:
         """Chat messages: system, then each example as a user/assistant turn, then the item."""
@@ -143,6 +191,23 @@ DEFAULT_MERGE_TEMPLATE = PromptTemplate(
             caption="a man in armor standing in front of a building",
         ),
     ),
+)
+
+
+# For rewriters that see the image (``vlm:``, ``openai: --with-image``): one call that sees the
+# image and the keywords, the image deciding what is true.
+DEFAULT_VISION_TEMPLATE = PromptTemplate(
+    system=(
+        "You write one short, plain English sentence that says what an image shows, for a "
+        "text-to-image dataset. Look at the image and say its main subject, how many there "
+        "are, their colours, what they are doing and the setting, as the image actually shows "
+        "them. You also get the keyword prompt the image was generated with: use a keyword "
+        "only where the image confirms it (a name, a number, a colour, the place), and never "
+        "describe what the image does not show. Leave out quality and style words (8k, "
+        "masterpiece, highly detailed), render engines, camera settings and artist names. "
+        "Answer with the sentence only."
+    ),
+    user="{image}Keyword prompt: {keyword_prompt}",
 )
 
 

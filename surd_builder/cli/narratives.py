@@ -29,6 +29,31 @@ DtypeOption = Annotated[
 BatchSizeOption = Annotated[
     int, typer.Option(min=1, max=MAX_BATCH_SIZE, help="Items per batch (one Parquet part).")
 ]
+# the options of an OpenAI-compatible server, shared by `rewrite` and `screen --judge`
+ConcurrencyOption = Annotated[
+    int, typer.Option(min=1, max=1024, help="openai: requests in flight.")
+]
+ApiKeyEnvOption = Annotated[
+    str, typer.Option(help="openai: NAME of the environment variable holding the API key.")
+]
+RequestTimeoutOption = Annotated[
+    float, typer.Option(min=0.001, help="openai: seconds to wait for one answer.")
+]
+RetriesOption = Annotated[
+    int, typer.Option(min=0, help="openai: retries of a failed request (429, 5xx, timeout).")
+]
+WithImageOption = Annotated[
+    bool,
+    typer.Option(
+        help="openai: send the sample's image too (base64 image_url part), for a vision model."
+    ),
+]
+ImageMaxSideOption = Annotated[
+    int,
+    typer.Option(
+        min=32, max=8192, help="vlm / openai --with-image: longer side of the image sent, px."
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +96,8 @@ def rewrite(
         str,
         typer.Option(
             help="rules | hf:<model id or path> | openai:<base URL, e.g. "
-            "http://127.0.0.1:8000/v1> | caption:<model id or path>."
+            "http://127.0.0.1:8000/v1> | caption:<model id or path> | vlm:<vision-language "
+            "chat model id or path>."
         ),
     ] = RewriteSettings.rewriter,
     model: Annotated[
@@ -98,20 +124,14 @@ def rewrite(
         int, typer.Option(min=1, help="Longest answer, in tokens.")
     ] = RewriteSettings.max_new_tokens,
     generation_batch_size: Annotated[
-        int, typer.Option(min=1, help="hf/caption: prompts per generate() call.")
+        int, typer.Option(min=1, help="hf/caption/vlm: prompts per generate() call.")
     ] = RewriteSettings.generation_batch_size,
-    concurrency: Annotated[
-        int, typer.Option(min=1, max=1024, help="openai: requests in flight.")
-    ] = RewriteSettings.concurrency,
-    api_key_env: Annotated[
-        str, typer.Option(help="openai: NAME of the environment variable holding the API key.")
-    ] = RewriteSettings.api_key_env,
-    request_timeout: Annotated[
-        float, typer.Option(min=0.001, help="openai: seconds to wait for one answer.")
-    ] = RewriteSettings.request_timeout,
-    retries: Annotated[
-        int, typer.Option(min=0, help="openai: retries of a failed request (429, 5xx, timeout).")
-    ] = RewriteSettings.retries,
+    with_image: WithImageOption = RewriteSettings.with_image,
+    image_max_side: ImageMaxSideOption = RewriteSettings.image_max_side,
+    concurrency: ConcurrencyOption = RewriteSettings.concurrency,
+    api_key_env: ApiKeyEnvOption = RewriteSettings.api_key_env,
+    request_timeout: RequestTimeoutOption = RewriteSettings.request_timeout,
+    retries: RetriesOption = RewriteSettings.retries,
     min_words: Annotated[
         int, typer.Option(min=1, help="Shortest valid narrative, in words.")
     ] = RewriteSettings.min_words,
@@ -178,25 +198,52 @@ def screen(
         float | None,
         typer.Option(min=-1.0, max=1.0, help="Auto-reject below this text cosine."),
     ] = ScreenSettings.min_text_similarity,
+    judge: Annotated[
+        str,
+        typer.Option(
+            help="vlm:<model> | openai:<base URL> (with --with-image): a vision-language model "
+            "asked whether the narrative matches the image; stores judge_score (P(yes))."
+        ),
+    ] = ScreenSettings.judge,
+    judge_model: Annotated[
+        str, typer.Option(help="openai judge: the model name the server serves.")
+    ] = ScreenSettings.judge_model,
+    with_image: WithImageOption = ScreenSettings.with_image,
+    min_judge_score: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Auto-reject below this judge score."),
+    ] = ScreenSettings.min_judge_score,
+    image_max_side: ImageMaxSideOption = ScreenSettings.image_max_side,
+    concurrency: ConcurrencyOption = ScreenSettings.concurrency,
+    api_key_env: ApiKeyEnvOption = ScreenSettings.api_key_env,
+    request_timeout: RequestTimeoutOption = ScreenSettings.request_timeout,
+    retries: RetriesOption = ScreenSettings.retries,
     device: DeviceOption = ScreenSettings.device,
     dtype: DtypeOption = ScreenSettings.dtype,
     model_batch_size: Annotated[
-        int, typer.Option(min=1, help="Images or texts per model call.")
+        int, typer.Option(min=1, help="Images, texts or judged pairs per model call.")
     ] = ScreenSettings.model_batch_size,
     batch_size: BatchSizeOption = ScreenSettings.batch_size,
     *,
     run: StageRun,
     engine: EngineOptions,
 ) -> None:
-    """Score image <-> narrative (CLIP) and narrative <-> keywords; auto-reject by threshold."""
+    """Score image <-> narrative (CLIP, a VLM judge) and narrative <-> keywords; auto-reject by
+    threshold."""
+    from pipelines.judge import make_judge
     from pipelines.scorers import ClipScorer, TextEmbedder
     from pipelines.screen import ScreenStage, Thresholds
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
     settings = configured(ctx, load_config(ws.root).screen, dict(ctx.params))
-    if not (settings.clip_model or settings.text_model):
-        raise InputError("give --clip-model, --text-model or both (or set them in surd.toml)")
+    if not (settings.clip_model or settings.text_model or settings.judge):
+        raise InputError(
+            "give --clip-model, --text-model, --judge or several (or set them in surd.toml)"
+        )
+    if settings.with_image and not settings.judge.startswith("openai:"):
+        raise InputError("--with-image is for --judge openai:<base URL> (a vlm: judge sees it)")
+    judge = make_judge(settings.judge, settings) if settings.judge else None
     clip = text = None
     if settings.clip_model:
         clip = ClipScorer(
@@ -206,7 +253,8 @@ def screen(
         text = TextEmbedder(
             settings.text_model, settings.device, settings.dtype, settings.model_batch_size
         )
-    stage = ScreenStage(
-        clip, text, Thresholds(settings.min_clip_score, settings.min_text_similarity)
+    thresholds = Thresholds(
+        settings.min_clip_score, settings.min_text_similarity, settings.min_judge_score
     )
+    stage = ScreenStage(clip, text, thresholds, judge)
     print_run_report(run.run_stage(ctx, stage, ws, settings.batch_size, engine))
