@@ -28,7 +28,7 @@ Five parts, each printed as a table (all of it also in ``--json``):
    the client's cost per image of preparing the upload (``upload_image`` + base64, ms per image
    for 512x384 and 3000x2000 JPEGs at ``image_max_side`` 768 and 512, and the base64 KiB per
    request); requests/s per ``--concurrency`` level with 512x384 images (and one row with
-   3000x2000 ones: their encoding is done before the requests go out); p50/p95 latency of one
+   3000x2000 ones: each image is encoded on the thread that sends it); p50/p95 latency of one
    request per ``generate`` call, client side, against the server's ``--latency`` (text-only
    requests for comparison); and the ``openai`` judge (``top_logprobs`` yes/no) requests/s.
    Client and server share one Python process (and its GIL): at high concurrency the server's
@@ -205,7 +205,7 @@ class FixedLengthVLMRewriter(VLMRewriter):
     lengths: set[int]
     rows_with_eos: int
 
-    def generate_texts(self, prompts, images, attempt):
+    def generate(self, requests, attempt):
         model = self.load().model
         model.generation_config.min_new_tokens = self.options.max_new_tokens
         eos = model.generation_config.eos_token_id
@@ -224,7 +224,7 @@ class FixedLengthVLMRewriter(VLMRewriter):
 
         model.generate = counted
         try:
-            return super().generate_texts(prompts, images, attempt)
+            return super().generate(requests, attempt)
         finally:
             del model.generate  # the class's method again
 
@@ -317,7 +317,7 @@ def bench_vlm(args, results: dict) -> None:
         start = time.perf_counter()
         decoded = [model_image(data, args.image_max_side) for data in images[:repeat]]
         decode_ms = (time.perf_counter() - start) * 1000 / repeat
-        text = rewriter.render(rewriter.conversation(keyword_prompts[0]))
+        text = rewriter.render(rewriter.conversation(rewriter.template, keyword_prompts[0]))
         start = time.perf_counter()
         for chunk in range(0, repeat, 8):
             batch = decoded[chunk : chunk + 8]
@@ -368,18 +368,14 @@ def yes_no_logprobs(body: dict) -> list[tuple[str, float]]:
 
 
 def upload_costs(sources: dict[str, list[bytes]], sides: list[int]) -> list[dict]:
-    """ms per image of ``image_part`` (upload_image + base64) and the data URL's KiB."""
+    """ms per image of building the ``image_url`` part (upload_image + base64) and the data
+    URL's KiB."""
     from pipelines.rewriters.vision import upload_image
 
     rows = []
     for name, images in sources.items():
         for side in sides:
-            client = OpenAIChatRewriter(
-                "http://127.0.0.1:9/v1",
-                "bench",
-                options=ChatOptions(with_image=True, image_max_side=side),
-            )
-            client.image_part(images[0])  # warm-up: PIL's plugins
+            upload_image(images[0], side).content_part()  # warm-up: PIL's plugins
             rounds = max(1, 8 // len(images))
             start = time.perf_counter()
             for _ in range(rounds):
@@ -388,7 +384,7 @@ def upload_costs(sources: dict[str, list[bytes]], sides: list[int]) -> list[dict
             upload_ms = (time.perf_counter() - start) * 1000 / (rounds * len(images))
             start = time.perf_counter()
             for _ in range(rounds):
-                parts = [client.image_part(data) for data in images]
+                parts = [upload_image(data, side).content_part() for data in images]
             part_ms = (time.perf_counter() - start) * 1000 / (rounds * len(images))
             kib = sum(len(p["image_url"]["url"]) for p in parts) / len(parts) / 1024
             upload = upload_image(images[0], side)
@@ -485,7 +481,7 @@ def bench_openai_image(args, results: dict) -> None:
             runs.append(row)
             print(
                 f"openai-image concurrency {concurrency:>3}: {row['requests_per_s']:8.1f} "
-                f"requests/s ({count} requests, 512x384, {row['connections']} connections)"
+                f"requests/s ({count} requests, 512x384, {row['connections']} new connections)"
             )
         concurrency = max(args.concurrency)
         count = min(len(large_requests), 16)
@@ -510,7 +506,7 @@ def bench_openai_image(args, results: dict) -> None:
             print(
                 f"openai-image latency ({name:>5}, 1 request per call): p50 "
                 f"{stats['p50_s'] * 1000:6.1f} ms, p95 {stats['p95_s'] * 1000:6.1f} ms "
-                f"(server {args.latency * 1000:.0f} ms; {stats['connections']} connections "
+                f"(server {args.latency * 1000:.0f} ms; {stats['connections']} new connections "
                 f"for {stats['calls']} calls)"
             )
 

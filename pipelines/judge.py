@@ -38,6 +38,8 @@ JUDGE_TEMPLATE = PromptTemplate(
     ),
 )
 TOP_LOGPROBS = 10
+# a few tokens, not one: servers without logprobs answer "Yes." and are parsed
+JUDGE_FIELDS = {"max_tokens": 4, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
 _FIRST_WORD = re.compile(r"[a-z]+")
 
 
@@ -88,10 +90,14 @@ class VLMJudge(Judge):
         return self.rewriter.options.device
 
     def scores(self, images: list[bytes | None], narratives: list[str]) -> list[float | ItemFailed]:
-        conversations = [
-            JUDGE_TEMPLATE.vision_messages(n, {"type": "image"}, True) for n in narratives
-        ]
+        conversations = [self.rewriter.conversation(JUDGE_TEMPLATE, n) for n in narratives]
         return self.rewriter.yes_probability(conversations, images)
+
+
+def _word(token: Any) -> str:
+    """A token as a lowercase word: whitespace and the tokenizers' space markers (SentencePiece's
+    "\u2581", byte-level BPE's "\u0120" and "\u010a") and trailing punctuation removed."""
+    return str(token or "").strip(" \t\n\u2581\u0120\u010a").rstrip(".!,").lower()
 
 
 def logprob_score(document: dict[str, Any]) -> float:
@@ -99,12 +105,13 @@ def logprob_score(document: dict[str, Any]) -> float:
     server sent them, else the answer's first word (yes: 1.0, no: 0.0)."""
     choice = document["choices"][0]
     content = (choice.get("logprobs") or {}).get("content") or []
-    if content:
-        first = content[0]
+    # the first position that is not blank: a model may open with a space or a newline token
+    first = next((entry for entry in content if _word(entry.get("token"))), None)
+    if first is not None:
         candidates = first.get("top_logprobs") or [first]
         totals = {"yes": 0.0, "no": 0.0}
         for candidate in candidates:
-            word = str(candidate.get("token", "")).strip().lower()
+            word = _word(candidate.get("token"))
             if word in totals and candidate.get("logprob") is not None:
                 totals[word] += math.exp(float(candidate["logprob"]))
         if totals["yes"] + totals["no"] > 0:
@@ -120,6 +127,9 @@ class OpenAIJudge(Judge):
     def __init__(self, spec: str, client: Any):
         super().__init__(spec)
         self.client = client  # an OpenAIChatRewriter with with_image: its HTTP client
+        # the image check asks for logprobs too: a server refusing them (a hosted reasoning
+        # model) stops the run at once instead of failing every sample
+        client.probe_fields = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -143,21 +153,11 @@ class OpenAIJudge(Judge):
         self.client.check_reachable()
 
     def scores(self, images: list[bytes | None], narratives: list[str]) -> list[float | ItemFailed]:
-        results: list[float | ItemFailed] = [ItemFailed("not-judged")] * len(images)
-        conversations, asked = [], []
-        for index, (image, narrative) in enumerate(zip(images, narratives, strict=True)):
-            part = self.client.image_part(image)
-            if isinstance(part, ItemFailed):
-                results[index] = part
-                continue
-            conversations.append(JUDGE_TEMPLATE.vision_messages(narrative, part))
-            asked.append(index)
-        # a few tokens, not one: servers without logprobs answer "Yes." and are parsed
-        extra = {"max_tokens": 4, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
-        answers = self.client.complete_all(conversations, 0, extra, logprob_score)
-        for index, answer in zip(asked, answers, strict=True):
-            results[index] = answer
-        return results
+        conversations = [
+            self.client.vision_conversation(JUDGE_TEMPLATE, narrative, image)
+            for image, narrative in zip(images, narratives, strict=True)
+        ]
+        return self.client.complete_all(conversations, 0, JUDGE_FIELDS, logprob_score)
 
 
 def make_judge(spec: str, settings: ScreenSettings) -> Judge:
@@ -167,7 +167,7 @@ def make_judge(spec: str, settings: ScreenSettings) -> Judge:
         from pipelines.rewriters.vlm import VLMOptions, VLMRewriter
 
         options = VLMOptions(
-            batch_size=settings.model_batch_size,
+            batch_size=settings.judge_batch_size,
             image_max_side=settings.image_max_side,
             device=settings.device,
             dtype=settings.dtype,

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.base import IMAGE_BYTES, Stage, WorkerNeeds, shared_device
+from pipelines.base import (
+    FAILURE_DETAIL,
+    FAILURE_REASON,
+    IMAGE_BYTES,
+    Stage,
+    WorkerNeeds,
+    shared_device,
+)
 from pipelines.judge import Judge
 from pipelines.rewriters.base import ItemFailed
 from pipelines.rewriters.rules import strip_prompt_syntax
@@ -199,7 +206,7 @@ class ScreenStage(Stage):
         clip_scores = [r[CACHED[0]] for r in rows]
         text_scores = [r[CACHED[1]] for r in rows]
         judge_scores = [r[CACHED[2]] for r in rows]
-        keys = batch["screening_key"].to_pylist()
+        failures: dict[int, ItemFailed] = {}
         todo = [i for i, r in enumerate(rows) if not r["has_cache"]]
         if self.clip is not None:
             with_image = [i for i in todo if rows[i].get(IMAGE_BYTES) is not None]
@@ -225,9 +232,9 @@ class ScreenStage(Stage):
             )
             for index, verdict in zip(with_image, verdicts, strict=True):
                 if isinstance(verdict, ItemFailed):
-                    # no score, which never rejects; no key either, so the next run asks again
-                    self.count("judge_failed")
-                    keys[index] = None
+                    # a failure row (reason, detail) instead of the screening row: the sample
+                    # is not done, so the next run asks again
+                    failures[index] = verdict
                 else:
                     judge_scores[index] = verdict
         self.count("scored", len(todo))
@@ -238,16 +245,21 @@ class ScreenStage(Stage):
             for scores in zip(clip_scores, text_scores, judge_scores, strict=True)
         ]
         timestamp = SAMPLE_SCHEMA.field("reviewed_at").type
+        failed = [failures.get(index) for index in range(len(rows))]
         return pa.table(
             {
                 "sample_id": batch["sample_id"],
+                "source": batch["source"],
+                "source_item_id": batch["source_item_id"],
                 "clip_score": pa.array(clip_scores, pa.float32()),
                 "text_similarity": pa.array(text_scores, pa.float32()),
                 "judge_score": pa.array(judge_scores, pa.float32()),
-                "screening_key": pa.array(keys, pa.string()),
+                "screening_key": batch["screening_key"],
                 "review_status": pa.array(["rejected" if t else None for t in tags], pa.string()),
                 "review_tags": pa.array([t or None for t in tags], pa.list_(pa.string())),
                 "reviewer": pa.array([SCREEN_REVIEWER if t else None for t in tags], pa.string()),
                 "reviewed_at": pa.array([now if t else None for t in tags], timestamp),
+                FAILURE_REASON: pa.array([f.reason if f else None for f in failed], pa.string()),
+                FAILURE_DETAIL: pa.array([f.detail if f else None for f in failed], pa.string()),
             }
         )

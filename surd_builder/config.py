@@ -116,6 +116,7 @@ class ScreenSettings:
     judge_model: str = ""  # openai judge: the model name the server serves
     with_image: bool = False  # openai judge: send the image (required: the judge must see it)
     min_judge_score: float | None = None
+    judge_batch_size: int = 8  # vlm judge: pairs per forward pass (each image is many tokens)
     image_max_side: int = 768
     concurrency: int = 8  # openai judge: requests in flight
     api_key_env: str = "OPENAI_API_KEY"
@@ -128,6 +129,7 @@ class ScreenSettings:
 
     def __post_init__(self) -> None:
         _require(self.model_batch_size >= 1, "model_batch_size must be at least 1")
+        _require(self.judge_batch_size >= 1, "judge_batch_size must be at least 1")
         _require(32 <= self.image_max_side <= 8192, "image_max_side must be 32..8192")
         _require(1 <= self.concurrency <= 1024, "concurrency must be 1..1024")
         _require(self.request_timeout > 0, "request_timeout must be positive")

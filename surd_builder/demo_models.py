@@ -238,7 +238,6 @@ def save_tiny_vlm(directory: Path) -> Path:
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
         Idefics3Processor,
         PreTrainedTokenizerFast,
     )
@@ -265,7 +264,11 @@ def save_tiny_vlm(directory: Path) -> Path:
     )
     # The PIL backend: the default one needs torchvision. Images are resized to a longest side
     # of 64 and cut into 32x32 tiles; one that fits a tile is not split (one global view).
-    image_processor = Idefics3ImageProcessorPil(
+    try:  # transformers >= 5.2x names the PIL processor apart from the torchvision one
+        from transformers import Idefics3ImageProcessorPil as image_processor_class
+    except ImportError:
+        from transformers import Idefics3ImageProcessor as image_processor_class
+    image_processor = image_processor_class(
         size={"longest_edge": 2 * VLM_TILE}, max_image_size={"longest_edge": VLM_TILE}
     )
     patch, scale_factor = 8, 2

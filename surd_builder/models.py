@@ -307,18 +307,16 @@ def load_pretrained(loader: Callable[..., T], model: str, what: str, **kwargs: A
 
 def decode_rgb(images: list[bytes]) -> tuple[list[tuple[int, Any]], dict[int, str]]:
     """([(index, RGB PIL image)] of the images that decode, {index: error name} of the rest):
-    one unreadable image fails alone, never its batch."""
-    import io
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    one unreadable image fails alone, never its batch. Pixels as a viewer shows them
+    (:func:`surd_builder.viewing.viewed_rgb`: turned, 16-bit scaled, transparency on white)."""
+    from surd_builder.viewing import UnreadableImage, viewed_rgb
 
     decoded, failed = [], {}
     for index, data in enumerate(images):
         try:
-            with Image.open(io.BytesIO(data)) as image:  # turned as shown (EXIF orientation)
-                decoded.append((index, ImageOps.exif_transpose(image).convert("RGB")))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            failed[index] = type(error).__name__
+            decoded.append((index, viewed_rgb(data)))
+        except UnreadableImage as error:
+            failed[index] = str(error)
     return decoded, failed
 
 

@@ -25,7 +25,8 @@ model behind vLLM does (HTTP 400 "<model> is not a multimodal model"), or with
 ``image_refusal="llama.cpp"`` as llama.cpp's server started without ``--mmproj`` does (HTTP 500
 "image input is not supported by this server"); ``first_token_logprobs`` returns the first
 token's alternatives ``[(token, logprob), ...]`` for a request that asks for ``logprobs``, as a
-``choices[0].logprobs.content`` block (what a judge reads).
+``choices[0].logprobs.content`` block (what a judge reads); ``accepts_logprobs=False`` answers
+a request that asks for them with OpenAI's HTTP 400 for models without logprobs.
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class ChatCompletionsServer(ThreadingHTTPServer):
         accepts_images: bool = True,
         image_refusal: str = "vllm",
         first_token_logprobs: LogprobsFunction | None = None,
+        accepts_logprobs: bool = True,
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.accepts_images = accepts_images
         self.image_refusal = image_refusal
+        self.accepts_logprobs = accepts_logprobs
         self.first_token_logprobs = first_token_logprobs
         self.model = model
         self.responder: Responder = responder or default_responder
@@ -383,6 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send_json(500, _error(message, "server_error"))
             message = f"{model} is not a multimodal model"  # vLLM serving a text-only model
             return self._send_json(400, _error(message, "BadRequestError", None, "messages"))
+        if body.get("logprobs") and not server.accepts_logprobs:
+            # what OpenAI answers for a model without logprobs (its reasoning models)
+            message = "logprobs is not supported with this model."
+            return self._send_json(400, _error(message, "invalid_request_error", None, "logprobs"))
         try:
             text = server.responder(body)
             if not isinstance(text, str):

@@ -135,8 +135,8 @@ def bodies(server: ChatCompletionsServer) -> list[dict[str, Any]]:
 
 
 def judged(server: ChatCompletionsServer) -> list[dict[str, Any]]:
-    """The judge's questions (not the image checks before a run)."""
-    return [body for body in bodies(server) if body.get("logprobs")]
+    """The judge's questions (not the image checks before a run, which ask for one token)."""
+    return [body for body in bodies(server) if body.get("logprobs") and body["max_tokens"] > 1]
 
 
 def narratives(workspace: Workspace) -> dict[str, str]:
@@ -308,7 +308,9 @@ def test_a_server_without_image_support_stops_the_run_with_exit_7(
         assert len(lines) == 1 and "did not take an image" in lines[0], result.stderr
         assert "--with-image" in lines[0] and "Traceback" not in result.stderr
         # the check is the only completion request: no sample was sent, retried or failed
-        assert len(bodies(text_only)) == 2  # the rewriter's own check above, then the CLI's
+        checks = len(bodies(text_only))  # the rewriter's own check above, then the CLI's
+        assert checks == (2 if refusal == "vllm" else 4)  # a 500 is asked once more (load?)
+        assert all(body["max_tokens"] == 1 for body in bodies(text_only))
     assert ingested.read_table("narratives").num_rows == 0
     assert ingested.read_failures("rewrite").num_rows == 0
 
@@ -339,9 +341,11 @@ def test_judge_reads_logprobs_rejects_below_the_threshold_and_caches(ingested) -
         model=MODEL, responder=lambda body: "Yes", first_token_logprobs=judge_logprobs
     ) as server:
         run_stage(judge_stage(server, minimum=0.5), workspace, QUIET)
-        judged = bodies(server)[1:]
-        assert len(judged) == len(PROMPTS)
-        for body in judged:
+        probe, *questions = bodies(server)
+        assert probe["logprobs"] is True and probe["max_tokens"] == 1  # checked before any work
+        assert questions == judged(server) and len(questions) == len(PROMPTS)
+        judged_bodies = questions
+        for body in judged_bodies:
             assert body["logprobs"] is True and body["top_logprobs"] == 10
             assert body["max_tokens"] == 4 and body["temperature"] == 0.0
             image_part, text_part = body["messages"][-1]["content"]
@@ -380,13 +384,12 @@ def test_judge_without_logprobs_parses_the_answer_and_retries_what_it_cannot(ing
         rows = workspace.read_table("screening").to_pylist()
         items = {r["sample_id"]: r["source_item_id"] for r in workspace.dataset().to_pylist()}
         scores = {items[r["sample_id"]]: r["judge_score"] for r in rows}
-        assert scores == {
-            "photo.jpg": 1.0,
-            "small.png": 0.0,
-            "shared-a.png": None,
-            "shared-b.png": None,
-        }
-        assert stage.counts["judge_failed"] == 2
+        assert scores == {"photo.jpg": 1.0, "small.png": 0.0}  # the others are failure rows
+        failures = workspace.read_failures("screen").to_pylist()
+        assert sorted((items[f["sample_id"]], f["reason"], f["detail"]) for f in failures) == [
+            ("shared-a.png", "judge-unparsed", "i cannot tell"),
+            ("shared-b.png", "judge-unparsed", "i cannot tell"),
+        ]
         asked = len(judged(server))
         answers["circle"] = "yes"
         run_stage(judge_stage(server), workspace, QUIET)  # only the unparsed two are asked again
@@ -405,6 +408,29 @@ def test_logprob_score_sums_spellings_and_falls_back_to_the_text() -> None:
 
     spelled = [("yes", math.log(0.3)), (" Yes", math.log(0.3)), ("no", math.log(0.2))]
     assert logprob_score(document("yes", spelled)) == pytest.approx(0.75)
+    marked = [("\u2581Yes", math.log(0.6)), ("\u0120no", math.log(0.2)), ("No.", math.log(0.2))]
+    assert logprob_score(document("Yes", marked)) == pytest.approx(0.6)
+    opening = {
+        "choices": [
+            {
+                "message": {"content": "\nNo"},
+                "logprobs": {
+                    "content": [
+                        {"token": "\n", "logprob": -0.01, "top_logprobs": []},
+                        {
+                            "token": "No",
+                            "logprob": math.log(0.9),
+                            "top_logprobs": [
+                                {"token": "No", "logprob": math.log(0.9)},
+                                {"token": "Yes", "logprob": math.log(0.1)},
+                            ],
+                        },
+                    ]
+                },
+            }
+        ]
+    }
+    assert logprob_score(opening) == pytest.approx(0.1)  # the newline token is skipped
     assert logprob_score(document("No", None)) == 0.0
     assert logprob_score(document("Yes!", [("Sure", -0.1)])) == 1.0  # no yes/no among them
     with pytest.raises(ItemFailed, match="judge-unparsed"):
@@ -518,3 +544,127 @@ def test_hostile_images_reach_the_model_as_a_viewer_shows_them(name: str) -> Non
             assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
         elif "x" in expected:
             assert image.size == tuple(int(v) for v in expected.split("x"))
+
+
+# ----------------------------------------------------------------------------- client costs
+class ConnectionCountingServer(ChatCompletionsServer):
+    """Counts the TCP connections clients open."""
+
+    connections = 0
+
+    def process_request(self, request, client_address) -> None:
+        self.connections += 1
+        super().process_request(request, client_address)
+
+
+def test_batches_reuse_their_connections_and_encode_images_on_the_sending_threads(
+    monkeypatch,
+) -> None:
+    import threading
+
+    import pipelines.rewriters.openai_chat as openai_chat
+
+    encoded_on: set[str] = set()
+    real_upload = openai_chat.upload_image
+
+    def recording_upload(data: bytes, max_side: int):
+        encoded_on.add(threading.current_thread().name)
+        return real_upload(data, max_side)
+
+    monkeypatch.setattr(openai_chat, "upload_image", recording_upload)
+    with ConnectionCountingServer(model=MODEL, responder=describing_responder) as server:
+        chat = vision_rewriter(server, concurrency=4)
+        chat.check_reachable()
+        before = server.connections
+        for batch in range(3):
+            requests = [RewriteRequest(f"{n} red foxes, 8k", png((n, batch, 9))) for n in range(8)]
+            answers = chat.generate(requests, 0)
+            assert all(isinstance(a, str) for a in answers)
+        # 24 requests over 3 batches: each of the 4 sending threads keeps its connection
+        assert server.connections - before <= 4
+    assert encoded_on and all(name.startswith("surd-chat") for name in encoded_on)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_no_smaller_than_the_target() -> None:
+    from surd_builder.viewing import open_image
+
+    image, stored = open_image(photo((3000, 2000)), 768)
+    assert stored == (3000, 2000) and image.size == (1500, 1000)  # 1/2: 1/4 would be < 768
+    image, _ = open_image(photo((3000, 2000)), 256)
+    assert image.size == (375, 250)  # 1/8
+    assert upload_image(photo((3000, 2000)), 768).width == 768
+    exact = photo((1536, 1024))  # decoded at exactly 768 wide: still a resized upload
+    sent = upload_image(exact, 768)
+    assert sent.data != exact and (sent.width, sent.height) == (768, 512)
+
+
+def test_damaged_images_only_ever_fail_as_unreadable() -> None:
+    """Seeded fuzzing: bytes of real encodings with a few bytes changed. Whatever the decoder
+    raises (a TIFF's broken second frame raises TypeError, a broken PNG SyntaxError) must be
+    the sample's failure, never an exception that ends the run."""
+    import random
+    import warnings
+
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    seeds = [
+        encoded(base, "JPEG", exif=exif),
+        encoded(base, "PNG"),
+        encoded(base, "GIF"),
+        encoded(base, "TIFF", exif=exif),
+        encoded(base, "WEBP"),
+        encoded(Image.fromarray(np.full((20, 25), 40000, np.uint16)), "PNG"),
+    ]
+    chooser = random.Random(0)
+    outcomes = {"ok": 0, "failed": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about corrupt EXIF blocks
+        for _ in range(1000):  # the old decoding let a TypeError out at the 629th
+            data = bytearray(chooser.choice(seeds))
+            for _ in range(chooser.randint(1, 8)):
+                data[chooser.randrange(len(data))] = chooser.randrange(256)
+            for prepare in (upload_image, model_image):
+                try:
+                    prepare(bytes(data), 32)
+                    outcomes["ok"] += 1
+                except ItemFailed as failure:
+                    assert failure.reason == "image-unreadable"
+                    outcomes["failed"] += 1
+    assert outcomes["ok"] > 0 and outcomes["failed"] > 0  # both kinds were exercised
+
+
+def test_a_judge_server_refusing_logprobs_stops_before_any_work(ingested) -> None:
+    workspace = with_narratives(ingested)
+    with ChatCompletionsServer(model=MODEL, accepts_logprobs=False) as server:
+        result = run_surd(
+            "build",
+            "screen",
+            "-w",
+            str(workspace.root),
+            "--judge",
+            f"openai:{server.base_url}",
+            "--judge-model",
+            MODEL,
+            "--with-image",
+            "--no-progress",
+        )
+        assert result.returncode == 7, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "did not take an image and logprobs, top_logprobs" in line
+        assert "logprobs is not supported" in line
+        assert [body["max_tokens"] for body in bodies(server)] == [1]  # the check alone
+        probe_image = decoded(image_urls(bodies(server)[0])[0])
+        with Image.open(io.BytesIO(probe_image)) as image:
+            assert image.size == (64, 64)  # above every processor's minimum side
+    assert workspace.read_table("screening").num_rows == 0
+
+
+def test_judge_options_without_a_judge_are_one_line_errors(ingested) -> None:
+    for option in (["--min-judge-score", "0.5"], ["--judge-model", MODEL]):
+        result = run_surd(
+            "build", "screen", "-w", str(ingested.root), "--text-model", "minilm", *option
+        )
+        assert result.returncode == 2, result.stderr
+        assert "only with --judge" in result.stderr and "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ default ``OPENAI_API_KEY``), is sent only to the base URL's host, and is never l
 With ``--with-image`` each request also carries the sample's image, downscaled to
 ``--image-max-side`` (:mod:`.vision`), as a base64 ``image_url`` content part of the user turn:
 one call that sees the image and the keyword prompt. Before any work, one small request with an
-8x8 image checks that the server takes images: a text-only model or a server started without
+64x64 image checks that the server takes images: a text-only model or a server started without
 vision support is then one line, not a failure row per sample.
 """
 
@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -55,6 +55,11 @@ class ChatOptions:
 
 
 Reader = Callable[[dict[str, Any]], Any]
+PROBE_SIDE = 64
+Messages = list[dict[str, Any]]
+# a conversation, or how to build it on the worker thread that sends it (encoding an image is
+# CPU work: done there, the images of a batch are encoded in parallel and not all held at once)
+Conversation = Messages | Callable[[], "Messages | ItemFailed"]
 
 
 def completion_text(document: dict[str, Any]) -> str:
@@ -63,14 +68,15 @@ def completion_text(document: dict[str, Any]) -> str:
 
 
 def _probe_image() -> UploadImage:
-    """An 8x8 grey PNG: the smallest image every vision server decodes."""
+    """A 64x64 grey PNG: small, and above every processor's minimum side (Qwen2-VL and GLM-4V
+    refuse sides under 28 px)."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
-    return UploadImage(buffer.getvalue(), "image/png", 8, 8)
+    Image.new("RGB", (PROBE_SIDE, PROBE_SIDE), (128, 128, 128)).save(buffer, format="PNG")
+    return UploadImage(buffer.getvalue(), "image/png", PROBE_SIDE, PROBE_SIDE)
 
 
 def _error_message(response) -> str:
@@ -111,12 +117,17 @@ class OpenAIChatRewriter(Rewriter):
         self.options = options or ChatOptions()
         self._sleep = sleep
         self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None  # kept: its threads keep their connections
         self._reached = False  # set once the server has answered anything
         self._took_image = False  # set once the server has answered a request with an image
+        # request fields the image check sends too (a judge's logprobs): a server refusing them
+        # is found before any work, not as a failure row per sample
+        self.probe_fields: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_local"] = None
+        state["_pool"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -165,32 +176,41 @@ class OpenAIChatRewriter(Rewriter):
         if not self.uses_image:
             conversations = [self.template.messages(r.complex_prompt, r.caption) for r in requests]
             return self.complete_all(conversations, attempt)
-        answers: list[str | ItemFailed] = [ItemFailed("not-generated")] * len(requests)
-        conversations, asked = [], []
-        for index, request in enumerate(requests):
-            part = self.image_part(request.image)
-            if isinstance(part, ItemFailed):
-                answers[index] = part
-                continue
-            conversations.append(self.template.vision_messages(request.complex_prompt, part))
-            asked.append(index)
-        for index, answer in zip(asked, self.complete_all(conversations, attempt), strict=True):
-            answers[index] = answer
-        return answers
+        conversations = [
+            self.vision_conversation(self.template, r.complex_prompt, r.image) for r in requests
+        ]
+        return self.complete_all(conversations, attempt)
 
-    def image_part(self, image: bytes | None) -> dict[str, Any] | ItemFailed:
-        """The ``image_url`` content part for one stored image, encoded once (a retry of the
-        request sends the same body), or why it cannot be sent."""
-        if image is None:
-            return ItemFailed("no-image", "the sample has no stored image")
-        try:
-            return upload_image(image, self.options.image_max_side).content_part()
-        except ItemFailed as failure:
-            return failure
+    def vision_conversation(
+        self, template: PromptTemplate, text: str, image: bytes | None
+    ) -> Callable[[], Messages | ItemFailed]:
+        """Builds ``template``'s messages for ``text`` with ``image`` as an ``image_url`` part,
+        on the thread that sends them (encoded once: a retry of the request sends the same
+        body), or says why the image cannot be sent."""
+
+        def build() -> Messages | ItemFailed:
+            if image is None:
+                return ItemFailed("no-image", "the sample has no stored image")
+            try:
+                part = upload_image(image, self.options.image_max_side).content_part()
+            except ItemFailed as failure:
+                return failure
+            return template.vision_messages(text, part)
+
+        return build
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """One pool for the rewriter's life: its threads' sessions keep their connections
+        between batches (no new TCP and TLS handshakes per batch)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.options.concurrency, thread_name_prefix="surd-chat"
+            )
+        return self._pool
 
     def complete_all(
         self,
-        conversations: list[list[dict[str, Any]]],
+        conversations: list[Conversation],
         attempt: int,
         extra: dict[str, Any] | None = None,
         read: Reader = completion_text,
@@ -210,13 +230,16 @@ class OpenAIChatRewriter(Rewriter):
             first = self._complete(conversations[0], attempt, extra, read)
             answers.append(self._check_reached(first))
         rest = conversations[len(answers) :]
-        workers = max(1, min(self.options.concurrency, len(rest)))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="surd-chat")
+        pool = self._executor()
+        futures = [pool.submit(self._complete, c, attempt, extra, read) for c in rest]
         try:
-            futures = [pool.submit(self._complete, c, attempt, extra, read) for c in rest]
             answers += [future.result() for future in futures]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            # the run stops (bad key, Ctrl-C): nothing queued is sent, nothing in flight is left
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
         return answers
 
     def check_reachable(self) -> None:
@@ -244,9 +267,10 @@ class OpenAIChatRewriter(Rewriter):
         self._check_takes_images()
 
     def _check_takes_images(self) -> None:
-        """With ``--with-image``: one request with an 8x8 image and a one-token answer. A server
-        that refuses it for a reason other than load (HTTP 400/422/500 "model does not support
-        images", "no mmproj", "0 images allowed") stops the run here, before any work."""
+        """With ``--with-image``: one request with a 64x64 image and a one-token answer (plus
+        :attr:`probe_fields`). A server that refuses it (HTTP 400/415/422/501 at once, a 500
+        again after one retry: "is not a multimodal model", "image input is not supported",
+        "0 images allowed") stops the run here, before any work."""
         if not self.uses_image or self._took_image:
             return
         messages = [
@@ -258,11 +282,17 @@ class OpenAIChatRewriter(Rewriter):
                 ],
             }
         ]
-        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            **self.probe_fields,
+        }
         try:
             with_retries(
                 lambda: self._post(body, completion_text, image_probe=True),
-                self.options.retries,
+                1,  # a 500 may be load: once more; llama.cpp's refusal is a 500 too
                 self.options.backoff_seconds,
                 self.options.max_wait_seconds,
                 self._sleep,
@@ -270,8 +300,9 @@ class OpenAIChatRewriter(Rewriter):
         except (FetchError, ItemFailed) as error:
             reason = error.reason
             detail = f": {error.detail}" if error.detail else ""
+            asked = " and " + ", ".join(sorted(self.probe_fields)) if self.probe_fields else ""
             raise RewriterUnavailable(
-                f"{self.shown_url} did not take an image for model {self.model!r} "
+                f"{self.shown_url} did not take an image{asked} for model {self.model!r} "
                 f"({reason}{detail}); serve a vision-language model with image input enabled, "
                 "or drop --with-image"
             ) from None
@@ -290,11 +321,14 @@ class OpenAIChatRewriter(Rewriter):
 
     def _complete(
         self,
-        messages: list[dict[str, Any]],
+        conversation: Conversation,
         attempt: int,
         extra: dict[str, Any] | None = None,
         read: Reader = completion_text,
     ) -> Any:
+        messages = conversation() if callable(conversation) else conversation
+        if isinstance(messages, ItemFailed):
+            return messages
         options = self.options
         body = {
             "model": self.model,
@@ -340,7 +374,7 @@ class OpenAIChatRewriter(Rewriter):
             raise RewriterUnavailable(
                 f"{self.shown_url}: HTTP 404 for model {self.model!r}: {_error_message(response)}"
             )
-        if image_probe and status in (400, 415, 422, 500, 501):
+        if image_probe and status in (400, 415, 422, 501):
             # a refusal of the image itself, not load: retrying will not change it
             raise ItemFailed(f"http-{status}", _error_message(response))
         if status == 429 or status >= 500:

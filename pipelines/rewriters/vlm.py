@@ -18,6 +18,7 @@ one forward pass, the first answer token's probability of "yes" against "no".
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,8 +37,7 @@ from surd_builder.models import (
 )
 
 YES_WORDS = ("yes", "Yes", "YES")
-# what a processor raises for an input it cannot take (one image; the others still can)
-PROCESSOR_ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
+_SPACE_MARKERS = " \t\n\u2581\u0120\u010a"  # whitespace, SentencePiece's "▁", byte-BPE's "Ġ" "Ċ"
 NO_WORDS = ("no", "No", "NO")
 
 
@@ -145,9 +145,20 @@ class VLMRewriter(Rewriter):
             messages, tokenize=False, add_generation_prompt=True
         )
 
-    def conversation(self, keyword_prompt: str) -> list[dict[str, Any]]:
-        # processors' chat templates want every content as a list of parts
-        return self.template.vision_messages(keyword_prompt, {"type": "image"}, True)
+    def conversation(self, template: PromptTemplate, text: str) -> list[dict[str, Any]]:
+        """``template``'s messages for ``text`` with the image part, every content a list of
+        parts (what processors' chat templates want). The model's own special tokens are taken
+        out of ``text``: a keyword prompt with ``<image>`` in it would otherwise claim a second
+        image (the processor refuses the count) or steer the chat format."""
+        return template.vision_messages(self._without_special_tokens(text), {"type": "image"}, True)
+
+    def _without_special_tokens(self, text: str) -> str:
+        tokenizer = self.load().processor.tokenizer
+        cleaned = text
+        for token in sorted(set(tokenizer.all_special_tokens), key=len, reverse=True):
+            if len(token) > 1:
+                cleaned = cleaned.replace(token, " ")
+        return text if cleaned == text else " ".join(cleaned.split())
 
     def _images(self, images: list[bytes | None]) -> tuple[dict[int, Any], dict[int, ItemFailed]]:
         decoded: dict[int, Any] = {}
@@ -162,67 +173,63 @@ class VLMRewriter(Rewriter):
                 failed[index] = failure
         return decoded, failed
 
-    def _encode_chunk(
-        self, chunk: list[int], prompts: dict[int, str], images: dict[int, Any]
-    ) -> tuple[Any, list[int], dict[int, ItemFailed]]:
-        """(model inputs, the indices they hold, failures) for one batch. A processor that
-        refuses one image (Qwen2-VL: an aspect ratio over 200; a size its tiling cannot take)
-        fails that item alone: the batch is encoded again without it."""
-        try:
-            return self._encode([prompts[i] for i in chunk], [images[i] for i in chunk]), chunk, {}
-        except PROCESSOR_ERRORS:
-            pass
-        failed: dict[int, ItemFailed] = {}
-        for index in chunk:
-            try:
-                self._encode([prompts[index]], [images[index]])
-            except PROCESSOR_ERRORS as error:
-                detail = f"{type(error).__name__}: {error}"[:300]
-                failed[index] = ItemFailed("image-unprocessable", detail)
-        kept = [index for index in chunk if index not in failed]
-        if not kept:
-            return None, [], failed
-        return self._encode([prompts[i] for i in kept], [images[i] for i in kept]), kept, failed
-
     def _encode(self, prompts: list[str], images: list[Any]):
+        """Model inputs for a batch: padded on the left, on the device; float inputs (pixel
+        values, whatever else a family adds) in the model's dtype, integer ones (ids, masks,
+        image grids and sizes) as they are."""
         loaded = self.load()
         encoded = loaded.processor(
             text=prompts, images=[[image] for image in images], padding=True, return_tensors="pt"
-        ).to(loaded.device)
-        for name in ("pixel_values", "pixel_values_videos"):
-            if name in encoded and encoded[name].is_floating_point():
-                encoded[name] = encoded[name].to(loaded.dtype)
-        return encoded
+        )
+        return encoded.to(loaded.device, dtype=loaded.dtype)
+
+    def _batches(
+        self, conversations: list[list[dict[str, Any]]], images: list[bytes | None]
+    ) -> Iterator[tuple[list[int], Any, dict[int, ItemFailed]]]:
+        """(indices, model inputs, failures) per batch of ``batch_size`` conversations, sorted by
+        rendered length (less padding). Images that do not decode, and images the processor
+        refuses (Qwen2-VL: an aspect ratio over 200, with a ``ValueError``), fail alone: the
+        batch is encoded again without them. Anything else the processor raises (a bug, out of
+        memory) stops the run."""
+        decoded, failed = self._images(images)
+        if failed:
+            yield [], None, failed
+        prompts = {i: self.render(conversations[i]) for i in decoded}
+        order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+        for chunk in batched(order, self.options.batch_size):
+            refused: dict[int, ItemFailed] = {}
+            try:
+                encoded = self._encode([prompts[i] for i in chunk], [decoded[i] for i in chunk])
+            except ValueError:
+                for index in chunk:
+                    try:
+                        self._encode([prompts[index]], [decoded[index]])
+                    except ValueError as error:
+                        detail = f"the processor refused it: {error}"[:300]
+                        refused[index] = ItemFailed("image-unprocessable", detail)
+                chunk = [index for index in chunk if index not in refused]
+                if not refused:
+                    raise  # no one image is at fault: not the data's problem
+                encoded = None
+                if chunk:
+                    encoded = self._encode([prompts[i] for i in chunk], [decoded[i] for i in chunk])
+            yield chunk, encoded, refused
 
     # ----------------------------------------------------------------- rewriting
     def generate(self, requests: list[RewriteRequest], attempt: int) -> list[str | ItemFailed]:
-        answers: list[str | ItemFailed] = [ItemFailed("not-generated")] * len(requests)
-        decoded, failed = self._images([r.image for r in requests])
-        for index, failure in failed.items():
-            answers[index] = failure
-        prompts = {i: self.render(self.conversation(requests[i].complex_prompt)) for i in decoded}
-        texts = self.generate_texts(prompts, decoded, attempt)
-        for index, text in texts.items():
-            answers[index] = text
-        return answers
-
-    def generate_texts(
-        self, prompts: dict[int, str], images: dict[int, Any], attempt: int
-    ) -> dict[int, str | ItemFailed]:
-        """Continue each rendered prompt with its image; answers by the same keys (a failure
-        for an image the processor refuses)."""
+        """One answer per request, greedy on the first attempt, sampled on retries."""
         import torch
 
         loaded = self.load()
         tokenizer = loaded.processor.tokenizer
-        order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+        conversations = [self.conversation(self.template, r.complex_prompt) for r in requests]
+        answers: list[str | ItemFailed] = [ItemFailed("not-generated")] * len(requests)
         sampling: dict[str, Any] = {"do_sample": False}
         if attempt > 0:
             sampling = {"do_sample": True, "temperature": self.options.retry_temperature}
-        answers: dict[int, str | ItemFailed] = {}
-        for chunk in batched(order, self.options.batch_size):
-            encoded, chunk, failed = self._encode_chunk(chunk, prompts, images)
-            answers.update(failed)
+        for chunk, encoded, failed in self._batches(conversations, [r.image for r in requests]):
+            for index, failure in failed.items():
+                answers[index] = failure
             if not chunk:
                 continue
             with torch.inference_mode():
@@ -241,46 +248,30 @@ class VLMRewriter(Rewriter):
 
     # ----------------------------------------------------------------- judging
     def answer_token_ids(self) -> tuple[list[int], list[int]]:
-        """Token ids that start a "yes" and a "no" answer (each spelling, with and without a
-        leading space, as the tokenizer splits them)."""
-        tokenizer = self.load().processor.tokenizer
-
-        def first_ids(words: tuple[str, ...]) -> list[int]:
-            ids = set()
-            for word in words:
-                for spelling in (word, " " + word):
-                    encoded = tokenizer.encode(spelling, add_special_tokens=False)
-                    if encoded:
-                        ids.add(encoded[0])
-            return sorted(ids)
-
-        yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
-        if not yes or not no or set(yes) & set(no):
+        """Token ids that start a "yes" and a "no" answer (see :func:`answer_token_ids`)."""
+        ids = answer_token_ids(self.load().processor.tokenizer)
+        if ids is None:
             raise InputError(f"vlm:{self.model}: its tokenizer cannot tell 'yes' from 'no'")
-        return yes, no
+        return ids
 
     def yes_probability(
         self, conversations: list[list[dict[str, Any]]], images: list[bytes | None]
     ) -> list[float | ItemFailed]:
-        """P(first answer token is "yes") / P("yes" or "no"), one forward pass per batch."""
+        """P(first answer token is "yes") / P("yes" or "no"), one forward pass per batch that
+        keeps the last position's logits only (all of them would be batch x length x vocab:
+        gigabytes for a 150k vocabulary)."""
         import torch
 
         loaded = self.load()
         yes_ids, no_ids = self.answer_token_ids()
         scores: list[float | ItemFailed] = [ItemFailed("not-judged")] * len(conversations)
-        decoded, failed = self._images(images)
-        for index, failure in failed.items():
-            scores[index] = failure
-        prompts = {i: self.render(conversations[i]) for i in decoded}
-        order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
-        for chunk in batched(order, self.options.batch_size):
-            encoded, chunk, failed = self._encode_chunk(chunk, prompts, decoded)
+        for chunk, encoded, failed in self._batches(conversations, images):
             for index, failure in failed.items():
                 scores[index] = failure
             if not chunk:
                 continue
             with torch.inference_mode():
-                logits = loaded.model(**encoded).logits[:, -1, :].float()
+                logits = self._last_logits(loaded.model, encoded).float()
             probabilities = logits.softmax(-1)
             yes = probabilities[:, yes_ids].sum(-1)
             no = probabilities[:, no_ids].sum(-1)
@@ -288,3 +279,34 @@ class VLMRewriter(Rewriter):
                 total = p_yes + p_no
                 scores[index] = p_yes / total if total > 0 else 0.5
         return scores
+
+    @staticmethod
+    def _last_logits(model: Any, encoded: Any):
+        try:
+            output = model(**encoded, logits_to_keep=1)
+        except TypeError:  # a model whose forward has no logits_to_keep
+            output = model(**encoded)
+        return output.logits[:, -1, :]
+
+
+def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """(ids that start "yes", ids that start "no"): each spelling with and without a leading
+    space, the first token of each that is not blank (SentencePiece tokenizers such as
+    Llama-2's and Mistral's split " yes" into a bare "▁" and "▁yes"); None when the two sets
+    are empty or share an id."""
+
+    def first_ids(words: tuple[str, ...]) -> set[int]:
+        ids = set()
+        for word in words:
+            for spelling in (word, " " + word):
+                for token_id in tokenizer.encode(spelling, add_special_tokens=False):
+                    piece = tokenizer.convert_ids_to_tokens(token_id) or ""
+                    if tokenizer.decode([token_id]).strip() and piece.strip(_SPACE_MARKERS):
+                        ids.add(token_id)
+                        break
+        return ids
+
+    yes, no = first_ids(YES_WORDS), first_ids(NO_WORDS)
+    if not yes or not no or yes & no:
+        return None
+    return sorted(yes), sorted(no)

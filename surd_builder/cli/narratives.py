@@ -213,6 +213,9 @@ def screen(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Auto-reject below this judge score."),
     ] = ScreenSettings.min_judge_score,
+    judge_batch_size: Annotated[
+        int, typer.Option(min=1, help="vlm judge: image + narrative pairs per forward pass.")
+    ] = ScreenSettings.judge_batch_size,
     image_max_side: ImageMaxSideOption = ScreenSettings.image_max_side,
     concurrency: ConcurrencyOption = ScreenSettings.concurrency,
     api_key_env: ApiKeyEnvOption = ScreenSettings.api_key_env,
@@ -221,7 +224,7 @@ def screen(
     device: DeviceOption = ScreenSettings.device,
     dtype: DtypeOption = ScreenSettings.dtype,
     model_batch_size: Annotated[
-        int, typer.Option(min=1, help="Images, texts or judged pairs per model call.")
+        int, typer.Option(min=1, help="Images or texts per CLIP or text-model call.")
     ] = ScreenSettings.model_batch_size,
     batch_size: BatchSizeOption = ScreenSettings.batch_size,
     *,
@@ -243,6 +246,8 @@ def screen(
         )
     if settings.with_image and not settings.judge.startswith("openai:"):
         raise InputError("--with-image is for --judge openai:<base URL> (a vlm: judge sees it)")
+    if not settings.judge and (settings.judge_model or settings.min_judge_score is not None):
+        raise InputError("--judge-model and --min-judge-score work only with --judge")
     judge = make_judge(settings.judge, settings) if settings.judge else None
     clip = text = None
     if settings.clip_model:
