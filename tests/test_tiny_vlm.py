@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -51,13 +50,12 @@ def load(directory: Path):
     return processor, model
 
 
-def test_vlm_is_small_fast_and_deterministic(vlm: Path, tmp_path: Path) -> None:
+def test_vlm_is_small_and_deterministic(vlm: Path, tmp_path: Path) -> None:
     size = sum(path.stat().st_size for path in vlm.iterdir())
     assert size < 3_000_000
     again = save_tiny_vlm(tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (vlm / "model.safetensors").read_bytes()
 
-    start = time.perf_counter()
     processor, model = load(vlm)
     text = processor.apply_chat_template(
         conversation(KEYWORDS[0]), tokenize=False, add_generation_prompt=True
@@ -65,7 +63,6 @@ def test_vlm_is_small_fast_and_deterministic(vlm: Path, tmp_path: Path) -> None:
     inputs = processor(text=[text], images=[images()[0]], return_tensors="pt")
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert time.perf_counter() - start < 2.0
     assert output.shape[1] <= inputs["input_ids"].shape[1] + 8
 
 
