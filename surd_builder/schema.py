@@ -95,13 +95,47 @@ SAMPLE_SCHEMA = pa.schema(
             "a vision-language judge's probability (0..1) that the narrative matches the image",
         ),
         _field(
+            "aesthetic_score",
+            pa.float32(),
+            "predicted aesthetic rating of the image (LAION-style MLP over CLIP image "
+            "embeddings; about 1..10, higher is better)",
+        ),
+        _field(
             "screening_key",
             pa.string(),
             "hash of (models, image, narrative, keyword prompt) the scores were computed from",
         ),
         _field("phash", pa.string(), "perceptual hash of the image, hex (kind: hash_kind)"),
         _field("hash_kind", pa.string(), "how phash was computed, e.g. 'phash-8' (pHash, 64 bits)"),
+        _field(
+            "variant_hashes",
+            pa.list_(pa.string()),
+            "hashes (kind: hash_kind) of the mirrored image and of fixed crops, hex: how mirrored "
+            "and cropped copies are found through the same index",
+        ),
+        _field(
+            "colour_hash",
+            pa.string(),
+            "a coarse colour layout of the image, hex: the independent check that confirms a "
+            "hash match (flat graphics share a pHash but not their colours)",
+        ),
         _field("duplicate_of", pa.string(), "sample_id kept in this sample's duplicate cluster"),
+        _field(
+            "cluster_id",
+            pa.string(),
+            "the duplicate cluster's id (its kept sample's sample_id); null outside any cluster",
+        ),
+        _field(
+            "duplicate_match",
+            pa.string(),
+            "how this sample matched the kept one, e.g. 'phash-8', 'phash-8:mirror', "
+            "'phash-8:crop', 'prompt'",
+        ),
+        _field(
+            "duplicate_distance",
+            pa.int16(),
+            "bits between this sample's matching hash and the kept sample's (0: identical)",
+        ),
         # human review
         _field("review_status", pa.string(), "pending / accepted / corrected / rejected"),
         _field("review_tags", pa.list_(pa.string()), "problems an annotator tagged"),
@@ -183,6 +217,7 @@ STAGE_TABLES: dict[str, TableSpec] = {
                 "clip_score",
                 "text_similarity",
                 "judge_score",
+                "aesthetic_score",
                 "screening_key",
                 "nsfw",
                 "review_status",
@@ -194,10 +229,21 @@ STAGE_TABLES: dict[str, TableSpec] = {
             "automatic screening scores; a sample below a threshold is auto-rejected here (a "
             "human review, a later table, still overrides it)",
         ),
-        TableSpec("hashes", ("sample_id", "phash", "hash_kind", "updated_at"), "perceptual hashes"),
+        TableSpec(
+            "hashes",
+            ("sample_id", "phash", "hash_kind", "variant_hashes", "colour_hash", "updated_at"),
+            "perceptual hashes",
+        ),
         TableSpec(
             "duplicates",
-            ("sample_id", "duplicate_of", "updated_at"),
+            (
+                "sample_id",
+                "duplicate_of",
+                "cluster_id",
+                "duplicate_match",
+                "duplicate_distance",
+                "updated_at",
+            ),
             "near-duplicate decisions: the sample kept in each cluster",
         ),
         TableSpec(
@@ -256,6 +302,8 @@ IMAGES_SCHEMA = pa.schema(
 COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (
     ("narrative_prompt", "narrative_origin", "rewrite_key"),
     ("review_status", "review_tags", "reviewer", "reviewed_at"),
+    ("duplicate_of", "cluster_id", "duplicate_match", "duplicate_distance"),
+    ("phash", "hash_kind", "variant_hashes", "colour_hash"),
 )
 
 
@@ -352,8 +400,13 @@ EXPORT_COLUMNS = (
     "clip_score",
     "text_similarity",
     "judge_score",
+    "aesthetic_score",
     "phash",
     "hash_kind",
+    "duplicate_of",
+    "cluster_id",
+    "duplicate_match",
+    "duplicate_distance",
     "image_sha256",
     "split",
     "collected_at",
