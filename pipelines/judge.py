@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from pipelines.base import WorkerNeeds
-from pipelines.rewriters import parse_spec
+from pipelines.rewriters import chat_options, parse_spec, vlm_options
 from pipelines.rewriters.base import ItemFailed
 from pipelines.rewriters.template import PromptTemplate
 from surd_builder.config import ScreenSettings
@@ -164,14 +164,9 @@ def make_judge(spec: str, settings: ScreenSettings) -> Judge:
     """The judge ``--judge`` names; loads nothing yet."""
     backend, target = parse_spec(spec)
     if backend == "vlm":
-        from pipelines.rewriters.vlm import VLMOptions, VLMRewriter
+        from pipelines.rewriters.vlm import VLMRewriter
 
-        options = VLMOptions(
-            batch_size=settings.judge_batch_size,
-            image_max_side=settings.image_max_side,
-            device=settings.device,
-            dtype=settings.dtype,
-        )
+        options = vlm_options(settings, settings.judge_batch_size)
         return VLMJudge(spec, VLMRewriter(target, JUDGE_TEMPLATE, options))
     if backend == "openai":
         if not settings.judge_model:
@@ -181,16 +176,9 @@ def make_judge(spec: str, settings: ScreenSettings) -> Judge:
                 "--judge openai:... needs --with-image: the judge compares the narrative with "
                 "the image, so the server's model must see it"
             )
-        from pipelines.rewriters.openai_chat import ChatOptions, OpenAIChatRewriter
+        from pipelines.rewriters.openai_chat import OpenAIChatRewriter
 
-        options = ChatOptions(
-            concurrency=settings.concurrency,
-            retries=settings.retries,
-            read_timeout=settings.request_timeout,
-            api_key_env=settings.api_key_env,
-            with_image=True,
-            image_max_side=settings.image_max_side,
-        )
+        options = chat_options(settings, with_image=True)
         client = OpenAIChatRewriter(target, settings.judge_model, JUDGE_TEMPLATE, options)
         return OpenAIJudge(spec, client)
     raise InputError(f"--judge takes vlm:<model> or openai:<base URL>, not {spec!r}")

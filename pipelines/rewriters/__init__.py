@@ -20,7 +20,7 @@ from pipelines.rewriters.template import (
     PromptTemplate,
     load_template,
 )
-from surd_builder.config import RewriteSettings
+from surd_builder.config import RewriteSettings, ScreenSettings
 from surd_builder.errors import InputError
 
 __all__ = [
@@ -80,16 +80,10 @@ def make_rewriter(
     if sees_image and template.uses_caption:
         raise InputError("a rewriter that sees the image takes no {caption} in its template")
     if backend == "vlm":
-        from pipelines.rewriters.vlm import VLMOptions, VLMRewriter
+        from pipelines.rewriters.vlm import VLMRewriter
 
-        vlm_options = VLMOptions(
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.generation_batch_size,
-            image_max_side=settings.image_max_side,
-            device=settings.device,
-            dtype=settings.dtype,
-        )
-        return VLMRewriter(target, template, vlm_options)
+        options = vlm_options(settings, settings.generation_batch_size, settings.max_new_tokens)
+        return VLMRewriter(target, template, options)
     if backend == "rules":
         from pipelines.rewriters.rules import RulesRewriter
 
@@ -105,17 +99,9 @@ def make_rewriter(
         )
         return HFCausalLMRewriter(target, template, options)
     if backend == "openai":
-        from pipelines.rewriters.openai_chat import ChatOptions, OpenAIChatRewriter
+        from pipelines.rewriters.openai_chat import OpenAIChatRewriter
 
-        options = ChatOptions(
-            concurrency=settings.concurrency,
-            max_tokens=settings.max_new_tokens,
-            retries=settings.retries,
-            read_timeout=settings.request_timeout,
-            api_key_env=settings.api_key_env,
-            with_image=settings.with_image,
-            image_max_side=settings.image_max_side,
-        )
+        options = chat_options(settings, settings.with_image, settings.max_new_tokens)
         return OpenAIChatRewriter(target, settings.model, template, options)
     from pipelines.rewriters.caption import CaptionOptions, CaptionRewriter
 
@@ -139,6 +125,39 @@ def make_rewriter(
         dtype=settings.dtype,
     )
     return CaptionRewriter(target, options, merge)
+
+
+def chat_options(
+    settings: RewriteSettings | ScreenSettings, with_image: bool, max_tokens: int | None = None
+):
+    """The openai client's options from either command's settings (they share the server
+    fields: concurrency, retries, timeout, key variable, image size)."""
+    from pipelines.rewriters.openai_chat import ChatOptions
+
+    return ChatOptions(
+        concurrency=settings.concurrency,
+        retries=settings.retries,
+        read_timeout=settings.request_timeout,
+        api_key_env=settings.api_key_env,
+        with_image=with_image,
+        image_max_side=settings.image_max_side,
+        **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+    )
+
+
+def vlm_options(
+    settings: RewriteSettings | ScreenSettings, batch_size: int, max_new_tokens: int | None = None
+):
+    """The in-process VLM's options from either command's settings."""
+    from pipelines.rewriters.vlm import VLMOptions
+
+    return VLMOptions(
+        batch_size=batch_size,
+        image_max_side=settings.image_max_side,
+        device=settings.device,
+        dtype=settings.dtype,
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+    )
 
 
 def _path(name: str, base_dir: Path | None) -> Path:
