@@ -2,7 +2,8 @@
 
 The card's YAML front matter is what the Hugging Face Hub and ``datasets`` read: ``configs`` (the
 data files of each split), ``dataset_info`` (features, split sizes, byte counts). Its body says
-what the dataset is, how it was built and filtered, and its statistics. ``report.html`` shows the
+what the dataset is, how it was built and filtered, its statistics and near-duplicate clusters,
+and every column with its type and meaning. ``report.html`` shows the
 same numbers as tables and bar charts, with histograms of the screening scores and thumbnails per
 source and review status (``pipelines/report_page.py``), in one file that opens in a browser
 without a server.
@@ -23,6 +24,24 @@ from surd_builder.atomic import atomic_path
 from surd_builder.schema import export_schema, hf_features
 
 HISTOGRAM_BINS = (0, 5, 10, 20, 40, 80, 160)  # prompt length in words: bin lower edges
+
+# Where an exported column means something other than (or more than) the schema's ``doc`` says.
+EXPORT_DOCS = {
+    "image": "the image: its encoded bytes, embedded (`datasets` decodes it to a PIL image)",
+    "duplicate_of": (
+        "sample_id of the kept sample of this sample's near-duplicate cluster; null for the kept "
+        "sample itself and for samples in no cluster"
+    ),
+    "cluster_id": (
+        "the near-duplicate cluster's id (its kept sample's sample_id), on every member, the kept "
+        "one included; null outside any cluster"
+    ),
+    "duplicate_match": (
+        "how this sample matched the kept one: 'phash-8' (perceptual hash), 'phash-8:mirror' "
+        "(mirrored copy), 'phash-8:crop' (cropped copy), 'prompt' (same keyword prompt)...; null "
+        "for the kept sample and outside clusters"
+    ),
+}
 
 
 def _words(text: str | None) -> int:
@@ -90,9 +109,10 @@ def _size_category(count: int) -> str:
     return "100K<n<1M" if count < 1_000_000 else "n>1M"
 
 
-def _cell(value: object) -> str:
-    """A Markdown table cell: escaped, on one line, no column breaks (values come from sources)."""
-    text = html.escape(" ".join(str(value).split()))
+def _cell(value: object, quote: bool = True) -> str:
+    """A Markdown table cell: escaped, on one line, no column breaks (values come from sources);
+    ``quote=False`` leaves quotes as they are (for this project's own texts)."""
+    text = html.escape(" ".join(str(value).split()), quote=quote)
     return text.replace("|", "\\|")
 
 
@@ -119,7 +139,8 @@ def card_markdown(report, marker: dict[str, Any], stats: dict[str, Any]) -> str:
         "seen it.\n"
         f"- Exported review statuses: {', '.join(options['statuses'])}; near-duplicates marked "
         f"by `surd build dedupe` {'left out' if options['drop_duplicates'] else 'kept'} "
-        f"({report.skipped.get('duplicate', 0):,} left out); minimum image side "
+        f"({report.skipped.get('duplicate', 0):,} left out, see Near-duplicates); minimum "
+        "image side "
         f"{options['min_side'] or 'none'}; NSFW policy: {options['nsfw']}.\n"
         f"- Left out: {left_out}.\n"
         "- Splits come from a hash of `sample_id` (test fraction "
@@ -140,9 +161,84 @@ def card_markdown(report, marker: dict[str, Any], stats: dict[str, Any]) -> str:
         "See `report.html` for charts. Provenance per sample: `source`, `source_item_id`, "
         "`source_url`, `page_url`, `creator`, `license`, `robots_tags` (the X-Robots-Tag "
         "headers seen), `collected_at`.\n",
+        *_clusters_section(marker.get("clusters"), options["drop_duplicates"]),
         *_collection_section(marker.get("collection")),
+        *_columns_section(),
     ]
     return "\n".join(parts)
+
+
+def _clusters_section(clusters: dict[str, Any] | None, dropped: bool) -> list[str]:
+    """Near-duplicate clusters (``pipelines.export.cluster_summary``) and what the export did
+    with their duplicates."""
+    if clusters is None:
+        return []
+    head = "## Near-duplicates\n"
+    if not clusters.get("clusters"):
+        return [
+            head,
+            "No near-duplicate clusters among the exported samples (`surd build dedupe` was not "
+            "run, or found none): `cluster_id`, `duplicate_of`, `duplicate_match` and "
+            "`duplicate_distance` are null in every row.\n",
+        ]
+    kept, left_out = clusters["duplicates_kept"], clusters["duplicates_dropped"]
+    if dropped:
+        policy = f"{left_out:,} left out (one sample per cluster is exported)" + (
+            f"; {kept:,} kept, standing in for a kept sample that another filter left out"
+            if kept
+            else ""
+        )
+    else:
+        policy = f"all {kept:,} kept (`--keep-duplicates`)"
+    lines = [
+        f"- {clusters['clusters']:,} cluster(s) of near-duplicates (`surd build dedupe`) among "
+        f"the samples that passed every other filter, {clusters['samples_in_clusters']:,} "
+        f"sample(s) in them; {clusters['duplicates']:,} are duplicates of their cluster's kept "
+        f"sample: {policy}.\n",
+        "- Every exported member of a cluster has `cluster_id` (the kept sample's `sample_id`); "
+        "a duplicate also has `duplicate_of` (the same id), `duplicate_match` and "
+        "`duplicate_distance` (bits between its hash and the kept sample's); `duplicate_of` is "
+        "null for the kept sample."
+        + (
+            " Keep one row per cluster with `ds.filter(lambda r: r['duplicate_of'] is None)`"
+            + (" (but for the clusters below)" if clusters.get("kept_sample_left_out") else "")
+            + ".\n"
+            if not dropped
+            else "\n"
+        ),
+    ]
+    if clusters.get("kept_sample_left_out"):
+        lines.append(
+            f"- {clusters['kept_sample_left_out']:,} cluster(s) lost their kept sample to "
+            "another filter: their `cluster_id` and `duplicate_of` name a sample that is not "
+            "in this export.\n"
+        )
+    rows = "\n".join(
+        f"| {_cell(match)} | {counts['duplicates']:,} | {counts['dropped']:,} |"
+        for match, counts in clusters.get("by_match", {}).items()
+    )
+    table = f"| match | duplicates | left out |\n|---|---|---|\n{rows}\n"
+    return [head, "".join(lines), table]
+
+
+def _columns_section() -> list[str]:
+    """Every exported column with its type and meaning (the schema's docs, :data:`EXPORT_DOCS`
+    where the export differs)."""
+    rows = []
+    for field in export_schema():
+        doc = EXPORT_DOCS.get(field.name) or (field.metadata or {}).get(b"doc", b"").decode()
+        rows.append(f"| `{field.name}` | {_type_name(field)} | {_cell(doc, quote=False)} |")
+    return ["## Columns\n", "| column | type | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n"]
+
+
+def _type_name(field: pa.Field) -> str:
+    if field.name == "image":
+        return "image"
+    if pa.types.is_list(field.type):
+        return f"list of {field.type.value_type}"
+    if pa.types.is_timestamp(field.type):
+        return f"timestamp ({field.type.tz or 'naive'})"
+    return str(field.type)
 
 
 def _collection_section(collection: dict[str, Any] | None) -> list[str]:

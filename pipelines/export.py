@@ -9,6 +9,10 @@ Layout of ``OUT`` (the naming ``datasets`` infers splits from)::
 Each shard carries the ``huggingface`` schema metadata (see ``schema.export_schema``), so
 ``load_dataset("parquet", data_files=...)`` returns ``image`` as a decoded ``Image`` with no glue.
 Images are embedded as bytes, never as local paths, so the files work on any machine.
+Near-duplicate marks of ``surd build dedupe`` travel with every row, whether duplicates are left
+out (the default) or kept (``--keep-duplicates``): ``cluster_id`` (the cluster's kept sample),
+``duplicate_of`` (null for the kept sample, so a sample never points at itself),
+``duplicate_match`` and ``duplicate_distance``; see :func:`cluster_marks`.
 ``OUT/surd-export.json`` records the counts and options. The whole folder is built under a
 temporary name and renamed into place, so ``OUT`` never holds a partial export; ``--overwrite``
 replaces only a folder that holds a previous surd export.
@@ -90,6 +94,8 @@ class ExportReport:
     skipped: dict[str, int] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
+    # near-duplicate clusters among the samples that passed every other filter (cluster_summary)
+    clusters: dict = field(default_factory=dict)
 
 
 def select_samples(
@@ -98,12 +104,26 @@ def select_samples(
     stored_images: Iterable[str] | None = None,
     removed: Iterable[str] = (),
 ) -> tuple[pa.Table, Counter[str]]:
-    """The samples to export, with their ``split``, and counts of those left out by reason. Pure.
+    """The samples to export, with their ``split`` and duplicate marks as exports show them
+    (:func:`cluster_marks`), and counts of those left out by reason. Pure.
 
     With ``stored_images`` (the sha256s in the image store), rows whose image is not stored are
     left out as ``image-missing`` instead of failing the export. ``removed``: sample ids taken
     down (``pipelines.takedown``), always left out as ``taken-down``."""
+    selected, skipped, _ = select_with_clusters(dataset, options, stored_images, removed)
+    return selected, skipped
+
+
+def select_with_clusters(
+    dataset: pa.Table,
+    options: ExportOptions,
+    stored_images: Iterable[str] | None = None,
+    removed: Iterable[str] = (),
+) -> tuple[pa.Table, Counter[str], dict]:
+    """:func:`select_samples`, plus the :func:`cluster_summary` of the samples that passed every
+    filter but the duplicate one. Pure."""
     skipped: Counter[str] = Counter()
+    dataset = cluster_marks(dataset)
 
     def keep(mask: pa.ChunkedArray | pa.Array, reason: str) -> None:
         nonlocal dataset
@@ -127,8 +147,10 @@ def select_samples(
         keep(pc.invert(marked), "nsfw")
     elif options.nsfw == "only":
         keep(marked, "not-nsfw")
-    if options.drop_duplicates:
-        keep(_not_a_duplicate(dataset), "duplicate")
+    exported = _not_a_duplicate(dataset) if options.drop_duplicates else None
+    clusters = cluster_summary(dataset, exported)
+    if exported is not None:
+        keep(exported, "duplicate")
     splits = [
         split_for(sid, options.test_fraction, options.validation_fraction)
         for sid in dataset["sample_id"].to_pylist()
@@ -136,13 +158,72 @@ def select_samples(
     dataset = dataset.set_column(
         dataset.schema.get_field_index("split"), "split", pa.array(splits, pa.string())
     )
-    return dataset, Counter({k: v for k, v in skipped.items() if v})
+    return dataset, Counter({k: v for k, v in skipped.items() if v}), clusters
+
+
+def cluster_marks(dataset: pa.Table) -> pa.Table:
+    """The duplicates columns as exports show them. Pure.
+
+    ``cluster_id`` is the cluster's kept sample for every member, the kept one included;
+    ``duplicate_of`` is that sample for the *other* members only, null for the kept sample
+    itself (the workspace marks it as its own duplicate) and outside clusters. Marks written
+    before ``cluster_id`` existed (only ``duplicate_of``) give the same columns.
+    ``duplicate_match`` and ``duplicate_distance`` pass through as dedupe wrote them."""
+    ids = dataset["sample_id"]
+    keeper = pc.coalesce(dataset["duplicate_of"], dataset["cluster_id"])
+    cluster = pc.coalesce(dataset["cluster_id"], dataset["duplicate_of"])
+    own = pc.fill_null(pc.equal(keeper, ids), False)
+    duplicate_of = pc.if_else(own, pa.nulls(dataset.num_rows, pa.string()), keeper)
+    for name, values in (("duplicate_of", duplicate_of), ("cluster_id", cluster)):
+        index = dataset.schema.get_field_index(name)
+        dataset = dataset.set_column(index, dataset.schema.field(index), values)
+    return dataset
+
+
+def cluster_summary(candidates: pa.Table, exported: pa.Array | None = None) -> dict:
+    """Counts of near-duplicate clusters among ``candidates`` (rows with :func:`cluster_marks`
+    that passed every other filter); ``exported``: which of them the export keeps (all when
+    duplicates are kept). Pure.
+
+    ``clusters``: distinct clusters; ``samples_in_clusters``: their members, kept samples
+    included; ``duplicates``: members other than the kept sample, ``duplicates_dropped`` and
+    ``duplicates_kept`` of them; ``kept_sample_left_out``: clusters whose kept sample another
+    filter left out (with duplicates dropped, one member stands in, see
+    :func:`_not_a_duplicate`); ``by_match``: per ``duplicate_match`` ('unknown' where none),
+    ``duplicates`` and ``dropped``."""
+    ids = candidates["sample_id"].to_pylist()
+    cluster_ids = candidates["cluster_id"].to_pylist()
+    keepers = candidates["duplicate_of"].to_pylist()
+    matches = candidates["duplicate_match"].to_pylist()
+    kept = [True] * len(ids) if exported is None else exported.to_pylist()
+    clusters = {c for c in cluster_ids if c is not None}
+    by_match: dict[str, dict[str, int]] = {}
+    dropped = 0
+    for keeper, match, is_kept in zip(keepers, matches, kept, strict=True):
+        if keeper is None:
+            continue
+        counts = by_match.setdefault(match or "unknown", {"duplicates": 0, "dropped": 0})
+        counts["duplicates"] += 1
+        counts["dropped"] += not is_kept
+        dropped += not is_kept
+    duplicates = sum(k is not None for k in keepers)
+    return {
+        "clusters": len(clusters),
+        "samples_in_clusters": sum(c is not None for c in cluster_ids),
+        "duplicates": duplicates,
+        "duplicates_dropped": dropped,
+        "duplicates_kept": duplicates - dropped,
+        "kept_sample_left_out": len(clusters - set(ids)),
+        "by_match": dict(
+            sorted(by_match.items(), key=lambda item: (-item[1]["duplicates"], item[0]))
+        ),
+    }
 
 
 def _not_a_duplicate(dataset: pa.Table) -> pa.Array:
-    """Rows that are no one's duplicate, or whose cluster lost its kept sample to another filter
-    (too small, NSFW, status...): then the first remaining member by ``sample_id`` stands in,
-    so a filter never removes a whole cluster."""
+    """Rows (with :func:`cluster_marks`) that are no one's duplicate, or whose cluster lost its
+    kept sample to another filter (too small, NSFW, status...): then the first remaining member
+    by ``sample_id`` stands in, so a filter never removes a whole cluster."""
     ids = dataset["sample_id"].to_pylist()
     keepers = dataset["duplicate_of"].to_pylist()
     present = set(ids)
@@ -152,7 +233,7 @@ def _not_a_duplicate(dataset: pa.Table) -> pa.Array:
             stand_in.setdefault(keeper, sample_id)
     return pa.array(
         [
-            keeper is None or keeper == sample_id or stand_in.get(keeper) == sample_id
+            keeper is None or stand_in.get(keeper) == sample_id
             for sample_id, keeper in zip(ids, keepers, strict=True)
         ],
         pa.bool_(),
@@ -223,7 +304,7 @@ def export_dataset(
     from pipelines.takedown import apply_takedowns, removed_ids
 
     apply_takedowns(workspace)  # samples that arrived after a request are removed now
-    selected, skipped = select_samples(
+    selected, skipped, report.clusters = select_with_clusters(
         dataset, options, workspace.image_index(), removed_ids(workspace)
     )
     report.skipped = dict(skipped)
@@ -237,10 +318,11 @@ def export_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "data").mkdir(parents=True)
         _write_splits(workspace, selected, staging / "data", options, report)
-        write_json_atomic(_marker(report, options), staging / EXPORT_MARKER)
+        marker = _marker(report, options)  # once: the card and the marker share created_at
+        write_json_atomic(marker, staging / EXPORT_MARKER)
         from pipelines.takedown import collection_summary
 
-        marker = {**_marker(report, options), "collection": collection_summary(workspace)}
+        marker = {**marker, "collection": collection_summary(workspace)}
         write_card(staging, selected, report, marker, workspace.read_images)
         _swap_into_place(staging, out)
     except OSError as error:
@@ -312,6 +394,7 @@ def _marker(report: ExportReport, options: ExportOptions) -> dict:
         "samples": report.exported,
         "splits": report.by_split,
         "left_out": report.skipped,
+        "clusters": report.clusters,
         "options": {
             "statuses": list(options.statuses),
             "drop_duplicates": options.drop_duplicates,
