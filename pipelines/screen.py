@@ -1,20 +1,24 @@
 """``surd build screen``: score every sample so doubtful ones reach reviewers first.
 
-Three scores, each optional (give at least one model):
+Four scores, each optional (give at least one model):
 
 - ``clip_score``: image <-> narrative prompt (does the sentence say what the image shows?);
 - ``text_similarity``: narrative <-> keyword prompt, with prompt syntax (weights, LoRA tags)
   removed first (did the rewrite keep the meaning?);
 - ``judge_score``: a vision-language model's probability that the narrative matches the image
-  (:mod:`pipelines.judge`; it reads the sentence, so it sees wrong counts and colours).
+  (:mod:`pipelines.judge`; it reads the sentence, so it sees wrong counts and colours);
+- ``aesthetic_score``: a LAION-style aesthetic head over the CLIP image embedding the CLIP score
+  computes in the same pass (:mod:`pipelines.aesthetic`; about 1..10). It is about the picture,
+  not the narrative, so review priority does not read it (``review.SCREEN_SCORES``).
 
-Thresholds (``min_clip_score``, ``min_text_similarity``, ``min_judge_score``) auto-reject: the
-screening row then carries ``review_status = rejected``, ``reviewer = surd-screen`` and tags
-naming the low scores. The screening table comes before ``reviews`` in the join, so a human's
-decision still wins, and a re-run with other thresholds moves samples in or out without
-recomputing a score: scores are cached by ``screening_key`` (models + image + both prompts +
-the judge), and a sample is done only when its
-key and its verdict under the current thresholds both match what is stored.
+Thresholds (``min_clip_score``, ``min_text_similarity``, ``min_judge_score``,
+``min_aesthetic_score``) auto-reject: the screening row then carries ``review_status =
+rejected``, ``reviewer = surd-screen`` and tags naming the low scores. The screening table comes
+before ``reviews`` in the join, so a human's decision still wins, and a re-run with other
+thresholds moves samples in or out without recomputing a score: scores are cached by
+``screening_key`` (models + image + both prompts + the judge + the aesthetic head's file hash),
+and a sample is done only when its key and its verdict under the current thresholds both match
+what is stored.
 
 :func:`surd_builder.review.review_priority` orders samples most doubtful first; the annotation
 stage pushes tasks in that order.
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.aesthetic import AestheticHead
 from pipelines.base import (
     FAILURE_DETAIL,
     FAILURE_REASON,
@@ -53,7 +58,11 @@ if TYPE_CHECKING:
 LOW_CLIP_TAG = "low-clip-score"
 LOW_TEXT_TAG = "low-text-similarity"
 LOW_JUDGE_TAG = "low-judge-score"
-SCORES = SCREEN_SCORES  # each one's column, in the order Thresholds.tags takes them
+LOW_AESTHETIC_TAG = "low-aesthetic-score"
+AESTHETIC_SCORE = "aesthetic_score"
+# each one's column, in the order Thresholds.tags takes them: the review scores, then the
+# picture's own (cached like them, but not a review priority)
+SCORES = (*SCREEN_SCORES, AESTHETIC_SCORE)
 CACHED = tuple(f"cached_{score}" for score in SCORES)
 
 
@@ -62,12 +71,14 @@ class Thresholds:
     min_clip_score: float | None = None
     min_text_similarity: float | None = None
     min_judge_score: float | None = None
+    min_aesthetic_score: float | None = None
 
     def tags(
         self,
         clip_score: float | None,
         text_similarity: float | None,
         judge_score: float | None = None,
+        aesthetic_score: float | None = None,
     ) -> list[str]:
         """The problems a sample's scores show (empty: it passes). A missing score never
         rejects: no evidence is not evidence of a bad sample."""
@@ -75,6 +86,7 @@ class Thresholds:
             (self.min_clip_score, clip_score, LOW_CLIP_TAG),
             (self.min_text_similarity, text_similarity, LOW_TEXT_TAG),
             (self.min_judge_score, judge_score, LOW_JUDGE_TAG),
+            (self.min_aesthetic_score, aesthetic_score, LOW_AESTHETIC_TAG),
         )
         return [
             tag
@@ -93,10 +105,14 @@ class ScreenStage(Stage):
         text: TextEmbedder | None = None,
         thresholds: Thresholds | None = None,
         judge: Judge | None = None,
+        aesthetic: AestheticHead | None = None,
     ):
         if clip is None and text is None and judge is None:
             raise ValueError("screening needs a CLIP model, a text model or a judge")
+        if aesthetic is not None and clip is None:
+            raise ValueError("an aesthetic head reads CLIP image embeddings: give a CLIP model")
         self.clip, self.text, self.judge = clip, text, judge
+        self.aesthetic = aesthetic
         self.thresholds = thresholds or Thresholds()
         self.needs_images = clip is not None or judge is not None
 
@@ -124,6 +140,8 @@ class ScreenStage(Stage):
             "min_clip_score": self.thresholds.min_clip_score,
             "min_text_similarity": self.thresholds.min_text_similarity,
             "min_judge_score": self.thresholds.min_judge_score,
+            "aesthetic_model": self.aesthetic.path if self.aesthetic else None,
+            "min_aesthetic_score": self.thresholds.min_aesthetic_score,
         }
 
     def screening_key(self, image_sha256: str | None, narrative: str, keywords: str) -> str:
@@ -136,6 +154,8 @@ class ScreenStage(Stage):
         }
         if self.judge is not None:  # absent otherwise: keys of earlier screenings stay valid
             identity["judge"] = self.judge.identity()
+        if self.aesthetic is not None:  # likewise
+            identity["aesthetic"] = self.aesthetic.identity()
         canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -163,8 +183,11 @@ class ScreenStage(Stage):
             if key is not None
         }
         cached = [by_key.get(k, (None,) * len(SCORES)) for k in keys]
-        if self.judge is not None and not all(k in by_key for k in keys):
-            self.judge.check_reachable()  # a judge server that is down or refuses images: now
+        if not all(k in by_key for k in keys):
+            if self.judge is not None:
+                self.judge.check_reachable()  # a judge server that is down or refuses images
+            if self.aesthetic is not None and self.clip is not None:
+                self.aesthetic.check_clip(self.clip)  # a head for another CLIP: now, not later
         return pa.table(
             {
                 "sample_id": data["sample_id"],
@@ -206,14 +229,19 @@ class ScreenStage(Stage):
         clip_scores = [r[CACHED[0]] for r in rows]
         text_scores = [r[CACHED[1]] for r in rows]
         judge_scores = [r[CACHED[2]] for r in rows]
+        aesthetic_scores = [r[CACHED[3]] for r in rows]
         failures: dict[int, ItemFailed] = {}
         todo = [i for i, r in enumerate(rows) if not r["has_cache"]]
         if self.clip is not None:
             with_image = [i for i in todo if rows[i].get(IMAGE_BYTES) is not None]
-            scores = self.clip.scores(
-                [rows[i][IMAGE_BYTES] for i in with_image],
-                [rows[i]["narrative_prompt"] for i in with_image],
-            )
+            images = [rows[i][IMAGE_BYTES] for i in with_image]
+            narratives = [rows[i]["narrative_prompt"] for i in with_image]
+            if self.aesthetic is None:
+                scores = self.clip.scores(images, narratives)
+            else:  # the head reads the image embeddings the CLIP score computed
+                scores, embeddings = self.clip.scores_and_image_features(images, narratives)
+                for index, value in zip(with_image, self.aesthetic.scores(embeddings), strict=True):
+                    aesthetic_scores[index] = value
             for index, score in zip(with_image, scores, strict=True):
                 clip_scores[index] = score
         with_keywords = [i for i in todo if rows[i]["complex_prompt"].strip()]
@@ -242,7 +270,7 @@ class ScreenStage(Stage):
         now = utc_now()
         tags = [
             self.thresholds.tags(*scores)
-            for scores in zip(clip_scores, text_scores, judge_scores, strict=True)
+            for scores in zip(clip_scores, text_scores, judge_scores, aesthetic_scores, strict=True)
         ]
         timestamp = SAMPLE_SCHEMA.field("reviewed_at").type
         failed = [failures.get(index) for index in range(len(rows))]
@@ -254,6 +282,7 @@ class ScreenStage(Stage):
                 "clip_score": pa.array(clip_scores, pa.float32()),
                 "text_similarity": pa.array(text_scores, pa.float32()),
                 "judge_score": pa.array(judge_scores, pa.float32()),
+                AESTHETIC_SCORE: pa.array(aesthetic_scores, pa.float32()),
                 "screening_key": batch["screening_key"],
                 "review_status": pa.array(["rejected" if t else None for t in tags], pa.string()),
                 "review_tags": pa.array([t or None for t in tags], pa.list_(pa.string())),

@@ -93,12 +93,22 @@ class ClipScorer:
 
     def scores(self, images: list[bytes], texts: list[str]) -> list[float | None]:
         """Cosine similarity of each image with its text; None where the image cannot be read."""
+        return self.scores_and_image_features(images, texts)[0]
+
+    def scores_and_image_features(
+        self, images: list[bytes], texts: list[str]
+    ) -> tuple[list[float | None], list[Any]]:
+        """:meth:`scores` and each image's L2-normalised embedding (a float32 CPU tensor; None
+        where the image cannot be read): one pass over the images for the cosine and for what
+        else reads the embedding (an aesthetic head, ``pipelines.aesthetic``)."""
         results: list[float | None] = [None] * len(images)
+        embeddings: list[Any] = [None] * len(images)
         readable, _ = decode_rgb(images)  # unreadable images keep None
         for chunk in batched(readable, self.batch_size):
             image_features = self.image_features([image for _, image in chunk])
             text_features = self.text_features([texts[index] for index, _ in chunk])
             cosine = (image_features * text_features).sum(-1).tolist()
-            for (index, _), value in zip(chunk, cosine, strict=True):
+            for row, ((index, _), value) in enumerate(zip(chunk, cosine, strict=True)):
                 results[index] = value
-        return results
+                embeddings[index] = image_features[row]
+        return results, embeddings

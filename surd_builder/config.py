@@ -11,6 +11,7 @@ them, so a workspace can be shared or archived without leaking them.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
@@ -116,6 +117,10 @@ class ScreenSettings:
     judge_model: str = ""  # openai judge: the model name the server serves
     with_image: bool = False  # openai judge: send the image (required: the judge must see it)
     min_judge_score: float | None = None
+    # a LAION-style aesthetic head (.pth or .safetensors) over the CLIP model's image embeddings;
+    # relative to the workspace in surd.toml
+    aesthetic_model: str = ""
+    min_aesthetic_score: float | None = None  # the head's scale, about 1..10
     judge_batch_size: int = 8  # vlm judge: pairs per forward pass (each image is many tokens)
     image_max_side: int = 768
     concurrency: int = 8  # openai judge: requests in flight
@@ -136,6 +141,10 @@ class ScreenSettings:
         _require(self.retries >= 0, "retries must be at least 0")
         judge = self.min_judge_score
         _require(judge is None or 0.0 <= judge <= 1.0, "min_judge_score must be 0..1")
+        aesthetic = self.min_aesthetic_score
+        _require(
+            aesthetic is None or math.isfinite(aesthetic), "min_aesthetic_score must be a number"
+        )
         _require(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch_size must be 1..{MAX_BATCH_SIZE}")
         for name in ("min_clip_score", "min_text_similarity"):
             value = getattr(self, name)
@@ -202,6 +211,9 @@ TEMPLATE = """\
 # judge = ""                  # "vlm:<model>" or "openai:<base URL>" (with with_image = true)
 # judge_model = ""            # openai judge: the served model name
 # min_judge_score = 0.5       # judge's P(yes) below this: auto-rejected
+# aesthetic_model = ""        # LAION aesthetic head (.pth/.safetensors) for clip_model's image
+#                             # embeddings, e.g. "sac+logos+ava1-l14-linearMSE.pth" (ViT-L/14)
+# min_aesthetic_score = 5.0   # predicted aesthetics (about 1..10) below this: auto-rejected
 
 [export]
 # status = ["pending", "accepted", "corrected"]   # review statuses exported

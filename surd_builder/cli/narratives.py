@@ -198,6 +198,17 @@ def screen(
         float | None,
         typer.Option(min=-1.0, max=1.0, help="Auto-reject below this text cosine."),
     ] = ScreenSettings.min_text_similarity,
+    aesthetic_model: Annotated[
+        str,
+        typer.Option(
+            help="LAION-style aesthetic head (.pth or .safetensors, e.g. sac+logos+ava1-l14-"
+            "linearMSE.pth) over --clip-model's image embeddings; stores aesthetic_score."
+        ),
+    ] = ScreenSettings.aesthetic_model,
+    min_aesthetic_score: Annotated[
+        float | None,
+        typer.Option(help="Auto-reject below this aesthetic score (about 1..10)."),
+    ] = ScreenSettings.min_aesthetic_score,
     judge: Annotated[
         str,
         typer.Option(
@@ -231,15 +242,23 @@ def screen(
     run: StageRun,
     engine: EngineOptions,
 ) -> None:
-    """Score image <-> narrative (CLIP, a VLM judge) and narrative <-> keywords; auto-reject by
-    threshold."""
+    """Score image <-> narrative (CLIP, a VLM judge), narrative <-> keywords and the image's
+    aesthetics; auto-reject by threshold."""
+    from pipelines.aesthetic import AestheticHead
     from pipelines.judge import make_judge
     from pipelines.scorers import ClipScorer, TextEmbedder
     from pipelines.screen import ScreenStage, Thresholds
     from surd_builder.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    settings = configured(ctx, load_config(ws.root).screen, dict(ctx.params))
+    values = dict(ctx.params)
+    values["aesthetic_model"] = _absolute(values["aesthetic_model"])
+    settings = configured(ctx, load_config(ws.root).screen, values)
+    if settings.aesthetic_model and not settings.clip_model:
+        raise InputError(
+            "--aesthetic-model reads CLIP image embeddings: give --clip-model too (the CLIP the "
+            "head was trained on, e.g. openai/clip-vit-large-patch14)"
+        )
     if not (settings.clip_model or settings.text_model or settings.judge):
         raise InputError(
             "give --clip-model, --text-model, --judge or several (or set them in surd.toml)"
@@ -248,6 +267,11 @@ def screen(
         raise InputError("--with-image is for --judge openai:<base URL> (a vlm: judge sees it)")
     if not settings.judge and (settings.judge_model or settings.min_judge_score is not None):
         raise InputError("--judge-model and --min-judge-score work only with --judge")
+    if settings.min_aesthetic_score is not None and not settings.aesthetic_model:
+        raise InputError("--min-aesthetic-score works only with --aesthetic-model")
+    aesthetic = None
+    if settings.aesthetic_model:  # relative in surd.toml: to the workspace
+        aesthetic = AestheticHead(str(ws.root / Path(settings.aesthetic_model).expanduser()))
     judge = make_judge(settings.judge, settings) if settings.judge else None
     clip = text = None
     if settings.clip_model:
@@ -259,7 +283,10 @@ def screen(
             settings.text_model, settings.device, settings.dtype, settings.model_batch_size
         )
     thresholds = Thresholds(
-        settings.min_clip_score, settings.min_text_similarity, settings.min_judge_score
+        settings.min_clip_score,
+        settings.min_text_similarity,
+        settings.min_judge_score,
+        settings.min_aesthetic_score,
     )
-    stage = ScreenStage(clip, text, thresholds, judge)
+    stage = ScreenStage(clip, text, thresholds, judge, aesthetic)
     print_run_report(run.run_stage(ctx, stage, ws, settings.batch_size, engine))
