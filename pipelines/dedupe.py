@@ -2,21 +2,49 @@
 
 Two steps:
 
-1. :class:`HashStage` (a normal stage: resumable, batched, parallel with ``--workers``) stores a
-   perceptual hash per sample in ``hashes``. JPEGs are decoded in draft mode, at the smallest
-   DCT scale still at least 4x the hash size (pHash resizes to 32x32 anyway), which is several
-   times faster than a full decode and changes a 64-bit pHash by about 0.3 bits on average.
+1. :class:`HashStage` (a normal stage: resumable, batched, parallel with ``--workers``) stores per
+   sample, from one decode of its image (:func:`image_signature`): the perceptual hash
+   (``phash``), the hashes of the mirrored image and of five fixed crops (``variant_hashes``,
+   :data:`VARIANTS`), and colour layouts (``colour_hash``: the 8x8 mean colours of the whole
+   image and of each crop, :func:`colour_layout`). JPEGs are decoded in draft mode, at the
+   smallest DCT scale still at least :data:`DRAFT_SIDE` px, several times faster than a full
+   decode. Rows hashed before variants and layouts existed count as not done and are redone.
 2. :func:`dedupe` (a whole-table step) finds every pair of samples whose hashes differ in at
-   most ``max_distance`` bits (:mod:`pipelines.neardup`, exact and fast), optionally also samples
-   whose keyword prompts are equal after normalisation, joins them into clusters (connected
-   components) and keeps one sample per cluster. The others get ``duplicate_of`` = the kept
-   sample in the ``duplicates`` table: marked, never deleted; export leaves them out.
+   most ``max_distance`` bits (:mod:`pipelines.neardup`, exact and fast): primary against
+   primary and, with ``variants``, one sample's mirror or crop hash against another's primary
+   (a mirrored or cropped re-post), all through one index. A pair is only a candidate: with
+   ``verify`` (default) the colour layouts must agree too (:func:`colour_distances`): the
+   whole image's for a primary match, the mirrored one for a mirror match, the crop's own for a
+   crop match. Optionally samples whose keyword prompts are equal (or near) join too. Clusters
+   are the connected components; one sample per cluster is kept; every member gets
+   ``duplicate_of`` and ``cluster_id`` (the kept sample) and the others ``duplicate_match`` and
+   ``duplicate_distance`` in the ``duplicates`` table: marked, never deleted; export leaves them
+   out.
 
 **Default distance 6** (64-bit pHash), from measurements on this project's machines (FACTS.md):
 resized, JPEG-q40 and blurred copies are at most 4 bits away, while among 499,500 pairs of
-distinct images none was within 6 (the closest was 8, the 0.1th percentile 18). So 6 catches
-every re-encode/resize with a margin and no false merge; crops are not reliably caught by any
-global 64-bit hash (a 90% crop is ~10 bits away), raise ``--max-distance`` knowingly.
+distinct photos none was within 6 (the closest was 8, the 0.1th percentile 18).
+
+**The colour check** (numbers from ``bench/dedupe_quality.py``). Flat graphics (shapes, text,
+gradients on plain backgrounds) collide in pHash far more than photos: pHash sees the luminance
+layout at 32x32 only, so a red square on white and a red circle on purple can share a hash. Of
+10,000 distinct flat images the pHash alone marked 7,573 as duplicates (with the variant hashes
+8,778) and 13-25 of each 200 demo images; the colour check, independent of the hash, marks none.
+It compares 8x8 grids of mean colours, averaged in sRGB (the space resizing, blurring and JPEG
+average in, so a copy keeps them) and compared in CIELAB: the largest cell delta E, once the best
+brightness change (gain and offset, bounded) is taken out, must be at most
+:data:`DEFAULT_COLOUR_DISTANCE` (4). Distinct flat pairs start at 4.4; true copies (50% resize,
+JPEG q40-95, 1 px blur, +-5% and +-8% brightness) pass: all of photo-like and 512 px flat
+images, 98.6% of 128 px flat images (a 64 px resize moves their shapes' edges across the 16 px
+cells). Limits: mean colours cannot tell two texts in the same colours and place apart (28 of 70
+such pairs that share a pHash merge), and the check is strict about alignment: a crop a few
+percent off a fixed crop does not pass (a 5% border crop of a sharp photo-like image fails where
+the pHash alone had found it).
+
+**Variants**: a horizontal flip moves a pHash ~31 bits and a 5% corner crop 4-20 bits, out of
+reach. The mirrored image and the centre and corner crops keeping :data:`VARIANT_CROP` (90%) of
+each side are hashed too; 90% found more re-posts than 80% or 85% (mean over 5-20% crops: 25%
+against 15-16%): every mirrored re-post and >99% of 10% corner and border crops.
 
 **Which sample is kept** (:func:`keep_order`): a human-accepted/corrected one over a pending one
 over a rejected one, then the larger image (width x height), then the higher CLIP score, then the
@@ -42,6 +70,8 @@ from surd_builder.errors import InputError
 from surd_builder.ids import text_key
 
 if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
     from surd_builder.workspace import Workspace
 
 HASH_KINDS = ("phash", "dhash", "ahash", "whash")
@@ -52,26 +82,263 @@ PROMPT_MODES = ("off", "exact", "near")
 # ("..., 8k, artstation, highly detailed") stay 11 or more apart.
 DEFAULT_PROMPT_DISTANCE = 6
 
+# The colour layout: COLOUR_GRID x COLOUR_GRID mean colours (sRGB bytes, hex).
+COLOUR_GRID = 8
+# Colour check threshold (CIELAB delta E, see colour_distances), measured with
+# bench/dedupe_quality.py: no two of 10,000 distinct flat images that share a pHash (or a mirror
+# or crop hash) are within 4.3; true copies are (module docstring).
+DEFAULT_COLOUR_DISTANCE = 4.0
+# Fixed crops keep this fraction of each side (of 80%, 85% and 90%, 90% found the most re-posts).
+VARIANT_CROP = 0.9
+# Variants are hashed from a copy of the decoded image reduced to at most this side (a pHash
+# looks at 32x32; this keeps six more hashes cheap next to the decode).
+VARIANT_SIDE = 128
+FULL = (0.0, 0.0, 1.0, 1.0)
+# JPEGs are decoded at the smallest DCT scale still at least this side: at 1/8 a pixel is the mean
+# of an 8x8 block, placed up to half a block off, which moves colour layouts of crops by several
+# delta E; 256 px costs 0.8 ms instead of 0.6 for a 512 px photo (1.4 ms fully decoded).
+DRAFT_SIDE = 256
+
+
+def variant_regions(crop: float = VARIANT_CROP) -> tuple[tuple[str, tuple, bool], ...]:
+    """(match suffix, region (x0, y0, x1, y1) as fractions, mirrored) of each variant hash, in
+    the order of ``variant_hashes``: the mirrored image, then the centre and four corner crops."""
+    margin, rest = (1 - crop) / 2, 1 - crop
+    return (
+        ("mirror", FULL, True),
+        ("crop", (margin, margin, 1 - margin, 1 - margin), False),
+        ("crop", (0.0, 0.0, crop, crop), False),
+        ("crop", (rest, 0.0, 1.0, crop), False),
+        ("crop", (0.0, rest, crop, 1.0), False),
+        ("crop", (rest, rest, 1.0, 1.0), False),
+    )
+
+
+VARIANTS = variant_regions()
+
 
 def hash_label(kind: str, size: int) -> str:
     return f"{kind}-{size}"
 
 
-def image_hash(data: bytes, kind: str = "phash", size: int = 8, draft: bool = True) -> str:
-    """The hex perceptual hash of an encoded image."""
+def _hash_function(kind: str):
     import imagehash
-    from PIL import Image
 
-    function = {
+    return {
         "phash": imagehash.phash,
         "dhash": imagehash.dhash,
         "ahash": imagehash.average_hash,
         "whash": imagehash.whash,
     }[kind]
+
+
+def _decode(data: bytes, size: int, draft: bool) -> tuple[PILImage.Image, tuple]:
+    """The RGB image and the box its content fills: a JPEG decoded at a reduced DCT scale gets
+    a partial block of padding at the right and bottom edges (a 435 px side decodes to 55 px
+    at 1/8, of which 54.375 are the image)."""
+    from PIL import Image
+
     with Image.open(io.BytesIO(data)) as image:
+        box = None
         if draft and image.format == "JPEG":
-            image.draft("RGB", (size * 4, size * 4))  # decode at a reduced DCT scale
-        return str(function(image.convert("RGB"), hash_size=size))
+            side = max(size * 4, DRAFT_SIDE)  # decode at a reduced DCT scale
+            drafted = image.draft("RGB", (side, side))
+            box = drafted[1] if drafted else None
+        rgb = image.convert("RGB")
+    return rgb, box or (0, 0, rgb.width, rgb.height)
+
+
+def image_hash(data: bytes, kind: str = "phash", size: int = 8, draft: bool = True) -> str:
+    """The hex perceptual hash of an encoded image."""
+    return str(_hash_function(kind)(_decode(data, size, draft)[0], hash_size=size))
+
+
+def _within(content: tuple, region: tuple) -> tuple:
+    """``region`` (fractions) of the ``content`` box, in pixels, not rounded."""
+    left, top, right, bottom = content
+    x0, y0, x1, y1 = region
+    width, height = right - left, bottom - top
+    return (left + x0 * width, top + y0 * height, left + x1 * width, top + y1 * height)
+
+
+@dataclass(frozen=True)
+class ImageSignature:
+    """What :class:`HashStage` stores for one image."""
+
+    phash: str
+    variant_hashes: list[str]
+    colour_hash: str
+
+
+def colour_layout(image: PILImage.Image, box: tuple | None = None) -> str:
+    """The :data:`COLOUR_GRID` x :data:`COLOUR_GRID` mean colours of the image (of ``box`` of it,
+    in pixels, not rounded), hex (3 bytes a cell, rows first). Means are taken in sRGB, the space
+    resizing, blurring and JPEG average in, so a copy's cells keep their values; they are compared
+    in CIELAB (:func:`colour_distances`)."""
+    from PIL import Image
+
+    grid = image.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX, box=box)
+    return grid.tobytes().hex()
+
+
+LAYOUT_CHARS = COLOUR_GRID * COLOUR_GRID * 3 * 2  # hex characters of one layout
+
+
+def _layout_slots(variants: tuple[tuple[str, tuple, bool], ...]) -> list[tuple[int, tuple, bool]]:
+    """Per hash slot (0: the primary, then each variant): which stored layout verifies it (0:
+    the whole image's, i: the i-th crop's) and the region and mirroring still to apply to it."""
+    slots, crops = [(0, FULL, False)], 0
+    for _, region, mirror in variants:
+        if mirror or region == FULL:
+            slots.append((0, region, mirror))
+        else:
+            crops += 1
+            slots.append((crops, FULL, False))
+    return slots
+
+
+def image_signature(
+    data: bytes,
+    kind: str = "phash",
+    size: int = 8,
+    draft: bool = True,
+    variants: tuple[tuple[str, tuple, bool], ...] = VARIANTS,
+) -> ImageSignature:
+    """Primary hash, variant hashes and colour layout of an encoded image, from one decode."""
+    from PIL import Image
+
+    function = _hash_function(kind)
+    image, content = _decode(data, size, draft)
+    primary = str(function(image, hash_size=size))
+    left, top, right, bottom = content
+    scale = min(1.0, VARIANT_SIDE / max(right - left, bottom - top))
+    side = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
+    small = image.resize(side, Image.Resampling.BOX, box=content)
+    mirrored = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    hashes, layouts = [], [colour_layout(image, content)]
+    for _, region, mirror in variants:
+        part = mirrored if mirror else small
+        if region != FULL:  # the exact region, not rounded to pixels of the reduced image
+            x0, y0, x1, y1 = region
+            size_ = (max(1, round((x1 - x0) * side[0])), max(1, round((y1 - y0) * side[1])))
+            box = _within((0, 0, *side), region)
+            part = part.resize(size_, Image.Resampling.BICUBIC, box=box)
+            if not mirror:  # from the decoded image: a finer grid places the crop closer
+                layouts.append(colour_layout(image, _within(content, region)))
+        hashes.append(str(function(part, hash_size=size)))
+    return ImageSignature(primary, hashes, "".join(layouts))
+
+
+# ------------------------------------------------------------------------------ colour check
+_SRGB_TO_XYZ = np.array(
+    [
+        [0.4124564, 0.3575761, 0.1804375],
+        [0.2126729, 0.7151522, 0.0721750],
+        [0.0193339, 0.1191920, 0.9503041],
+    ]
+) / np.array([[0.95047], [1.0], [1.08883]])  # D65 white
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values 0..255, any leading shape."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _SRGB_TO_XYZ.T
+    delta = 6 / 29
+    f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4 / 29)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])],
+        axis=-1,
+    )
+
+
+def colour_grids(hex_layouts: list[str], index: int = 0) -> np.ndarray:
+    """``(n, COLOUR_GRID, COLOUR_GRID, 3)`` float sRGB of the ``index``-th layout (0: the whole
+    image, i: the i-th crop) of each ``colour_hash``."""
+    start = index * LAYOUT_CHARS
+    raw = b"".join(bytes.fromhex(h[start : start + LAYOUT_CHARS]) for h in hex_layouts)
+    return (
+        np.frombuffer(raw, dtype=np.uint8)
+        .reshape(len(hex_layouts), COLOUR_GRID, COLOUR_GRID, 3)
+        .astype(np.float64)
+    )
+
+
+def _region_weights(low: float, high: float, cells: int = COLOUR_GRID) -> np.ndarray:
+    """``(cells, cells)``: row i holds the share of each source cell in the i-th of ``cells``
+    equal parts of ``[low, high]`` (the source cells split [0, 1] equally)."""
+    edges = np.linspace(low, high, cells + 1)
+    source = np.linspace(0.0, 1.0, cells + 1)
+    overlap = np.minimum(edges[1:, None], source[None, 1:]) - np.maximum(
+        edges[:-1, None], source[None, :-1]
+    )
+    return np.clip(overlap, 0.0, None) / (edges[1:] - edges[:-1])[:, None]
+
+
+def region_grids(grids: np.ndarray, region: tuple = FULL, mirror: bool = False) -> np.ndarray:
+    """The colour layouts (sRGB) of that crop, of the mirrored image, of each grid: area-weighted
+    means of the stored cells, so a crop's layout can be compared cell for cell with the layout
+    of a sample that is that crop."""
+    if mirror:
+        grids = grids[:, :, ::-1]
+    if region != FULL:
+        x0, y0, x1, y1 = region
+        rows, cols = _region_weights(y0, y1), _region_weights(x0, x1)
+        grids = np.einsum("ig,nghc,jh->nijc", rows, grids, cols)
+    return grids
+
+
+# A brightness or contrast change within these bounds is taken out before colours are compared
+# (sRGB gain and offset, fitted per pair): white on grey is not grey on black.
+MAX_GAIN, MAX_OFFSET = 1.25, 25.0
+
+
+def _fitted_distances(grids_a: np.ndarray, grids_b: np.ndarray) -> np.ndarray:
+    count = len(grids_a)
+    a, b = grids_a.reshape(count, -1), grids_b.reshape(count, -1)
+    # fitted on the values clipping cannot have moved
+    weight = ((a > 4) & (a < 251) & (b > 4) & (b < 251)).astype(np.float64)
+    total = np.maximum(weight.sum(axis=1), 1.0)
+    mean_a, mean_b = (weight * a).sum(axis=1) / total, (weight * b).sum(axis=1) / total
+    variance = (weight * (a - mean_a[:, None]) ** 2).sum(axis=1) / total
+    covariance = (weight * (a - mean_a[:, None]) * (b - mean_b[:, None])).sum(axis=1) / total
+    gain = np.where(variance > 1e-6, covariance / np.maximum(variance, 1e-6), 1.0)
+    gain = np.clip(gain, 1 / MAX_GAIN, MAX_GAIN)
+    offset = np.clip(mean_b - gain * mean_a, -MAX_OFFSET, MAX_OFFSET)
+    fitted = np.clip(gain[:, None] * a + offset[:, None], 0, 255)
+    # pixels clipped at black or white do not move with the rest: a cell whose pixels are partly
+    # clipped lands anywhere between its old value and the fitted one
+    fitted = np.clip(b, np.minimum(a, fitted), np.maximum(a, fitted))
+    difference = srgb_to_lab(fitted.reshape(grids_a.shape)) - srgb_to_lab(grids_b)
+    return np.sqrt((difference**2).sum(axis=-1)).max(axis=(1, 2))
+
+
+def colour_distances(grids_a: np.ndarray, grids_b: np.ndarray) -> np.ndarray:
+    """Per pair of sRGB layouts: the largest cell difference in CIELAB (delta E, CIE76) once the
+    best brightness change ``gain * x + offset`` (least squares, clipped to :data:`MAX_GAIN` and
+    :data:`MAX_OFFSET`) is applied to one of them; of the two ways round, the closer (a
+    brightened copy's clipped highlights cannot be darkened back, the original can be
+    brightened). A copy stays small (JPEG, resizing and blurring keep cell means, a brightness
+    change is taken out); two flat images that share a pHash differ in the colour of their
+    background or their shapes, or in their shapes' outline, and so in some cells."""
+    return np.minimum(_fitted_distances(grids_a, grids_b), _fitted_distances(grids_b, grids_a))
+
+
+def slot_grids(hex_layouts: list[str], slot: int) -> np.ndarray:
+    """The sRGB layouts that hash ``slot`` (0: the primary, i: ``VARIANTS[i - 1]``) of these
+    samples is verified with: the whole image's, mirrored for the mirror hash, a crop's own for a
+    crop hash (estimated from the whole image's where a ``colour_hash`` lacks it)."""
+    index, region, mirror = _layout_slots(VARIANTS)[slot]
+    if index and all(len(h) >= (index + 1) * LAYOUT_CHARS for h in hex_layouts):
+        return colour_grids(hex_layouts, index)
+    if index:
+        region = VARIANTS[slot - 1][1]
+    return region_grids(colour_grids(hex_layouts), region, mirror)
+
+
+def colour_distance(a: str, b: str, slot: int = 0) -> float:
+    """:func:`colour_distances` of one pair: ``a``'s layout for hash ``slot`` against ``b``'s."""
+    return float(colour_distances(slot_grids([a], slot), colour_grids([b]))[0])
 
 
 class HashStage(Stage):
@@ -90,15 +357,32 @@ class HashStage(Stage):
         self.label = hash_label(kind, size)
 
     def params(self) -> dict[str, Any]:
-        return {"hash": self.label, "draft": self.draft}
+        return {
+            "hash": self.label,
+            "draft": self.draft,
+            "variants": [name for name, _, _ in VARIANTS],
+            "variant_crop": VARIANT_CROP,
+            "colour_grid": COLOUR_GRID,
+        }
 
     def plan(self, workspace: Workspace) -> pa.Table:
         data = workspace.read_table("samples", ["source", "source_item_id", "image_sha256"])
         return data.filter(pc.is_valid(data["image_sha256"]))
 
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
-        current = workspace.read_table(self.output_table, ["hash_kind"])
-        return {r["sample_id"] for r in current.to_pylist() if r["hash_kind"] == self.label}
+        """Samples hashed with this hash kind and with every variant and the colour layout: a
+        row from before those existed (or with another number of variants) is redone."""
+        current = workspace.read_table(
+            self.output_table, ["hash_kind", "variant_hashes", "colour_hash"]
+        )
+        layouts = 1 + max(index for index, _, _ in _layout_slots(VARIANTS))
+        return {
+            r["sample_id"]
+            for r in current.to_pylist()
+            if r["hash_kind"] == self.label
+            and len(r["colour_hash"] or "") == layouts * LAYOUT_CHARS
+            and len(r["variant_hashes"] or ()) == len(VARIANTS)
+        }
 
     def process(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -110,16 +394,25 @@ class HashStage(Stage):
                 rows.append({**row, FAILURE_REASON: "no-image", FAILURE_DETAIL: "not stored"})
                 continue
             try:
-                value = image_hash(data, self.kind, self.size, self.draft)
+                signature = image_signature(data, self.kind, self.size, self.draft)
             except (OSError, ValueError, SyntaxError) as error:
                 reason = {FAILURE_REASON: "image-unreadable", FAILURE_DETAIL: type(error).__name__}
                 rows.append({**row, **reason})
                 continue
-            rows.append({**row, "phash": value, "hash_kind": self.label})
+            rows.append(
+                {
+                    **row,
+                    "phash": signature.phash,
+                    "hash_kind": self.label,
+                    "variant_hashes": signature.variant_hashes,
+                    "colour_hash": signature.colour_hash,
+                }
+            )
+        types = {"variant_hashes": pa.list_(pa.string())}
         columns = ["sample_id", "source", "source_item_id", "phash", "hash_kind"]
-        columns += [FAILURE_REASON, FAILURE_DETAIL]
-        return pa.table({c: [r.get(c) for r in rows] for c in columns}).cast(
-            pa.schema([pa.field(c, pa.string()) for c in columns])
+        columns += ["variant_hashes", "colour_hash", FAILURE_REASON, FAILURE_DETAIL]
+        return pa.table(
+            {c: pa.array([r.get(c) for r in rows], types.get(c, pa.string())) for c in columns}
         )
 
 
@@ -185,6 +478,12 @@ def check_keep(criteria: tuple[str, ...]) -> tuple[str, ...]:
     return criteria
 
 
+def check_colour_distance(value: float) -> float:
+    if not 0 <= value <= 100:
+        raise InputError("--colour-distance must be 0..100 (CIELAB delta E)")
+    return float(value)
+
+
 def keep_order(row: dict[str, Any], criteria: tuple[str, ...] = DEFAULT_KEEP) -> tuple:
     """Sort key: the first row of a cluster in this order is kept (module docstring); ties
     go to the smallest ``sample_id``, so the choice is deterministic."""
@@ -194,9 +493,14 @@ def keep_order(row: dict[str, Any], criteria: tuple[str, ...] = DEFAULT_KEEP) ->
 @dataclass
 class DedupeReport:
     hashed: int = 0
-    image_pairs: int = 0
+    image_pairs: int = 0  # image pairs joined (after the colour check)
+    candidate_pairs: int = 0  # image pairs within the distance, before the colour check
+    rejected_pairs: int = 0  # candidates the colour check turned down
+    variant_pairs: int = 0  # joined pairs found only through a mirror or crop hash
     prompt_groups: int = 0
     clusters: list[list[str]] = field(default_factory=list)  # kept sample first, largest first
+    # per member of a cluster other than the kept one: (duplicate_match, duplicate_distance)
+    matches: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
     marked: int = 0  # samples now marked as duplicates
     cleared: int = 0  # samples no longer duplicates (settings changed)
     written: int = 0
@@ -226,6 +530,341 @@ def _near_edges(positions: np.ndarray, values: np.ndarray, k: int, workers: int)
     return np.concatenate(found)
 
 
+def _popcount(values: np.ndarray) -> np.ndarray:
+    # unsigned on purpose: np.bitwise_count counts the bits of the ABSOLUTE value of signed ints
+    return np.bitwise_count(values.astype(np.uint64)).astype(np.int64)
+
+
+class _Hashes:
+    """The hashed rows' hashes, variant hashes and colour layouts, by position among them.
+    Layouts stay Arrow strings until a pair needs them (they are ~2 KB a sample)."""
+
+    def __init__(
+        self,
+        primary: list[str],
+        variants: pa.Array,
+        colours: pa.Array,
+        verify: bool = True,
+        threshold: float = DEFAULT_COLOUR_DISTANCE,
+        use_variants: bool = True,
+    ):
+        self.primary = hex_to_uint64(primary)
+        self.colours = colours
+        self.has_colour = np.asarray(pc.is_valid(colours).to_numpy(zero_copy_only=False))
+        self.verify, self.threshold = verify, threshold
+        # (n, len(VARIANTS)) uint64, and which rows have all of them
+        self.variants = np.zeros((len(primary), len(VARIANTS)), dtype=np.uint64)
+        self.has_variants = np.zeros(len(primary), dtype=bool)
+        if use_variants and len(primary):
+            lengths = pc.fill_null(pc.list_value_length(variants), 0).to_numpy()
+            self.has_variants = lengths == len(VARIANTS)
+            rows = np.flatnonzero(self.has_variants)
+            if len(rows):
+                chosen = pc.list_flatten(variants.take(pa.array(rows))).to_pylist()
+                self.variants[rows] = hex_to_uint64(chosen).reshape(len(rows), len(VARIANTS))
+
+    def layouts(self, positions: np.ndarray, slot: int = 0) -> np.ndarray:
+        """sRGB layouts verifying hash ``slot`` of these positions (:func:`slot_grids`)."""
+        hexes = self.colours.take(pa.array(np.asarray(positions, dtype=np.int64))).to_pylist()
+        return slot_grids(hexes, slot)
+
+    def verified(self, a: np.ndarray, b: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Whether ``a``'s hash at ``slot`` (0: its primary) matching ``b``'s primary is
+        confirmed by the colour layouts; pairs where either has none pass (rows hashed before
+        colour layouts existed: the hash alone decides, as it always did)."""
+        passed = np.ones(len(a), dtype=bool)
+        if not self.verify or not len(a):
+            return passed
+        known = self.has_colour[a] & self.has_colour[b]
+        for slot in np.unique(slots[known]):
+            chosen = np.flatnonzero(known & (slots == slot))
+            for start in range(0, len(chosen), 20_000):
+                part = chosen[start : start + 20_000]
+                grids_a, grids_b = self.layouts(a[part], int(slot)), self.layouts(b[part])
+                passed[part] = colour_distances(grids_a, grids_b) <= self.threshold
+        return passed
+
+    def variant_values(self, position: int) -> list[int]:
+        """The position's variant hashes ([] without variants)."""
+        if not self.has_variants[position]:
+            return []
+        return [int(v) for v in self.variants[position]]
+
+
+def _cross(starts: np.ndarray, counts: np.ndarray, ga: np.ndarray, gb: np.ndarray):
+    """Every (entry of group ga[p], entry of group gb[p]) pair, as two entry index arrays."""
+    ca, cb = counts[ga], counts[gb]
+    total = ca * cb
+    rep = np.repeat(np.arange(len(ga)), total)
+    offset = np.arange(int(total.sum())) - np.repeat(np.cumsum(total) - total, total)
+    return starts[ga][rep] + offset // cb[rep], starts[gb][rep] + offset % cb[rep]
+
+
+def _image_edges(hashes: _Hashes, k: int, workers: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Joined pairs as ``(a, b, slot, distance)`` rows (positions among the hashed rows):
+    ``a``'s hash at ``slot`` (0: primary, i: ``VARIANTS[i - 1]``) is within ``k`` bits of
+    ``b``'s primary and the colour check agrees. Samples with an identical primary hash are
+    first grouped (one leader per distinct colour layout, so a bucket of thousands of blank
+    images costs thousands of checks, not millions), then leaders are searched."""
+    count = len(hashes.primary)
+    unique, inverse = np.unique(hashes.primary, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    sizes = np.bincount(inverse, minlength=len(unique))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    leader = np.ones(count, dtype=bool)
+    found: list[tuple[int, int, int, int]] = []
+    stats = {"candidates": 0, "rejected": 0}
+    for group in np.flatnonzero(sizes > 1):
+        members = order[starts[group] : starts[group] + sizes[group]]
+        coloured = [m for m in members if hashes.has_colour[m]]
+        if not hashes.verify or not coloured:
+            heads = [members[0]]
+            layouts = None
+        else:
+            layouts = dict(zip(coloured, hashes.layouts(np.array(coloured)), strict=True))
+            heads = [coloured[0]]
+        for member in members:
+            if member == heads[0]:
+                continue
+            leader[member] = False
+            stats["candidates"] += 1
+            if layouts is None or member not in layouts:
+                found.append((heads[0], member, 0, 0))
+                continue
+            candidates = [h for h in heads if h in layouts]
+            distances = colour_distances(
+                np.stack([layouts[h] for h in candidates]),
+                np.repeat(layouts[member][None], len(candidates), axis=0),
+            )
+            best = int(np.argmin(distances))
+            if distances[best] <= hashes.threshold:
+                found.append((candidates[best], member, 0, 0))
+            else:
+                stats["rejected"] += 1
+                heads.append(member)
+                leader[member] = True
+    # the leaders' primaries and variants, one entry per (value, sample), primary first
+    leaders = np.flatnonzero(leader)
+    with_variants = leaders[hashes.has_variants[leaders]]
+    width = len(VARIANTS)
+    value = np.concatenate([hashes.primary[leaders], hashes.variants[with_variants].ravel()])
+    owner = np.concatenate([leaders, np.repeat(with_variants, width)])
+    slot = np.concatenate(
+        [
+            np.zeros(len(leaders), dtype=np.int64),
+            np.tile(np.arange(1, width + 1), len(with_variants)),
+        ]
+    )
+    by = np.lexsort((slot, owner, value))
+    value, owner, slot = value[by], owner[by], slot[by]
+    keep = np.ones(len(value), dtype=bool)
+    keep[1:] = (value[1:] != value[:-1]) | (owner[1:] != owner[:-1])
+    value, owner, slot = value[keep], owner[keep], slot[keep]
+    first = np.flatnonzero(np.concatenate([[True], value[1:] != value[:-1]]))
+    counts = np.diff(np.append(first, len(value)))
+    unique_values = value[first]
+    xs, ys = [], []
+    for group in np.flatnonzero(counts > 1):  # equal values of different samples
+        i, j = np.triu_indices(int(counts[group]), 1)
+        i, j = first[group] + i, first[group] + j
+        fresh = (slot[i] != 0) | (slot[j] != 0)  # two equal primaries were compared above
+        xs.append(i[fresh])
+        ys.append(j[fresh])
+    # worker processes pay off only on large sets
+    pairs = near_pairs(unique_values, k, workers=workers if len(unique_values) > 100_000 else 1)
+    if len(pairs):
+        x, y = _cross(first, counts, pairs[:, 0], pairs[:, 1])
+        xs.append(x)
+        ys.append(y)
+    x = np.concatenate(xs) if xs else np.empty(0, dtype=np.int64)
+    y = np.concatenate(ys) if ys else np.empty(0, dtype=np.int64)
+    useful = (owner[x] != owner[y]) & ((slot[x] == 0) | (slot[y] == 0))
+    x, y = x[useful], y[useful]
+    # orient: a holds the matching hash (a variant, or the smaller position), b's primary matched
+    swap = (slot[x] == 0) & ((slot[y] != 0) | (owner[y] < owner[x]))
+    a = np.where(swap, owner[y], owner[x])
+    b = np.where(swap, owner[x], owner[y])
+    via = np.where(swap, slot[y], slot[x])
+    distance = _popcount(value[x] ^ value[y])
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    pair_key = low * count + high
+    candidate_keys = np.unique(pair_key)
+    passed = hashes.verified(a, b, via)
+    a, b, via, distance, pair_key = (v[passed] for v in (a, b, via, distance, pair_key))
+    best = np.lexsort((via, distance, pair_key))  # per pair: the closest hash, primary first
+    if len(best):
+        best = best[np.concatenate([[True], pair_key[best][1:] != pair_key[best][:-1]])]
+    primary_keys = np.unique(pair_key[via == 0])
+    stats["candidates"] += len(candidate_keys)
+    stats["rejected"] += len(candidate_keys) - len(best)
+    stats["variant"] = int(np.setdiff1d(pair_key[best], primary_keys).size)
+    grouped = np.array(found, dtype=np.int64).reshape(-1, 4)
+    searched = np.stack([a[best], b[best], via[best], distance[best]], axis=1).astype(np.int64)
+    return np.concatenate([grouped, searched]), stats
+
+
+def match_name(label: str, slot: int) -> str:
+    """``duplicate_match`` of a hash match: the hash label, with ``:mirror`` or ``:crop``."""
+    return label if slot == 0 else f"{label}:{VARIANTS[slot - 1][0]}"
+
+
+def _direct_matches(
+    hashes: _Hashes, pairs: list[tuple[int, int]], k: int
+) -> dict[int, tuple[int, int]]:
+    """For each (member, kept) pair of positions, the closest confirmed match between their
+    hashes, as {pair index: (slot, distance)}; pairs without one are left out."""
+    options = []  # (pair index, a, b, slot, distance): a's hash at slot against b's primary
+    for index, (member, kept) in enumerate(pairs):
+        p_member, p_kept = int(hashes.primary[member]), int(hashes.primary[kept])
+        options.append((index, member, kept, 0, (p_member ^ p_kept).bit_count()))
+        for a, b, p_b in ((kept, member, p_member), (member, kept, p_kept)):
+            for slot, value in enumerate(hashes.variant_values(a), 1):
+                options.append((index, a, b, slot, (value ^ p_b).bit_count()))
+    options = [o for o in options if o[4] <= k]
+    if not options:
+        return {}
+    table = np.array(options, dtype=np.int64)
+    passed = hashes.verified(table[:, 1], table[:, 2], table[:, 3])
+    best: dict[int, tuple[int, int]] = {}
+    for index, _, _, slot, distance in table[passed].tolist():
+        if index not in best or (distance, slot) < (best[index][1], best[index][0]):
+            best[index] = (slot, distance)
+    return best
+
+
+@dataclass
+class Clustering:
+    """What :func:`cluster_samples` found (see :class:`DedupeReport` for the fields)."""
+
+    clusters: list[list[str]]
+    matches: dict[str, tuple[str | None, int | None]]
+    image_pairs: int = 0
+    candidate_pairs: int = 0
+    rejected_pairs: int = 0
+    variant_pairs: int = 0
+    prompt_groups: int = 0
+
+
+def cluster_samples(
+    data: pa.Table,
+    max_distance: int,
+    prompts: str = "off",
+    workers: int = 1,
+    keep: tuple[str, ...] = DEFAULT_KEEP,
+    prompt_distance: int = DEFAULT_PROMPT_DISTANCE,
+    *,
+    variants: bool = True,
+    verify: bool = True,
+    colour_distance: float = DEFAULT_COLOUR_DISTANCE,
+    label: str = "phash-8",
+) -> Clustering:
+    """Clusters (kept sample first, largest cluster first) and how each member matched its
+    kept sample. Pure. ``data`` needs the dataset columns keep_order reads, ``phash`` and
+    ``complex_prompt``, and for the new passes ``variant_hashes`` and ``colour_hash`` (rows
+    without them are matched by their primary hash alone, unverified)."""
+    if prompts not in PROMPT_MODES:
+        raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
+    heavy = [c for c in ("variant_hashes", "colour_hash") if c in data.column_names]
+    rows = data.drop_columns(heavy).to_pylist()
+    count = len(rows)
+    edges = [np.empty((0, 2), dtype=np.int64)]
+    result = Clustering([], {})
+    hashed = np.array([i for i, r in enumerate(rows) if r.get("phash")], dtype=np.int64)
+    position = {int(row): p for p, row in enumerate(hashed)}
+    take = pa.array(hashed)
+
+    def column(name: str, type_: pa.DataType) -> pa.Array:
+        if name not in data.column_names:
+            return pa.nulls(len(hashed), type_)
+        return data[name].take(take).combine_chunks()
+
+    hashes = _Hashes(
+        [rows[i]["phash"] for i in hashed],
+        column("variant_hashes", pa.list_(pa.string())),
+        column("colour_hash", pa.string()),
+        verify,
+        check_colour_distance(colour_distance),
+        variants,
+    )
+    best_edge: dict[int, tuple[int, int]] = {}  # position -> (distance, slot) of its closest
+    if len(hashed) > 1:
+        found, stats = _image_edges(hashes, max_distance, workers)
+        result.image_pairs, result.variant_pairs = len(found), stats["variant"]
+        result.candidate_pairs, result.rejected_pairs = stats["candidates"], stats["rejected"]
+        edges.append(hashed[found[:, :2]])
+        for a, b, slot, distance in found.tolist():
+            for end in (a, b):
+                best_edge[end] = min(best_edge.get(end, (distance, slot)), (distance, slot))
+    keys = [
+        normalise_prompt(r.get("complex_prompt") or "") if prompts != "off" else "" for r in rows
+    ]
+    fingerprints: dict[str, int] = {}
+    if prompts != "off":
+        by_prompt: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            if not key:
+                continue
+            if key in by_prompt:
+                edges.append(np.array([[by_prompt[key], index]], dtype=np.int64))
+            else:
+                by_prompt[key] = index
+        result.prompt_groups = len(by_prompt)
+        if prompts == "near" and len(by_prompt) > 1:
+            # near-duplicate prompts: SimHash of word pairs, searched with the same index
+            fingerprints = {key: simhash(key) for key in by_prompt}
+            values = np.array(list(fingerprints.values()), dtype=np.uint64)
+            positions = np.array(list(by_prompt.values()), dtype=np.int64)
+            edges.append(_near_edges(positions, values, prompt_distance, workers=1))
+    labels = clusters(count, np.concatenate(edges)) if count else np.empty(0, dtype=np.int64)
+    members: dict[int, list[int]] = {}
+    for index, cluster in enumerate(labels):
+        members.setdefault(int(cluster), []).append(index)
+    index_of = {}
+    for indices in members.values():
+        if len(indices) < 2:
+            continue
+        ordered = sorted(indices, key=lambda i: keep_order(rows[i], keep))
+        result.clusters.append([rows[i]["sample_id"] for i in ordered])
+        index_of.update({rows[i]["sample_id"]: i for i in ordered})
+    result.clusters.sort(key=lambda c: (-len(c), c[0]))
+    # how each member matched the kept one: directly by a hash (with its distance), directly
+    # by prompt, else through others (the kind of its own closest match, no distance)
+    direct_pairs, pair_members = [], []
+    for cluster in result.clusters:
+        kept = index_of[cluster[0]]
+        for sample_id in cluster[1:]:
+            member = index_of[sample_id]
+            if member in position and kept in position:
+                direct_pairs.append((position[member], position[kept]))
+                pair_members.append(sample_id)
+    direct = _direct_matches(hashes, direct_pairs, max_distance)
+    for pair_index, (slot, distance) in direct.items():
+        result.matches[pair_members[pair_index]] = (match_name(label, slot), distance)
+    for cluster in result.clusters:
+        kept = index_of[cluster[0]]
+        for sample_id in cluster[1:]:
+            if sample_id in result.matches:
+                continue
+            member = index_of[sample_id]
+            same_prompt = prompts != "off" and keys[member] and keys[member] == keys[kept]
+            near_prompt = (
+                prompts == "near"
+                and keys[member]
+                and keys[kept]
+                and (fingerprints[keys[member]] ^ fingerprints[keys[kept]]).bit_count()
+                <= prompt_distance
+            )
+            own = best_edge.get(position.get(member, -1))
+            if same_prompt or near_prompt:
+                result.matches[sample_id] = ("prompt" if same_prompt else "prompt:near", None)
+            elif own is not None:
+                result.matches[sample_id] = (match_name(label, own[1]), None)
+            else:
+                exact = any(keys[member] == keys[index_of[s]] for s in cluster if s != sample_id)
+                result.matches[sample_id] = ("prompt" if exact else "prompt:near", None)
+    return result
+
+
 def find_clusters(
     data: pa.Table,
     max_distance: int,
@@ -233,50 +872,15 @@ def find_clusters(
     workers: int = 1,
     keep: tuple[str, ...] = DEFAULT_KEEP,
     prompt_distance: int = DEFAULT_PROMPT_DISTANCE,
+    **passes: Any,
 ) -> tuple[list[list[str]], int, int]:
-    """Clusters (kept sample first, largest cluster first), image pairs, prompt groups. Pure.
-    ``data`` needs the dataset columns keep_order reads, ``phash`` and ``complex_prompt``."""
-    rows = data.to_pylist()
-    count = len(rows)
-    if prompts not in PROMPT_MODES:
-        raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
-    edges = [np.empty((0, 2), dtype=np.int64)]
-    hashed = [i for i, r in enumerate(rows) if r.get("phash")]
-    image_pairs = 0
-    if len(hashed) > 1:
-        values = hex_to_uint64([rows[i]["phash"] for i in hashed])
-        found = _near_edges(np.array(hashed, dtype=np.int64), values, max_distance, workers)
-        image_pairs = len(found)
-        edges.append(found)
-    prompt_groups = 0
-    if prompts != "off":
-        by_prompt: dict[str, int] = {}
-        for index, row in enumerate(rows):
-            key = normalise_prompt(row.get("complex_prompt") or "")
-            if not key:
-                continue
-            if key in by_prompt:
-                edges.append(np.array([[by_prompt[key], index]], dtype=np.int64))
-            else:
-                by_prompt[key] = index
-        prompt_groups = len(by_prompt)
-        if prompts == "near" and len(by_prompt) > 1:
-            # near-duplicate prompts: SimHash of word pairs, searched with the same index
-            fingerprints = np.array([simhash(k) for k in by_prompt], dtype=np.uint64)
-            positions = np.array(list(by_prompt.values()), dtype=np.int64)
-            edges.append(_near_edges(positions, fingerprints, prompt_distance, workers=1))
-    labels = clusters(count, np.concatenate(edges)) if count else np.empty(0, dtype=np.int64)
-    members: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        members.setdefault(int(label), []).append(index)
-    result = []
-    for indices in members.values():
-        if len(indices) < 2:
-            continue
-        ordered = sorted((rows[i] for i in indices), key=lambda row: keep_order(row, keep))
-        result.append([r["sample_id"] for r in ordered])
-    result.sort(key=lambda c: (-len(c), c[0]))
-    return result, image_pairs, prompt_groups
+    """Clusters (kept sample first, largest cluster first), image pairs, prompt groups: the
+    short form of :func:`cluster_samples` (``passes``: its keyword options)."""
+    found = cluster_samples(data, max_distance, prompts, workers, keep, prompt_distance, **passes)
+    return found.clusters, found.image_pairs, found.prompt_groups
+
+
+MARK_COLUMNS = ("duplicate_of", "cluster_id", "duplicate_match", "duplicate_distance")
 
 
 def dedupe(
@@ -288,36 +892,63 @@ def dedupe(
     dry_run: bool = False,
     keep: tuple[str, ...] = DEFAULT_KEEP,
     prompt_distance: int = DEFAULT_PROMPT_DISTANCE,
+    *,
+    variants: bool = True,
+    verify: bool = True,
+    colour_distance: float = DEFAULT_COLOUR_DISTANCE,
 ) -> DedupeReport:
-    """Mark duplicates in the ``duplicates`` table (only rows whose value changes are written,
-    so a re-run writes nothing); with ``dry_run`` only report."""
+    """Mark duplicates in the ``duplicates`` table: per member of a cluster ``duplicate_of`` and
+    ``cluster_id`` (both the kept sample, for the kept one too), ``duplicate_match`` and
+    ``duplicate_distance`` (null for the kept one). Only rows where one of these changes are
+    written, so a re-run writes nothing; with ``dry_run`` only report."""
     started = time.perf_counter()
     if not 0 <= max_distance <= 32:
         raise InputError("--max-distance must be 0..32 bits")
+    check_colour_distance(colour_distance)
     with workspace.stage_lock("dedupe"):
         data = workspace.dataset()
         kind_ok = pc.fill_null(pc.equal(data["hash_kind"], hash_label_), False)
-        data = data.set_column(
-            data.schema.get_field_index("phash"),
-            "phash",
-            pc.if_else(kind_ok, data["phash"], pa.nulls(data.num_rows, pa.string())),
-        )
+        for name in ("phash", "variant_hashes", "colour_hash"):
+            column = data[name]
+            data = data.set_column(
+                data.schema.get_field_index(name),
+                name,
+                pc.if_else(kind_ok, column, pa.nulls(data.num_rows, column.type)),
+            )
         report = DedupeReport(hashed=pc.sum(kind_ok.cast(pa.int64()), min_count=0).as_py())
-        report.clusters, report.image_pairs, report.prompt_groups = find_clusters(
-            data, max_distance, prompts, workers, check_keep(keep), prompt_distance
+        found = cluster_samples(
+            data,
+            max_distance,
+            prompts,
+            workers,
+            check_keep(keep),
+            prompt_distance,
+            variants=variants,
+            verify=verify,
+            colour_distance=colour_distance,
+            label=hash_label_,
         )
-        wanted = {sid: cluster[0] for cluster in report.clusters for sid in cluster}
+        report.clusters, report.matches = found.clusters, found.matches
+        report.image_pairs, report.prompt_groups = found.image_pairs, found.prompt_groups
+        report.candidate_pairs, report.rejected_pairs = found.candidate_pairs, found.rejected_pairs
+        report.variant_pairs = found.variant_pairs
+        wanted = {}
+        for cluster in found.clusters:
+            wanted[cluster[0]] = (cluster[0], cluster[0], None, None)
+            for sample_id in cluster[1:]:
+                wanted[sample_id] = (cluster[0], cluster[0], *found.matches[sample_id])
+        nothing = (None, None, None, None)
         current = {
-            r["sample_id"]: r["duplicate_of"]
-            for r in workspace.read_table("duplicates", ["duplicate_of"]).to_pylist()
+            r["sample_id"]: tuple(r[c] for c in MARK_COLUMNS)
+            for r in workspace.read_table("duplicates", list(MARK_COLUMNS)).to_pylist()
         }
         rows = []
         for sample_id in data["sample_id"].to_pylist():
-            new, old = wanted.get(sample_id), current.get(sample_id)
+            new, old = wanted.get(sample_id, nothing), current.get(sample_id, nothing)
             if new != old:
-                rows.append({"sample_id": sample_id, "duplicate_of": new})
-                was_duplicate = old is not None and old != sample_id
-                is_duplicate = new is not None and new != sample_id
+                rows.append((sample_id, *new))
+                was_duplicate = old[0] is not None and old[0] != sample_id
+                is_duplicate = new[0] is not None and new[0] != sample_id
                 report.marked += is_duplicate and not was_duplicate
                 report.cleared += was_duplicate and not is_duplicate
         if not dry_run and rows:
@@ -328,19 +959,26 @@ def dedupe(
                     "max_distance": max_distance,
                     "prompts": prompts,
                     "keep": list(keep),
+                    "variants": variants,
+                    "verify": verify,
+                    "colour_distance": colour_distance,
                 },
                 output_table="duplicates",
             )
+            columns = list(zip(*rows, strict=True))
+            types = (pa.string(), pa.string(), pa.string(), pa.string(), pa.int16())
             table = pa.table(
                 {
-                    "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
-                    "duplicate_of": pa.array([r["duplicate_of"] for r in rows], pa.string()),
+                    name: pa.array(values, type_)
+                    for name, values, type_ in zip(
+                        ("sample_id", *MARK_COLUMNS), columns, types, strict=True
+                    )
                 }
             )
             workspace.write_table_part("duplicates", table)
             report.written = len(rows)
             workspace.finish_run(
-                run, "completed", {"clusters": len(report.clusters), "written": len(rows)}
+                run, "completed", {"clusters": len(found.clusters), "written": len(rows)}
             )
         report.seconds = time.perf_counter() - started
         return report

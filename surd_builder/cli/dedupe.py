@@ -56,6 +56,29 @@ def dedupe(
             "reviewed, resolution, clip_score, earliest)."
         ),
     ] = "reviewed,resolution,clip_score,earliest",
+    variants: Annotated[
+        bool,
+        typer.Option(
+            help="Also find mirrored and cropped re-posts: the hashes of the mirrored image and "
+            "of five fixed crops (centre and corners, 90% of each side) against others' hashes."
+        ),
+    ] = True,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Confirm every hash match with the two images' colour layouts (8x8 mean "
+            "colours): flat graphics that share a pHash, e.g. a red square on white and a red "
+            "circle on purple, are not merged. --no-verify: the hash alone decides."
+        ),
+    ] = True,
+    colour_distance: Annotated[
+        float,
+        typer.Option(
+            help="With --verify: the largest colour difference a match may have (CIELAB delta E "
+            "of the most different of 8x8 cells, once a brightness change is taken out; 0..100; "
+            "4 keeps 10,000 distinct flat images apart, see bench/dedupe_quality.py).",
+        ),
+    ] = 4.0,
     draft: Annotated[
         bool, typer.Option(help="Decode JPEGs at reduced size before hashing (much faster).")
     ] = True,
@@ -76,13 +99,18 @@ def dedupe(
     *,
     engine: EngineOptions,
 ) -> None:
-    """Hash every image, find near-duplicates, keep the best sample of each cluster. With
-    --engine ray the hashing runs on Ray; the pair search and clustering run here (1M hashes
-    take seconds)."""
+    """Hash every image, find near-duplicates, keep the best sample of each cluster.
+
+    Each image gets a perceptual hash, the hashes of its mirror image and of five fixed crops,
+    and a colour layout. Pairs within --max-distance bits (a mirror or crop hash against another
+    image's hash included) are candidates; with --verify (default) their colour layouts must
+    also agree. With --engine ray the hashing runs on Ray; the pair search and clustering run
+    here (1M hashes take seconds)."""
     from pipelines.dedupe import (
         DEFAULT_MAX_DISTANCE,
         PROMPT_MODES,
         HashStage,
+        check_colour_distance,
         check_keep,
     )
     from pipelines.dedupe import dedupe as run_dedupe
@@ -94,6 +122,7 @@ def dedupe(
     if prompts not in PROMPT_MODES:  # options are checked before the hashing, not after it
         raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
     criteria = check_keep(tuple(c.strip() for c in keep.split(",") if c.strip()))
+    check_colour_distance(colour_distance)
     ws = Workspace.open(workspace)
     stage = HashStage(hash_kind, hash_size, draft)
     options = RunOptions(
@@ -106,7 +135,17 @@ def dedupe(
     if max_distance is None:
         max_distance = round(DEFAULT_MAX_DISTANCE * hash_size**2 / 64)
     result = run_dedupe(
-        ws, stage.label, max_distance, prompts, workers, dry_run, criteria, prompt_distance
+        ws,
+        stage.label,
+        max_distance,
+        prompts,
+        workers,
+        dry_run,
+        criteria,
+        prompt_distance,
+        variants=variants,
+        verify=verify,
+        colour_distance=colour_distance,
     )
     verb = "would mark" if dry_run else "marked"
     typer.echo(
@@ -114,6 +153,13 @@ def dedupe(
         f"{result.duplicates:,} duplicates ({verb} {result.marked:,} new, "
         f"{'would clear' if dry_run else 'cleared'} {result.cleared:,}) in {result.seconds:.1f} s"
     )
+    checked = (
+        f", {result.rejected_pairs:,} turned down by the colour check"
+        if verify
+        else " (unverified)"
+    )
+    found = f", {result.variant_pairs:,} only through a mirror or crop hash" if variants else ""
+    typer.echo(f"  {result.candidate_pairs:,} candidate image pairs{checked}{found}")
     for cluster in result.clusters[:show]:
         typer.echo(
             f"  keep {cluster[0]}  drop {', '.join(cluster[1:6])}"

