@@ -99,6 +99,11 @@ class Stage(ABC):
     name: ClassVar[str]
     #: the stage table (``surd_builder.schema.STAGE_TABLES``) its rows go to
     output_table: ClassVar[str]
+    #: other stage tables its output rows also fill, where a row has their columns (collection
+    #: hashes the image it decodes to check: ``hashes``); written after ``output_table``, so a
+    #: side row never names a sample that is not there, and an interruption between the two
+    #: only leaves work for the stage owning the side table
+    side_tables: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def plan(self, workspace: Workspace) -> pa.Table:

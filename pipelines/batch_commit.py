@@ -23,6 +23,24 @@ from surd_builder.schema import FAILURES_SCHEMA, IMAGES_SCHEMA, SAMPLE_SCHEMA, t
 from surd_builder.workspace import Workspace, utc_now
 
 
+def side_rows(output: pa.Table, table: str) -> pa.Table:
+    """The rows of stage table ``table`` in a stage's output batch: its columns, for the rows
+    that did not fail and have a value in its first column after ``sample_id``. Pure."""
+    spec = table_spec(table)
+    names = output.column_names
+    key = spec.columns[1]
+    if key not in names:
+        return spec.schema.empty_table()
+    wanted = pc.is_valid(output[key])
+    if FAILURE_REASON in names:
+        wanted = pc.and_(wanted, pc.is_null(output[FAILURE_REASON]))
+    chosen = output.select([c for c in names if c in spec.columns]).filter(wanted)
+    stamp = pa.array([utc_now()] * chosen.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
+    if "updated_at" in chosen.column_names:
+        chosen = chosen.drop_columns(["updated_at"])
+    return chosen.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
+
+
 def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[pa.Table, ...]:
     """Split a stage's output batch into (table rows, images to store, failure rows). Pure."""
     spec = table_spec(output_table)
@@ -83,14 +101,21 @@ class BatchCounts:
 
 
 def commit_batch(
-    workspace: Workspace, stage_name: str, output_table: str, output: pa.Table
+    workspace: Workspace,
+    stage_name: str,
+    output_table: str,
+    output: pa.Table,
+    side_tables: tuple[str, ...] = (),
 ) -> BatchCounts:
-    """Write one processed batch: images first, then the rows that reference them, then the
-    failures. Each write is atomic and part names are unique per process, so batches can be
-    committed from several processes (e.g. Ray workers) into one workspace."""
+    """Write one processed batch: images first, then the rows that reference them (the output
+    table's, then each side table's), then the failures. Each write is atomic and part names
+    are unique per process, so batches can be committed from several processes (e.g. Ray
+    workers) into one workspace."""
     records, images, failures = split_output(stage_name, output, output_table)
     new_images = workspace.write_images(images)
     workspace.write_table_part(output_table, records)
+    for table in side_tables:
+        workspace.write_table_part(table, side_rows(output, table))
     workspace.write_failures(failures)
     image_bytes = pc.sum(pc.binary_length(images["image_bytes"]), min_count=0).as_py()
     return BatchCounts(
@@ -148,7 +173,7 @@ def process_batch(stage: Stage, batch: pa.Table, workspace: Workspace) -> pa.Tab
 
 def commit_output(workspace: Workspace, stage: Stage, output: pa.Table) -> BatchCounts:
     """:func:`commit_batch` for ``stage``, with the counts the stage kept for this batch."""
-    counts = commit_batch(workspace, stage.name, stage.output_table, output)
+    counts = commit_batch(workspace, stage.name, stage.output_table, output, stage.side_tables)
     counts.stage_counts = stage.take_counts()
     return counts
 

@@ -38,8 +38,8 @@ EXPORT_DOCS = {
     ),
     "duplicate_match": (
         "how this sample matched the kept one: 'phash-8' (perceptual hash), 'phash-8:mirror' "
-        "(mirrored copy), 'phash-8:crop' (cropped copy), 'prompt' (same keyword prompt)...; null "
-        "for the kept sample and outside clusters"
+        "(mirrored copy), 'phash-8:crop' (cropped copy), 'prompt' (same keyword prompt), 'clip' "
+        "(alike CLIP image embeddings)...; null for the kept sample and outside clusters"
     ),
 }
 

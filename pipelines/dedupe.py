@@ -2,13 +2,14 @@
 
 Two steps:
 
-1. :class:`HashStage` (a normal stage: resumable, batched, parallel with ``--workers``) stores per
-   sample, from one decode of its image (:func:`image_signature`): the perceptual hash
+1. Per sample, from one decode of its image (:mod:`pipelines.perceptual`): the perceptual hash
    (``phash``), the hashes of the mirrored image and of five fixed crops (``variant_hashes``,
    :data:`VARIANTS`), and colour layouts (``colour_hash``: the 8x8 mean colours of the whole
-   image and of each crop, :func:`colour_layout`). JPEGs are decoded in draft mode, at the
-   smallest DCT scale still at least :data:`DRAFT_SIDE` px, several times faster than a full
-   decode. Rows hashed before variants and layouts existed count as not done and are redone.
+   image and of each crop). Collection (ingest, scrape) computes them from the decode that
+   checks the image and writes them to the ``hashes`` table; :class:`HashStage` (a normal
+   stage: resumable, batched, parallel with ``--workers``) does the samples that lack them
+   (collected without a full check, or before this existed, or with another ``--hash``).
+   Rows hashed before variants and layouts existed count as not done and are redone.
 2. :func:`dedupe` (a whole-table step) finds every pair of samples whose hashes differ in at
    most ``max_distance`` bits (:mod:`pipelines.neardup`, exact and fast): primary against
    primary and, with ``variants``, one sample's mirror or crop hash against another's primary
@@ -53,7 +54,6 @@ earliest collected, then the smallest ``sample_id`` (so the choice is determinis
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from dataclasses import dataclass, field
@@ -63,18 +63,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines import perceptual
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES, Stage
 from pipelines.neardup import clusters, hex_to_uint64, near_pairs
+from pipelines.perceptual import (
+    COLOUR_GRID,
+    FULL,
+    HASH_KINDS,
+    LAYOUT_CHARS,
+    VARIANT_CROP,
+    VARIANTS,
+    UnhashableImage,
+    area_weights,
+    hash_label,
+    image_signature,
+)
+from pipelines.perceptual import ImageSignature as ImageSignature  # re-exported
+from pipelines.perceptual import colour_layout as colour_layout
+from pipelines.perceptual import image_hash as image_hash
+from pipelines.perceptual import variant_regions as variant_regions
 from pipelines.rewriters.rules import strip_prompt_syntax
 from surd_builder.errors import InputError
 from surd_builder.ids import text_key
 
 if TYPE_CHECKING:
-    from PIL import Image as PILImage
-
+    from pipelines.embedding_dedupe import EmbeddingPass
     from surd_builder.workspace import Workspace
 
-HASH_KINDS = ("phash", "dhash", "ahash", "whash")
 DEFAULT_MAX_DISTANCE = 6
 PROMPT_MODES = ("off", "exact", "near")
 # Bits of a 64-bit SimHash of the normalised prompt. Measured on gallery-style prompts: one piece
@@ -82,106 +97,10 @@ PROMPT_MODES = ("off", "exact", "near")
 # ("..., 8k, artstation, highly detailed") stay 11 or more apart.
 DEFAULT_PROMPT_DISTANCE = 6
 
-# The colour layout: COLOUR_GRID x COLOUR_GRID mean colours (sRGB bytes, hex).
-COLOUR_GRID = 8
 # Colour check threshold (CIELAB delta E, see colour_distances), measured with
 # bench/dedupe_quality.py: no two of 10,000 distinct flat images that share a pHash (or a mirror
 # or crop hash) are within 4.3; true copies are (module docstring).
 DEFAULT_COLOUR_DISTANCE = 4.0
-# Fixed crops keep this fraction of each side (of 80%, 85% and 90%, 90% found the most re-posts).
-VARIANT_CROP = 0.9
-# Variants are hashed from a copy of the decoded image reduced to at most this side (a pHash
-# looks at 32x32; this keeps six more hashes cheap next to the decode).
-VARIANT_SIDE = 128
-FULL = (0.0, 0.0, 1.0, 1.0)
-# JPEGs are decoded at the smallest DCT scale still at least this side: at 1/8 a pixel is the mean
-# of an 8x8 block, placed up to half a block off, which moves colour layouts of crops by several
-# delta E; 256 px costs 0.8 ms instead of 0.6 for a 512 px photo (1.4 ms fully decoded).
-DRAFT_SIDE = 256
-
-
-def variant_regions(crop: float = VARIANT_CROP) -> tuple[tuple[str, tuple, bool], ...]:
-    """(match suffix, region (x0, y0, x1, y1) as fractions, mirrored) of each variant hash, in
-    the order of ``variant_hashes``: the mirrored image, then the centre and four corner crops."""
-    margin, rest = (1 - crop) / 2, 1 - crop
-    return (
-        ("mirror", FULL, True),
-        ("crop", (margin, margin, 1 - margin, 1 - margin), False),
-        ("crop", (0.0, 0.0, crop, crop), False),
-        ("crop", (rest, 0.0, 1.0, crop), False),
-        ("crop", (0.0, rest, crop, 1.0), False),
-        ("crop", (rest, rest, 1.0, 1.0), False),
-    )
-
-
-VARIANTS = variant_regions()
-
-
-def hash_label(kind: str, size: int) -> str:
-    return f"{kind}-{size}"
-
-
-def _hash_function(kind: str):
-    import imagehash
-
-    return {
-        "phash": imagehash.phash,
-        "dhash": imagehash.dhash,
-        "ahash": imagehash.average_hash,
-        "whash": imagehash.whash,
-    }[kind]
-
-
-def _decode(data: bytes, size: int, draft: bool) -> tuple[PILImage.Image, tuple]:
-    """The RGB image and the box its content fills: a JPEG decoded at a reduced DCT scale gets
-    a partial block of padding at the right and bottom edges (a 435 px side decodes to 55 px
-    at 1/8, of which 54.375 are the image)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        box = None
-        if draft and image.format == "JPEG":
-            side = max(size * 4, DRAFT_SIDE)  # decode at a reduced DCT scale
-            drafted = image.draft("RGB", (side, side))
-            box = drafted[1] if drafted else None
-        rgb = image.convert("RGB")
-    return rgb, box or (0, 0, rgb.width, rgb.height)
-
-
-def image_hash(data: bytes, kind: str = "phash", size: int = 8, draft: bool = True) -> str:
-    """The hex perceptual hash of an encoded image."""
-    return str(_hash_function(kind)(_decode(data, size, draft)[0], hash_size=size))
-
-
-def _within(content: tuple, region: tuple) -> tuple:
-    """``region`` (fractions) of the ``content`` box, in pixels, not rounded."""
-    left, top, right, bottom = content
-    x0, y0, x1, y1 = region
-    width, height = right - left, bottom - top
-    return (left + x0 * width, top + y0 * height, left + x1 * width, top + y1 * height)
-
-
-@dataclass(frozen=True)
-class ImageSignature:
-    """What :class:`HashStage` stores for one image."""
-
-    phash: str
-    variant_hashes: list[str]
-    colour_hash: str
-
-
-def colour_layout(image: PILImage.Image, box: tuple | None = None) -> str:
-    """The :data:`COLOUR_GRID` x :data:`COLOUR_GRID` mean colours of the image (of ``box`` of it,
-    in pixels, not rounded), hex (3 bytes a cell, rows first). Means are taken in sRGB, the space
-    resizing, blurring and JPEG average in, so a copy's cells keep their values; they are compared
-    in CIELAB (:func:`colour_distances`)."""
-    from PIL import Image
-
-    grid = image.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX, box=box)
-    return grid.tobytes().hex()
-
-
-LAYOUT_CHARS = COLOUR_GRID * COLOUR_GRID * 3 * 2  # hex characters of one layout
 
 
 def _layout_slots(variants: tuple[tuple[str, tuple, bool], ...]) -> list[tuple[int, tuple, bool]]:
@@ -195,38 +114,6 @@ def _layout_slots(variants: tuple[tuple[str, tuple, bool], ...]) -> list[tuple[i
             crops += 1
             slots.append((crops, FULL, False))
     return slots
-
-
-def image_signature(
-    data: bytes,
-    kind: str = "phash",
-    size: int = 8,
-    draft: bool = True,
-    variants: tuple[tuple[str, tuple, bool], ...] = VARIANTS,
-) -> ImageSignature:
-    """Primary hash, variant hashes and colour layout of an encoded image, from one decode."""
-    from PIL import Image
-
-    function = _hash_function(kind)
-    image, content = _decode(data, size, draft)
-    primary = str(function(image, hash_size=size))
-    left, top, right, bottom = content
-    scale = min(1.0, VARIANT_SIDE / max(right - left, bottom - top))
-    side = (max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale)))
-    small = image.resize(side, Image.Resampling.BOX, box=content)
-    mirrored = small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    hashes, layouts = [], [colour_layout(image, content)]
-    for _, region, mirror in variants:
-        part = mirrored if mirror else small
-        if region != FULL:  # the exact region, not rounded to pixels of the reduced image
-            x0, y0, x1, y1 = region
-            size_ = (max(1, round((x1 - x0) * side[0])), max(1, round((y1 - y0) * side[1])))
-            box = _within((0, 0, *side), region)
-            part = part.resize(size_, Image.Resampling.BICUBIC, box=box)
-            if not mirror:  # from the decoded image: a finer grid places the crop closer
-                layouts.append(colour_layout(image, _within(content, region)))
-        hashes.append(str(function(part, hash_size=size)))
-    return ImageSignature(primary, hashes, "".join(layouts))
 
 
 # ------------------------------------------------------------------------------ colour check
@@ -267,12 +154,7 @@ def colour_grids(hex_layouts: list[str], index: int = 0) -> np.ndarray:
 def _region_weights(low: float, high: float, cells: int = COLOUR_GRID) -> np.ndarray:
     """``(cells, cells)``: row i holds the share of each source cell in the i-th of ``cells``
     equal parts of ``[low, high]`` (the source cells split [0, 1] equally)."""
-    edges = np.linspace(low, high, cells + 1)
-    source = np.linspace(0.0, 1.0, cells + 1)
-    overlap = np.minimum(edges[1:, None], source[None, 1:]) - np.maximum(
-        edges[:-1, None], source[None, :-1]
-    )
-    return np.clip(overlap, 0.0, None) / (edges[1:] - edges[:-1])[:, None]
+    return area_weights(low, high, cells, cells)
 
 
 def region_grids(grids: np.ndarray, region: tuple = FULL, mirror: bool = False) -> np.ndarray:
@@ -363,6 +245,8 @@ class HashStage(Stage):
             "variants": [name for name, _, _ in VARIANTS],
             "variant_crop": VARIANT_CROP,
             "colour_grid": COLOUR_GRID,
+            "draft_side": perceptual.DRAFT_SIDE,
+            "work_side": perceptual.WORK_SIDE,
         }
 
     def plan(self, workspace: Workspace) -> pa.Table:
@@ -395,8 +279,8 @@ class HashStage(Stage):
                 continue
             try:
                 signature = image_signature(data, self.kind, self.size, self.draft)
-            except (OSError, ValueError, SyntaxError) as error:
-                reason = {FAILURE_REASON: "image-unreadable", FAILURE_DETAIL: type(error).__name__}
+            except UnhashableImage as error:
+                reason = {FAILURE_REASON: "image-unreadable", FAILURE_DETAIL: str(error)}
                 rows.append({**row, **reason})
                 continue
             rows.append(
@@ -498,6 +382,8 @@ class DedupeReport:
     rejected_pairs: int = 0  # candidates the colour check turned down
     variant_pairs: int = 0  # joined pairs found only through a mirror or crop hash
     prompt_groups: int = 0
+    embedding_pairs: int = 0  # row pairs at least min_cosine alike in CLIP image embeddings
+    embedding_only_pairs: int = 0  # of those, pairs no hash (primary, mirror, crop) joined
     clusters: list[list[str]] = field(default_factory=list)  # kept sample first, largest first
     # per member of a cluster other than the kept one: (duplicate_match, duplicate_distance)
     matches: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
@@ -732,6 +618,23 @@ def _direct_matches(
     return best
 
 
+# ``duplicate_match`` of a member joined to its kept sample by CLIP image embeddings, not a hash
+EMBEDDING_MATCH = "clip"
+
+
+def _embedding_pairs(
+    extra_edges: tuple[np.ndarray, np.ndarray], count: int
+) -> set[tuple[int, int]]:
+    """The ``(smaller, larger)`` row pairs of ``extra_edges`` (pairs, cosines), checked."""
+    pairs, cosines = extra_edges
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if cosines is not None and len(cosines) != len(pairs):
+        raise ValueError(f"extra_edges: {len(pairs)} pairs but {len(cosines)} cosines")
+    if len(pairs) and (pairs.min() < 0 or pairs.max() >= count):
+        raise ValueError(f"extra_edges: row indices must be 0..{count - 1}")
+    return {(min(a, b), max(a, b)) for a, b in pairs.tolist() if a != b}
+
+
 @dataclass
 class Clustering:
     """What :func:`cluster_samples` found (see :class:`DedupeReport` for the fields)."""
@@ -743,6 +646,8 @@ class Clustering:
     rejected_pairs: int = 0
     variant_pairs: int = 0
     prompt_groups: int = 0
+    embedding_pairs: int = 0
+    embedding_only_pairs: int = 0
 
 
 def cluster_samples(
@@ -757,11 +662,18 @@ def cluster_samples(
     verify: bool = True,
     colour_distance: float = DEFAULT_COLOUR_DISTANCE,
     label: str = "phash-8",
+    extra_edges: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Clustering:
     """Clusters (kept sample first, largest cluster first) and how each member matched its
     kept sample. Pure. ``data`` needs the dataset columns keep_order reads, ``phash`` and
     ``complex_prompt``, and for the new passes ``variant_hashes`` and ``colour_hash`` (rows
-    without them are matched by their primary hash alone, unverified)."""
+    without them are matched by their primary hash alone, unverified).
+
+    ``extra_edges``: ``(pairs, cosines)`` from the embedding pass
+    (:func:`pipelines.embedding_dedupe.embedding_edges`: ``(n, 2)`` row indices into ``data``
+    and their cosines), joined like the hash and prompt edges, rows without a hash included. A
+    member whose direct pair with the kept sample is such an edge gets the closest hash match
+    between the two where one exists, else ``"clip"`` (no distance: that column holds bits)."""
     if prompts not in PROMPT_MODES:
         raise InputError(f"--prompts must be one of: {', '.join(PROMPT_MODES)}")
     heavy = [c for c in ("variant_hashes", "colour_hash") if c in data.column_names]
@@ -795,6 +707,16 @@ def cluster_samples(
         for a, b, slot, distance in found.tolist():
             for end in (a, b):
                 best_edge[end] = min(best_edge.get(end, (distance, slot)), (distance, slot))
+    embedded: set[tuple[int, int]] = set()  # (smaller, larger) row pairs of the embedding pass
+    embedded_rows: set[int] = set()
+    if extra_edges is not None:
+        embedded = _embedding_pairs(extra_edges, count)
+        embedded_rows = {row for pair in embedded for row in pair}
+        # the edges so far are the hash pass's
+        hash_pairs = {(min(a, b), max(a, b)) for a, b in np.concatenate(edges).tolist()}
+        edges.append(np.array(sorted(embedded), dtype=np.int64).reshape(-1, 2))
+        result.embedding_pairs = len(embedded)
+        result.embedding_only_pairs = len(embedded - hash_pairs)
     keys = [
         normalise_prompt(r.get("complex_prompt") or "") if prompts != "off" else "" for r in rows
     ]
@@ -828,7 +750,8 @@ def cluster_samples(
         index_of.update({rows[i]["sample_id"]: i for i in ordered})
     result.clusters.sort(key=lambda c: (-len(c), c[0]))
     # how each member matched the kept one: directly by a hash (with its distance), directly
-    # by prompt, else through others (the kind of its own closest match, no distance)
+    # by embedding, directly by prompt, else through others (the kind of its own closest
+    # match, no distance: a hash, else an embedding, else a prompt)
     direct_pairs, pair_members = [], []
     for cluster in result.clusters:
         kept = index_of[cluster[0]]
@@ -855,10 +778,14 @@ def cluster_samples(
                 <= prompt_distance
             )
             own = best_edge.get(position.get(member, -1))
-            if same_prompt or near_prompt:
+            if (min(member, kept), max(member, kept)) in embedded:
+                result.matches[sample_id] = (EMBEDDING_MATCH, None)
+            elif same_prompt or near_prompt:
                 result.matches[sample_id] = ("prompt" if same_prompt else "prompt:near", None)
             elif own is not None:
                 result.matches[sample_id] = (match_name(label, own[1]), None)
+            elif member in embedded_rows:
+                result.matches[sample_id] = (EMBEDDING_MATCH, None)
             else:
                 exact = any(keys[member] == keys[index_of[s]] for s in cluster if s != sample_id)
                 result.matches[sample_id] = ("prompt" if exact else "prompt:near", None)
@@ -885,7 +812,7 @@ MARK_COLUMNS = ("duplicate_of", "cluster_id", "duplicate_match", "duplicate_dist
 
 def dedupe(
     workspace: Workspace,
-    hash_label_: str,
+    hash_label_: str | None,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     prompts: str = "off",
     workers: int = 1,
@@ -896,18 +823,27 @@ def dedupe(
     variants: bool = True,
     verify: bool = True,
     colour_distance: float = DEFAULT_COLOUR_DISTANCE,
+    embedding: EmbeddingPass | None = None,
+    show_progress: bool = True,
 ) -> DedupeReport:
     """Mark duplicates in the ``duplicates`` table: per member of a cluster ``duplicate_of`` and
     ``cluster_id`` (both the kept sample, for the kept one too), ``duplicate_match`` and
     ``duplicate_distance`` (null for the kept one). Only rows where one of these changes are
-    written, so a re-run writes nothing; with ``dry_run`` only report."""
+    written, so a re-run writes nothing; with ``dry_run`` only report.
+
+    ``hash_label_`` None: no hash pass (stored hashes are not read). ``embedding``: also join
+    rows whose images' CLIP embeddings are alike (:mod:`pipelines.embedding_dedupe`; embeddings
+    are cached in the workspace, so a re-run loads no model)."""
     started = time.perf_counter()
     if not 0 <= max_distance <= 32:
         raise InputError("--max-distance must be 0..32 bits")
     check_colour_distance(colour_distance)
     with workspace.stage_lock("dedupe"):
         data = workspace.dataset()
-        kind_ok = pc.fill_null(pc.equal(data["hash_kind"], hash_label_), False)
+        if hash_label_ is None:
+            kind_ok = pa.array(np.zeros(data.num_rows, dtype=bool))
+        else:
+            kind_ok = pc.fill_null(pc.equal(data["hash_kind"], hash_label_), False)
         for name in ("phash", "variant_hashes", "colour_hash"):
             column = data[name]
             data = data.set_column(
@@ -916,6 +852,18 @@ def dedupe(
                 pc.if_else(kind_ok, column, pa.nulls(data.num_rows, column.type)),
             )
         report = DedupeReport(hashed=pc.sum(kind_ok.cast(pa.int64()), min_count=0).as_py())
+        extra_edges = None
+        if embedding is not None:
+            from pipelines.embedding_dedupe import embedding_edges
+
+            extra_edges = embedding_edges(
+                workspace,
+                data,
+                embedding.scorer,
+                embedding.min_cosine,
+                embedding.index,
+                show_progress,
+            )
         found = cluster_samples(
             data,
             max_distance,
@@ -926,12 +874,15 @@ def dedupe(
             variants=variants,
             verify=verify,
             colour_distance=colour_distance,
-            label=hash_label_,
+            label=hash_label_ or "",
+            extra_edges=extra_edges,
         )
         report.clusters, report.matches = found.clusters, found.matches
         report.image_pairs, report.prompt_groups = found.image_pairs, found.prompt_groups
         report.candidate_pairs, report.rejected_pairs = found.candidate_pairs, found.rejected_pairs
         report.variant_pairs = found.variant_pairs
+        report.embedding_pairs = found.embedding_pairs
+        report.embedding_only_pairs = found.embedding_only_pairs
         wanted = {}
         for cluster in found.clusters:
             wanted[cluster[0]] = (cluster[0], cluster[0], None, None)
@@ -952,19 +903,18 @@ def dedupe(
                 report.marked += is_duplicate and not was_duplicate
                 report.cleared += was_duplicate and not is_duplicate
         if not dry_run and rows:
-            run = workspace.start_run(
-                "dedupe",
-                {
-                    "hash": hash_label_,
-                    "max_distance": max_distance,
-                    "prompts": prompts,
-                    "keep": list(keep),
-                    "variants": variants,
-                    "verify": verify,
-                    "colour_distance": colour_distance,
-                },
-                output_table="duplicates",
-            )
+            params: dict[str, Any] = {
+                "hash": hash_label_,
+                "max_distance": max_distance,
+                "prompts": prompts,
+                "keep": list(keep),
+                "variants": variants,
+                "verify": verify,
+                "colour_distance": colour_distance,
+            }
+            if embedding is not None:
+                params["embedding"] = embedding.params()
+            run = workspace.start_run("dedupe", params, output_table="duplicates")
             columns = list(zip(*rows, strict=True))
             types = (pa.string(), pa.string(), pa.string(), pa.string(), pa.int16())
             table = pa.table(

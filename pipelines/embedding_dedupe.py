@@ -26,8 +26,9 @@ threshold.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,54 @@ INDEXES = ("exact", "usearch")
 DEFAULT_MIN_COSINE = 0.97
 DEFAULT_NEIGHBOURS = 16
 BATCH = 256  # images per embedding part (and per model call group)
+
+
+def check_min_cosine(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise InputError("--min-cosine must be 0..1 (a cosine similarity; start at 0.97)")
+    return float(value)
+
+
+def check_index(index: str) -> str:
+    """``index`` if it is one of :data:`INDEXES` and can be used here (usearch is installed)."""
+    if index not in INDEXES:
+        raise InputError(f"--index must be one of: {', '.join(INDEXES)}")
+    if index == "usearch":
+        _usearch_index()
+    return index
+
+
+def _usearch_index():
+    try:
+        from usearch.index import Index
+    except ImportError:
+        raise InputError(
+            "--index usearch needs the usearch package (pip install 'surd[ann]')"
+        ) from None
+    return Index
+
+
+@dataclass(frozen=True)
+class EmbeddingPass:
+    """``dedupe --by embedding``: rows whose images' CLIP embeddings (``scorer``, loaded only
+    when an image is not in the cache yet) are at least ``min_cosine`` alike are joined, the
+    pairs searched with ``index``. Options are checked on construction."""
+
+    scorer: ClipScorer
+    min_cosine: float = DEFAULT_MIN_COSINE
+    index: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_min_cosine(self.min_cosine)
+        check_index(self.index)
+
+    def params(self) -> dict[str, Any]:
+        """What a dedupe run records of this pass."""
+        return {
+            "clip_model": self.scorer.model,
+            "min_cosine": self.min_cosine,
+            "index": self.index,
+        }
 
 
 def cache_folder(workspace: Workspace, model: str) -> Path:
@@ -152,12 +201,7 @@ def _exact_pairs(vectors: np.ndarray, min_cosine: float, block: int):
 
 
 def _usearch_pairs(vectors: np.ndarray, min_cosine: float, neighbours: int):
-    try:
-        from usearch.index import Index
-    except ImportError:
-        raise InputError(
-            "--index usearch needs the usearch package (pip install 'surd[ann]')"
-        ) from None
+    Index = _usearch_index()
     index = Index(ndim=vectors.shape[1], metric="cos", dtype="f32")
     keys = np.arange(len(vectors), dtype=np.uint64)
     index.add(keys, vectors)
@@ -199,6 +243,9 @@ def embedding_edges(
 __all__ = [
     "DEFAULT_MIN_COSINE",
     "INDEXES",
+    "EmbeddingPass",
+    "check_index",
+    "check_min_cosine",
     "cosine_pairs",
     "embedding_edges",
     "image_embeddings",

@@ -121,6 +121,7 @@ class IngestStage(Stage):
 
     name = "ingest"
     output_table = "samples"
+    side_tables = ("hashes",)  # the image is hashed where it is decoded to check it
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES
+from pipelines.perceptual import ImageSignature, draft_request, hash_label, prepared, signature_of
 from surd_builder.ids import sha256_hex
 from surd_builder.schema import STAGE_TABLES
 
@@ -95,9 +96,16 @@ def default_prompt_column(columns: set[str]) -> str | None:
 
 
 # What a collecting stage's ``process`` returns (see pipelines/base.py).
+# What collection hashes (the hash stage's default, ``surd build dedupe``'s first step): the
+# ``hashes`` table's columns travel in the collection output and are written there.
+COLLECTED_HASH = ("phash", 8)
+HASH_COLUMNS = tuple(
+    c for c in STAGE_TABLES["hashes"].columns if c not in ("sample_id", "updated_at")
+)
 COLLECT_OUTPUT_SCHEMA = pa.schema(
     [
         *STAGE_TABLES["samples"].schema,
+        *(STAGE_TABLES["hashes"].schema.field(c) for c in HASH_COLUMNS),
         pa.field(IMAGE_BYTES, pa.binary()),
         pa.field(FAILURE_REASON, pa.string()),
         pa.field(FAILURE_DETAIL, pa.string()),
@@ -132,16 +140,29 @@ def _quiet_bomb_warnings() -> None:
 
 
 def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int, str]:
-    """(width, height, PIL format) of encoded image ``data``, checked.
+    """(width, height, PIL format) of encoded image ``data``, checked (:func:`inspect_and_hash`
+    without the hash)."""
+    return inspect_and_hash(data, name, decode, signature=False)[:3]
 
-    With ``decode`` everything is decoded to catch truncated or corrupt data, but JPEG at 1/8
-    scale (DCT scaling still reads every entropy-coded block); without, only the header and
-    PIL's ``verify()`` (cheaper; corrupt pixel data gets through). Decompression bombs are
-    rejected either way, including those PIL only warns about (1x to 2x ``MAX_IMAGE_PIXELS``).
+
+def inspect_and_hash(
+    data: bytes, name: str, decode: bool = True, signature: bool = True
+) -> tuple[int, int, str, ImageSignature | None]:
+    """(width, height, PIL format, perceptual signature) of encoded image ``data``, checked.
+
+    With ``decode`` everything is decoded to catch truncated or corrupt data, but a JPEG at a
+    reduced DCT scale (which still reads every entropy-coded block): the scale the perceptual
+    signature is computed at (:func:`pipelines.perceptual.draft_request`), so with ``signature``
+    that decode is hashed too and the hash stage has nothing left to do for this image; without
+    ``decode``, only the header and PIL's ``verify()`` (cheaper; corrupt pixel data gets
+    through) and no signature. Decompression bombs are rejected either way, including those PIL
+    only warns about (1x to 2x ``MAX_IMAGE_PIXELS``). An image that decodes but cannot be hashed
+    (none is known) is stored without a signature: the hash stage reports it.
     """
     from PIL import Image, UnidentifiedImageError
 
     _quiet_bomb_warnings()
+    computed = None
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = stored = image.size
@@ -154,8 +175,10 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
             if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
                 width, height = height, width
             if decode:
-                image.draft(image.mode, (max(1, stored[0] // 8), max(1, stored[1] // 8)))
+                drafted = image.draft(image.mode, draft_request(stored))
                 image.load()
+                if signature:
+                    computed = _signature(image, drafted[1] if drafted else None)
             else:
                 image.verify()
     except Image.DecompressionBombError as error:
@@ -164,7 +187,26 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
         raise ItemRejected("not-an-image", f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ItemRejected("not-an-image", f"{name}: {error}") from None
-    return width, height, image_format
+    return width, height, image_format, computed
+
+
+def _signature(image, box: tuple | None) -> ImageSignature | None:
+    try:
+        return signature_of(*prepared(image, box), *COLLECTED_HASH)
+    except Exception:  # noqa: BLE001 (the hash stage decodes it again and says what failed)
+        return None
+
+
+def signature_fields(signature: ImageSignature | None) -> dict[str, Any]:
+    """The ``hashes`` table's columns of a collected row (none without a signature)."""
+    if signature is None:
+        return {}
+    return {
+        "phash": signature.phash,
+        "hash_kind": hash_label(*COLLECTED_HASH),
+        "variant_hashes": signature.variant_hashes,
+        "colour_hash": signature.colour_hash,
+    }
 
 
 EXIF_ORIENTATION = 0x0112
@@ -307,11 +349,12 @@ def collected_row(
 ) -> dict[str, Any]:
     """A complete output row for an item whose image ``data`` and keyword ``prompt`` are known.
     With ``max_side``, larger images are stored shrunk (by default the original is kept);
-    ``decode`` chooses the image check (see :func:`inspect_image`)."""
-    width, height, image_format = inspect_image(data, name, decode)
+    ``decode`` chooses the image check (see :func:`inspect_and_hash`); a full check also gives
+    the row its perceptual hashes (the ``hashes`` table's columns)."""
+    width, height, image_format, signature = inspect_and_hash(data, name, decode)
     if max_side is not None and max(width, height) > max_side:
         data = shrink_image(data, max_side)
-        width, height, image_format = inspect_image(data, name)
+        width, height, image_format, signature = inspect_and_hash(data, name, decode)
     now = datetime.now(UTC)
     return {
         **identity,
@@ -325,6 +368,7 @@ def collected_row(
         "collected_at": now,
         "updated_at": now,
         IMAGE_BYTES: data,
+        **signature_fields(signature),
     }
 
 

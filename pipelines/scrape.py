@@ -35,6 +35,7 @@ IMAGE_MEDIA_TYPES = ("image/", "application/octet-stream", "binary/octet-stream"
 
 class ScrapeStage(Stage):
     output_table = "samples"
+    side_tables = ("hashes",)  # the image is hashed where it is decoded to check it
 
     def __init__(
         self,

@@ -129,12 +129,14 @@ SAMPLE_SCHEMA = pa.schema(
             "duplicate_match",
             pa.string(),
             "how this sample matched the kept one, e.g. 'phash-8', 'phash-8:mirror', "
-            "'phash-8:crop', 'prompt'",
+            "'phash-8:crop', 'prompt', 'clip' (CLIP image embeddings, dedupe --by embedding: "
+            "no hash matched)",
         ),
         _field(
             "duplicate_distance",
             pa.int16(),
-            "bits between this sample's matching hash and the kept sample's (0: identical)",
+            "bits between this sample's matching hash and the kept sample's (0: identical); "
+            "null for a 'clip' or 'prompt' match",
         ),
         # human review
         _field("review_status", pa.string(), "pending / accepted / corrected / rejected"),

@@ -310,3 +310,27 @@ def test_a_real_dedupe_run_exports_consistent_marks(tmp_path, workspace):
         assert distance is None or 0 <= distance <= 6
     for alone in ("other", "third"):
         assert marks(rows[alone]) == (None,) * 4
+
+
+def test_the_export_command_prints_the_cluster_counts(tmp_path, workspace):
+    """What the card counts, the terminal shows too: clusters, duplicates dropped or kept."""
+    from pipelines.dedupe import HashStage, dedupe
+    from tests.conftest import run_surd
+    from tests.test_dedupe import add_samples, encode, photo
+
+    original = photo(1)
+    add_samples(
+        workspace,
+        {"orig": encode(original), "q20": encode(original, quality=20), "other": encode(photo(2))},
+    )
+    run_stage(HashStage(), workspace, RunOptions(show_progress=False))
+    assert len(dedupe(workspace, "phash-8").clusters) == 1
+    for flag, dropped, kept in (("--no-keep-duplicates", 1, 0), ("--keep-duplicates", 0, 1)):
+        out = tmp_path / flag
+        result = run_surd("build", "export", str(out), "-w", str(workspace.root), flag)
+        assert result.returncode == 0, result.stderr
+        cells = [line.split("│")[1:3] for line in result.stdout.splitlines() if "│" in line]
+        counts = {label.strip(): value.strip() for label, value in cells}
+        assert counts["near-duplicate clusters"] == "1", result.stdout
+        assert counts["duplicates dropped"] == str(dropped)
+        assert counts["duplicates kept"] == str(kept)

@@ -178,9 +178,13 @@ def test_a_workspace_built_partly_locally_and_partly_on_ray_is_one_workspace(
     assert rest.written == DEMO_COUNT - first.written
     assert run_stage(rewrite, mixed, ON_RAY).written == DEMO_COUNT
     assert str(os.getpid()) not in writers(mixed, "narratives")
-    # images the Ray workers stored are found by this same workspace object afterwards
-    hashed = run_stage(HashStage(), mixed, ON_RAY)
+    # the hashes came with the collection, on Ray for most samples; and images the Ray workers
+    # stored are found by this same workspace object afterwards (forced: every image re-read)
+    assert run_stage(HashStage(), mixed, ON_RAY).already_done == DEMO_COUNT
+    forced = RunOptions(**{**ON_RAY.__dict__, "force": True})
+    hashed = run_stage(HashStage(), mixed, forced)
     assert (hashed.written, hashed.failed) == (DEMO_COUNT, 0)
+    assert rows(mixed, "hashes") == rows(whole, "hashes")
 
     assert rows(mixed, "samples") == rows(whole, "samples")
     assert rows(mixed, "narratives") == rows(whole, "narratives")

@@ -33,6 +33,11 @@ def print_export_report(report) -> None:
         table.add_row(f"split {split}", f"{number:,}")
     for reason, number in report.skipped.items():
         table.add_row(f"left out: {reason}", f"{number:,}")
+    clusters = report.clusters or {}
+    if clusters.get("clusters"):
+        table.add_row("near-duplicate clusters", f"{clusters['clusters']:,}")
+        table.add_row("  duplicates dropped", f"{clusters.get('duplicates_dropped', 0):,}")
+        table.add_row("  duplicates kept", f"{clusters.get('duplicates_kept', 0):,}")
     table.add_row("files", f"{len(report.files):,}")
     table.add_row("MiB written", f"{report.bytes_written / 2**20:,.1f}")
     console.print(table)

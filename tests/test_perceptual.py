@@ -1,0 +1,259 @@
+"""The perceptual signature (issue 24): the fast pHash against imagehash, exact colour layouts,
+what a viewer sees (EXIF turns, transparency), and hashing at collection: ingest fills the
+``hashes`` table from the decode that checks the image, so the hash stage has nothing left."""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipelines.batch_commit import side_rows
+from pipelines.dedupe import HashStage, colour_distance, colour_distances, colour_grids
+from pipelines.ingest import IngestStage
+from pipelines.perceptual import (
+    FULL,
+    VARIANTS,
+    _turn_box,
+    decode,
+    image_hash,
+    image_signature,
+    layouts_of,
+    phashes,
+)
+from pipelines.runner import run_stage
+from tests.test_dedupe import QUIET, encode, photo
+
+
+def bits(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def grey_of(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def test_the_fast_phash_is_imagehash_up_to_rounding() -> None:
+    """Same decoded image, same hash: the full image, its mirror and a crop, against imagehash
+    on that image, that image mirrored and that crop (the float DCT can still flip a bit that
+    sits at the median)."""
+    regions = ((*FULL, False), (*FULL, True), (0.0, 0.0, 0.5, 0.5, False))
+    distances = {"full": [], "mirror": [], "crop": []}
+    for seed in range(30):
+        image = photo(seed)
+        box = (0, 0, *image.size)
+        full, mirror, crop = phashes(grey_of(image), box, regions)
+        flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        distances["full"].append(bits(full, str(imagehash.phash(image))))
+        distances["mirror"].append(bits(mirror, str(imagehash.phash(flipped))))
+        distances["crop"].append(bits(crop, str(imagehash.phash(image.crop((0, 0, 128, 128))))))
+    for kind, found in distances.items():
+        assert np.mean(found) <= 0.2 and max(found) <= 2, (kind, found)
+        assert np.mean(np.array(found) == 0) >= 0.9, (kind, found)
+
+
+def test_a_flat_image_hashes_as_imagehash_does() -> None:
+    """Rounding noise in a flat image's DCT is not structure (imagehash gives it one bit)."""
+    flat = Image.new("RGB", (200, 120), (200, 30, 30))
+    expected = str(imagehash.phash(flat))
+    assert image_hash(encode(flat, "PNG")) == expected
+    assert bin(int(expected, 16)).count("1") <= 1
+
+
+def exact_area_means(pixels: np.ndarray, box: tuple, cells: int = 8) -> np.ndarray:
+    """By brute force: every pixel split into 20 x 20 sub-pixels, cells summed over the
+    sub-pixels inside them (box edges on multiples of 1/20 px)."""
+    fine = np.repeat(np.repeat(pixels.astype(np.float64), 20, axis=0), 20, axis=1)
+    x0, y0, x1, y1 = (round(v * 20) for v in box)
+    xs, ys = np.linspace(x0, x1, cells + 1), np.linspace(y0, y1, cells + 1)
+    out = np.zeros((cells, cells, 3))
+    for i in range(cells):
+        for j in range(cells):
+            part = fine[round(ys[i]) : round(ys[i + 1]), round(xs[j]) : round(xs[j + 1])]
+            out[i, j] = part.mean(axis=(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("box", [(0, 0, 96, 80), (4.8, 0, 91.2, 72), (9.6, 8.0, 96, 80)])
+def test_colour_layouts_are_exact_area_means(box) -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (80, 96, 3)).astype(np.uint8)
+    pixels[:, :37] = (250, 10, 10)  # a sharp edge off the cell grid
+    layout = layouts_of(pixels.astype(np.float32), box, [FULL])
+    found = np.frombuffer(bytes.fromhex(layout), np.uint8).reshape(8, 8, 3).astype(float)
+    # cells hold whole numbers in 1/20 px steps here (all cell edges are multiples of 1/20)
+    assert np.abs(found - exact_area_means(pixels, box)).max() <= 0.51
+
+
+def rotated_jpeg(image: Image.Image, orientation: int) -> bytes:
+    """``image`` stored so that a viewer applying EXIF ``orientation`` shows ``image``."""
+    undo = {
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,  # shown turned clockwise, so stored anticlockwise
+        8: Image.Transpose.ROTATE_270,
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        5: Image.Transpose.TRANSPOSE,
+        7: Image.Transpose.TRANSVERSE,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+    }[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.transpose(undo).save(buffer, "JPEG", quality=100, subsampling=0, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_an_exif_rotated_photo_hashes_like_the_photo_shown(orientation: int) -> None:
+    """613x405: drafted at 1/2 with a partial block at the right and bottom, whose padding the
+    turn moves to another edge (the content box goes with it). Nearly lossless JPEGs: turned,
+    the 8x8 blocks fall elsewhere on the picture, which at normal qualities moves a pHash of a
+    smooth photo a few bits by itself."""
+    image = photo(4, size=613).crop((0, 0, 613, 405))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=100, subsampling=0)
+    shown = image_signature(buffer.getvalue())
+    stored = image_signature(rotated_jpeg(image, orientation))
+    # turned the other way round, resampling rounds in another order: a few bits move
+    assert bits(shown.phash, stored.phash) <= 4
+    assert all(
+        bits(a, b) <= 4 for a, b in zip(shown.variant_hashes, stored.variant_hashes, strict=True)
+    )
+    unturned = image_signature(encode(Image.open(io.BytesIO(rotated_jpeg(image, orientation)))))
+    assert bits(shown.phash, unturned.phash) > 12  # the pixels as stored are another picture
+    for crop in range(6):  # the whole image's layout and each crop's
+        a, b = colour_grids([shown.colour_hash], crop), colour_grids([stored.colour_hash], crop)
+        assert colour_distances(a, b)[0] <= 1.5
+
+
+def test_turned_boxes_put_the_padding_where_the_turn_takes_it() -> None:
+    """A 10x6 decode whose content is 9.5x5.5 (padding right and bottom), turned: each box is
+    where the marked content pixel lands."""
+    size, box = (10, 6), (0, 0, 9.5, 5.5)
+    marker = Image.new("L", size, 0)
+    marker.putpixel((0, 0), 255)  # the content's top-left corner
+    methods = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> Image.Transpose
+    for orientation, method in methods.items():
+        turned = marker.transpose(Image.Transpose(method))
+        x, y = np.argwhere(np.asarray(turned) == 255)[0][::-1]
+        x0, y0, x1, y1 = _turn_box(box, size, orientation)
+        # the content's corner pixel is a corner of the turned box
+        assert (x in (int(x0), int(np.ceil(x1)) - 1)) and (y in (int(y0), int(np.ceil(y1)) - 1))
+        assert (x1 - x0, y1 - y0) in ((9.5, 5.5), (5.5, 9.5))
+        assert 0 <= x0 < x1 <= turned.width and 0 <= y0 < y1 <= turned.height
+
+
+def test_transparency_is_hashed_on_white() -> None:
+    image = photo(5).convert("RGBA")
+    pixels = np.asarray(image).copy()
+    pixels[:, :100, 3] = 0  # the left part transparent
+    pixels[:, :100, :3] = 0  # over black, as many encoders leave it
+    transparent = Image.fromarray(pixels, "RGBA")
+    on_white = Image.new("RGB", image.size, (255, 255, 255))
+    on_white.paste(transparent, mask=transparent.split()[3])
+    a, b = image_signature(encode(transparent, "PNG")), image_signature(encode(on_white, "PNG"))
+    assert a.phash == b.phash and colour_distance(a.colour_hash, b.colour_hash) < 0.5
+
+
+def photo_folder(tmp_path, count: int = 6):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(count):
+        (folder / f"p{seed}.jpg").write_bytes(encode(photo(seed, size=300 + seed)))
+        (folder / f"p{seed}.txt").write_text(f"a photo, seed {seed}")
+    (folder / "broken.jpg").write_bytes(encode(photo(9))[:-4000])  # truncated
+    (folder / "broken.txt").write_text("a broken photo")
+    return folder
+
+
+def test_ingest_hashes_what_it_decodes_and_the_hash_stage_has_nothing_left(
+    workspace, tmp_path, monkeypatch
+) -> None:
+    folder = photo_folder(tmp_path)
+    opened: list[int] = []
+    real_open = Image.open
+
+    def counting(*args, **kwargs):
+        opened.append(1)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting)
+    report = run_stage(IngestStage(folder, source="photos"), workspace, QUIET)
+    assert report.written == 6 and report.failed == 1  # the truncated one is refused
+    hashes = workspace.read_table("hashes").to_pylist()
+    samples = {
+        r["sample_id"]: r["image_sha256"] for r in workspace.read_table("samples").to_pylist()
+    }
+    stored = workspace.images.read(list(samples.values()))
+    assert len(hashes) == 6 and {r["sample_id"] for r in hashes} == set(samples)
+    monkeypatch.setattr(Image, "open", real_open)
+    for row in hashes:  # the same signature the hash stage computes from the stored bytes
+        again = image_signature(stored[samples[row["sample_id"]]])
+        assert row["hash_kind"] == "phash-8" and row["phash"] == again.phash
+        assert row["variant_hashes"] == again.variant_hashes
+        assert row["colour_hash"] == again.colour_hash
+    assert len(opened) == 7  # one decode per file: checked and hashed together
+    monkeypatch.setattr(Image, "open", counting)
+    hashed = run_stage(HashStage(), workspace, QUIET)
+    assert hashed.already_done == 6 and hashed.processed == 0 and len(opened) == 7
+
+
+def test_samples_without_collection_hashes_are_hashed_by_the_stage(workspace, tmp_path) -> None:
+    """An interruption between the samples part and the hashes part (or a check without a
+    decode) leaves samples without hashes: the hash stage does exactly those."""
+    folder = photo_folder(tmp_path, count=4)
+    run_stage(IngestStage(folder, source="photos"), workspace, QUIET)
+    parts = workspace.table_parts("hashes")
+    rows = workspace.read_table("hashes")
+    for part in parts:
+        part.unlink()
+    workspace.write_table_part("hashes", rows.slice(0, 1))
+    report = run_stage(HashStage(), workspace, QUIET)
+    assert report.already_done == 1 and report.written == 3
+    after = {r["sample_id"]: r["phash"] for r in workspace.read_table("hashes").to_pylist()}
+    assert after == {r["sample_id"]: r["phash"] for r in rows.to_pylist()}
+
+
+def test_side_rows_are_the_good_rows_with_the_side_tables_columns() -> None:
+    output = pa.table(
+        {
+            "sample_id": ["a", "b", "c"],
+            "source": ["s", "s", "s"],
+            "phash": ["00ff", None, "0f0f"],
+            "hash_kind": ["phash-8", None, "phash-8"],
+            "variant_hashes": pa.array([["01"], None, ["02"]], pa.list_(pa.string())),
+            "colour_hash": ["aa", None, "bb"],
+            "failure_reason": [None, None, "not-an-image"],
+        }
+    )
+    rows = side_rows(output, "hashes")
+    assert rows["sample_id"].to_pylist() == ["a"]
+    assert set(rows.column_names) == {
+        "sample_id",
+        "phash",
+        "hash_kind",
+        "variant_hashes",
+        "colour_hash",
+        "updated_at",
+    }
+    assert side_rows(output.drop_columns(["phash"]), "hashes").num_rows == 0
+
+
+def test_a_drafted_signature_stays_close_to_the_full_decode() -> None:
+    for seed in range(8):
+        data = encode(photo(seed, size=512))
+        drafted, full = image_signature(data), image_signature(data, draft=False)
+        assert bits(drafted.phash, full.phash) <= 4
+        assert colour_distance(drafted.colour_hash, full.colour_hash) <= 2.0
+        for crop in range(1, 6):  # each crop's own layout
+            a, b = colour_grids([drafted.colour_hash], crop), colour_grids([full.colour_hash], crop)
+            assert colour_distances(a, b)[0] <= 2.0
+        assert len(drafted.variant_hashes) == len(VARIANTS)
+    image, box = decode(encode(photo(1, size=512)))  # at 1/8: 64 px
+    assert image.size == (64, 64) and box == (0, 0, 64, 64)
+    image, box = decode(encode(photo(1, size=515)))  # 64.375 px of content in 65
+    assert image.size == (65, 65) and box == (0, 0, 64.375, 64.375)
