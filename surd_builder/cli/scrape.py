@@ -92,7 +92,8 @@ class DownloadOptions:
     decode_check: Annotated[
         bool,
         typer.Option(
-            help="Decode every image to reject corrupt data (off: header check only, ~25% faster)."
+            help="Decode every image to reject corrupt data, and hash it from that decode for "
+            "dedupe (off: header check only, faster; build dedupe hashes the images then)."
         ),
     ] = True
     force: Annotated[bool, typer.Option(help="Download items already in the workspace again.")] = (
