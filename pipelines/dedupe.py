@@ -38,10 +38,10 @@ brightness change (gain and offset, bounded) is taken out, must be at most
 :data:`DEFAULT_COLOUR_DISTANCE` (4). One distinct flat pair is within 3-4, the next above 6;
 true copies (50% resize, JPEG q40-95, 1 px blur, +-5% and +-8% brightness) pass: all of
 photo-like and 512 px flat images, 99.1% of 128 px flat images (a 64 px resize moves their
-shapes' edges across the 16 px cells). Limits: mean colours cannot tell two texts in the same colours and place apart (29 of 70
-such pairs that share a pHash merge), and the check is strict about alignment: a crop a few
-percent off a fixed crop does not pass (a 5% border crop of a sharp photo-like image fails where
-the pHash alone had found it).
+shapes' edges across the 16 px cells). Limits: mean colours cannot tell two texts in the same
+colours and place apart (29 of 70 such pairs that share a pHash merge), and the check is strict
+about alignment: a crop a few percent off a fixed crop does not pass (a 5% border crop of a
+sharp photo-like image fails where the pHash alone had found it).
 
 **Variants**: a horizontal flip moves a pHash ~31 bits and a 5% corner crop 4-20 bits, out of
 reach. The mirrored image and the centre and corner crops keeping :data:`VARIANT_CROP` (90%) of
