@@ -229,7 +229,12 @@ class HashStage(Stage):
     output_table: ClassVar[str] = "hashes"
     needs_images = True
 
-    def __init__(self, kind: str = "phash", size: int = 8, draft: bool = True):
+    def __init__(
+        self,
+        kind: str = perceptual.DEFAULT_KIND,
+        size: int = perceptual.DEFAULT_SIZE,
+        draft: bool = True,
+    ):
         if kind not in HASH_KINDS:
             raise InputError(f"unknown hash {kind!r} (known: {', '.join(HASH_KINDS)})")
         if not 2 <= size <= 8:
@@ -238,10 +243,12 @@ class HashStage(Stage):
             raise InputError("whash needs a hash size that is a power of 2 (2, 4 or 8)")
         self.kind, self.size, self.draft = kind, size, draft
         self.label = hash_label(kind, size)
+        self.settings = perceptual.hash_settings(draft)
 
     def params(self) -> dict[str, Any]:
         return {
             "hash": self.label,
+            "hash_settings": self.settings,
             "draft": self.draft,
             "variants": [name for name, _, _ in VARIANTS],
             "variant_crop": VARIANT_CROP,
@@ -255,18 +262,28 @@ class HashStage(Stage):
         return data.filter(pc.is_valid(data["image_sha256"]))
 
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
-        """Samples hashed with this hash kind and with every variant and the colour layout: a
-        row from before those existed (or with another number of variants) is redone."""
+        """Samples whose hashes row is of this hash kind and these settings (signature version,
+        draft or full decoding), with every variant and layout, and written after the sample's
+        own row. So a row from an older version or other settings is redone, and so is one of a
+        sample collected again since (a new image, a collection interrupted between its samples
+        part and its hashes part, a check without a decode)."""
         current = workspace.read_table(
-            self.output_table, ["hash_kind", "variant_hashes", "colour_hash"]
+            self.output_table,
+            ["hash_kind", "variant_hashes", "colour_hash", "hash_settings", "updated_at"],
         )
+        collected = {
+            r["sample_id"]: r["updated_at"]
+            for r in workspace.read_table("samples", ["updated_at"]).to_pylist()
+        }
         layouts = 1 + max(index for index, _, _ in _layout_slots(VARIANTS))
         return {
             r["sample_id"]
             for r in current.to_pylist()
             if r["hash_kind"] == self.label
+            and r["hash_settings"] == self.settings
             and len(r["colour_hash"] or "") == layouts * LAYOUT_CHARS
             and len(r["variant_hashes"] or ()) == len(VARIANTS)
+            and _not_before(r["updated_at"], collected.get(r["sample_id"]))
         }
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -284,21 +301,20 @@ class HashStage(Stage):
                 reason = {FAILURE_REASON: "image-unreadable", FAILURE_DETAIL: str(error)}
                 rows.append({**row, **reason})
                 continue
-            rows.append(
-                {
-                    **row,
-                    "phash": signature.phash,
-                    "hash_kind": self.label,
-                    "variant_hashes": signature.variant_hashes,
-                    "colour_hash": signature.colour_hash,
-                }
-            )
+            fields = perceptual.signature_fields(signature, self.kind, self.size, self.draft)
+            rows.append({**row, **fields})
         types = {"variant_hashes": pa.list_(pa.string())}
         columns = ["sample_id", "source", "source_item_id", "phash", "hash_kind"]
-        columns += ["variant_hashes", "colour_hash", FAILURE_REASON, FAILURE_DETAIL]
+        columns += ["variant_hashes", "colour_hash", "hash_settings", FAILURE_REASON]
+        columns += [FAILURE_DETAIL]
         return pa.table(
             {c: pa.array([r.get(c) for r in rows], types.get(c, pa.string())) for c in columns}
         )
+
+
+def _not_before(hashed: Any, collected: Any) -> bool:
+    """Whether a hashes row written at ``hashed`` is not older than its sample's row."""
+    return collected is None or (hashed is not None and hashed >= collected)
 
 
 def normalise_prompt(prompt: str) -> str:

@@ -3,18 +3,21 @@ crops, and colour layouts, all from one decode (what ``surd build dedupe`` compa
 
 Computed where the image is first decoded: collection (ingest, scrape) checks every image by
 decoding it, and :func:`signature_of` hashes that decoded image, so the hash stage only has the
-images collected without a full check (or before this existed) left to do.
+images collected without a full check, before this version (``hash_settings``) or with other
+settings left to do.
 
 **Speed.** A JPEG is decoded at the smallest DCT scale still at least :data:`DRAFT_SIDE` px on
 both sides (libjpeg's 1/2, 1/4, 1/8 scaling still reads every entropy-coded block, so a corrupt
-file still fails). imagehash's pHash resizes with Pillow's LANCZOS filter to 32x32 and takes a
-DCT; six more such resizes for the variants cost more than the decode. Here the same LANCZOS
-weights (Pillow's, for the exact region, in float) and the DCT rows are folded into one ``8 x H``
-and one ``8 x W`` matrix per region, so a region's 8x8 DCT is ``A @ grey @ B.T``; the mirror is
-the primary's column weights reversed. The hashes equal imagehash's on the same decoded image
-up to Pillow's 8-bit rounding between its two passes (a bit flips at the median now and then).
-Colour layouts are exact area means too, for the whole image and the five crops at once: two
-matrix products over the pixels (the crops' few distinct column ranges, then row ranges).
+file still fails); any larger image is then reduced by whole factors (exact box means) to about
+:data:`WORK_SIDE`. imagehash's pHash resizes with Pillow's LANCZOS filter to 32x32 and takes a
+DCT; six more such resizes for the variants would cost more than the decode. Here Pillow's
+LANCZOS weights for each region are matrices: one product for the regions' few distinct column
+ranges, rounded to 8 bits as Pillow's first pass is, one per region for the rows, rounded, then
+the DCT rows; the mirror is the primary's columns reversed. On the same pixels the hash is
+imagehash's (98% identical on photo-like images, the rest a bit at the median: the DCT here is
+not scipy's); a crop with fractional edges takes the pixels it touches, where Pillow's crop
+rounds them. Colour layouts are exact area means, for the whole image and the five crops at
+once: two matrix products over the pixels (distinct column ranges, then row ranges).
 
 **What is hashed** is what a viewer shows (:mod:`surd_builder.viewing`): turned as EXIF says,
 16-bit scaled to 8 bits, transparency on white, an animation's first frame. A re-post saved with
@@ -31,10 +34,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from surd_builder.viewing import EXIF_ORIENTATION
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 HASH_KINDS = ("phash", "dhash", "ahash", "whash")
+# What collection computes and the hash stage does by default (``surd build dedupe``'s --hash
+# and --hash-size): rows of another kind or size count as not done.
+DEFAULT_KIND, DEFAULT_SIZE = "phash", 8
+# Bumped whenever a stored signature would come out differently: rows of another version count
+# as not done (hash_settings). 2: pHash as matrices, exact-area layouts, what a viewer shows.
+SIGNATURE_VERSION = 2
 # The colour layout: COLOUR_GRID x COLOUR_GRID mean colours (sRGB bytes, hex).
 COLOUR_GRID = 8
 LAYOUT_CHARS = COLOUR_GRID * COLOUR_GRID * 3 * 2  # hex characters of one layout
@@ -51,12 +62,16 @@ DRAFT_SIDE = 64
 # The signature is computed from the decoded image reduced (exact box means, Image.reduce) by the
 # largest whole factor that keeps its shorter side at least this: a PNG of 512 px hashes at 64.
 WORK_SIDE = 64
-EXIF_ORIENTATION = 0x0112
 
 
 def hash_label(kind: str, size: int) -> str:
     """``hash_kind`` of a hash: kind and side, e.g. ``phash-8`` (64 bits)."""
     return f"{kind}-{size}"
+
+
+def hash_settings(draft: bool = True) -> str:
+    """``hash_settings`` of a signature: its version and how JPEGs were decoded."""
+    return f"v{SIGNATURE_VERSION} {'draft' if draft else 'full'}"
 
 
 def variant_regions(crop: float = VARIANT_CROP) -> tuple[tuple[str, tuple, bool], ...]:
@@ -89,6 +104,24 @@ class UnhashableImage(Exception):
     """The image could not be decoded for hashing; ``str()`` is the error's type name."""
 
 
+def signature_fields(
+    signature: ImageSignature | None,
+    kind: str = DEFAULT_KIND,
+    size: int = DEFAULT_SIZE,
+    draft: bool = True,
+) -> dict:
+    """The ``hashes`` table's columns of one sample (none without a signature)."""
+    if signature is None:
+        return {}
+    return {
+        "phash": signature.phash,
+        "hash_kind": hash_label(kind, size),
+        "variant_hashes": signature.variant_hashes,
+        "colour_hash": signature.colour_hash,
+        "hash_settings": hash_settings(draft),
+    }
+
+
 # ------------------------------------------------------------------------------ decoding
 def _turn_box(box: tuple, size: tuple[int, int], orientation: int) -> tuple:
     """Where ``box`` (the content of a draft-decoded image of ``size``, padding to the right and
@@ -108,21 +141,41 @@ def _turn_box(box: tuple, size: tuple[int, int], orientation: int) -> tuple:
 
 
 def prepared(image: PILImage.Image, box: tuple | None = None) -> tuple[PILImage.Image, tuple]:
-    """The RGB image as viewed (EXIF-turned, 8-bit, on white) and the box its content fills:
-    a JPEG decoded at a reduced DCT scale gets a partial block of padding at the right and
-    bottom edges (a 435 px side decodes to 55 px at 1/8, of which 54.375 are the image)."""
-    from surd_builder.viewing import as_viewed, turned
+    """The RGB image as viewed (turned as EXIF says, 8-bit, on white), reduced to about
+    :data:`WORK_SIDE` (exact box means, before any conversion where the mode allows: a 4000 px
+    RGBA PNG is not copied at full size), and the box its content fills: a JPEG decoded at a
+    reduced DCT scale gets a partial block of padding at the right and bottom edges (a 435 px
+    side decodes to 55 px at 1/8, of which 54.375 are the image)."""
+    from surd_builder.viewing import as_viewed
 
-    size = image.size
-    box = box or (0, 0, size[0], size[1])
+    box = tuple(box or (0, 0, image.size[0], image.size[1]))
     try:
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 (a broken EXIF block says nothing about the pixels)
         orientation = 1
-    image, moved = turned(image)
-    if moved:
-        box = _turn_box(box, size, orientation)
-    return as_viewed(image), box
+    if image.mode in REDUCIBLE_MODES:
+        image, box = _reduced(image, box)
+    method = _TRANSPOSES.get(orientation)
+    if method is not None:
+        size = image.size
+        image, box = image.transpose(method), _turn_box(box, size, orientation)
+    return _reduced(as_viewed(image), box)  # modes not reducible before (palettes, 16-bit)
+
+
+# Modes Image.reduce takes as they are (transparency is reduced premultiplied, so laying the
+# reduced image on white equals reducing the image laid on white).
+REDUCIBLE_MODES = ("RGB", "RGBA", "L", "LA", "CMYK")
+# What a viewer applies for EXIF orientations 2-8 (as ImageOps.exif_transpose does).
+_TRANSPOSES = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # PIL.Image.Transpose values
+
+
+def _reduced(image: PILImage.Image, box: tuple) -> tuple[PILImage.Image, tuple]:
+    """The image reduced by the largest whole factor keeping its content's shorter side at
+    least :data:`WORK_SIDE`, and the box scaled with it (the image itself when that is 1)."""
+    factor = int(min(box[2] - box[0], box[3] - box[1]) // WORK_SIDE)
+    if factor < 2:
+        return image, box
+    return image.reduce(factor), tuple(v / factor for v in box)
 
 
 def draft_request(size: tuple[int, int], side: int | None = None) -> tuple[int, int]:
@@ -132,18 +185,25 @@ def draft_request(size: tuple[int, int], side: int | None = None) -> tuple[int, 
     return (min(size[0], side), min(size[1], side))
 
 
+def draft_decode(image: PILImage.Image, draft: bool = True) -> tuple | None:
+    """Load an opened image, a JPEG (or MPO) at the smallest DCT scale still at least
+    :data:`DRAFT_SIDE` px on both sides when ``draft``: the box its content fills then, or
+    None (all of it). One place for collection and the hash stage, so both hash alike."""
+    box = None
+    if draft:
+        drafted = image.draft(image.mode, draft_request(image.size))
+        box = drafted[1] if drafted else None
+    image.load()
+    return box
+
+
 def decode(data: bytes, draft: bool = True) -> tuple[PILImage.Image, tuple]:
     """The image to hash (:func:`prepared`) and its content box, from encoded ``data``."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            box = None
-            if draft and image.format == "JPEG":
-                drafted = image.draft("RGB", draft_request(image.size))
-                box = drafted[1] if drafted else None
-            image.load()
-            return prepared(image, box)
+            return prepared(image, draft_decode(image, draft))
     except UnhashableImage:
         raise
     except Exception as error:  # noqa: BLE001 (whatever the decoder raises, this image is bad)
@@ -159,21 +219,19 @@ def _lanczos(x: np.ndarray) -> np.ndarray:
 def resample_weights(in_size: int, low: float, high: float, out_size: int) -> np.ndarray:
     """``(out_size, in_size)``: Pillow's LANCZOS resampling of pixels ``[low, high)`` of a row
     of ``in_size`` pixels to ``out_size`` (Pillow's ``precompute_coeffs``, in float), as if the
-    region were cropped first."""
+    region were cropped first: only pixels the region touches take part, as a cropped re-post
+    has none beyond its edge (Pillow clamps taps at an image's edges the same way)."""
     scale = (high - low) / out_size
     filter_scale = max(scale, 1.0)
     support = 3.0 * filter_scale
-    weights = np.zeros((out_size, in_size))
-    for out in range(out_size):
-        centre = low + (out + 0.5) * scale
-        # only pixels of the region, as when it is cropped first (a cropped re-post has none
-        # beyond its edge): Pillow clamps taps at the image's edges the same way
-        first = max(int(centre - support + 0.5), math.floor(low), 0)
-        last = min(int(centre + support + 0.5), math.ceil(high), in_size)
-        taps = _lanczos((np.arange(first, last) - centre + 0.5) / filter_scale)
-        total = taps.sum()
-        weights[out, first:last] = taps / total if total else taps
-    return weights
+    centre = low + (np.arange(out_size) + 0.5) * scale
+    first = np.maximum(np.trunc(centre - support + 0.5), max(math.floor(low), 0))
+    last = np.minimum(np.trunc(centre + support + 0.5), min(math.ceil(high), in_size))
+    pixels = np.arange(in_size)[None, :]
+    taps = _lanczos((pixels - centre[:, None] + 0.5) / filter_scale)
+    taps = np.where((pixels >= first[:, None]) & (pixels < last[:, None]), taps, 0.0)
+    total = taps.sum(axis=1, keepdims=True)
+    return np.divide(taps, total, out=taps, where=total != 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -183,7 +241,7 @@ def dct_rows(size: int, taps: int) -> np.ndarray:
     return np.cos(np.pi * k * (2 * n + 1) / (2 * taps))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _resamplers(
     width: int, height: int, box: tuple, regions: tuple, taps: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -226,8 +284,9 @@ def phashes(
     """Hex pHashes (imagehash's: its bit order, its meaning) of ``regions`` (fractions of
     ``box``; mirrored where flagged) of a greyscale image ``(height, width)`` of 8-bit values.
     Each region is resampled as Pillow's LANCZOS resize of that crop does (horizontal pass,
-    rounded to 8 bits, vertical pass, rounded), so the hash is imagehash's on that crop; then
-    the DCT's low frequencies against their median."""
+    rounded to 8 bits, vertical pass, rounded), so the hash is imagehash's on that crop (up to a
+    bit at the median, and for fractional crop edges, see the module docstring); then the DCT's
+    low frequencies against their median."""
     height, width = grey.shape
     taps = size * 4
     cols, rows, uses, mirrored = _resamplers(
@@ -337,7 +396,7 @@ def layouts_of(pixels: np.ndarray, box: tuple, regions: list[tuple]) -> str:
     return np.clip(np.rint(chosen), 0, 255).astype(np.uint8).tobytes().hex()
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _layout_plan(
     width: int, height: int, box: tuple, regions: tuple
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -376,10 +435,7 @@ def signature_of(
 ) -> ImageSignature:
     """Primary hash, variant hashes and colour layouts of a decoded, :func:`prepared` RGB image
     whose content fills ``box`` (default: all of it)."""
-    box = tuple(box or (0, 0, image.width, image.height))
-    factor = int(min(box[2] - box[0], box[3] - box[1]) // WORK_SIDE)
-    if factor >= 2:  # exact box means of factor x factor pixels
-        image, box = image.reduce(factor), tuple(v / factor for v in box)
+    image, box = _reduced(image, tuple(box or (0, 0, image.width, image.height)))
     regions = ((*FULL, False), *((*region, mirror) for _, region, mirror in variants))
     pixels = np.asarray(image, dtype=np.float32)
     if kind == "phash":
@@ -398,9 +454,13 @@ def image_signature(
     draft: bool = True,
     variants: tuple[tuple[str, tuple, bool], ...] = VARIANTS,
 ) -> ImageSignature:
-    """:func:`signature_of` an encoded image, from one decode; raises :class:`UnhashableImage`."""
+    """:func:`signature_of` an encoded image, from one decode; raises :class:`UnhashableImage`
+    (whatever fails: one image never stops a batch)."""
     image, box = decode(data, draft)
-    return signature_of(image, box, kind, size, variants)
+    try:
+        return signature_of(image, box, kind, size, variants)
+    except Exception as error:  # noqa: BLE001 (a failure row, not a traceback)
+        raise UnhashableImage(type(error).__name__) from None
 
 
 def image_hash(data: bytes, kind: str = "phash", size: int = 8, draft: bool = True) -> str:

@@ -15,9 +15,18 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.base import FAILURE_DETAIL, FAILURE_REASON, IMAGE_BYTES
-from pipelines.perceptual import ImageSignature, draft_request, hash_label, prepared, signature_of
+from pipelines.perceptual import (
+    DEFAULT_KIND,
+    DEFAULT_SIZE,
+    ImageSignature,
+    draft_decode,
+    prepared,
+    signature_fields,
+    signature_of,
+)
 from surd_builder.ids import sha256_hex
 from surd_builder.schema import STAGE_TABLES
+from surd_builder.viewing import EXIF_ORIENTATION
 
 # Columns of a source's metadata copied into the sample, with the type each is coerced to.
 METADATA_FIELDS: dict[str, type] = {
@@ -96,9 +105,8 @@ def default_prompt_column(columns: set[str]) -> str | None:
 
 
 # What a collecting stage's ``process`` returns (see pipelines/base.py).
-# What collection hashes (the hash stage's default, ``surd build dedupe``'s first step): the
-# ``hashes`` table's columns travel in the collection output and are written there.
-COLLECTED_HASH = ("phash", 8)
+# Collection hashes with the hash stage's defaults (pipelines.perceptual.DEFAULT_KIND/_SIZE):
+# the ``hashes`` table's columns travel in the collection output and are written there.
 HASH_COLUMNS = tuple(
     c for c in STAGE_TABLES["hashes"].columns if c not in ("sample_id", "updated_at")
 )
@@ -146,7 +154,7 @@ def inspect_image(data: bytes, name: str, decode: bool = True) -> tuple[int, int
 
 
 def inspect_and_hash(
-    data: bytes, name: str, decode: bool = True, signature: bool = True
+    data: bytes, name: str, decode: bool = True, signature: bool = True, hash_up_to: int = 0
 ) -> tuple[int, int, str, ImageSignature | None]:
     """(width, height, PIL format, perceptual signature) of encoded image ``data``, checked.
 
@@ -157,7 +165,9 @@ def inspect_and_hash(
     ``decode``, only the header and PIL's ``verify()`` (cheaper; corrupt pixel data gets
     through) and no signature. Decompression bombs are rejected either way, including those PIL
     only warns about (1x to 2x ``MAX_IMAGE_PIXELS``). An image that decodes but cannot be hashed
-    (none is known) is stored without a signature: the hash stage reports it.
+    (none is known) is stored without a signature: the hash stage reports it. ``hash_up_to``:
+    no signature for an image larger than that on its longer side (it is stored shrunk, and the
+    shrunk one is hashed).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -175,10 +185,9 @@ def inspect_and_hash(
             if _rotated(image):  # stored as is; sized as shown (and as datasets decodes it)
                 width, height = height, width
             if decode:
-                drafted = image.draft(image.mode, draft_request(stored))
-                image.load()
-                if signature:
-                    computed = _signature(image, drafted[1] if drafted else None)
+                box = draft_decode(image)
+                if signature and not (hash_up_to and max(stored) > hash_up_to):
+                    computed = _signature(image, box)
             else:
                 image.verify()
     except Image.DecompressionBombError as error:
@@ -192,24 +201,9 @@ def inspect_and_hash(
 
 def _signature(image, box: tuple | None) -> ImageSignature | None:
     try:
-        return signature_of(*prepared(image, box), *COLLECTED_HASH)
+        return signature_of(*prepared(image, box), DEFAULT_KIND, DEFAULT_SIZE)
     except Exception:  # noqa: BLE001 (the hash stage decodes it again and says what failed)
         return None
-
-
-def signature_fields(signature: ImageSignature | None) -> dict[str, Any]:
-    """The ``hashes`` table's columns of a collected row (none without a signature)."""
-    if signature is None:
-        return {}
-    return {
-        "phash": signature.phash,
-        "hash_kind": hash_label(*COLLECTED_HASH),
-        "variant_hashes": signature.variant_hashes,
-        "colour_hash": signature.colour_hash,
-    }
-
-
-EXIF_ORIENTATION = 0x0112
 
 
 def _rotated(image) -> bool:
@@ -351,7 +345,9 @@ def collected_row(
     With ``max_side``, larger images are stored shrunk (by default the original is kept);
     ``decode`` chooses the image check (see :func:`inspect_and_hash`); a full check also gives
     the row its perceptual hashes (the ``hashes`` table's columns)."""
-    width, height, image_format, signature = inspect_and_hash(data, name, decode)
+    width, height, image_format, signature = inspect_and_hash(
+        data, name, decode, hash_up_to=max_side or 0
+    )
     if max_side is not None and max(width, height) > max_side:
         data = shrink_image(data, max_side)
         width, height, image_format, signature = inspect_and_hash(data, name, decode)

@@ -119,6 +119,12 @@ SAMPLE_SCHEMA = pa.schema(
             "a coarse colour layout of the image, hex: the independent check that confirms a "
             "hash match (flat graphics share a pHash but not their colours)",
         ),
+        _field(
+            "hash_settings",
+            pa.string(),
+            "how the hashes were computed: signature version and JPEG decoding, e.g. 'v2 draft' "
+            "(at a reduced DCT scale) or 'v2 full'; rows of other settings are hashed again",
+        ),
         _field("duplicate_of", pa.string(), "sample_id kept in this sample's duplicate cluster"),
         _field(
             "cluster_id",
@@ -136,7 +142,8 @@ SAMPLE_SCHEMA = pa.schema(
             "duplicate_distance",
             pa.int16(),
             "bits between this sample's matching hash and the kept sample's (0: identical); "
-            "null for a 'clip' or 'prompt' match",
+            "null for a 'clip' or 'prompt' match and where the sample matched the kept one "
+            "only through other members",
         ),
         # human review
         _field("review_status", pa.string(), "pending / accepted / corrected / rejected"),
@@ -233,7 +240,15 @@ STAGE_TABLES: dict[str, TableSpec] = {
         ),
         TableSpec(
             "hashes",
-            ("sample_id", "phash", "hash_kind", "variant_hashes", "colour_hash", "updated_at"),
+            (
+                "sample_id",
+                "phash",
+                "hash_kind",
+                "variant_hashes",
+                "colour_hash",
+                "hash_settings",
+                "updated_at",
+            ),
             "perceptual hashes",
         ),
         TableSpec(
@@ -305,7 +320,7 @@ COLUMN_GROUPS: tuple[tuple[str, ...], ...] = (
     ("narrative_prompt", "narrative_origin", "rewrite_key"),
     ("review_status", "review_tags", "reviewer", "reviewed_at"),
     ("duplicate_of", "cluster_id", "duplicate_match", "duplicate_distance"),
-    ("phash", "hash_kind", "variant_hashes", "colour_hash"),
+    ("phash", "hash_kind", "variant_hashes", "colour_hash", "hash_settings"),
 )
 
 

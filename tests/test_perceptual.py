@@ -20,6 +20,7 @@ from pipelines.perceptual import (
     VARIANTS,
     _turn_box,
     decode,
+    draft_decode,
     image_hash,
     image_signature,
     layouts_of,
@@ -130,21 +131,21 @@ def test_an_exif_rotated_photo_hashes_like_the_photo_shown(orientation: int) -> 
         assert colour_distances(a, b)[0] <= 1.5
 
 
-def test_turned_boxes_put_the_padding_where_the_turn_takes_it() -> None:
-    """A 10x6 decode whose content is 9.5x5.5 (padding right and bottom), turned: each box is
-    where the marked content pixel lands."""
-    size, box = (10, 6), (0, 0, 9.5, 5.5)
-    marker = Image.new("L", size, 0)
-    marker.putpixel((0, 0), 255)  # the content's top-left corner
-    methods = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> Image.Transpose
-    for orientation, method in methods.items():
-        turned = marker.transpose(Image.Transpose(method))
-        x, y = np.argwhere(np.asarray(turned) == 255)[0][::-1]
-        x0, y0, x1, y1 = _turn_box(box, size, orientation)
-        # the content's corner pixel is a corner of the turned box
-        assert (x in (int(x0), int(np.ceil(x1)) - 1)) and (y in (int(y0), int(np.ceil(y1)) - 1))
-        assert (x1 - x0, y1 - y0) in ((9.5, 5.5), (5.5, 9.5))
-        assert 0 <= x0 < x1 <= turned.width and 0 <= y0 < y1 <= turned.height
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_turned_boxes_hold_the_turned_content(orientation: int) -> None:
+    """A 10x6 decode whose content is its top-left 9x5 (padding right and bottom), turned as a
+    viewer turns it: the turned box holds exactly the turned content."""
+    from pipelines.perceptual import _TRANSPOSES
+
+    rng = np.random.default_rng(orientation)
+    decoded = Image.fromarray(rng.integers(0, 256, (6, 10), dtype=np.uint8), "L")
+    content = decoded.crop((0, 0, 9, 5))
+    method = Image.Transpose(_TRANSPOSES[orientation])
+    box = _turn_box((0, 0, 9, 5), decoded.size, orientation)
+    turned = decoded.transpose(method)
+    assert all(float(v).is_integer() for v in box)
+    shown = turned.crop(tuple(int(v) for v in box))
+    assert np.array_equal(np.asarray(shown), np.asarray(content.transpose(method)))
 
 
 def test_transparency_is_hashed_on_white() -> None:
@@ -257,3 +258,60 @@ def test_a_drafted_signature_stays_close_to_the_full_decode() -> None:
     assert image.size == (64, 64) and box == (0, 0, 64, 64)
     image, box = decode(encode(photo(1, size=515)))  # 64.375 px of content in 65
     assert image.size == (65, 65) and box == (0, 0, 64.375, 64.375)
+
+
+def test_a_sample_collected_again_without_its_hashes_is_hashed_again(workspace, tmp_path) -> None:
+    """A re-collected sample (a new image, say from a scrape with --no-decode-check, or a
+    collection interrupted between its samples part and its hashes part) keeps an older hashes
+    row: older than the sample's own row, so it is not done."""
+    from datetime import UTC, datetime
+
+    from tests.test_dedupe import add_samples
+
+    folder = photo_folder(tmp_path, count=3)
+    run_stage(IngestStage(folder, source="photos"), workspace, QUIET)
+    first = workspace.read_table("samples").to_pylist()[0]
+    old_phash = {r["sample_id"]: r["phash"] for r in workspace.read_table("hashes").to_pylist()}
+    new_image = encode(photo(42))
+    add_samples(
+        workspace,
+        {first["sample_id"]: new_image},
+        **{first["sample_id"]: {"updated_at": datetime.now(UTC)}},
+    )
+    report = run_stage(HashStage(), workspace, QUIET)
+    assert report.already_done == 2 and report.written == 1
+    hashes = {r["sample_id"]: r["phash"] for r in workspace.read_table("hashes").to_pylist()}
+    assert hashes[first["sample_id"]] == image_signature(new_image).phash
+    assert hashes[first["sample_id"]] != old_phash[first["sample_id"]]
+
+
+def test_rows_of_another_version_or_decoding_are_hashed_again(workspace, tmp_path) -> None:
+    folder = photo_folder(tmp_path, count=3)
+    run_stage(IngestStage(folder, source="photos"), workspace, QUIET)
+    rows = workspace.read_table("hashes")
+    assert set(rows["hash_settings"].to_pylist()) == {"v2 draft"}
+    # --no-draft: every image decoded in full, so every row is redone, once
+    full = run_stage(HashStage(draft=False), workspace, QUIET)
+    assert full.written == 3 and run_stage(HashStage(draft=False), workspace, QUIET).written == 0
+    # a row from before hash_settings existed (an older signature) is redone too
+    old = rows.set_column(
+        rows.schema.get_field_index("hash_settings"), "hash_settings", pa.nulls(3, pa.string())
+    )
+    workspace.write_table_part("hashes", old.drop_columns(["updated_at"]))
+    assert run_stage(HashStage(), workspace, QUIET).written == 3
+
+
+def test_collection_and_the_hash_stage_hash_an_mpo_alike(workspace, tmp_path) -> None:
+    """A two-frame MPO (a phone's JPEG-based format) is drafted at collection and in the hash
+    stage alike (both draft any format the decoder can: not only "JPEG")."""
+    from pipelines.records import inspect_and_hash
+
+    first, second = photo(6, size=512), photo(7, size=512)
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second], quality=90)
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    collected = inspect_and_hash(data, "photo.mpo")[3]
+    assert collected == image_signature(data)
+    with Image.open(io.BytesIO(data)) as image:  # decoded at 1/8, not in full and reduced
+        assert draft_decode(image) == (0, 0, 64, 64) and image.size == (64, 64)

@@ -155,14 +155,16 @@ def dedupe(
     *,
     engine: EngineOptions,
 ) -> None:
-    """Hash every image (and/or embed it with CLIP), find near-duplicates, keep the best
-    sample of each cluster.
+    """Find near-duplicates by perceptual hash (and/or CLIP embedding), keep the best sample
+    of each cluster.
 
-    --by hash (default): each image gets a perceptual hash, the hashes of its mirror image and
-    of five fixed crops, and a colour layout. Pairs within --max-distance bits (a mirror or crop
-    hash against another image's hash included) are candidates; with --verify (default) their
-    colour layouts must also agree. With --engine ray the hashing runs on Ray; the pair search
-    and clustering run here (1M hashes take seconds).
+    --by hash (default): each image has a perceptual hash, the hashes of its mirror image and
+    of five fixed crops, and a colour layout, computed when it was collected (images without
+    them are hashed here first). Pairs within --max-distance bits (a mirror or crop hash against
+    another image's hash included) are candidates; with --verify (default) their colour layouts
+    must also agree. With --engine ray the hashing runs on Ray; the pair search and clustering
+    run here (1M hashes take seconds). The hash options (--hash, --max-distance, --verify,
+    --variants, --draft...) apply to --by hash only.
 
     --by embedding (with --clip-model): pairs whose CLIP image embeddings are at least
     --min-cosine alike (start at 0.97; 0.93-0.95 for heavier edits, checked with --report);
