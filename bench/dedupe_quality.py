@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import pipelines.dedupe as dd  # noqa: E402
+import pipelines.perceptual as pp  # noqa: E402
 
 PALETTE = {
     "white": (245, 245, 245),
@@ -251,12 +252,12 @@ def reposts(image, rng: random.Random) -> dict[str, bytes]:
     return out
 
 
-def signatures(images: list[bytes], variants=None) -> list[dd.ImageSignature]:
+def signatures(images: list[bytes], variants=None) -> list[pp.ImageSignature]:
     regions = variants or dd.VARIANTS
-    return [dd.image_signature(data, variants=regions) for data in images]
+    return [pp.image_signature(data, variants=regions) for data in images]
 
 
-def cluster(ids: list[str], sigs: list[dd.ImageSignature], **passes) -> dd.Clustering:
+def cluster(ids: list[str], sigs: list[pp.ImageSignature], **passes) -> dd.Clustering:
     import pyarrow as pa
 
     table = pa.table(
@@ -409,7 +410,7 @@ def bench_variants(args, results: dict) -> None:
     default_regions = dd.VARIANTS
     columns = ("phash alone", "phash + colour check", "phash + variants", DEFAULT_PASS)
     for fraction in sorted({dd.VARIANT_CROP, *args.crop}):
-        regions = dd.variant_regions(fraction)
+        regions = pp.variant_regions(fraction)
         started = time.perf_counter()
         sigs = signatures(images, regions)
         per_image = (time.perf_counter() - started) / len(images)

@@ -34,11 +34,18 @@ def side_rows(output: pa.Table, table: str) -> pa.Table:
     wanted = pc.is_valid(output[key])
     if FAILURE_REASON in names:
         wanted = pc.and_(wanted, pc.is_null(output[FAILURE_REASON]))
-    chosen = output.select([c for c in names if c in spec.columns]).filter(wanted)
-    stamp = pa.array([utc_now()] * chosen.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
-    if "updated_at" in chosen.column_names:
-        chosen = chosen.drop_columns(["updated_at"])
-    return chosen.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
+    return _stamped(output.select([c for c in names if c in spec.columns]).filter(wanted))
+
+
+def _stamped(records: pa.Table) -> pa.Table:
+    """``records`` with ``updated_at`` set where the stage left it unset: now. A side row keeps
+    the time its stage gave the row (a collected sample's), so it is never older than the
+    output table's row of the same sample."""
+    stamp = pa.array([utc_now()] * records.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
+    if "updated_at" not in records.column_names:
+        return records.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
+    stamped = pc.coalesce(records["updated_at"], stamp)
+    return records.set_column(records.column_names.index("updated_at"), "updated_at", stamped)
 
 
 def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[pa.Table, ...]:
@@ -62,14 +69,7 @@ def split_output(stage_name: str, output: pa.Table, output_table: str) -> tuple[
         )
     records = good.select([c for c in names if c in spec.columns])
     if "updated_at" in spec.columns:
-        stamp = pa.array([utc_now()] * records.num_rows, SAMPLE_SCHEMA.field("updated_at").type)
-        if "updated_at" in records.column_names:
-            stamped = pc.coalesce(records["updated_at"], stamp)
-            records = records.set_column(
-                records.column_names.index("updated_at"), "updated_at", stamped
-            )
-        else:
-            records = records.append_column(SAMPLE_SCHEMA.field("updated_at"), stamp)
+        records = _stamped(records)
 
     def column(name: str) -> pa.ChunkedArray | pa.Array:
         return bad[name] if name in names else pa.nulls(bad.num_rows, pa.string())

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -79,10 +79,6 @@ from pipelines.perceptual import (
     hash_label,
     image_signature,
 )
-from pipelines.perceptual import ImageSignature as ImageSignature  # re-exported
-from pipelines.perceptual import colour_layout as colour_layout
-from pipelines.perceptual import image_hash as image_hash
-from pipelines.perceptual import variant_regions as variant_regions
 from pipelines.rewriters.rules import strip_prompt_syntax
 from surd_builder.errors import InputError
 from surd_builder.ids import text_key
@@ -152,12 +148,6 @@ def colour_grids(hex_layouts: list[str], index: int = 0) -> np.ndarray:
     )
 
 
-def _region_weights(low: float, high: float, cells: int = COLOUR_GRID) -> np.ndarray:
-    """``(cells, cells)``: row i holds the share of each source cell in the i-th of ``cells``
-    equal parts of ``[low, high]`` (the source cells split [0, 1] equally)."""
-    return area_weights(low, high, cells, cells)
-
-
 def region_grids(grids: np.ndarray, region: tuple = FULL, mirror: bool = False) -> np.ndarray:
     """The colour layouts (sRGB) of that crop, of the mirrored image, of each grid: area-weighted
     means of the stored cells, so a crop's layout can be compared cell for cell with the layout
@@ -166,7 +156,8 @@ def region_grids(grids: np.ndarray, region: tuple = FULL, mirror: bool = False) 
         grids = grids[:, :, ::-1]
     if region != FULL:
         x0, y0, x1, y1 = region
-        rows, cols = _region_weights(y0, y1), _region_weights(x0, x1)
+        rows = area_weights(y0, y1, COLOUR_GRID, COLOUR_GRID)
+        cols = area_weights(x0, x1, COLOUR_GRID, COLOUR_GRID)
         grids = np.einsum("ig,nghc,jh->nijc", rows, grids, cols)
     return grids
 
@@ -258,7 +249,8 @@ class HashStage(Stage):
         }
 
     def plan(self, workspace: Workspace) -> pa.Table:
-        data = workspace.read_table("samples", ["source", "source_item_id", "image_sha256"])
+        columns = ["source", "source_item_id", "image_sha256", "updated_at"]
+        data = workspace.read_table("samples", columns)
         return data.filter(pc.is_valid(data["image_sha256"]))
 
     def done_ids(self, workspace: Workspace, items: pa.Table) -> set[str]:
@@ -271,10 +263,9 @@ class HashStage(Stage):
             self.output_table,
             ["hash_kind", "variant_hashes", "colour_hash", "hash_settings", "updated_at"],
         )
-        collected = {
-            r["sample_id"]: r["updated_at"]
-            for r in workspace.read_table("samples", ["updated_at"]).to_pylist()
-        }
+        collected = dict(
+            zip(items["sample_id"].to_pylist(), items["updated_at"].to_pylist(), strict=True)
+        )
         layouts = 1 + max(index for index, _, _ in _layout_slots(VARIANTS))
         return {
             r["sample_id"]
@@ -392,8 +383,13 @@ def keep_order(row: dict[str, Any], criteria: tuple[str, ...] = DEFAULT_KEEP) ->
 
 
 @dataclass
-class DedupeReport:
-    hashed: int = 0
+class Clustering:
+    """What :func:`cluster_samples` found: clusters (kept sample first, largest first) and,
+    per member of a cluster other than the kept one, how it matched: (duplicate_match,
+    duplicate_distance); and counts of the pairs behind them."""
+
+    clusters: list[list[str]] = field(default_factory=list)
+    matches: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
     image_pairs: int = 0  # image pairs joined (after the colour check)
     candidate_pairs: int = 0  # image pairs within the distance, before the colour check
     rejected_pairs: int = 0  # candidates the colour check turned down
@@ -401,17 +397,21 @@ class DedupeReport:
     prompt_groups: int = 0
     embedding_pairs: int = 0  # row pairs at least min_cosine alike in CLIP image embeddings
     embedding_only_pairs: int = 0  # of those, pairs no hash (primary, mirror, crop) joined
-    clusters: list[list[str]] = field(default_factory=list)  # kept sample first, largest first
-    # per member of a cluster other than the kept one: (duplicate_match, duplicate_distance)
-    matches: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
-    marked: int = 0  # samples now marked as duplicates
-    cleared: int = 0  # samples no longer duplicates (settings changed)
-    written: int = 0
-    seconds: float = 0.0
 
     @property
     def duplicates(self) -> int:
         return sum(len(c) - 1 for c in self.clusters)
+
+
+@dataclass
+class DedupeReport(Clustering):
+    """A :func:`dedupe` run: what was clustered, and what was written."""
+
+    hashed: int = 0
+    marked: int = 0  # samples now marked as duplicates
+    cleared: int = 0  # samples no longer duplicates (settings changed)
+    written: int = 0
+    seconds: float = 0.0
 
 
 def _near_edges(positions: np.ndarray, values: np.ndarray, k: int, workers: int) -> np.ndarray:
@@ -652,21 +652,6 @@ def _embedding_pairs(
     return {(min(a, b), max(a, b)) for a, b in pairs.tolist() if a != b}
 
 
-@dataclass
-class Clustering:
-    """What :func:`cluster_samples` found (see :class:`DedupeReport` for the fields)."""
-
-    clusters: list[list[str]]
-    matches: dict[str, tuple[str | None, int | None]]
-    image_pairs: int = 0
-    candidate_pairs: int = 0
-    rejected_pairs: int = 0
-    variant_pairs: int = 0
-    prompt_groups: int = 0
-    embedding_pairs: int = 0
-    embedding_only_pairs: int = 0
-
-
 def cluster_samples(
     data: pa.Table,
     max_distance: int,
@@ -697,7 +682,7 @@ def cluster_samples(
     rows = data.drop_columns(heavy).to_pylist()
     count = len(rows)
     edges = [np.empty((0, 2), dtype=np.int64)]
-    result = Clustering([], {})
+    result = Clustering()
     hashed = np.array([i for i, r in enumerate(rows) if r.get("phash")], dtype=np.int64)
     position = {int(row): p for p, row in enumerate(hashed)}
     take = pa.array(hashed)
@@ -868,7 +853,7 @@ def dedupe(
                 name,
                 pc.if_else(kind_ok, column, pa.nulls(data.num_rows, column.type)),
             )
-        report = DedupeReport(hashed=pc.sum(kind_ok.cast(pa.int64()), min_count=0).as_py())
+        hashed = pc.sum(kind_ok.cast(pa.int64()), min_count=0).as_py()
         extra_edges = None
         if embedding is not None:
             from pipelines.embedding_dedupe import embedding_edges
@@ -894,12 +879,9 @@ def dedupe(
             label=hash_label_ or "",
             extra_edges=extra_edges,
         )
-        report.clusters, report.matches = found.clusters, found.matches
-        report.image_pairs, report.prompt_groups = found.image_pairs, found.prompt_groups
-        report.candidate_pairs, report.rejected_pairs = found.candidate_pairs, found.rejected_pairs
-        report.variant_pairs = found.variant_pairs
-        report.embedding_pairs = found.embedding_pairs
-        report.embedding_only_pairs = found.embedding_only_pairs
+        report = DedupeReport(
+            hashed=hashed, **{f.name: getattr(found, f.name) for f in fields(Clustering)}
+        )
         wanted = {}
         for cluster in found.clusters:
             wanted[cluster[0]] = (cluster[0], cluster[0], None, None)

@@ -417,14 +417,6 @@ def _layout_plan(
     return np.ascontiguousarray(columns.T), rows, pick_y, pick_x
 
 
-def colour_layout(image: PILImage.Image, box: tuple | None = None) -> str:
-    """The :data:`COLOUR_GRID` x :data:`COLOUR_GRID` mean colours of the image (of ``box`` of it,
-    in pixels, not rounded), hex (3 bytes a cell, rows first). Means are taken in sRGB, the space
-    resizing, blurring and JPEG average in, so a copy's cells keep their values."""
-    box = box or (0, 0, image.width, image.height)
-    return layouts_of(np.asarray(image.convert("RGB"), dtype=np.float32), box, [FULL])
-
-
 # ------------------------------------------------------------------------------ signature
 def signature_of(
     image: PILImage.Image,

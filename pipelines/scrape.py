@@ -151,7 +151,7 @@ class ScrapeStage(Stage):
         re-encode), whatever its id."""
         if not any(request.kind == "image" for request in self._takedowns):
             return
-        from pipelines.dedupe import image_hash
+        from pipelines.perceptual import image_hash
         from pipelines.takedown import image_matches
 
         try:

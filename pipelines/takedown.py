@@ -83,7 +83,7 @@ def make_request(kind: str, given: str, reason: str, requested_at: str) -> Taked
     if kind == "url":
         return TakedownRequest(kind, normalise_url(given), given, reason, requested_at)
     if kind == "image":
-        from pipelines.dedupe import image_hash
+        from pipelines.perceptual import image_hash
 
         path = Path(given)
         try:
@@ -313,7 +313,7 @@ def _matches_already_removed(
 
 
 def _stored_phashes(workspace: Workspace, shas: list[str]) -> dict[str, str]:
-    from pipelines.dedupe import image_hash
+    from pipelines.perceptual import image_hash
 
     present = [sha for sha in dict.fromkeys(shas) if sha and sha in workspace.image_index()]
     out: dict[str, str] = {}

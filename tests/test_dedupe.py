@@ -15,12 +15,12 @@ from pipelines.dedupe import (
     HashStage,
     dedupe,
     find_clusters,
-    image_hash,
     keep_order,
     normalise_prompt,
 )
 from pipelines.export import ExportOptions, export_dataset
 from pipelines.neardup import brute_force_pairs, choose_chunks, near_pairs
+from pipelines.perceptual import image_hash
 from pipelines.runner import RunOptions, run_stage
 from surd_builder.ids import sha256_hex
 from surd_builder.schema import IMAGES_SCHEMA, records_to_table, table_spec

@@ -14,10 +14,9 @@ from pipelines.dedupe import (
     HashStage,
     colour_distance,
     dedupe,
-    image_hash,
-    image_signature,
 )
 from pipelines.ingest import IngestStage
+from pipelines.perceptual import image_hash, image_signature
 from pipelines.runner import run_stage
 from surd_builder.demo import make_demo_folder
 from surd_builder.schema import records_to_table, table_spec

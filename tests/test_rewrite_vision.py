@@ -438,21 +438,26 @@ def test_logprob_score_sums_spellings_and_falls_back_to_the_text() -> None:
     assert JUDGE_TEMPLATE.places_image
 
 
+def screen_with_openai_judge(workspace, server):
+    """``surd build screen`` with the server as the openai judge, images sent."""
+    return run_surd(
+        "build",
+        "screen",
+        "-w",
+        str(workspace.root),
+        "--judge",
+        f"openai:{server.base_url}",
+        "--judge-model",
+        MODEL,
+        "--with-image",
+        "--no-progress",
+    )
+
+
 def test_cli_judge_against_a_text_only_server_is_one_line_exit_7(ingested) -> None:
     workspace = with_narratives(ingested)
     with ChatCompletionsServer(model=MODEL, accepts_images=False) as text_only:
-        result = run_surd(
-            "build",
-            "screen",
-            "-w",
-            str(workspace.root),
-            "--judge",
-            f"openai:{text_only.base_url}",
-            "--judge-model",
-            MODEL,
-            "--with-image",
-            "--no-progress",
-        )
+        result = screen_with_openai_judge(workspace, text_only)
     assert result.returncode == 7, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "did not take an image" in result.stderr
     assert workspace.read_table("screening").num_rows == 0
@@ -638,18 +643,7 @@ def test_damaged_images_only_ever_fail_as_unreadable() -> None:
 def test_a_judge_server_refusing_logprobs_stops_before_any_work(ingested) -> None:
     workspace = with_narratives(ingested)
     with ChatCompletionsServer(model=MODEL, accepts_logprobs=False) as server:
-        result = run_surd(
-            "build",
-            "screen",
-            "-w",
-            str(workspace.root),
-            "--judge",
-            f"openai:{server.base_url}",
-            "--judge-model",
-            MODEL,
-            "--with-image",
-            "--no-progress",
-        )
+        result = screen_with_openai_judge(workspace, server)
         assert result.returncode == 7, result.stderr
         (line,) = result.stderr.strip().splitlines()
         assert "did not take an image and logprobs, top_logprobs" in line
