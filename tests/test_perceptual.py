@@ -315,3 +315,37 @@ def test_collection_and_the_hash_stage_hash_an_mpo_alike(workspace, tmp_path) ->
     assert collected == image_signature(data)
     with Image.open(io.BytesIO(data)) as image:  # decoded at 1/8, not in full and reduced
         assert draft_decode(image) == (0, 0, 64, 64) and image.size == (64, 64)
+
+
+def odd_images() -> dict[str, bytes]:
+    """Shapes and modes a gallery serves: a single pixel, extreme aspect ratios, a palette with
+    transparency, 16-bit grey, CMYK, an animation, a large RGBA graphic."""
+    rng = np.random.default_rng(8)
+    noise = Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    palette = noise.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    frames = [Image.new("RGB", (80, 60), colour) for colour in ((200, 0, 0), (0, 0, 200))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    wide = Image.new("I;16", (256, 256))
+    wide.frombytes((np.asarray(grey_of(photo(3)), dtype=np.uint16) * 250).tobytes())
+    return {
+        "1x1.png": encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
+        "4000x3.jpg": encode(noise.resize((4000, 3))),
+        "3x4000.png": encode(noise.resize((3, 4000)), "PNG"),
+        "palette.png": encode(palette, "PNG"),
+        "grey16.png": encode(wide, "PNG"),
+        "cmyk.jpg": encode(photo(2).convert("CMYK")),
+        "animated.gif": gif.getvalue(),
+        "rgba-3000.png": encode(photo(5, size=300).convert("RGBA").resize((3000, 2000)), "PNG"),
+    }
+
+
+def test_odd_images_hash_alike_at_collection_and_in_the_stage() -> None:
+    from pipelines.records import inspect_and_hash
+
+    for name, data in odd_images().items():
+        signature = image_signature(data)
+        assert len(signature.phash) == 16 and len(signature.variant_hashes) == len(VARIANTS)
+        assert len(signature.colour_hash) == 6 * 8 * 8 * 3 * 2, name
+        assert inspect_and_hash(data, name)[3] == signature, name
